@@ -1,0 +1,333 @@
+"""``SourceAttributor``: the orchestrating object users work with.
+
+    attributor = SourceAttributor(model, "classification", trajectory, proj_dim=1024)
+    attributor.fit((x_train, y_train))
+    scores = attributor.score((x_query, y_query))      # (n_query, N); > 0: proponent
+    self_inf = attributor.self_influence()             # (N,)
+
+``fit`` runs two passes: curvature (projected Gauss-Newton Hessians at every checkpoint,
+averaged and eigendecomposed per segment) and features (per example, the projected loss
+gradients at every checkpoint, averaged per segment and preconditioned). Both are pure
+functions of the inputs; see ``curvature``, ``features`` and ``projected``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from source_proj.config import SourceConfig
+from source_proj.curvature import SegmentSpectrum, gauss_newton_accumulate, segment_spectrum, transport_operators
+from source_proj.data import Examples, as_examples
+from source_proj.features import combine, row_dot, segment_features
+from source_proj.gradients import ModelFunction, check_finite
+from source_proj.projected import projected_gn_factors, projected_gradients
+from source_proj.tasks import Task, resolve_task
+from source_proj.trajectory import Segment, Trajectory, TrajectoryError
+
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class RowFeatures:
+    """Features of a chunk of training rows (CPU tensors).
+
+    Attributes:
+        features: (n, D) float32, the index-ready F (D = k, or L*k in "segment" mode).
+        segment_features: (n, L, k) float32 per-segment F_l, or None when not kept.
+        self_influence: (n,) float64, predicted rise of each row's own loss if it were removed.
+    """
+
+    features: torch.Tensor
+    segment_features: torch.Tensor | None
+    self_influence: torch.Tensor
+
+
+class SourceAttributor:
+    """SOURCE training data attribution in a random-projection space.
+
+    Args:
+        model: the trained architecture (its current weights are not used; every state comes
+            from the trajectory). It is put in eval mode.
+        task: a :class:`Task`, or "classification" / "regression".
+        trajectory: the checkpoints and optimizer settings of the run.
+        config: settings; keyword arguments (e.g. ``proj_dim=2048, seed=1``) override fields.
+        param_names: attribute through these parameters only (default: all).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        task: Task | str,
+        trajectory: Trajectory,
+        config: SourceConfig | None = None,
+        *,
+        param_names: Sequence[str] | None = None,
+        **settings: Any,
+    ) -> None:
+        self.config = dataclasses.replace(config or SourceConfig(), **settings)
+        self.task = resolve_task(task)
+        self.trajectory = trajectory
+        self.model_fn = ModelFunction.build(model.eval(), param_names)
+        self.projection = self.config.projection()
+        self.device = torch.device(self.config.device) if self.config.device else next(model.parameters()).device
+        raw = trajectory.segments(self.config.num_segments, self.config.momentum_factor)
+        self.segments: tuple[Segment, ...] = tuple(
+            dataclasses.replace(s, lr=s.lr * self.config.time_scale) for s in raw
+        )
+        for i in range(len(trajectory.checkpoints)):
+            self._load(i)  # fail early on a checkpoint that does not fit the model
+        self.spectra: list[SegmentSpectrum] | None = None
+        self.operators: torch.Tensor | None = None
+        self.weights: torch.Tensor | None = None
+        self.stages: tuple[Hashable, ...] = ()
+        self.train_features: torch.Tensor | None = None
+        self.train_segment_features: torch.Tensor | None = None
+        self._self_influence: torch.Tensor | None = None
+
+    # ----------------------------------------------------------------- helpers
+    def _load(self, index: int) -> tuple[dict, dict]:
+        state = self.trajectory.checkpoints[index].load()
+        return self.model_fn.split_state(state, self.device, f"checkpoint {index}")
+
+    def _chunks(self, n: int, desc: str) -> tqdm:
+        step = self.config.chunk_size
+        return tqdm(range(0, n, step), desc=desc, disable=not self.config.progress, leave=False, unit="chunk")
+
+    @property
+    def num_segments(self) -> int:
+        """L, the total number of segments over all stages."""
+        return len(self.segments)
+
+    @property
+    def keeps_segment_features(self) -> bool:
+        """Whether per-segment training features are kept."""
+        return self.config.keep_segment_features or self.config.query_mode == "segment"
+
+    # --------------------------------------------------------------- curvature
+    def checkpoint_hessian(self, index: int, examples: Examples) -> torch.Tensor:
+        """Projected Gauss-Newton Hessian of the mean loss at checkpoint ``index``, (k, k) float64."""
+        params, consts = self._load(index)
+        rows = len(examples)
+        chosen = torch.arange(rows)
+        if self.config.curvature_examples is not None and self.config.curvature_examples < rows:
+            pick = torch.Generator().manual_seed(self.config.seed)
+            chosen = torch.randperm(rows, generator=pick)[: self.config.curvature_examples].sort().values
+        noise = torch.Generator().manual_seed(self.config.seed * 1_000_003 + index)
+        total = torch.zeros(self.config.proj_dim, self.config.proj_dim, dtype=torch.float64, device=self.device)
+        for start in self._chunks(len(chosen), f"curvature @ checkpoint {index}"):
+            inputs, targets = examples.take(chosen[start : start + self.config.chunk_size].tolist(), self.device)
+            factors = projected_gn_factors(
+                self.model_fn, params, consts, self.task, inputs, targets, self.projection,
+                self.config.curvature, noise, f"checkpoint {index}",
+            )
+            gauss_newton_accumulate(total, factors)
+        hessian = (total / len(chosen)).cpu()
+        check_finite(hessian, f"curvature at checkpoint {index}")
+        return hessian
+
+    def prepare(
+        self,
+        train_data: Any,
+        *,
+        stages: Sequence[Hashable] | None = None,
+        num_train: int | Mapping[Hashable, int] | None = None,
+        curvature_data: Any = None,
+    ) -> Examples:
+        """Curvature pass: per-segment spectra, the operators M_l and the weights w_l.
+
+        Args:
+            train_data: the rows to attribute (tensors, Dataset or DataLoader).
+            stages: the stages these rows were trained in (default: all).
+            num_train: N per stage, the size of the data set each stage sampled from
+                (default: the number of rows given).
+            curvature_data: data for the Hessians: one data set for all stages or a mapping
+                stage -> data (default: ``train_data`` for the stages it trained in).
+        Returns:
+            the rows as :class:`Examples`.
+        """
+        examples = as_examples(train_data)
+        self.stages = tuple(self.trajectory.stages if stages is None else stages)
+        for stage in self.stages:
+            self.trajectory.stage_checkpoints(stage)  # raises for an unknown stage
+        sizes = {s: self._stage_size(s, num_train, len(examples)) for s in self.stages}
+        per_stage = self._curvature_sources(examples, curvature_data)
+        hessians = {}
+        for index in tqdm(
+            [c for seg in self.segments for c in seg.checkpoints],
+            desc="curvature", disable=not self.config.progress, unit="checkpoint",
+        ):
+            hessians[index] = self.checkpoint_hessian(index, per_stage[self.trajectory.checkpoints[index].stage])
+        self.spectra = [
+            segment_spectrum([hessians[c] for c in seg.checkpoints], self.trajectory.weight_decay, seg.time)
+            for seg in self.segments
+        ]
+        self.operators = transport_operators(self.spectra, transport=self.config.query_mode == "final")
+        self.weights = torch.tensor(
+            [1.0 / sizes[seg.stage] if seg.stage in sizes else 0.0 for seg in self.segments], dtype=torch.float64
+        )
+        return examples
+
+    @staticmethod
+    def _stage_size(stage: Hashable, num_train: int | Mapping | None, default: int) -> int:
+        size = num_train.get(stage, default) if isinstance(num_train, Mapping) else (num_train or default)
+        if int(size) < 1:
+            raise ValueError(f"num_train for stage {stage!r} must be >= 1, got {size}")
+        return int(size)
+
+    def _curvature_sources(self, examples: Examples, curvature_data: Any) -> dict[Hashable, Examples]:
+        if isinstance(curvature_data, Mapping):
+            given = {s: as_examples(d, f"curvature data of stage {s!r}") for s, d in curvature_data.items()}
+        elif curvature_data is not None:
+            shared = as_examples(curvature_data, "curvature data")
+            given = {s: shared for s in self.trajectory.stages}
+        else:
+            given = {}
+        sources = {s: given.get(s, examples if s in self.stages else None) for s in self.trajectory.stages}
+        missing = [s for s, d in sources.items() if d is None]
+        if missing:
+            raise ValueError(
+                f"stages {missing} have no curvature data: the attributed rows belong to stages "
+                f"{list(self.stages)}; pass curvature_data={{stage: data}} for the others"
+            )
+        return sources
+
+    # ---------------------------------------------------------------- features
+    def featurize_rows(self, examples: Examples, start: int, stop: int) -> RowFeatures:
+        """Features of training rows [start, stop) (after :meth:`prepare`)."""
+        if self.operators is None:
+            raise RuntimeError("call prepare() or fit() before featurize_rows()")
+        inputs, targets = examples.rows(start, stop, self.device)
+        n, k, final_index = stop - start, self.config.proj_dim, len(self.trajectory.checkpoints) - 1
+        sums = torch.zeros(n, self.num_segments, k, dtype=torch.float64, device=self.device)
+        final_grad = None
+        for l, seg in enumerate(self.segments):
+            if self.weights[l] == 0 and not (self.config.query_mode == "final" and final_index in seg.checkpoints):
+                continue
+            for c in seg.checkpoints:
+                params, consts = self._load(c)
+                grad = projected_gradients(
+                    self.model_fn, params, consts, self.task.loss, inputs, targets, self.projection, f"checkpoint {c}"
+                )
+                sums[:, l] += grad
+                if c == final_index:
+                    final_grad = grad
+        counts = torch.tensor([len(s.checkpoints) for s in self.segments], dtype=torch.float64, device=self.device)
+        seg_grads = sums / counts[None, :, None]
+        per_segment = segment_features(seg_grads, self.operators, self.weights).cpu()
+        features = combine(per_segment, self.config.query_mode)
+        if self.config.query_mode == "final":
+            self_inf = row_dot(final_grad.cpu(), features)
+        else:
+            self_inf = row_dot(seg_grads.reshape(n, -1).cpu(), features)
+        return RowFeatures(features, per_segment if self.keeps_segment_features else None, self_inf)
+
+    def fit(
+        self,
+        train_data: Any,
+        *,
+        stages: Sequence[Hashable] | None = None,
+        num_train: int | Mapping[Hashable, int] | None = None,
+        curvature_data: Any = None,
+    ) -> SourceAttributor:
+        """Compute and keep in memory the features of every training row (see :meth:`prepare`
+        for the arguments). For data sets too large for memory, use a feature store."""
+        examples = self.prepare(train_data, stages=stages, num_train=num_train, curvature_data=curvature_data)
+        parts = [
+            self.featurize_rows(examples, s, min(len(examples), s + self.config.chunk_size))
+            for s in self._chunks(len(examples), "features")
+        ]
+        self.train_features = torch.cat([p.features for p in parts])
+        self.train_segment_features = (
+            torch.cat([p.segment_features for p in parts]) if self.keeps_segment_features else None
+        )
+        self._self_influence = torch.cat([p.self_influence for p in parts])
+        return self
+
+    # ----------------------------------------------------------------- queries
+    def query_features(
+        self, queries: Any, measurement: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """Q, (n_query, D) float32, such that score = Q @ F^T.
+
+        ``measurement`` overrides the task's (e.g. the task's loss): (B, C), (B, ...) -> (B,).
+        """
+        examples = as_examples(queries, "queries")
+        measure = measurement or self.task.measurement
+        if self.config.query_mode == "final":
+            groups = [(len(self.trajectory.checkpoints) - 1,)]
+        else:
+            groups = [seg.checkpoints for seg in self.segments]
+        parts = []
+        for start in self._chunks(len(examples), "queries"):
+            inputs, targets = examples.rows(start, min(len(examples), start + self.config.chunk_size), self.device)
+            per_group = []
+            for group in groups:
+                total = 0.0
+                for c in group:
+                    params, consts = self._load(c)
+                    total = total + projected_gradients(
+                        self.model_fn, params, consts, measure, inputs, targets, self.projection, f"checkpoint {c}"
+                    )
+                per_group.append(-total / len(group))
+            parts.append(torch.cat(per_group, dim=1).cpu())
+        return torch.cat(parts)
+
+    def _features_for(self, stage: Hashable | None) -> torch.Tensor:
+        if self.train_features is None:
+            raise RuntimeError("call fit() before scoring")
+        if stage is None:
+            return self.train_features
+        if self.train_segment_features is None:
+            raise ValueError("per-stage scores need per-segment features: set keep_segment_features=True")
+        if stage not in self.trajectory.stages:
+            raise TrajectoryError(f"unknown stage {stage!r}; the trajectory has stages {list(self.trajectory.stages)}")
+        mask = torch.tensor([seg.stage == stage for seg in self.segments])
+        return combine(self.train_segment_features, self.config.query_mode, mask)
+
+    def score(self, queries: Any, *, stage: Hashable | None = None) -> torch.Tensor:
+        """Scores (n_query, N) float32: predicted change of each query's measurement at the
+        final model when the training row is included (> 0: proponent for a margin).
+
+        ``stage`` keeps only the terms of that stage's segments (later segments still act
+        through their exp(-tH) factors).
+        """
+        return self.query_features(queries) @ self._features_for(stage).T
+
+    def self_influence(self) -> torch.Tensor:
+        """(N,) float64: each row's predicted effect on its own loss, sign flipped so that
+        larger means more self-reliant (``-score`` with the row as a loss query)."""
+        if self._self_influence is None:
+            raise RuntimeError("call fit() before self_influence()")
+        return self._self_influence
+
+    def metadata(self) -> dict:
+        """JSON-serialisable description of everything the features depend on."""
+        cfg = self.config
+        return {
+            "format_version": FORMAT_VERSION,
+            "projection": {"dim": cfg.proj_dim, "seed": cfg.seed, "kind": cfg.proj_kind},
+            "model_fingerprint": self.model_fn.fingerprint(),
+            "num_params": self.model_fn.num_params(),
+            "task": self.task.name,
+            "trajectory": self.trajectory.summary(),
+            "segments": [
+                {"stage": str(s.stage), "checkpoints": list(s.checkpoints), "steps": s.steps, "lr": s.lr, "time": s.time}
+                for s in self.segments
+            ],
+            "estimator": {
+                "num_segments": cfg.num_segments,
+                "curvature": cfg.curvature,
+                "curvature_examples": cfg.curvature_examples,
+                "momentum_factor": cfg.momentum_factor,
+                "time_scale": cfg.time_scale,
+                "query_mode": cfg.query_mode,
+            },
+            "stages": [str(s) for s in self.stages],
+        }

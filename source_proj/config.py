@@ -1,0 +1,70 @@
+"""Settings of a SOURCE attribution run (frozen dataclasses)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from source_proj.projected import CURVATURE_MODES
+from source_proj.projection import ProjectionConfig
+
+QUERY_MODES = ("final", "segment")
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    """How SOURCE is evaluated.
+
+    Attributes:
+        proj_dim: k, the projected dimension.
+        seed: seed of the random projection (and of sampled curvature).
+        proj_kind: "rademacher" or "gaussian" projection entries.
+        backend: "auto", "cpu" or "triton" for the projection.
+        num_segments: L, segments per training stage.
+        curvature: "exact" Gauss-Newton (C factor rows per example) or "sampled" (one
+            pseudo-label per example; unbiased, cheaper for many outputs).
+        curvature_examples: examples per checkpoint used for the Hessian (None: all of the
+            stage's curvature data; otherwise a fixed seeded subset).
+        momentum_factor: time scale t = eta K with eta / (1 - beta) under momentum.
+        time_scale: multiplies every segment's t (1.0 is the paper's value).
+        query_mode: "final" (the paper's form: the query gradient at the final checkpoint,
+            transported through later segments) or "segment" (query gradients averaged over
+            each segment's own checkpoints, no transport).
+        keep_segment_features: keep per-segment training features (needed for per-stage
+            attribution in "final" mode; always kept in "segment" mode).
+        chunk_size: examples per vmap batch (bounds memory: chunk x p floats per gradient).
+        device: where gradients are computed (None: the model's device).
+        progress: show progress bars.
+    """
+
+    proj_dim: int = 1024
+    seed: int = 0
+    proj_kind: str = "rademacher"
+    backend: str = "auto"
+    num_segments: int = 3
+    curvature: str = "exact"
+    curvature_examples: int | None = None
+    momentum_factor: bool = True
+    time_scale: float = 1.0
+    query_mode: str = "final"
+    keep_segment_features: bool = False
+    chunk_size: int = 64
+    device: str | None = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        self.projection()  # validates proj_dim, seed, kind, backend
+        if self.curvature not in CURVATURE_MODES:
+            raise ValueError(f"curvature must be one of {CURVATURE_MODES}, got {self.curvature!r}")
+        if self.query_mode not in QUERY_MODES:
+            raise ValueError(f"query_mode must be one of {QUERY_MODES}, got {self.query_mode!r}")
+        if not (math.isfinite(self.time_scale) and self.time_scale > 0):
+            raise ValueError(f"time_scale must be finite and > 0, got {self.time_scale}")
+        if self.chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size}")
+        if self.curvature_examples is not None and self.curvature_examples < 1:
+            raise ValueError(f"curvature_examples must be >= 1 or None, got {self.curvature_examples}")
+
+    def projection(self) -> ProjectionConfig:
+        """The projection settings."""
+        return ProjectionConfig(dim=self.proj_dim, seed=self.seed, kind=self.proj_kind, backend=self.backend)

@@ -1,0 +1,91 @@
+"""Segment curvature in the projected space and its two matrix functions.
+
+Per segment l the projected Hessian H_l (k x k: the mean over the segment's checkpoints of the
+projected Gauss-Newton Hessian of the mean training loss, plus weight decay lambda * I) is
+eigendecomposed in float64, H_l = V diag(s) V^T, and with t_l = eta_l K_l
+
+    S_l   = exp(-t_l H_l)                 = V diag(exp(-t s)) V^T
+    phi_l = (I - exp(-t_l H_l)) H_l^{-1}  = V diag(-expm1(-t s) / s) V^T   (-> t as s -> 0)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+# Below this t*s the series of -expm1(-x)/x is used (relative error ~ x^3/24 < 1e-17).
+_SERIES_BELOW = 1e-6
+
+
+@dataclass(frozen=True)
+class SegmentSpectrum:
+    """Eigendecomposition of one segment's projected Hessian (float64).
+
+    Attributes:
+        eigenvalues: s, shape (k,), clamped at 0 (units of loss / parameter^2).
+        eigenvectors: V, shape (k, k), columns orthonormal.
+        time: t = eta * K of the segment.
+    """
+
+    eigenvalues: torch.Tensor
+    eigenvectors: torch.Tensor
+    time: float
+
+    def exp(self) -> torch.Tensor:
+        """S = exp(-t H), (k, k) float64."""
+        return _apply(self.eigenvectors, torch.exp(-self.time * self.eigenvalues))
+
+    def phi(self) -> torch.Tensor:
+        """phi = (I - exp(-t H)) H^{-1}, (k, k) float64."""
+        return _apply(self.eigenvectors, phi_values(self.eigenvalues, self.time))
+
+
+def _apply(vecs: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    return (vecs * values) @ vecs.T
+
+
+def phi_values(s: torch.Tensor, t: float) -> torch.Tensor:
+    """(1 - exp(-t s)) / s elementwise, finite at s = 0 (where it equals t); float64."""
+    s = s.to(torch.float64)
+    x = t * s
+    small = x.abs() < _SERIES_BELOW
+    safe_s = torch.where(small, torch.ones_like(s), s)
+    direct = -torch.expm1(-x) / safe_s
+    series = t * (1.0 - x / 2.0 + x * x / 6.0)
+    return torch.where(small, series, direct)
+
+
+def gauss_newton_accumulate(total: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Add sum_r rows_r rows_r^T to ``total`` (k, k) float64, for rows (..., k) of projected
+    Gauss-Newton factors (each example's A^T J P^T)."""
+    flat = rows.reshape(-1, rows.shape[-1]).to(torch.float64)
+    return total.addmm_(flat.T, flat)
+
+
+def segment_spectrum(hessians: list[torch.Tensor], weight_decay: float, time: float) -> SegmentSpectrum:
+    """Eigendecompose the mean of the checkpoints' projected Hessians (k, k) plus weight decay.
+
+    Negative eigenvalues (round-off of a PSD matrix) are clamped to 0.
+    """
+    mean = torch.stack([h.to(torch.float64) for h in hessians]).mean(dim=0)
+    mean = 0.5 * (mean + mean.T)
+    mean.diagonal().add_(weight_decay)
+    evals, evecs = torch.linalg.eigh(mean)
+    return SegmentSpectrum(evals.clamp_min(0.0), evecs, float(time))
+
+
+def transport_operators(spectra: list[SegmentSpectrum], transport: bool = True) -> torch.Tensor:
+    """M_l for each segment, (L, k, k) float64.
+
+    With ``transport`` (the paper's form): M_l = S_L ... S_{l+1} phi_l, so that a perturbation
+    made in segment l is carried to the final parameters. Without: M_l = phi_l (for query
+    gradients taken at each segment's own checkpoints).
+    """
+    ops = []
+    carried = torch.eye(spectra[0].eigenvectors.shape[0], dtype=torch.float64)
+    for spectrum in reversed(spectra):
+        ops.append(carried @ spectrum.phi() if transport else spectrum.phi())
+        if transport:
+            carried = carried @ spectrum.exp()
+    return torch.stack(ops[::-1])

@@ -1,0 +1,192 @@
+"""How the model was trained: checkpoints, learning rates, step counts, stages, and segments.
+
+A :class:`Trajectory` lists checkpoints in training order. Checkpoint c records the optimizer
+steps taken since checkpoint c - 1 (since initialisation for the first one) and their learning
+rate(s); it stands for those steps when the run is cut into segments. SOURCE averages
+gradients and Hessians over the checkpoints of each :class:`Segment`, and uses the segment's
+step count K and mean effective learning rate eta (eta / (1 - beta) under heavy-ball momentum).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Hashable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+OPTIMIZERS = ("sgd", "momentum")
+
+
+class TrajectoryError(ValueError):
+    """A trajectory or checkpoint that cannot describe a training run."""
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """One saved point of training.
+
+    Attributes:
+        state: the model's state dict, or a path to a file saved with ``torch.save``.
+        steps: optimizer steps since the previous checkpoint (> 0).
+        lr: the learning rate of those steps, or a per-step history of length ``steps``.
+        stage: label of the training stage the steps belong to (stages must be contiguous).
+    """
+
+    state: Mapping[str, torch.Tensor] | str | os.PathLike
+    steps: int
+    lr: float | Sequence[float]
+    stage: Hashable = 0
+
+    def lr_sum(self) -> float:
+        """Sum of the learning rates over the checkpoint's steps."""
+        if isinstance(self.lr, (int, float)):
+            return float(self.lr) * self.steps
+        return float(np.sum(np.asarray(self.lr, dtype=np.float64)))
+
+    def load(self) -> Mapping[str, torch.Tensor]:
+        """The state dict (loaded on the CPU if ``state`` is a path)."""
+        if isinstance(self.state, Mapping):
+            return self.state
+        try:
+            return torch.load(self.state, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as exc:  # noqa: BLE001 - re-raised with the path named
+            raise TrajectoryError(f"could not load checkpoint file {os.fspath(self.state)!r}: {exc}") from exc
+
+
+def _check_checkpoint(index: int, ckpt: Checkpoint) -> None:
+    if isinstance(ckpt.steps, bool) or not isinstance(ckpt.steps, (int, np.integer)) or ckpt.steps <= 0:
+        raise TrajectoryError(f"checkpoint {index}: steps must be a positive int, got {ckpt.steps!r}")
+    if isinstance(ckpt.lr, (int, float)):
+        rates = np.asarray([ckpt.lr], dtype=np.float64)
+    else:
+        rates = np.asarray(ckpt.lr, dtype=np.float64)
+        if rates.shape != (ckpt.steps,):
+            raise TrajectoryError(
+                f"checkpoint {index}: a learning-rate history must have one rate per step "
+                f"({ckpt.steps}), got shape {rates.shape}"
+            )
+    if not np.all(np.isfinite(rates)) or np.any(rates <= 0):
+        raise TrajectoryError(f"checkpoint {index}: learning rates must be finite and > 0, got {ckpt.lr!r}")
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A stretch of training treated as stationary.
+
+    Attributes:
+        stage: the stage the segment lies in.
+        checkpoints: indices (into the trajectory) of the checkpoints it averages over.
+        steps: K, the number of optimizer steps it covers.
+        lr: eta, the mean effective learning rate over those steps.
+    """
+
+    stage: Hashable
+    checkpoints: tuple[int, ...]
+    steps: int
+    lr: float
+
+    @property
+    def time(self) -> float:
+        """t = eta * K, the segment's time scale (units of learning rate x steps)."""
+        return self.lr * self.steps
+
+
+@dataclass(frozen=True)
+class Trajectory:
+    """Ordered checkpoints and the optimizer settings of the run.
+
+    Attributes:
+        checkpoints: the checkpoints in training order (the last is the final model).
+        optimizer: "sgd" or "momentum" (heavy-ball SGD, as ``torch.optim.SGD(momentum=beta)``).
+        momentum: beta, in [0, 1); must be 0 for "sgd".
+        weight_decay: lambda, the L2 coefficient added to the gradient (lambda * theta).
+    """
+
+    checkpoints: tuple[Checkpoint, ...]
+    optimizer: str = "sgd"
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    _stages: tuple[Hashable, ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "checkpoints", tuple(self.checkpoints))
+        if not self.checkpoints:
+            raise TrajectoryError("a trajectory needs at least one checkpoint")
+        for i, ckpt in enumerate(self.checkpoints):
+            if not isinstance(ckpt, Checkpoint):
+                raise TrajectoryError(f"checkpoint {i} is a {type(ckpt).__name__}, not a Checkpoint")
+            _check_checkpoint(i, ckpt)
+        if self.optimizer not in OPTIMIZERS:
+            raise TrajectoryError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if not (0.0 <= self.momentum < 1.0) or (self.optimizer == "sgd" and self.momentum != 0.0):
+            raise TrajectoryError(
+                f"momentum must be in [0, 1) and 0 for plain 'sgd'; got {self.momentum} with {self.optimizer!r}"
+            )
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0.0):
+            raise TrajectoryError(f"weight_decay must be finite and >= 0, got {self.weight_decay}")
+        stages: list[Hashable] = []
+        for i, ckpt in enumerate(self.checkpoints):
+            if not stages or stages[-1] != ckpt.stage:
+                if ckpt.stage in stages:
+                    raise TrajectoryError(
+                        f"checkpoint {i}: stage {ckpt.stage!r} resumes after another stage; "
+                        "a stage's checkpoints must be contiguous"
+                    )
+                stages.append(ckpt.stage)
+        object.__setattr__(self, "_stages", tuple(stages))
+
+    @property
+    def stages(self) -> tuple[Hashable, ...]:
+        """Stage labels in training order."""
+        return self._stages
+
+    def stage_checkpoints(self, stage: Hashable) -> list[int]:
+        """Indices of the checkpoints of ``stage``."""
+        if stage not in self._stages:
+            raise TrajectoryError(f"unknown stage {stage!r}; the trajectory has stages {list(self._stages)}")
+        return [i for i, c in enumerate(self.checkpoints) if c.stage == stage]
+
+    def segments(self, num_segments: int = 3, momentum_factor: bool = True) -> tuple[Segment, ...]:
+        """Cut each stage into ``num_segments`` stretches of (nearly) equal checkpoint counts.
+
+        Args:
+            num_segments: L, segments per stage (>= 1, at most the stage's checkpoint count).
+            momentum_factor: use the effective rate eta / (1 - beta) under momentum.
+        """
+        if isinstance(num_segments, bool) or not isinstance(num_segments, int) or num_segments < 1:
+            raise TrajectoryError(f"num_segments must be a positive int, got {num_segments!r}")
+        factor = 1.0 / (1.0 - self.momentum) if momentum_factor else 1.0
+        out = []
+        for stage in self._stages:
+            indices = self.stage_checkpoints(stage)
+            if num_segments > len(indices):
+                raise TrajectoryError(
+                    f"num_segments={num_segments} is larger than the {len(indices)} checkpoint(s) "
+                    f"of stage {stage!r}"
+                )
+            for part in np.array_split(np.asarray(indices), num_segments):
+                ckpts = [self.checkpoints[i] for i in part]
+                steps = sum(int(c.steps) for c in ckpts)
+                lr = factor * sum(c.lr_sum() for c in ckpts) / steps
+                out.append(Segment(stage, tuple(int(i) for i in part), steps, lr))
+        return tuple(out)
+
+    def summary(self) -> dict:
+        """A JSON-serialisable description (no tensors), for stores and fingerprints."""
+        return {
+            "optimizer": self.optimizer,
+            "momentum": self.momentum,
+            "weight_decay": self.weight_decay,
+            "checkpoints": [
+                {
+                    "steps": int(c.steps),
+                    "lr_sum": c.lr_sum(),
+                    "stage": str(c.stage),
+                    "source": os.fspath(c.state) if not isinstance(c.state, Mapping) else "in-memory",
+                }
+                for c in self.checkpoints
+            ],
+        }
