@@ -1,0 +1,38 @@
+"""Evaluation of attribution scores against retraining: LDS and subset-removal counterfactuals.
+
+Both protocols take a user-supplied ``retrain(train_indices, seed) -> (n_query,) array`` that
+trains a fresh model on the given training rows and returns one measurement per query (the
+margin for classification). Scores follow the library's convention: ``scores[q, m] > 0`` means
+including row m raises query q's measurement.
+"""
+
+from source_proj.evaluation.counterfactual import (
+    RANDOM_BASELINE,
+    CounterfactualConfig,
+    CounterfactualCurve,
+    CounterfactualResult,
+    subset_removal,
+)
+from source_proj.evaluation.ground_truth import (
+    GroundTruthNoise,
+    LDSConfig,
+    LDSGroundTruth,
+    compute_ground_truth,
+)
+from source_proj.evaluation.lds import LDSResult, linear_datamodeling_score
+from source_proj.evaluation.retraining import RetrainRunner
+
+__all__ = [
+    "RANDOM_BASELINE",
+    "CounterfactualConfig",
+    "CounterfactualCurve",
+    "CounterfactualResult",
+    "GroundTruthNoise",
+    "LDSConfig",
+    "LDSGroundTruth",
+    "LDSResult",
+    "RetrainRunner",
+    "compute_ground_truth",
+    "linear_datamodeling_score",
+    "subset_removal",
+]
