@@ -1,0 +1,129 @@
+"""Tiny models, data and a dense (loop-and-autograd) reference of the SOURCE formulas."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import scipy.linalg
+import torch
+from torch import nn
+
+from source_proj.kernels.reference import matrix_block
+from source_proj.tasks import ClassificationTask, Task
+from source_proj.training import TrainSettings, train_sgd
+from source_proj.trajectory import Trajectory
+
+
+def blobs(n: int, dim: int, classes: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Separable-ish Gaussian blobs: inputs (n, dim) float32, labels (n,)."""
+    gen = torch.Generator().manual_seed(seed)
+    centers = 2.0 * torch.randn(classes, dim, generator=gen)
+    labels = torch.randint(0, classes, (n,), generator=gen)
+    return centers[labels] + torch.randn(n, dim, generator=gen), labels
+
+
+def mlp(dims: tuple[int, ...], seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    layers: list[nn.Module] = []
+    for a, b in zip(dims[:-1], dims[1:]):
+        layers += [nn.Linear(a, b), nn.Tanh()]
+    return nn.Sequential(*layers[:-1])
+
+
+def trained_classifier(
+    dims=(4, 6, 3), n=40, epochs=4, ckpts_per_epoch=2, momentum=0.9, weight_decay=1e-3, seed=0
+) -> tuple[nn.Module, Trajectory, tuple[torch.Tensor, torch.Tensor]]:
+    x, y = blobs(n, dims[0], dims[-1], seed)
+    model = mlp(dims, seed)
+    settings = TrainSettings(
+        epochs=epochs, batch_size=8, lr=0.05, momentum=momentum, weight_decay=weight_decay,
+        checkpoints_per_epoch=ckpts_per_epoch, seed=seed,
+    )
+    ckpts = train_sgd(model, ClassificationTask(), x, y, settings)
+    return model, settings.trajectory(ckpts), (x, y)
+
+
+def flat_grad(model: nn.Module, state, fn) -> torch.Tensor:
+    """Gradient of fn(model) w.r.t. all parameters, flattened in parameter order (float64)."""
+    m = copy.deepcopy(model)
+    m.load_state_dict(state)
+    params = list(m.parameters())
+    grads = torch.autograd.grad(fn(m), params)
+    return torch.cat([g.reshape(-1) for g in grads]).double()
+
+
+def dense_gn_hessian(model: nn.Module, state, task: Task, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Mean Gauss-Newton Hessian J^T (d^2 loss/d out^2) J over the examples, (p, p) float64,
+    with the output Hessian from autograd (independent of the tasks' closed forms)."""
+    total = 0.0
+    for i in range(len(y)):
+        rows = [
+            flat_grad(model, state, lambda m, c=c: m(x[i : i + 1])[0, c])
+            for c in range(model(x[:1]).shape[1])
+        ]
+        jac = torch.stack(rows)  # (C, p)
+        m = copy.deepcopy(model)
+        m.load_state_dict(state)
+        out = m(x[i : i + 1]).detach().double()
+        hess_out = torch.autograd.functional.hessian(lambda o: task.loss(o, y[i : i + 1]).sum(), out)
+        hess_out = hess_out.reshape(out.shape[1], out.shape[1])
+        total = total + jac.T @ hess_out @ jac
+    return total / len(y)
+
+
+def projection_matrix(seed: int, p: int, k: int, kind: str = "rademacher") -> torch.Tensor:
+    """P (k, p) float64, materialised densely."""
+    return matrix_block(seed, 0, p, k, kind, scaled=True).double().T
+
+
+def dense_source_scores(
+    model: nn.Module,
+    task: Task,
+    traj: Trajectory,
+    train: tuple[torch.Tensor, torch.Tensor],
+    queries: tuple[torch.Tensor, torch.Tensor],
+    proj: torch.Tensor | None,
+    num_segments: int,
+    time_scale: float = 1.0,
+) -> np.ndarray:
+    """The math note's formula evaluated densely: per-example autograd loops, scipy's expm and
+    an explicit inverse. ``proj`` None means no projection (P = I)."""
+    x, y = train
+    xq, yq = queries
+    n = len(y)
+    segs = traj.segments(num_segments)
+    states = [c.load() for c in traj.checkpoints]
+    p = sum(q.numel() for q in model.parameters())
+    proj = torch.eye(p, dtype=torch.float64) if proj is None else proj
+    k = proj.shape[0]
+
+    def grads(state, xs, ys, fn):
+        return torch.stack([
+            proj @ flat_grad(model, state, lambda m, i=i: fn(m(xs[i : i + 1]), ys[i : i + 1])[0])
+            for i in range(len(ys))
+        ])
+
+    exps, phis, gmeans = [], [], []
+    for seg in segs:
+        h = sum(proj @ dense_gn_hessian(model, states[c], task, x, y) @ proj.T for c in seg.checkpoints)
+        h = (h / len(seg.checkpoints) + traj.weight_decay * torch.eye(k, dtype=torch.float64)).numpy()
+        t = seg.time * time_scale
+        e = scipy.linalg.expm(-t * h)
+        exps.append(e)
+        phis.append((np.eye(k) - e) @ np.linalg.inv(h))
+        gmeans.append(sum(grads(states[c], x, y, task.loss) for c in seg.checkpoints).numpy() / len(seg.checkpoints))
+    q = grads(states[-1], xq, yq, task.measurement).numpy()
+    total = np.zeros((k, n))
+    for l in range(len(segs)):
+        op = phis[l]
+        for later in exps[l + 1 :]:
+            op = later @ op
+        total += op @ gmeans[l].T
+    return -(q @ total) / n
+
+
+def identity_projection(grads, config):
+    """Stand-in for ``project`` that does not project (k = p), for exact oracles."""
+    blocks = list(grads.values()) if isinstance(grads, dict) else [grads]
+    return torch.cat([b.to(torch.float32) for b in blocks], dim=1)
