@@ -1,0 +1,239 @@
+"""Optional approximate top-k: a faiss IVF (inverted file) index over a feature store.
+
+The index clusters F into ``n_lists`` cells (k-means on a sample of rows) and searches only
+the ``n_probe`` cells whose centroids have the largest inner product with the query. It is
+approximate: its recall@k against the exact search (``source_proj.retrieval``) is measured on
+given queries, and ``tune`` picks the smallest ``n_probe`` reaching a target recall. The
+index holds all N rows in memory (4, 2 or 1 bytes per value for codecs flat, fp16, sq8).
+
+It is saved beside the store, in the directory ``<store>.ivf``, with the store's content
+token; loading it for a store whose content or settings changed raises ``StaleIndexError``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+from tqdm.auto import tqdm
+
+from source_proj.retrieval import TopK, check_k, check_queries
+from source_proj.store import FeatureStore
+
+_FACTORY_CODECS = {"flat": "Flat", "fp16": "SQfp16", "sq8": "SQ8"}
+_INDEX_FILE = "index.faiss"
+_INFO_FILE = "index.json"
+
+
+class StaleIndexError(RuntimeError):
+    """A saved index does not belong to the store as it is now (or was built differently)."""
+
+
+@dataclass(frozen=True)
+class IVFSettings:
+    """How to build the IVF index.
+
+    Attributes:
+        n_lists: number of cells; 0 picks about sqrt(N) (at least 39 training rows a cell).
+        codec: storage of the rows in the cells: "flat" (float32), "fp16" or "sq8" (8-bit).
+        train_rows: rows sampled (whole store chunks, seeded) to train the k-means.
+        kmeans_iters: k-means iterations.
+        n_probe: cells searched per query until ``tune`` or ``ApproxIndex.n_probe`` changes it.
+        seed: seed of the training sample and of the k-means initialisation.
+    """
+
+    n_lists: int = 0
+    codec: str = "fp16"
+    train_rows: int = 65536
+    kmeans_iters: int = 10
+    n_probe: int = 16
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.codec not in _FACTORY_CODECS:
+            raise ValueError(f"IVF codec must be one of {sorted(_FACTORY_CODECS)}, got {self.codec!r}")
+        for name in ("train_rows", "kmeans_iters", "n_probe"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"IVFSettings.{name} must be >= 1, got {getattr(self, name)!r}")
+        if self.n_lists < 0:
+            raise ValueError(f"IVFSettings.n_lists must be >= 0 (0 = automatic), got {self.n_lists!r}")
+
+    def lists_for(self, n_rows: int) -> int:
+        """The number of cells used for a store of ``n_rows`` rows."""
+        n_train = min(self.train_rows, n_rows)
+        if self.n_lists:
+            if self.n_lists > n_train:
+                raise ValueError(f"n_lists = {self.n_lists} needs at least as many training rows, got {n_train}")
+            return self.n_lists
+        return max(1, min(round(math.sqrt(n_rows)), n_train // 39))
+
+
+def recall_at_k(found_ids: np.ndarray, exact_ids: np.ndarray) -> float:
+    """Mean over queries of |found ∩ exact| / k, for id arrays of shape (n_query, k)."""
+    if found_ids.shape != exact_ids.shape:
+        raise ValueError(f"id arrays differ in shape: {found_ids.shape} vs {exact_ids.shape}")
+    hits = [len(np.intersect1d(f, e)) for f, e in zip(found_ids, exact_ids)]
+    return float(np.mean(hits) / exact_ids.shape[1])
+
+
+def index_dir(store: FeatureStore) -> Path:
+    """Where the store's IVF index is saved: the sibling directory ``<store>.ivf``."""
+    return store.path.with_name(store.path.name + ".ivf")
+
+
+def _training_sample(store: FeatureStore, settings: IVFSettings) -> np.ndarray:
+    layout = store.layout
+    order = np.random.default_rng(settings.seed).permutation(layout.n_chunks)
+    blocks, rows = [], 0
+    for index in order:
+        if rows >= settings.train_rows:
+            break
+        block = store.read_rows(*layout.chunk_range(int(index)))
+        blocks.append(block[: settings.train_rows - rows])
+        rows += blocks[-1].shape[0]
+    return np.ascontiguousarray(np.concatenate(blocks))
+
+
+class ApproxIndex:
+    """A faiss IVF index over one feature store.
+
+    Attributes:
+        index: the faiss ``IndexIVF`` (inner-product metric, ids = store rows).
+        settings: the ``IVFSettings`` it was built with.
+        store_token: ``content_token()`` of the store it indexes.
+        recall: the last measured recall, e.g. ``{"k": 10, "n_probe": 16, "n_queries": 100,
+            "proponents": 0.97, "opponents": 0.96}``; empty until measured.
+    """
+
+    def __init__(self, index: faiss.Index, settings: IVFSettings, store_token: str, recall: dict[str, Any]) -> None:
+        self.index = index
+        self.settings = settings
+        self.store_token = store_token
+        self.recall = recall
+
+    @property
+    def n_probe(self) -> int:
+        return int(faiss.extract_index_ivf(self.index).nprobe)
+
+    @n_probe.setter
+    def n_probe(self, value: int) -> None:
+        n_lists = faiss.extract_index_ivf(self.index).nlist
+        if not 1 <= value <= n_lists:
+            raise ValueError(f"n_probe must be in [1, {n_lists}], got {value}")
+        faiss.extract_index_ivf(self.index).nprobe = int(value)
+
+    def search(self, queries: np.ndarray, k: int, *, opponents: bool = False) -> TopK:
+        """Approximate top-k proponents (or opponents) of queries (n_query, D); see ``TopK``."""
+        q = check_queries(queries, self.index.d)
+        k = check_k(k, self.index.ntotal)
+        sign = -1.0 if opponents else 1.0
+        scores, ids = self.index.search(sign * q, k)
+        return TopK(sign * scores, ids)
+
+    def tune(self, queries: np.ndarray, proponents: TopK, opponents: TopK, target: float) -> dict[str, Any]:
+        """Set ``n_probe`` to the smallest power of two (or all cells) whose recall@k, for
+        both proponents and opponents of ``queries`` against the given exact results, is at
+        least ``target``; record and return that measurement (see ``recall``)."""
+        if not 0.0 < target <= 1.0:
+            raise ValueError(f"target recall must be in (0, 1], got {target}")
+        n_lists = faiss.extract_index_ivf(self.index).nlist
+        candidates = sorted({min(2**i, n_lists) for i in range(n_lists.bit_length() + 1)})
+        for n_probe in candidates:
+            self.measure_recall(queries, proponents, opponents, n_probe)
+            if min(self.recall["proponents"], self.recall["opponents"]) >= target:
+                break
+        return self.recall
+
+    def measure_recall(self, queries: np.ndarray, proponents: TopK, opponents: TopK, n_probe: int) -> dict[str, Any]:
+        """Measure recall@k at ``n_probe`` against exact results (k = their width), set
+        ``n_probe`` and record the measurement in ``recall``."""
+        self.n_probe = n_probe
+        k = proponents.ids.shape[1]
+        self.recall = {
+            "k": k,
+            "n_probe": n_probe,
+            "n_queries": int(np.asarray(queries).shape[0]),
+            "proponents": recall_at_k(self.search(queries, k).ids, proponents.ids),
+            "opponents": recall_at_k(self.search(queries, k, opponents=True).ids, opponents.ids),
+        }
+        return self.recall
+
+    def save(self, store: FeatureStore) -> Path:
+        """Write the index and its description to ``index_dir(store)`` (atomically)."""
+        if store.content_token() != self.store_token:
+            raise StaleIndexError(f"this index was not built from the current content of {store.path}")
+        target = index_dir(store)
+        tmp = target.with_name(f".{target.name}.saving-{uuid.uuid4().hex}")
+        tmp.mkdir()
+        try:
+            faiss.write_index(self.index, str(tmp / _INDEX_FILE))
+            info = {
+                "store_token": self.store_token,
+                "settings": asdict(self.settings),
+                "n_probe": self.n_probe,
+                "recall": self.recall,
+            }
+            (tmp / _INFO_FILE).write_text(json.dumps(info, indent=1))
+            old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex}")
+            if target.exists():
+                os.rename(target, old)
+            os.rename(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return target
+
+    @classmethod
+    def load(cls, store: FeatureStore, settings: IVFSettings | None = None, *, mmap: bool = False) -> ApproxIndex:
+        """Load the index saved beside ``store``.
+
+        Raises ``FileNotFoundError`` if there is none and ``StaleIndexError`` if the store's
+        content changed since it was built, or if ``settings`` are given and differ from the
+        ones it was built with. ``mmap`` maps the inverted lists from disk instead of reading
+        them into memory.
+        """
+        where = index_dir(store)
+        if not (where / _INFO_FILE).is_file():
+            raise FileNotFoundError(f"no IVF index saved at {where}")
+        info = json.loads((where / _INFO_FILE).read_text())
+        if info["store_token"] != store.content_token():
+            raise StaleIndexError(f"the IVF index at {where} was built from other content than {store.path} now holds")
+        built = IVFSettings(**info["settings"])
+        if settings is not None and built != settings:
+            raise StaleIndexError(f"the IVF index at {where} was built with {built}, not {settings}")
+        flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mmap else 0
+        index = faiss.read_index(str(where / _INDEX_FILE), flags)
+        loaded = cls(index, built, info["store_token"], info["recall"])
+        loaded.n_probe = info["n_probe"]
+        return loaded
+
+
+def build_ivf(store: FeatureStore, settings: IVFSettings = IVFSettings(), *, progress: bool = True) -> ApproxIndex:
+    """Train an IVF index on a sample of ``store`` and add every row, streamed by chunk.
+    Memory: the index itself plus one training sample (train_rows x D float32)."""
+    layout = store.layout
+    store.require_complete()
+    n_lists = settings.lists_for(layout.n_rows)
+    index = faiss.index_factory(
+        layout.dim, f"IVF{n_lists},{_FACTORY_CODECS[settings.codec]}", faiss.METRIC_INNER_PRODUCT
+    )
+    ivf = faiss.extract_index_ivf(index)
+    ivf.cp.niter = settings.kmeans_iters
+    ivf.cp.seed = settings.seed
+    index.train(_training_sample(store, settings))
+    token = store.content_token()
+    with tqdm(total=layout.n_rows, unit="row", desc="IVF index", disable=not progress) as bar:
+        for _, block in store.iter_blocks(layout.chunk_rows):
+            index.add(block)
+            bar.update(block.shape[0])
+    built = ApproxIndex(index, settings, token, {})
+    built.n_probe = min(settings.n_probe, n_lists)
+    return built

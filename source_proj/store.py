@@ -1,0 +1,538 @@
+"""The feature store: training features F cached in a zarr v3 directory, written crash-safely.
+
+Layout of a store directory (a zarr v3 group):
+
+- ``features``: (N, D) float32 or float16, chunked by ``chunk_rows`` rows, uncompressed
+  (projected features are noise-like; compression costs time and saves ~nothing).
+- ``row_scale``: (N,) float32, float16 stores only: row m of F is ``features[m] * row_scale[m]``.
+  The scale is a power of two chosen per row so that the row's largest magnitude lands in
+  (2^14, 2^15]: float16 cannot overflow (max 65504), the scaling itself is exact, and every
+  value above 2^-29 times its row's maximum is kept to relative error <= 2^-11 (smaller
+  ones, float16 subnormals, to absolute error < 2^-39 times the maximum). Hence a score
+  from a float16 store is within 2^-11 |Q[q]|_2 |F[m]|_2 (+ 2^-39 max|F[m]| |Q[q]|_1, from
+  the subnormals) of the one from the exact features.
+- ``segment_features`` / ``segment_scale``: optional (N, L, k) per-segment features
+  (scale (N, L)), same encoding, for per-stage attribution.
+- ``self_influence``: optional (N,) float64, each row's self-influence when the feature
+  computation yields it as a by-product (see ``ChunkFeatures``).
+- ``chunk_digest``: the completion ledger (``source_proj.ledger``), one entry per row chunk.
+- ``curvature_eigenvalues`` (L, k) and ``curvature_eigenvectors`` (L, k, k), float64,
+  optional, validated by a digest kept in the attributes.
+- attributes under ``source_proj_store``: format version, a random store id, the layout
+  (N, D, dtype, chunk rows, L, k) and the caller's JSON metadata (projection seed, kind and
+  dimension, model fingerprint, trajectory summary, ...).
+
+Scores are ``score(q, m) = Q[q] . F[m]``; this module only stores and returns F (float32).
+Memory use of every operation here is bounded by a chunk (or a requested block) of rows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+from tqdm.auto import tqdm
+
+from source_proj.ledger import ChunkLedger, chunk_digest, create_group_atomically, remove_partial_writes
+
+FORMAT_VERSION = 1
+STORE_DTYPES = ("float32", "float16")
+ATTRS_KEY = "source_proj_store"
+# float16 rows are scaled so that their largest magnitude is at most 2^_F16_MAX_EXPONENT.
+_F16_MAX_EXPONENT = 15
+
+
+
+class StoreError(Exception):
+    """Base class of the feature store's errors."""
+
+
+class StoreMismatchError(StoreError, ValueError):
+    """An existing store was made with different settings than the ones asked for.
+
+    Attributes:
+        field: dotted name of the first differing field, e.g. ``"metadata.projection.seed"``
+            or ``"layout.dim"``.
+        stored: its value in the store (``None`` if absent there).
+        expected: the value asked for (``None`` if absent there).
+    """
+
+    def __init__(self, path: Path, field: str, stored: Any, expected: Any) -> None:
+        self.field, self.stored, self.expected = field, stored, expected
+        super().__init__(
+            f"feature store {path} was created with {field} = {stored!r}, but {expected!r} was "
+            "asked for; its features would give wrong scores. Use another store path, or delete "
+            "this store to recompute it."
+        )
+
+
+class StoreIncompleteError(StoreError, RuntimeError):
+    """Features were read from a store whose featurisation has not finished."""
+
+
+@dataclass(frozen=True)
+class StoreLayout:
+    """Shapes and encoding of a store.
+
+    Attributes:
+        n_rows: N, the number of training examples (rows of F).
+        dim: D, the length of a feature row (k, or L * k in a segment-wise mode).
+        dtype: "float32" or "float16" (scaled per row, see the module docstring).
+        chunk_rows: rows per zarr chunk: the unit of writing, resuming and memory use.
+        n_segments: L for optional per-segment features (N, L, k); 0 stores none.
+        segment_dim: k of the per-segment features; 0 when n_segments is 0.
+        self_influence: keep a per-row self-influence column (N,) float64.
+    """
+
+    n_rows: int
+    dim: int
+    dtype: str = "float32"
+    chunk_rows: int = 4096
+    n_segments: int = 0
+    segment_dim: int = 0
+    self_influence: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("n_rows", "dim", "chunk_rows"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"StoreLayout.{name} must be a positive int, got {value!r}")
+        for name in ("n_segments", "segment_dim"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"StoreLayout.{name} must be an int >= 0, got {value!r}")
+        if (self.n_segments == 0) != (self.segment_dim == 0):
+            raise ValueError(
+                "StoreLayout.n_segments and segment_dim must both be 0 (no per-segment "
+                f"features) or both positive, got {self.n_segments} and {self.segment_dim}"
+            )
+        if self.dtype not in STORE_DTYPES:
+            raise ValueError(f"StoreLayout.dtype must be one of {STORE_DTYPES}, got {self.dtype!r}")
+
+    @property
+    def n_chunks(self) -> int:
+        return -(-self.n_rows // self.chunk_rows)
+
+    def chunk_range(self, index: int) -> tuple[int, int]:
+        """Rows [start, stop) of chunk ``index``."""
+        start = index * self.chunk_rows
+        return start, min(start + self.chunk_rows, self.n_rows)
+
+
+@dataclass(frozen=True)
+class ChunkFeatures:
+    """What ``compute_chunk(start, stop)`` returns for n = stop - start training rows when
+    the store keeps more than F (a plain (n, D) array is enough otherwise).
+
+    Attributes:
+        features: F rows, (n, D) float.
+        segment_features: per-segment F_l rows, (n, L, k) float; required iff the store's
+            layout has ``n_segments > 0``.
+        self_influence: (n,) float; required iff the layout has ``self_influence``.
+    """
+
+    features: np.ndarray
+    segment_features: np.ndarray | None = None
+    self_influence: np.ndarray | None = None
+
+
+ComputeChunk = Callable[[int, int], "np.ndarray | ChunkFeatures"]
+
+
+@dataclass(frozen=True)
+class FeaturizeReport:
+    """What one ``featurize`` call did.
+
+    Attributes:
+        computed_chunks: indices of the chunks computed and written by this call.
+        skipped_chunks: number of chunks found complete and left untouched.
+    """
+
+    computed_chunks: tuple[int, ...]
+    skipped_chunks: int
+
+
+def _json_roundtrip(value: Any) -> Any:
+    try:
+        return json.loads(json.dumps(value, sort_keys=True, allow_nan=False))
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"store metadata must be JSON-serialisable: {exc}") from exc
+
+
+def _first_difference(stored: Any, expected: Any, prefix: str) -> tuple[str, Any, Any] | None:
+    """Dotted path and values of the first difference between two JSON values, or None."""
+    if isinstance(stored, dict) and isinstance(expected, dict):
+        for key in sorted(set(stored) | set(expected)):
+            diff = _first_difference(stored.get(key), expected.get(key), f"{prefix}.{key}")
+            if diff is not None:
+                return diff
+        return None
+    if stored != expected:
+        return prefix, stored, expected
+    return None
+
+
+def _power_of_two_scale(block: np.ndarray) -> np.ndarray:
+    """Per-row (all axes but the last) power-of-two scale for float16 storage, float32."""
+    max_abs = np.max(np.abs(block), axis=-1)
+    _, exponent = np.frexp(max_abs)  # max_abs <= 2^exponent
+    scale = np.ldexp(np.float32(1.0), (exponent - _F16_MAX_EXPONENT).astype(np.int32))
+    return np.where(max_abs > 0, scale, np.float32(1.0)).astype(np.float32)
+
+
+def _encode(block: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """Stored values and per-row scale (None for float32) of a float block."""
+    block = np.asarray(block, dtype=np.float32)
+    if dtype == "float32":
+        return np.ascontiguousarray(block), None
+    scale = _power_of_two_scale(block)
+    return (block / scale[..., None]).astype(np.float16), scale
+
+
+def _decode(stored: np.ndarray, scale: np.ndarray | None) -> np.ndarray:
+    out = stored.astype(np.float32)
+    if scale is not None:
+        out *= scale[..., None]
+    return out
+
+
+def _check_block(name: str, block: Any, shape: tuple[int, ...], rows: tuple[int, int]) -> np.ndarray:
+    array = np.asarray(block)
+    if array.shape != shape:
+        raise ValueError(
+            f"compute_chunk({rows[0]}, {rows[1]}) returned {name} of shape {array.shape}; "
+            f"expected {shape}"
+        )
+    if not np.issubdtype(array.dtype, np.floating):
+        raise ValueError(f"compute_chunk returned {name} of dtype {array.dtype}; expected floats")
+    if not np.all(np.isfinite(array)):
+        bad = np.unique(np.nonzero(~np.isfinite(array))[0]) + rows[0]
+        raise ValueError(f"compute_chunk returned non-finite {name} for rows {bad[:10].tolist()}")
+    return array
+
+
+class FeatureStore:
+    """A feature store directory; create with ``create``/``open_or_create``, or ``open`` it.
+
+    Attributes:
+        path: the store directory.
+        layout: its ``StoreLayout``.
+        metadata: the JSON metadata it was created with.
+        store_id: a random id given at creation (changes when a store is deleted and remade).
+    """
+
+    def __init__(self, path: Path, group: zarr.Group) -> None:
+        attrs = group.attrs.asdict().get(ATTRS_KEY)
+        if not isinstance(attrs, dict):
+            raise StoreError(f"{path} is a zarr group but not a source_proj feature store")
+        if attrs.get("format_version") != FORMAT_VERSION:
+            raise StoreError(
+                f"{path} has store format version {attrs.get('format_version')!r}; this version "
+                f"of source_proj reads version {FORMAT_VERSION}"
+            )
+        self.path = path
+        self.layout = StoreLayout(**attrs["layout"])
+        self.metadata: dict[str, Any] = attrs["metadata"]
+        self.store_id: str = attrs["store_id"]
+        self._group = group
+        self._attrs = attrs
+        self._ledger = ChunkLedger.open(group, "chunk_digest")
+
+    # ----------------------------------------------------------------- creation and opening
+    @classmethod
+    def create(cls, path: str | os.PathLike, layout: StoreLayout, metadata: dict[str, Any]) -> FeatureStore:
+        """Create an empty store (all chunks pending) at ``path``, which must not exist.
+
+        Creation is atomic: a crash leaves either no store or a complete empty one.
+        """
+        path = Path(path)
+        if path.exists():
+            raise FileExistsError(f"{path} exists; open it with FeatureStore.open or open_or_create")
+        attrs = {
+            "format_version": FORMAT_VERSION,
+            "store_id": uuid.uuid4().hex,
+            "layout": asdict(layout),
+            "metadata": _json_roundtrip(metadata),
+        }
+        create_group_atomically(path, {ATTRS_KEY: attrs}, lambda group: cls._create_arrays(group, layout))
+        return cls.open(path, writable=True)
+
+    @staticmethod
+    def _create_arrays(group: zarr.Group, layout: StoreLayout) -> None:
+        rows = layout.chunk_rows
+
+        def array(name: str, shape: tuple[int, ...], dtype: str) -> None:
+            group.create_array(
+                name, shape=shape, dtype=dtype, chunks=(rows, *shape[1:]), compressors=None, fill_value=0
+            )
+
+        array("features", (layout.n_rows, layout.dim), layout.dtype)
+        if layout.dtype == "float16":
+            array("row_scale", (layout.n_rows,), "float32")
+        if layout.n_segments:
+            array("segment_features", (layout.n_rows, layout.n_segments, layout.segment_dim), layout.dtype)
+            if layout.dtype == "float16":
+                array("segment_scale", (layout.n_rows, layout.n_segments), "float32")
+        if layout.self_influence:
+            group.create_array(
+                "self_influence", shape=(layout.n_rows,), dtype="float64", chunks=(rows,),
+                compressors=None, fill_value=0,
+            )
+        ChunkLedger.create(group, "chunk_digest", layout.n_chunks)
+
+    @classmethod
+    def open(
+        cls,
+        path: str | os.PathLike,
+        *,
+        expected_metadata: dict[str, Any] | None = None,
+        writable: bool = False,
+    ) -> FeatureStore:
+        """Open an existing store.
+
+        Args:
+            path: the store directory.
+            expected_metadata: if given, must equal the stored metadata (after a JSON round
+                trip), else ``StoreMismatchError`` names the first differing field.
+            writable: open for featurisation (chunk writes) rather than read-only.
+        """
+        path = Path(path)
+        if not (path / "zarr.json").is_file():
+            raise FileNotFoundError(f"no feature store at {path}")
+        store = cls(path, zarr.open_group(path, mode="r+" if writable else "r", zarr_format=3))
+        if expected_metadata is not None:
+            store.check_metadata(expected_metadata)
+        return store
+
+    @classmethod
+    def open_or_create(
+        cls, path: str | os.PathLike, layout: StoreLayout, metadata: dict[str, Any]
+    ) -> FeatureStore:
+        """Open the store at ``path`` for writing if it exists (checking that its layout and
+        metadata equal the given ones), else create it. The way to start or resume a run."""
+        path = Path(path)
+        if not path.exists():
+            return cls.create(path, layout, metadata)
+        store = cls.open(path, expected_metadata=metadata, writable=True)
+        diff = _first_difference(asdict(store.layout), asdict(layout), "layout")
+        if diff is not None:
+            raise StoreMismatchError(path, *diff)
+        remove_partial_writes(path)
+        return store
+
+    def check_metadata(self, expected: dict[str, Any]) -> None:
+        """Raise ``StoreMismatchError`` naming the first field where ``expected`` differs."""
+        diff = _first_difference(self.metadata, _json_roundtrip(expected), "metadata")
+        if diff is not None:
+            raise StoreMismatchError(self.path, *diff)
+
+    # ----------------------------------------------------------------------------- progress
+    def pending_chunks(self) -> list[int]:
+        """Indices of the chunks not yet written."""
+        return self._ledger.pending()
+
+    @property
+    def is_complete(self) -> bool:
+        return bool(self._ledger.done().all())
+
+    def require_complete(self) -> None:
+        """Raise ``StoreIncompleteError`` unless every chunk has been written."""
+        pending = self.pending_chunks()
+        if pending:
+            raise StoreIncompleteError(
+                f"feature store {self.path} is incomplete: {len(pending)} of "
+                f"{self.layout.n_chunks} chunks pending (first: {pending[:5]}); resume the "
+                "featurisation to finish it"
+            )
+
+    def content_token(self) -> str:
+        """A digest of the store's identity, settings and every chunk's data."""
+        payload = json.dumps([self.store_id, asdict(self.layout), self.metadata], sort_keys=True)
+        h = hashlib.blake2b(payload.encode(), digest_size=16)
+        h.update(self._ledger.content_digest().encode())
+        return h.hexdigest()
+
+    # ------------------------------------------------------------------------------ writing
+    def write_chunk(self, index: int, chunk: np.ndarray | ChunkFeatures) -> None:
+        """Encode and write chunk ``index`` (its F rows (n, D), or a ``ChunkFeatures``), then
+        mark it complete in the ledger. ``n`` is the chunk's row count."""
+        layout = self.layout
+        start, stop = layout.chunk_range(index)
+        n = stop - start
+        if not isinstance(chunk, ChunkFeatures):
+            chunk = ChunkFeatures(chunk)
+        features = _check_block("features", chunk.features, (n, layout.dim), (start, stop))
+        seg_shape = (n, layout.n_segments, layout.segment_dim)
+        for name, given, kept in (
+            ("segment_features", chunk.segment_features, layout.n_segments > 0),
+            ("self_influence", chunk.self_influence, layout.self_influence),
+        ):
+            if (given is not None) != kept:
+                raise ValueError(
+                    f"store {self.path} was created {'with' if kept else 'without'} {name}: the "
+                    f"computed chunks {'must' if kept else 'cannot'} include it (see ChunkFeatures)"
+                )
+        parts = [("features", "row_scale", features)]
+        if chunk.segment_features is not None:
+            segment_features = _check_block("segment_features", chunk.segment_features, seg_shape, (start, stop))
+            parts.append(("segment_features", "segment_scale", segment_features))
+        written = []
+        for name, scale_name, block in parts:
+            stored, scale = _encode(block, layout.dtype)
+            self._group[name][start:stop] = stored
+            written.append(stored)
+            if scale is not None:
+                self._group[scale_name][start:stop] = scale
+                written.append(scale)
+        if chunk.self_influence is not None:
+            values = _check_block("self_influence", chunk.self_influence, (n,), (start, stop)).astype(np.float64)
+            self._group["self_influence"][start:stop] = values
+            written.append(values)
+        self._ledger.mark(index, chunk_digest(*written))
+
+    def write_curvature(self, eigenvalues: np.ndarray, eigenvectors: np.ndarray) -> None:
+        """Store the per-segment curvature: eigenvalues (L, k) and eigenvectors (L, k, k),
+        float64. Refused if the store already holds a (complete) curvature."""
+        if self.curvature() is not None:
+            raise StoreError(f"feature store {self.path} already holds a curvature")
+        values = np.asarray(eigenvalues, dtype=np.float64)
+        vectors = np.asarray(eigenvectors, dtype=np.float64)
+        if values.ndim != 2 or vectors.shape != (*values.shape, values.shape[1]):
+            raise ValueError(
+                "curvature must be eigenvalues (L, k) and eigenvectors (L, k, k); got shapes "
+                f"{values.shape} and {vectors.shape}"
+            )
+        for name, data in (("curvature_eigenvalues", values), ("curvature_eigenvectors", vectors)):
+            self._group.create_array(
+                name, shape=data.shape, dtype="float64", chunks=data.shape, compressors=None,
+                fill_value=0, overwrite=True,
+            )
+            self._group[name][...] = data
+        # The digest goes in last (one atomic rewrite of zarr.json): it certifies both arrays.
+        self._attrs = {**self._attrs, "curvature_digest": chunk_digest(values, vectors)}
+        self._group.attrs.update({ATTRS_KEY: self._attrs})
+
+    # ------------------------------------------------------------------------------ reading
+    def curvature(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """(eigenvalues (L, k), eigenvectors (L, k, k)) float64, or None if not stored."""
+        digest = self._attrs.get("curvature_digest")
+        if digest is None:
+            return None
+        values = np.asarray(self._group["curvature_eigenvalues"][...])
+        vectors = np.asarray(self._group["curvature_eigenvectors"][...])
+        if chunk_digest(values, vectors) != digest:
+            raise StoreError(f"feature store {self.path}: stored curvature fails its digest check")
+        return values, vectors
+
+    def self_influence(self) -> np.ndarray:
+        """The stored self-influence column, (N,) float64 (complete stores only)."""
+        if "self_influence" not in self._group:
+            raise ValueError(f"feature store {self.path} keeps no self-influence column")
+        self.require_complete()
+        return np.asarray(self._group["self_influence"][:], dtype=np.float64)
+
+    def read_rows(self, start: int, stop: int, segments: Sequence[int] | None = None) -> np.ndarray:
+        """Features of rows [start, stop) as float32, shape (stop - start, D).
+
+        With ``segments``, returns instead the sum of those segments' per-segment features,
+        shape (stop - start, k): the features of an attribution restricted to those segments.
+        The rows must lie in completed chunks.
+        """
+        layout = self.layout
+        if not 0 <= start <= stop <= layout.n_rows:
+            raise IndexError(f"rows [{start}, {stop}) out of range for a store of {layout.n_rows} rows")
+        first, last = start // layout.chunk_rows, -(-stop // layout.chunk_rows)
+        if not self._ledger.done()[first:last].all():
+            raise StoreIncompleteError(
+                f"rows [{start}, {stop}) of feature store {self.path} are not all written yet"
+            )
+        f16 = layout.dtype == "float16"
+        if segments is None:
+            scale = self._group["row_scale"][start:stop] if f16 else None
+            return _decode(self._group["features"][start:stop], scale)
+        segments = self._check_segments(segments)
+        stored = self._group["segment_features"][start:stop][:, segments]
+        scale = self._group["segment_scale"][start:stop][:, segments] if f16 else None
+        return _decode(stored, scale).sum(axis=1)
+
+    def _check_segments(self, segments: Sequence[int]) -> list[int]:
+        n_seg = self.layout.n_segments
+        if not n_seg:
+            raise ValueError(f"feature store {self.path} keeps no per-segment features")
+        chosen = sorted({int(s) for s in segments})
+        if not chosen or chosen[0] < 0 or chosen[-1] >= n_seg:
+            raise ValueError(f"segments must be a non-empty subset of range({n_seg}), got {list(segments)}")
+        return chosen
+
+    def feature_dim(self, segments: Sequence[int] | None = None) -> int:
+        """Length of the rows that ``read_rows(..., segments)`` returns."""
+        if segments is None:
+            return self.layout.dim
+        self._check_segments(segments)
+        return self.layout.segment_dim
+
+    def iter_blocks(
+        self,
+        block_rows: int,
+        segments: Sequence[int] | None = None,
+        *,
+        prefetch: bool = True,
+    ) -> Iterator[tuple[int, np.ndarray]]:
+        """Yield ``(start, rows)`` over the whole (complete) store in blocks of about
+        ``block_rows`` rows (rounded up to whole chunks), float32 (n, D) or (n, k).
+
+        With ``prefetch`` the next block is read in a background thread while the caller
+        works on the current one (at most two blocks in memory).
+        """
+        self.require_complete()
+        step = max(1, -(-block_rows // self.layout.chunk_rows)) * self.layout.chunk_rows
+        starts = range(0, self.layout.n_rows, step)
+
+        def read(start: int) -> np.ndarray:
+            return self.read_rows(start, min(start + step, self.layout.n_rows), segments)
+
+        if not prefetch:
+            for start in starts:
+                yield start, read(start)
+            return
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            pending = pool.submit(read, starts[0])
+            for i, start in enumerate(starts):
+                block = pending.result()
+                if i + 1 < len(starts):
+                    pending = pool.submit(read, starts[i + 1])
+                yield start, block
+
+
+def featurize(store: FeatureStore, compute_chunk: ComputeChunk, *, progress: bool = True) -> FeaturizeReport:
+    """Compute and write every pending chunk of ``store``, in order.
+
+    ``compute_chunk(start, stop)`` returns the features of training rows [start, stop):
+    an array (stop - start, D), or a ``ChunkFeatures`` when the store also keeps
+    per-segment features or self-influence. Chunks already complete are skipped without
+    calling it, so calling ``featurize`` again after an interruption (even SIGKILL) resumes
+    where the earlier run stopped and, for a deterministic ``compute_chunk``, ends with the
+    same store as an uninterrupted run. Memory use is bounded by one chunk.
+    """
+    pending = store.pending_chunks()
+    layout = store.layout
+    done_rows = layout.n_rows - sum(stop - start for start, stop in map(layout.chunk_range, pending))
+    computed: list[int] = []
+    with tqdm(
+        total=layout.n_rows, initial=done_rows, unit="row", desc="featurize", disable=not progress
+    ) as bar:
+        for index in pending:
+            start, stop = layout.chunk_range(index)
+            store.write_chunk(index, compute_chunk(start, stop))
+            computed.append(index)
+            bar.update(stop - start)
+    return FeaturizeReport(tuple(computed), layout.n_chunks - len(pending))
