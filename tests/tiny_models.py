@@ -86,9 +86,13 @@ def dense_source_scores(
     proj: torch.Tensor | None,
     num_segments: int,
     time_scale: float = 1.0,
+    attributed_stages: tuple | None = None,
+    curvature_data: dict | None = None,
 ) -> np.ndarray:
     """The math note's formula evaluated densely: per-example autograd loops, scipy's expm and
-    an explicit inverse. ``proj`` None means no projection (P = I)."""
+    an explicit inverse. ``proj`` None means no projection (P = I). Only segments of
+    ``attributed_stages`` (default all) contribute terms; each stage's Hessian comes from
+    ``curvature_data[stage]`` (default the training rows)."""
     x, y = train
     xq, yq = queries
     n = len(y)
@@ -106,7 +110,8 @@ def dense_source_scores(
 
     exps, phis, gmeans = [], [], []
     for seg in segs:
-        h = sum(proj @ dense_gn_hessian(model, states[c], task, x, y) @ proj.T for c in seg.checkpoints)
+        cx, cy = (curvature_data or {}).get(seg.stage, train)
+        h = sum(proj @ dense_gn_hessian(model, states[c], task, cx, cy) @ proj.T for c in seg.checkpoints)
         h = (h / len(seg.checkpoints) + traj.weight_decay * torch.eye(k, dtype=torch.float64)).numpy()
         t = seg.time * time_scale
         e = scipy.linalg.expm(-t * h)
@@ -116,6 +121,8 @@ def dense_source_scores(
     q = grads(states[-1], xq, yq, task.measurement).numpy()
     total = np.zeros((k, n))
     for l in range(len(segs)):
+        if attributed_stages is not None and segs[l].stage not in attributed_stages:
+            continue
         op = phis[l]
         for later in exps[l + 1 :]:
             op = later @ op

@@ -1,0 +1,228 @@
+"""Trajectory segmenting, data forms, parameter selection, multi-stage attribution and bad input."""
+
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from source_proj.attributor import SourceAttributor
+from source_proj.gradients import NonFiniteError
+from source_proj.tasks import ClassificationTask
+from source_proj.training import TrainSettings, train_sgd
+from source_proj.trajectory import Checkpoint, Trajectory, TrajectoryError
+from tiny_models import blobs, dense_source_scores, mlp, projection_matrix, trained_classifier
+
+
+def rel_err(a, b) -> float:
+    return float(np.linalg.norm(np.asarray(a) - np.asarray(b)) / np.linalg.norm(np.asarray(b)))
+
+
+# ----------------------------------------------------------------- segmenting
+def test_segments_split_stages_and_average_rates_with_momentum_factor():
+    state = {"w": torch.zeros(1)}
+    ckpts = [Checkpoint(state, steps=10, lr=0.1, stage="a") for _ in range(4)]
+    ckpts += [Checkpoint(state, steps=4, lr=[0.1, 0.2, 0.3, 0.4], stage="b") for _ in range(2)]
+    traj = Trajectory(tuple(ckpts), optimizer="momentum", momentum=0.5)
+    segs = traj.segments(2)
+    assert [s.checkpoints for s in segs] == [(0, 1), (2, 3), (4,), (5,)]
+    assert [s.stage for s in segs] == ["a", "a", "b", "b"]
+    assert segs[0].steps == 20 and math.isclose(segs[0].lr, 0.1 / 0.5)
+    assert math.isclose(segs[2].lr, 0.25 / 0.5) and math.isclose(segs[2].time, 0.25 / 0.5 * 4)
+    plain = traj.segments(2, momentum_factor=False)
+    assert math.isclose(plain[0].lr, 0.1)
+
+
+@pytest.mark.parametrize(
+    "ckpt,match",
+    [
+        (dict(steps=0, lr=0.1), "steps must be a positive int"),
+        (dict(steps=-3, lr=0.1), "steps must be a positive int"),
+        (dict(steps=5, lr=0.0), "learning rates must be finite and > 0"),
+        (dict(steps=5, lr=-0.1), "learning rates must be finite and > 0"),
+        (dict(steps=5, lr=float("nan")), "learning rates must be finite and > 0"),
+        (dict(steps=3, lr=[0.1, 0.1]), "a learning-rate history must have one rate per step"),
+    ],
+)
+def test_bad_steps_and_rates_are_named(ckpt, match):
+    good = Checkpoint({"w": torch.zeros(1)}, steps=1, lr=0.1)
+    with pytest.raises(TrajectoryError, match=f"checkpoint 1: {match}"):
+        Trajectory((good, Checkpoint({"w": torch.zeros(1)}, **ckpt)))
+
+
+def test_too_many_segments_and_interleaved_stages_are_errors():
+    state = {"w": torch.zeros(1)}
+    traj = Trajectory(tuple(Checkpoint(state, 1, 0.1) for _ in range(2)))
+    with pytest.raises(TrajectoryError, match="num_segments=3 is larger than the 2 checkpoint"):
+        traj.segments(3)
+    with pytest.raises(TrajectoryError, match="must be contiguous"):
+        Trajectory((Checkpoint(state, 1, 0.1, "a"), Checkpoint(state, 1, 0.1, "b"), Checkpoint(state, 1, 0.1, "a")))
+    with pytest.raises(TrajectoryError, match="momentum"):
+        Trajectory((Checkpoint(state, 1, 0.1),), optimizer="sgd", momentum=0.9)
+
+
+# ------------------------------------------------------------------ bad input
+def test_checkpoint_keys_or_shapes_that_do_not_fit_the_model_are_named():
+    model, traj, _ = trained_classifier()
+    bad_keys = dict(traj.checkpoints[1].load())
+    bad_keys["extra.weight"] = bad_keys.pop("2.weight")
+    broken = Trajectory((traj.checkpoints[0], Checkpoint(bad_keys, 5, 0.05)))
+    with pytest.raises(TrajectoryError, match=r"checkpoint 1: state dict keys.*missing \['2.weight'\].*unexpected \['extra.weight'\]"):
+        SourceAttributor(model, "classification", broken, proj_dim=8, num_segments=1)
+    bad_shape = dict(traj.checkpoints[1].load())
+    bad_shape["0.bias"] = torch.zeros(7)
+    broken = Trajectory((traj.checkpoints[0], Checkpoint(bad_shape, 5, 0.05)))
+    with pytest.raises(TrajectoryError, match=r"checkpoint 1: shapes do not match.*0.bias: \(7,\) vs model \(6,\)"):
+        SourceAttributor(model, "classification", broken, proj_dim=8, num_segments=1)
+
+
+def test_non_finite_gradients_name_the_checkpoint():
+    model, traj, train = trained_classifier()
+    poisoned = dict(traj.checkpoints[2].load())
+    poisoned["0.weight"] = poisoned["0.weight"].clone()
+    poisoned["0.weight"][0, 0] = float("nan")
+    ckpts = list(traj.checkpoints)
+    ckpts[2] = Checkpoint(poisoned, ckpts[2].steps, ckpts[2].lr)
+    bad = Trajectory(tuple(ckpts), optimizer="momentum", momentum=0.9)
+    with pytest.raises(NonFiniteError, match="checkpoint 2"):
+        SourceAttributor(model, "classification", bad, proj_dim=8, progress=False).fit(train)
+
+
+def test_bad_settings_and_empty_data():
+    model, traj, train = trained_classifier()
+    for dim in (0, -4):
+        with pytest.raises(ValueError, match="proj_dim must be a positive int"):
+            SourceAttributor(model, "classification", traj, proj_dim=dim)
+    att = SourceAttributor(model, "classification", traj, proj_dim=8, progress=False)
+    with pytest.raises(ValueError, match="training data is empty"):
+        att.fit((train[0][:0], train[1][:0]))
+    with pytest.raises(ValueError, match="different lengths"):
+        att.fit((train[0], train[1][:-1]))
+    with pytest.raises(RuntimeError, match="call fit"):
+        att.score(train)
+
+
+# ------------------------------------------------------------------ data forms
+def test_dataset_dataloader_and_tensors_give_identical_scores():
+    model, traj, (x, y) = trained_classifier()
+    queries = blobs(3, 4, 3, seed=4)
+    kw = dict(proj_dim=16, progress=False, chunk_size=7)
+    ref = SourceAttributor(model, "classification", traj, **kw).fit((x, y)).score(queries)
+    ds = TensorDataset(x, y)
+    for data in (ds, DataLoader(ds, batch_size=5, shuffle=False)):
+        got = SourceAttributor(model, "classification", traj, **kw).fit(data).score(queries)
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-7)
+
+
+class TwoInputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(2, 3), nn.Linear(2, 3)
+
+    def forward(self, u, v):
+        return self.a(u) + self.b(v)
+
+
+class OneInput(TwoInputs):
+    def forward(self, x):
+        return super().forward(x[:, :2], x[:, 2:])
+
+
+def test_tuple_inputs_equal_the_same_model_on_one_concatenated_input():
+    x, y = blobs(30, 4, 3, seed=2)
+    one = OneInput()
+    st = TrainSettings(epochs=2, momentum=0.0, weight_decay=0.0, checkpoints_per_epoch=1)
+    traj = st.trajectory(train_sgd(one, ClassificationTask(), x, y, st))
+    queries = blobs(4, 4, 3, seed=8)
+    kw = dict(proj_dim=64, num_segments=1, progress=False)
+    ref = SourceAttributor(one, "classification", traj, **kw).fit((x, y)).score(queries)
+    two = SourceAttributor(TwoInputs(), "classification", traj, **kw).fit(((x[:, :2], x[:, 2:]), y))
+    got = two.score(((queries[0][:, :2], queries[0][:, 2:]), queries[1]))
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-7)
+    assert ref.abs().max() > 1e-3
+
+
+def test_parameter_selection_equals_model_with_those_weights_as_buffers():
+    model, traj, train = trained_classifier()
+    queries = blobs(3, 4, 3, seed=6)
+
+    class Frozen(nn.Module):  # the first layer as buffers: constants by construction
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("w0", torch.zeros(6, 4))
+            self.register_buffer("b0", torch.zeros(6))
+            self.head = nn.Linear(6, 3)
+
+        def forward(self, x):
+            return self.head(torch.tanh(x @ self.w0.T + self.b0))
+
+    frozen_ckpts = [Checkpoint({"w0": c.load()["0.weight"], "b0": c.load()["0.bias"],
+                                "head.weight": c.load()["2.weight"], "head.bias": c.load()["2.bias"]}, c.steps, c.lr)
+                    for c in traj.checkpoints]
+    frozen_traj = Trajectory(tuple(frozen_ckpts), optimizer="momentum", momentum=0.9, weight_decay=1e-3)
+    kw = dict(proj_dim=32, progress=False)
+    selected = SourceAttributor(model, "classification", traj, param_names=["2.weight", "2.bias"], **kw)
+    ref = SourceAttributor(Frozen(), "classification", frozen_traj, **kw).fit(train).score(queries)
+    torch.testing.assert_close(selected.fit(train).score(queries), ref, rtol=1e-4, atol=1e-7)
+    assert selected.model_fn.num_params() == 21
+    with pytest.raises(ValueError, match="unknown parameter names"):
+        SourceAttributor(model, "classification", traj, param_names=["nope"], **kw)
+
+
+# ----------------------------------------------------------------- multi-stage
+def two_stage_run():
+    x1, y1 = blobs(24, 4, 3, seed=0)
+    x2, y2 = blobs(20, 4, 3, seed=1)
+    model = mlp((4, 6, 3), 0)
+    st = TrainSettings(epochs=2, batch_size=8, lr=0.05, momentum=0.9, weight_decay=1e-3, checkpoints_per_epoch=1)
+    ck = train_sgd(model, ClassificationTask(), x1, y1, st, stage="pre")
+    ck += train_sgd(model, ClassificationTask(), x2, y2, st, stage="fine")
+    return model, st.trajectory(ck), (x1, y1), (x2, y2)
+
+
+def test_stage_one_attribution_after_stage_two_matches_dense_formula():
+    model, traj, stage1, stage2 = two_stage_run()
+    queries = blobs(4, 4, 3, seed=3)
+    k = 12
+    att = SourceAttributor(model, "classification", traj, proj_dim=k, num_segments=2, progress=False)
+    got = att.fit(stage1, stages=["pre"], curvature_data={"fine": stage2}).score(queries).numpy()
+    p = sum(q.numel() for q in model.parameters())
+    dense = dense_source_scores(model, ClassificationTask(), traj, stage1, queries, projection_matrix(0, p, k), 2,
+                                attributed_stages=("pre",), curvature_data={"fine": stage2})
+    assert rel_err(got, dense) < 2e-4
+    with pytest.raises(ValueError, match=r"stages \['fine'\] have no curvature data"):
+        SourceAttributor(model, "classification", traj, proj_dim=k, num_segments=2, progress=False).fit(stage1, stages=["pre"])
+
+
+def test_per_stage_scores_add_up_and_isolate_a_stage():
+    model, traj, stage1, stage2 = two_stage_run()
+    both = (torch.cat([stage1[0], stage2[0]]), torch.cat([stage1[1], stage2[1]]))
+    queries = blobs(4, 4, 3, seed=3)
+    att = SourceAttributor(model, "classification", traj, proj_dim=12, num_segments=2, progress=False,
+                           keep_segment_features=True).fit(both)
+    total = att.score(queries)
+    pre, fine = att.score(queries, stage="pre"), att.score(queries, stage="fine")
+    torch.testing.assert_close(pre + fine, total, rtol=1e-5, atol=1e-7)
+    only_pre = SourceAttributor(model, "classification", traj, proj_dim=12, num_segments=2, progress=False)
+    only_pre.fit(both, stages=["pre"], curvature_data=both)
+    torch.testing.assert_close(only_pre.score(queries), pre, rtol=1e-5, atol=1e-7)
+    assert not torch.allclose(pre, fine)
+    no_segments = SourceAttributor(model, "classification", traj, proj_dim=12, num_segments=2, progress=False).fit(both)
+    with pytest.raises(ValueError, match="keep_segment_features=True"):
+        no_segments.score(queries, stage="pre")
+
+
+def test_segment_query_mode_and_self_influence_match_their_definitions():
+    model, traj, train = trained_classifier()
+    att = SourceAttributor(model, "classification", traj, proj_dim=16, num_segments=2, progress=False,
+                           query_mode="segment").fit(train)
+    # Self-influence = -(score of each row on its own loss), from the public pieces.
+    self_scores = att.query_features(train, measurement=ClassificationTask().loss) @ att.train_features.T
+    torch.testing.assert_close(att.self_influence().float(), -self_scores.diagonal(), rtol=1e-4, atol=1e-7)
+    final = SourceAttributor(model, "classification", traj, proj_dim=16, num_segments=2, progress=False).fit(train)
+    self_scores = final.query_features(train, measurement=ClassificationTask().loss) @ final.train_features.T
+    torch.testing.assert_close(final.self_influence().float(), -self_scores.diagonal(), rtol=1e-4, atol=1e-7)
+    assert (final.self_influence() > 0).float().mean() > 0.8  # including a row mostly lowers its own loss
