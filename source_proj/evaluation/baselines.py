@@ -1,0 +1,145 @@
+"""Attribution estimators on one :class:`ProjectedRun`, all in the same projected space.
+
+Every function returns scores (n_query, N) float64 in the library's convention: ``> 0`` means
+including the training row raises the query's measurement. With g_q(c) the projected
+measurement gradient of query q at checkpoint c, g_m(c) the projected loss gradient of
+training row m, T the final checkpoint, lambda the weight decay and N the attributed rows:
+
+* SOURCE: the core's formula (``curvature`` / ``features``) evaluated on the cached gradients
+  and Hessians, for any :class:`~source_proj.config.SourceConfig`.
+* TracIn (TracInCP): -sum_c (eta-sum of checkpoint c / N) <g_q(c), g_m(c)> over the
+  checkpoints of the attributed stage (the steps in which the rows were trained on).
+* Influence functions at the final checkpoint, damped:
+  -(1 / N_all) g_q(T)^T (H_T + (lambda + delta) I)^{-1} g_m(T), with H_T the Gauss-Newton
+  Hessian over all training rows and delta = ``damping`` x the mean eigenvalue of
+  H_T + lambda I.
+* TRAK's single-model estimator: phi_q^T (Phi^T Phi)^{-1} phi_m (1 - p_m), with phi the
+  projected gradient of the margin (the measurement), Phi stacking phi over all training
+  rows and (1 - p_m) the out-to-loss weight. Since the cross-entropy gradient is exactly
+  -(1 - p_m) phi_m, this equals -g_q(T)^T (Phi^T Phi)^+ g_m(T), the form computed here (it
+  also covers regression, where the loss gradient is 2 (f - y) times the output gradient).
+  The pseudo-inverse stands in for the inverse when Phi^T Phi is singular (N_all < k).
+* Representation similarity: cosine of penultimate-layer activations at the final model.
+
+Ensembles average the scores of independently trained runs (:func:`ensemble`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from source_proj.config import SourceConfig
+from source_proj.curvature import segment_spectrum, transport_operators
+from source_proj.evaluation.projected_run import ProjectedRun
+from source_proj.features import combine, segment_features
+
+
+
+def source_scores(run: ProjectedRun, config: SourceConfig) -> torch.Tensor:
+    """SOURCE scores (n_query, N) float64 with ``config``'s estimator settings.
+
+    Uses ``num_segments``, ``momentum_factor``, ``time_scale``, ``curvature``, ``query_mode``,
+    ``proj_dim`` (<= the run's; smaller dims use :meth:`ProjectedRun.truncate`), and checks
+    that ``seed`` and ``proj_kind`` are the run's. Equals ``SourceAttributor(config)``'s
+    scores on the same run up to float32 round-off.
+    """
+    if (config.seed, config.proj_kind) != (run.seed, run.kind):
+        raise ValueError(
+            f"config projects with seed {config.seed} ({config.proj_kind}) but the run was projected "
+            f"with seed {run.seed} ({run.kind})"
+        )
+    if config.curvature not in run.hessians:
+        raise ValueError(f"the run has no {config.curvature!r} curvature; it has {sorted(run.hessians)}")
+    if config.curvature_examples is not None:
+        raise ValueError("cached runs hold Hessians over all rows; set curvature_examples=None")
+    if config.proj_dim != run.dim:
+        run = run.truncate(config.proj_dim)
+    trajectory = run.trajectory
+    segments = [
+        dataclasses.replace(s, lr=s.lr * config.time_scale)
+        for s in trajectory.segments(config.num_segments, config.momentum_factor)
+    ]
+    hessians = run.hessians[config.curvature]
+    spectra = [
+        segment_spectrum([hessians[c] for c in seg.checkpoints], trajectory.weight_decay, seg.time)
+        for seg in segments
+    ]
+    operators = transport_operators(spectra, transport=config.query_mode == "final")
+    size = run.stage_sizes[run.attributed_stage]
+    weights = torch.tensor(
+        [1.0 / size if seg.stage == run.attributed_stage else 0.0 for seg in segments], dtype=torch.float64
+    )
+    seg_grads = torch.stack(
+        [run.train_grads[list(seg.checkpoints)].double().mean(dim=0) for seg in segments], dim=1
+    )
+    train = combine(segment_features(seg_grads, operators, weights), config.query_mode)
+    if config.query_mode == "final":
+        query = -run.query_grads[-1].double()
+    else:
+        query = torch.cat([-run.query_grads[list(seg.checkpoints)].double().mean(dim=0) for seg in segments], dim=1)
+    return query @ train.double().T
+
+
+def tracin_scores(run: ProjectedRun) -> torch.Tensor:
+    """TracInCP scores (n_query, N) float64 over the attributed stage's checkpoints."""
+    checkpoints = run.trajectory.checkpoints
+    chosen = [c for c, ckpt in enumerate(checkpoints) if ckpt.stage == run.attributed_stage]
+    weights = torch.tensor([checkpoints[c].lr_sum() for c in chosen], dtype=torch.float64) / run.num_train
+    return -torch.einsum(
+        "c,cqk,cnk->qn", weights, run.query_grads[chosen].double(), run.train_grads[chosen].double()
+    )
+
+
+def influence_scores(run: ProjectedRun, damping: float = 1e-3) -> torch.Tensor:
+    """Damped influence-function scores (n_query, N) float64 at the final checkpoint.
+
+    ``damping`` is relative: delta = damping x mean eigenvalue of H_T + lambda I (>= 0).
+    """
+    if not damping >= 0:
+        raise ValueError(f"damping must be >= 0, got {damping!r}")
+    hessian = run.final_hessian.double() + run.trajectory.weight_decay * torch.eye(run.dim, dtype=torch.float64)
+    evals, evecs = torch.linalg.eigh(0.5 * (hessian + hessian.T))
+    evals = evals.clamp_min(0.0)
+    inverse = (evecs / (evals + damping * evals.mean())) @ evecs.T
+    total = sum(run.stage_sizes.values())
+    return -(run.query_grads[-1].double() @ inverse @ run.train_grads[-1].double().T) / total
+
+
+def trak_scores(run: ProjectedRun) -> torch.Tensor:
+    """TRAK single-model scores (n_query, N) float64 (see the module docstring)."""
+    phi = run.final_output_grads.double()
+    kernel_inverse = torch.linalg.pinv(phi.T @ phi, hermitian=True)
+    return -(run.query_grads[-1].double() @ kernel_inverse @ run.train_grads[-1].double().T)
+
+
+def penultimate_features(model: nn.Sequential, state: dict, inputs: torch.Tensor) -> torch.Tensor:
+    """Activations (B, h) of all layers but the last of a Sequential ``model`` under ``state``."""
+    if not isinstance(model, nn.Sequential) or len(model) < 2:
+        raise TypeError("penultimate_features needs an nn.Sequential with at least two layers")
+    body = model[:-1]
+    names = set(body.state_dict())
+    with torch.no_grad():
+        return functional_call(body, {k: v for k, v in state.items() if k in names}, (inputs,))
+
+
+def representation_similarity(query_features: torch.Tensor, train_features: torch.Tensor) -> torch.Tensor:
+    """Cosine similarities (n_query, N) float64 of query (n_query, h) and training (N, h) features."""
+    q = torch.nn.functional.normalize(query_features.double(), dim=1)
+    t = torch.nn.functional.normalize(train_features.double(), dim=1)
+    return q @ t.T
+
+
+def ensemble(scores: Sequence[torch.Tensor | np.ndarray]) -> np.ndarray:
+    """Mean (n_query, N) float64 of score matrices of independently trained runs."""
+    if not scores:
+        raise ValueError("ensemble of no score matrices")
+    shapes = {tuple(np.shape(s)) for s in scores}
+    if len(shapes) != 1:
+        raise ValueError(f"score matrices of different shapes {sorted(shapes)}")
+    return np.mean([np.asarray(s, dtype=np.float64) for s in scores], axis=0)

@@ -1,0 +1,177 @@
+"""Every projected quantity of one trained run that the estimators compared here consume.
+
+SOURCE (any number of segments, either query mode, any time scale), TracIn, influence
+functions and TRAK are all functions of the same per-checkpoint projected gradients and
+Gauss-Newton Hessians; :func:`project_run` computes them once, with the core's own routines
+(``projected_gradients`` and ``SourceAttributor.checkpoint_hessian``), so every estimator
+sees identical numbers and the comparison is about the estimator, not the plumbing.
+
+Projections nest: entry (i, j) of the random matrix R does not depend on k, so the projection
+to k' < k is ``v[:, :k'] * sqrt(k / k')`` (and a Hessian's leading k' x k' block times k / k').
+:meth:`ProjectedRun.truncate` uses that for the projection-dimension ablation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Hashable, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from source_proj.attributor import SourceAttributor
+from source_proj.config import SourceConfig
+from source_proj.data import Examples, as_examples
+from source_proj.gradients import ModelFunction
+from source_proj.projected import CURVATURE_MODES, projected_gradients
+from source_proj.tasks import Task
+from source_proj.trajectory import Trajectory
+
+_CHUNK = 256
+
+
+@dataclass(frozen=True)
+class ProjectedRun:
+    """Projected gradients and curvature of one run (CPU tensors; k = projection dim).
+
+    Attributes:
+        trajectory: the run's checkpoints (C of them) and optimizer settings.
+        seed: seed of the projection; kind: its entry distribution.
+        attributed_stage: the stage whose rows are attributed.
+        stage_sizes: stage -> number of rows the stage trained on.
+        train_grads: (C, N, k) float32 projected loss gradients of the N attributed rows at
+            each checkpoint.
+        query_grads: (C, n_query, k) float32 projected measurement gradients of the queries.
+        hessians: curvature mode ("exact" / "sampled") -> (C, k, k) float64 projected
+            Gauss-Newton Hessian of the mean loss over the checkpoint's own stage data
+            (without weight decay).
+        final_hessian: (k, k) float64 exact projected Gauss-Newton Hessian at the final
+            checkpoint over the rows of all stages pooled (what a method that sees one data
+            set uses).
+        final_output_grads: (N_all, k) float32 projected measurement gradients at the final
+            checkpoint of the rows of all stages (TRAK's feature matrix).
+    """
+
+    trajectory: Trajectory
+    seed: int
+    kind: str
+    attributed_stage: Hashable
+    stage_sizes: Mapping[Hashable, int]
+    train_grads: torch.Tensor
+    query_grads: torch.Tensor
+    hessians: Mapping[str, torch.Tensor]
+    final_hessian: torch.Tensor
+    final_output_grads: torch.Tensor
+
+    @property
+    def dim(self) -> int:
+        """k, the projected dimension."""
+        return int(self.train_grads.shape[-1])
+
+    @property
+    def num_train(self) -> int:
+        """N, the number of attributed rows."""
+        return int(self.train_grads.shape[1])
+
+    def truncate(self, dim: int) -> ProjectedRun:
+        """The same run projected to ``dim`` <= k coordinates (exactly what projecting with
+        the same seed and ``dim`` gives)."""
+        if not 1 <= dim <= self.dim:
+            raise ValueError(f"can only truncate to 1..{self.dim} dimensions, got {dim}")
+        scale = math.sqrt(self.dim / dim)
+        vec = lambda t: t[..., :dim] * scale  # noqa: E731
+        mat = lambda t: t[..., :dim, :dim] * scale**2  # noqa: E731
+        return dataclasses.replace(
+            self,
+            train_grads=vec(self.train_grads),
+            query_grads=vec(self.query_grads),
+            hessians={mode: mat(h) for mode, h in self.hessians.items()},
+            final_hessian=mat(self.final_hessian),
+            final_output_grads=vec(self.final_output_grads),
+        )
+
+
+def _gradients(
+    fn: ModelFunction, state: dict, objective, examples: Examples, config: SourceConfig, where: str
+) -> torch.Tensor:
+    params, consts = fn.split_state(state, torch.device("cpu"), where)
+    parts = []
+    for start in range(0, len(examples), _CHUNK):
+        inputs, targets = examples.rows(start, min(len(examples), start + _CHUNK))
+        parts.append(projected_gradients(fn, params, consts, objective, inputs, targets, config.projection(), where))
+    return torch.cat(parts)
+
+
+def project_run(
+    model: nn.Module,
+    task: Task,
+    trajectory: Trajectory,
+    stage_data: Mapping[Hashable, tuple[torch.Tensor, torch.Tensor]],
+    attributed_stage: Hashable,
+    queries: tuple[torch.Tensor, torch.Tensor],
+    proj_dim: int,
+    seed: int = 0,
+    curvature_modes: Sequence[str] = CURVATURE_MODES,
+    progress: bool = True,
+) -> ProjectedRun:
+    """Compute a :class:`ProjectedRun`.
+
+    Args:
+        model: the architecture (weights come from the checkpoints).
+        task: training loss, measurement and Hessian factors.
+        trajectory: checkpoints and optimizer settings.
+        stage_data: stage -> (inputs, targets) the stage trained on (every stage present).
+        attributed_stage: the stage whose rows are attributed.
+        queries: (inputs, targets) of the queries.
+        proj_dim: k.
+        seed: projection seed (and seed of sampled curvature, as in ``SourceAttributor``).
+        curvature_modes: which Hessians to compute ("exact", "sampled").
+        progress: show a progress bar over checkpoints.
+    """
+    missing = [s for s in trajectory.stages if s not in stage_data]
+    if missing:
+        raise ValueError(f"stage_data lacks stages {missing}")
+    if attributed_stage not in trajectory.stages:
+        raise ValueError(f"attributed_stage {attributed_stage!r} is not a stage of the trajectory {trajectory.stages}")
+    config = SourceConfig(proj_dim=proj_dim, seed=seed, backend="cpu", progress=False, chunk_size=_CHUNK)
+    engines = {mode: SourceAttributor(model, task, trajectory, config, curvature=mode) for mode in curvature_modes}
+    fn = ModelFunction.build(model.eval())
+    data = {s: as_examples(d, f"data of stage {s!r}") for s, d in stage_data.items()}
+    attributed = data[attributed_stage]
+    query_examples = as_examples(queries, "queries")
+    last = len(trajectory.checkpoints) - 1
+    train_grads, query_grads = [], []
+    hessians: dict[str, list[torch.Tensor]] = {mode: [] for mode in curvature_modes}
+    for c, ckpt in enumerate(tqdm(trajectory.checkpoints, desc="projected run", disable=not progress, leave=False)):
+        state = ckpt.load()
+        train_grads.append(_gradients(fn, state, task.loss, attributed, config, f"checkpoint {c}"))
+        query_grads.append(_gradients(fn, state, task.measurement, query_examples, config, f"checkpoint {c}"))
+        for mode, engine in engines.items():
+            hessians[mode].append(engine.checkpoint_hessian(c, data[ckpt.stage]))
+    exact = engines.get("exact") or SourceAttributor(model, task, trajectory, config, curvature="exact")
+    sizes = {s: len(d) for s, d in data.items()}
+    final_stage = trajectory.checkpoints[last].stage
+    at_final = {
+        s: hessians["exact"][last] if s == final_stage and "exact" in hessians else exact.checkpoint_hessian(last, d)
+        for s, d in data.items()
+    }
+    final_hessian = sum(sizes[s] * h for s, h in at_final.items()) / sum(sizes.values())
+    final_state = trajectory.checkpoints[last].load()
+    output_grads = torch.cat(
+        [_gradients(fn, final_state, task.measurement, d, config, "final checkpoint") for d in data.values()]
+    )
+    return ProjectedRun(
+        trajectory=trajectory,
+        seed=seed,
+        kind=config.proj_kind,
+        attributed_stage=attributed_stage,
+        stage_sizes=sizes,
+        train_grads=torch.stack(train_grads),
+        query_grads=torch.stack(query_grads),
+        hessians={mode: torch.stack(h) for mode, h in hessians.items()},
+        final_hessian=final_hessian,
+        final_output_grads=output_grads,
+    )
