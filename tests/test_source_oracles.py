@@ -15,7 +15,9 @@ from torch import nn
 from torch.func import functional_call
 
 from source_proj.attributor import SourceAttributor
+from source_proj.data import as_examples
 from source_proj.tasks import ClassificationTask, RegressionTask
+from source_proj.training import TrainSettings, train_sgd
 from source_proj.trajectory import Checkpoint, Trajectory
 from tiny_models import (
     blobs,
@@ -50,15 +52,12 @@ def test_a_scores_equal_dense_formula_in_projected_space(query_segments):
 
 def test_sampled_curvature_is_unbiased_for_exact():
     model, traj, (x, y) = trained_classifier()
-    from source_proj.data import as_examples
     exact = SourceAttributor(model, "classification", traj, proj_dim=8, progress=False)
     h_exact = exact.checkpoint_hessian(len(traj.checkpoints) - 1, as_examples((x, y)))
-    draws = [
-        SourceAttributor(model, "classification", traj, proj_dim=8, seed=0, curvature="sampled",
-                         progress=False).checkpoint_hessian(len(traj.checkpoints) - 1, as_examples((x.repeat(50, 1), y.repeat(50))))
-    ]
+    sampled = SourceAttributor(model, "classification", traj, proj_dim=8, seed=0, curvature="sampled", progress=False)
     # 50 repeats of each example = 50 independent pseudo-labels each: sampling error ~ 1/sqrt(2000).
-    assert rel_err(draws[0].numpy(), h_exact.numpy()) < 0.1
+    h_sampled = sampled.checkpoint_hessian(len(traj.checkpoints) - 1, as_examples((x.repeat(50, 1), y.repeat(50))))
+    assert rel_err(h_sampled.numpy(), h_exact.numpy()) < 0.1
     # ...and the exact form equals the autograd Gauss-Newton Hessian, projected.
     p = sum(q.numel() for q in model.parameters())
     proj = projection_matrix(0, p, 8)
@@ -143,3 +142,17 @@ def test_d_projected_scores_converge_to_unprojected(monkeypatch):
     assert errors[16] / errors[1024] > 4
     assert errors[1024] < 0.35
     assert np.corrcoef(runs[0].ravel(), exact.ravel())[0, 1] > 0.95
+
+
+def test_a_buffers_are_respected_batchnorm_model_equals_dense_formula():
+    x, y = blobs(32, 4, 3, seed=1)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5), nn.Tanh(), nn.Linear(5, 3))
+    st = TrainSettings(epochs=3, batch_size=8, lr=0.05, momentum=0.9, weight_decay=1e-3, checkpoints_per_epoch=1)
+    traj = st.trajectory(train_sgd(model, ClassificationTask(), x, y, st))
+    assert traj.checkpoints[-1].load()["1.running_mean"].abs().sum() > 0  # buffers moved in training
+    queries = blobs(4, 4, 3, seed=2)
+    att = SourceAttributor(model, "classification", traj, proj_dim=12, num_segments=3, progress=False).fit((x, y))
+    p = sum(q.numel() for q in model.parameters())
+    dense = dense_source_scores(model.eval(), ClassificationTask(), traj, (x, y), queries, projection_matrix(0, p, 12), 3)
+    assert rel_err(att.score(queries).numpy(), dense) < 2e-4
