@@ -1,0 +1,72 @@
+"""End-to-end check on a CUDA device: SourceAttributor with the Triton projection (auto
+dispatch) against the same run on the CPU path, on the digits demo model.
+
+Usage: python benchmarks/gpu_e2e.py [--out DIR]. Prints relative error and top-10 overlap
+of the scores, and the wall time of fit on each device (same process, same data).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from source_proj.attributor import SourceAttributor  # noqa: E402
+from source_proj.demo import DIGITS_SETTINGS, digits_data, digits_model  # noqa: E402
+from source_proj.tasks import ClassificationTask  # noqa: E402
+from source_proj.training import train_sgd  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", default=None, help="folder for the JSON result")
+    parser.add_argument("--proj-dim", type=int, default=1024)
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("no CUDA device")
+    (x, y), (xt, yt) = digits_data()
+    model = digits_model()
+    traj = DIGITS_SETTINGS.trajectory(train_sgd(model, ClassificationTask(), x, y, DIGITS_SETTINGS))
+    queries = (xt[:64], yt[:64])
+    results = {}
+    for device in ("cuda", "cpu"):
+        att = SourceAttributor(model.to(device), "classification", traj, proj_dim=args.proj_dim,
+                               device=device, progress=False, chunk_size=256)
+        start = time.perf_counter()
+        att.fit((x, y))
+        scores = att.score(queries).cpu()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        results[device] = (scores, time.perf_counter() - start)
+    gpu, cpu = results["cuda"][0], results["cpu"][0]
+    rel = float((gpu - cpu).norm() / cpu.norm())
+    top_g, top_c = gpu.topk(10, dim=1).indices, cpu.topk(10, dim=1).indices
+    overlap = sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(top_g, top_c)) / top_g.numel()
+    summary = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "proj_dim": args.proj_dim,
+        "relative_error_gpu_vs_cpu": rel,
+        "top10_overlap": overlap,
+        "fit_seconds_cuda": results["cuda"][1],
+        "fit_seconds_cpu": results["cpu"][1],
+    }
+    print("| check | value |\n| --- | --- |")
+    for key, value in summary.items():
+        print(f"| {key} | {value} |")
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "gpu_e2e.json").write_text(json.dumps(summary, indent=1))
+    ok = rel < 1e-3 and overlap > 0.95
+    print("PASS" if ok else "FAIL")
+    sys.exit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    main()
