@@ -1,0 +1,371 @@
+"""LDS and subset-removal benchmark: SOURCE against baselines on scikit-learn data.
+
+    python benchmarks/lds.py            # full run (M = 100 subsets), writes results/lds-full.md
+    python benchmarks/lds.py --quick    # smoke run, writes results/lds-quick.md
+
+Scenarios (``source_proj.evaluation.scenarios``): (a) digits to convergence, (b) 30% noisy
+labels and 3 epochs, (c) two-stage training with rotated digits in stage 2 (attributing
+stage-1 rows), (d) friedman1 regression with absolute error. For each, the LDS ground truth
+(cached under benchmarks/cache/) is computed once; several independently trained runs are
+projected once (``project_run``) and every estimator is evaluated on those same projected
+gradients and Hessians: single-model (run 0) and ensembles (mean over runs). TRAK's own
+package (``traker``, CPU BasicProjector) runs on (a) as an external reference when installed.
+Ablations of SOURCE's settings and the counterfactual curves for (a) and (b) follow.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from source_proj.config import SourceConfig
+from source_proj.evaluation import (
+    CounterfactualConfig,
+    LDSConfig,
+    LDSResult,
+    compute_ground_truth,
+    linear_datamodeling_score,
+    subset_removal,
+)
+from source_proj.evaluation.baselines import (
+    ensemble,
+    influence_scores,
+    penultimate_features,
+    representation_similarity,
+    source_scores,
+    tracin_scores,
+    trak_scores,
+)
+from source_proj.evaluation.ground_truth import LDSGroundTruth
+from source_proj.evaluation.projected_run import ProjectedRun, project_run
+from source_proj.evaluation.scenarios import SCENARIOS, Scenario, ScenarioRetrain, build, train_run
+
+ROOT = Path(__file__).resolve().parent
+RUN_SEED = 10_000  # training seeds of the attributed runs (disjoint from the LDS seeds)
+COUNTERFACTUAL_SCENARIOS = ("digits", "digits-noisy")
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    """Sizes of one benchmark run.
+
+    Attributes:
+        num_subsets, repeats: M and R of the LDS ground truth (fraction 0.5).
+        ensemble_runs: independently trained runs averaged by the ensembles.
+        proj_dim: k of the main table (every method).
+        ablation_dims: projection dims of the ablation (the runs are projected to the max).
+        segment_counts: L values of the ablation.
+        time_scales: multipliers of t = eta K (with the momentum factor) in the ablation.
+        dampings: relative damping values of influence functions in the ablation.
+        cf_ks, cf_queries, cf_seeds: counterfactual removal sizes, queries, seeds.
+        bootstrap: bootstrap replicates of each LDS interval.
+    """
+
+    num_subsets: int = 100
+    repeats: int = 8
+    ensemble_runs: int = 3
+    proj_dim: int = 512
+    ablation_dims: tuple[int, ...] = (128, 256, 512, 1024)
+    segment_counts: tuple[int, ...] = (1, 2, 3, 5)
+    time_scales: tuple[float, ...] = (0.1, 0.3, 1.0, 3.0, 10.0)
+    dampings: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1)
+    cf_ks: tuple[int, ...] = (8, 16, 32)
+    cf_queries: int = 30
+    cf_seeds: int = 2
+    bootstrap: int = 1000
+
+    @property
+    def max_dim(self) -> int:
+        return max((self.proj_dim, *self.ablation_dims))
+
+
+FULL = BenchSettings()
+QUICK = BenchSettings(
+    num_subsets=12,
+    repeats=2,
+    ensemble_runs=2,
+    proj_dim=64,
+    ablation_dims=(32, 64),
+    segment_counts=(1, 3),
+    time_scales=(1.0, 10.0),
+    dampings=(1e-3,),
+    cf_ks=(16,),
+    cf_queries=4,
+    cf_seeds=1,
+    bootstrap=100,
+)
+
+
+@dataclass(frozen=True)
+class Trained:
+    """One attributed run: its projected quantities, final state and penultimate features."""
+
+    run: ProjectedRun
+    final_state: dict
+    train_repr: torch.Tensor
+    query_repr: torch.Tensor
+
+
+Method = Callable[[Trained], torch.Tensor]
+
+
+@dataclass
+class ScenarioReport:
+    """Everything measured on one scenario (filled in as the benchmark goes)."""
+
+    name: str
+    truth: LDSGroundTruth
+    main: dict[str, tuple[LDSResult, LDSResult | None]] = field(default_factory=dict)
+    ablations: dict[str, LDSResult] = field(default_factory=dict)
+    counterfactual: dict[str, np.ndarray] = field(default_factory=dict)
+    cf_queries: int = 0
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def source(k: int, **settings) -> Method:
+    """SOURCE with the library's defaults except ``settings``, at projection dim ``k``."""
+    return lambda t: source_scores(t.run, SourceConfig(proj_dim=k, seed=t.run.seed, progress=False, **settings))
+
+
+def main_methods(k: int) -> dict[str, Method]:
+    """The main table's estimators, all at projection dim ``k``."""
+    default_segments = SourceConfig().num_segments
+    return {
+        "RepSim": lambda t: representation_similarity(t.query_repr, t.train_repr),
+        "TracIn": lambda t: tracin_scores(t.run.truncate(k)),
+        "IF (damping 1e-3)": lambda t: influence_scores(t.run.truncate(k), 1e-3),
+        "TRAK": lambda t: trak_scores(t.run.truncate(k)),
+        "SOURCE L=1": source(k, num_segments=1),
+        f"SOURCE L={default_segments} (defaults)": source(k),
+    }
+
+
+def ablation_methods(settings: BenchSettings) -> dict[str, Method]:
+    """SOURCE settings varied one at a time from the defaults, plus IF damping and TRAK dims."""
+    k = settings.proj_dim
+    methods: dict[str, Method] = {}
+    for L in settings.segment_counts:
+        methods[f"SOURCE L={L}"] = source(k, num_segments=L)
+    methods["SOURCE query per segment"] = source(k, query_mode="segment")
+    methods["SOURCE query per segment, L=1"] = source(k, query_mode="segment", num_segments=1)
+    methods["SOURCE sampled GN"] = source(k, curvature="sampled")
+    for scale in settings.time_scales:
+        methods[f"SOURCE t x {scale:g} (momentum factor)"] = source(k, time_scale=scale)
+    methods["SOURCE t x 1 (no momentum factor)"] = source(k, momentum_factor=False)
+    for dim in settings.ablation_dims:
+        methods[f"SOURCE k={dim}"] = source(dim)
+        methods[f"TRAK k={dim}"] = lambda t, dim=dim: trak_scores(t.run.truncate(dim))
+    for damping in settings.dampings:
+        methods[f"IF damping {damping:g}"] = lambda t, d=damping: influence_scores(t.run.truncate(k), d)
+    return methods
+
+
+def _tensors(inputs: np.ndarray, targets: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.from_numpy(inputs), torch.from_numpy(targets)
+
+
+def train_and_project(scenario: Scenario, seed: int, dim: int) -> Trained:
+    """Train on all attributed rows with ``seed`` and project the run to ``dim``."""
+    model, trajectory = train_run(scenario, np.arange(scenario.num_train), RUN_SEED + seed)
+    data = {s.label: _tensors(s.inputs, s.targets) for s in scenario.stages}
+    queries = _tensors(scenario.query_inputs, scenario.query_targets)
+    run = project_run(
+        model, scenario.task(), trajectory, data, scenario.attributed.label, queries, dim, seed=seed, progress=False
+    )
+    state = trajectory.checkpoints[-1].load()
+    return Trained(
+        run,
+        dict(state),
+        penultimate_features(model, state, data[scenario.attributed.label][0]),
+        penultimate_features(model, state, queries[0]),
+    )
+
+
+def traker_scores(scenario: Scenario, states: list[dict], dim: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """TRAK's own package on the runs' final states: (single-model, ensemble) scores
+    (n_query, N), or None when ``traker`` is not installed."""
+    try:
+        from trak import TRAKer
+    except ImportError:
+        return None
+    import logging
+
+    x, y = _tensors(scenario.attributed.inputs, scenario.attributed.targets)
+    xq, yq = _tensors(scenario.query_inputs, scenario.query_targets)
+    results = []
+    for members in (states[:1], states):
+        with tempfile.TemporaryDirectory() as tmp:
+            traker = TRAKer(
+                model=scenario.model(), task="image_classification", train_set_size=len(y), save_dir=tmp,
+                device="cpu", proj_dim=dim, use_half_precision=False, logging_level=logging.ERROR,
+            )
+            for model_id, state in enumerate(members):
+                traker.load_checkpoint(state, model_id=model_id)
+                for start in range(0, len(y), 200):
+                    batch = [x[start : start + 200], y[start : start + 200]]
+                    traker.featurize(batch=batch, num_samples=len(batch[1]))
+            traker.finalize_features()
+            # traker 0.3.2 frees the CPU projector's matrix in finalize_features and, with a
+            # single block (proj_dim <= 100), does not regenerate it before scoring.
+            traker.projector.generate_sketch_matrix(traker.projector.generator_states[0])
+            for model_id, state in enumerate(members):
+                traker.start_scoring_checkpoint("queries", state, model_id, len(yq))
+                traker.score(batch=[xq, yq], num_samples=len(yq))
+            results.append(np.asarray(traker.finalize_scores("queries"), dtype=np.float64).T)
+    return results[0], results[1]
+
+
+def evaluate_scenario(name: str, settings: BenchSettings, cache_dir: Path, workers: int | None) -> ScenarioReport:
+    """Ground truth, runs, main table, ablations and (for (a), (b)) counterfactuals of one scenario."""
+    scenario = build(name)
+    clock = time.perf_counter()
+    truth = compute_ground_truth(
+        ScenarioRetrain(scenario),
+        scenario.num_train,
+        LDSConfig(num_subsets=settings.num_subsets, repeats=settings.repeats),
+        cache_path=cache_dir / f"lds-{name}-M{settings.num_subsets}-R{settings.repeats}.npz",
+        workers=workers,
+    )
+    report = ScenarioReport(name, truth)
+    report.seconds["ground truth"] = time.perf_counter() - clock
+
+    clock = time.perf_counter()
+    trained = [train_and_project(scenario, seed, settings.max_dim) for seed in range(settings.ensemble_runs)]
+    report.seconds["train + project runs"] = time.perf_counter() - clock
+
+    def lds(scores) -> LDSResult:
+        return linear_datamodeling_score(np.asarray(scores), truth, num_bootstrap=settings.bootstrap)
+
+    ensembles: dict[str, np.ndarray] = {}
+    for method, fn in main_methods(settings.proj_dim).items():
+        clock = time.perf_counter()
+        per_run = [fn(t) for t in trained]
+        report.seconds[method] = (time.perf_counter() - clock) / len(trained)
+        ensembles[method] = ensemble(per_run)
+        report.main[method] = (lds(per_run[0]), lds(ensembles[method]))
+    if name == "digits":
+        clock = time.perf_counter()
+        external = traker_scores(scenario, [t.final_state for t in trained], settings.proj_dim)
+        if external is not None:
+            report.main["TRAK (traker 0.3.2 package)"] = (lds(external[0]), lds(external[1]))
+            report.seconds["TRAK (traker 0.3.2 package)"] = time.perf_counter() - clock
+    for method, fn in ablation_methods(settings).items():
+        report.ablations[method] = lds(fn(trained[0]))
+
+    if name in COUNTERFACTUAL_SCENARIOS:
+        clock = time.perf_counter()
+        chosen = [m for m in ensembles if m != "SOURCE L=1"]
+        result = subset_removal(
+            {m: ensembles[m] for m in chosen},
+            ScenarioRetrain(scenario),
+            scenario.attributed.targets,
+            scenario.query_targets,
+            CounterfactualConfig(ks=settings.cf_ks, num_seeds=settings.cf_seeds),
+            max_queries=settings.cf_queries,
+            workers=workers,
+        )
+        report.cf_queries = len(result.queries)
+        report.counterfactual = {m: c.flipped_fraction for m, c in result.curves.items()}
+        report.seconds["counterfactual"] = time.perf_counter() - clock
+    return report
+
+
+def _cell(result: LDSResult | None) -> str:
+    return "n/a" if result is None else f"{result.score:.3f} [{result.ci_low:.3f}, {result.ci_high:.3f}]"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def render(reports: list[ScenarioReport], settings: BenchSettings, total_seconds: float, mode: str) -> str:
+    """The markdown report: LDS tables, ground-truth noise, ablations, counterfactuals, runtimes."""
+    names = [r.name for r in reports]
+    truth = reports[0].truth
+    out = [
+        f"# LDS benchmark ({mode})",
+        "",
+        f"alpha = 0.5, M = {settings.num_subsets} subsets, R = {settings.repeats} retrainings per subset, "
+        f"{truth.num_queries} queries per scenario; cells are the LDS (mean Spearman over queries) with a 95% "
+        f"basic-bootstrap interval over subsets ({settings.bootstrap} replicates). Every method uses the same "
+        f"projected gradients (k = {settings.proj_dim}, Rademacher) of the same runs; ensembles average "
+        f"{settings.ensemble_runs} independently trained runs.",
+        "",
+        "## Ground-truth noise",
+        "",
+        _table(
+            ["scenario", "N (attributed rows)", "split-half reliability (Spearman-Brown, R repeats)", "noise / signal std"],
+            [
+                [r.name, str(r.truth.num_train), f"{r.truth.noise().split_half_reliability:.3f}", f"{r.truth.noise().noise_to_signal:.3f}"]
+                for r in reports
+            ],
+        ),
+    ]
+    methods = list(dict.fromkeys(m for r in reports for m in r.main))
+    for label, index in (("single model", 0), (f"ensemble of {settings.ensemble_runs} runs", 1)):
+        rows = [[m] + [_cell(r.main[m][index]) if m in r.main else "-" for r in reports] for m in methods]
+        out += ["", f"## LDS, {label}", "", _table(["method"] + names, rows)]
+    ablations = list(dict.fromkeys(m for r in reports for m in r.ablations))
+    rows = [[m] + [_cell(r.ablations.get(m)) for r in reports] for m in ablations]
+    out += ["", f"## Ablations (single model; SOURCE defaults otherwise, k = {settings.proj_dim})", "", _table(["setting"] + names, rows)]
+    for r in reports:
+        if r.counterfactual:
+            rows = [[m] + [f"{v:.2f}" for v in curve] for m, curve in r.counterfactual.items()]
+            out += [
+                "",
+                f"## Subset removal, {r.name}: fraction of {r.cf_queries} correctly classified queries flipped "
+                f"after removing at most k rows (ensemble scores, margin averaged over {settings.cf_seeds} seeds)",
+                "",
+                _table(["method"] + [f"k={k}" for k in settings.cf_ks], rows),
+            ]
+    phases = list(dict.fromkeys(p for r in reports for p in r.seconds))
+    rows = [[p] + [f"{r.seconds[p]:.1f}" if p in r.seconds else "-" for r in reports] for p in phases]
+    out += [
+        "",
+        "## Runtimes (seconds; per-method rows are per run, on the cached projected run)",
+        "",
+        _table(["phase"] + names, rows),
+        "",
+        f"Total wall time: {total_seconds / 60:.1f} min.",
+    ]
+    return "\n".join(out) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="CI-sized smoke run")
+    parser.add_argument("--scenarios", default=",".join(SCENARIOS), help=f"comma-separated subset of {SCENARIOS}")
+    parser.add_argument("--workers", type=int, default=None, help="retraining processes (default: all cores)")
+    parser.add_argument("--cache-dir", type=Path, default=ROOT / "cache", help="ground-truth cache folder")
+    parser.add_argument("--out", type=Path, default=None, help="markdown report (default: results/lds-<mode>.md)")
+    args = parser.parse_args(argv)
+    names = [n for n in args.scenarios.split(",") if n]
+    unknown = sorted(set(names) - set(SCENARIOS))
+    if unknown:
+        parser.error(f"unknown scenarios {unknown}; choose from {SCENARIOS}")
+    torch.set_num_threads(1)  # the retraining workers take the other cores
+    settings = QUICK if args.quick else FULL
+    mode = "quick" if args.quick else "full"
+    start = time.perf_counter()
+    reports = [evaluate_scenario(name, settings, args.cache_dir, args.workers) for name in names]
+    text = render(reports, settings, time.perf_counter() - start, mode)
+    print(text)
+    out = args.out or ROOT / "results" / f"lds-{mode}.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
