@@ -58,10 +58,14 @@ def check_seed(seed: int) -> int:
 def philox4x32(
     seed: int, c0: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor, c3: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Philox4x32-10 on int64 tensors holding uint32 values (any common shape).
+    """Philox4x32-10 on int64 tensors holding uint32 values (broadcastable shapes).
 
-    Products of two uint32 values overflow int64 but wrap modulo 2^64, so their low and high
-    32-bit halves are still exact after masking.
+    Returns the four output words as int64 tensors of the broadcast shape, values in
+    [0, 2^32). Products of two uint32 values overflow int64 but wrap modulo 2^64, so their low
+    and high 32-bit halves are still exact after masking. The low halves are masked lazily:
+    they only enter the next round through an xor whose result is masked, so ten full-tensor
+    passes per round suffice. Pass unexpanded counters (rows as (n, 1), column groups as
+    (1, m)): the first round then runs on the small shapes.
     """
     seed = check_seed(seed)
     k0, k1 = seed & _MASK32, (seed >> 32) & _MASK32
@@ -69,13 +73,48 @@ def philox4x32(
     for _ in range(PHILOX_ROUNDS):
         prod_b = c2 * _ROUND_B
         prod_a = c0 * _ROUND_A
-        c0 = ((prod_b >> 32) & _MASK32) ^ c1 ^ k0
-        c2 = ((prod_a >> 32) & _MASK32) ^ c3 ^ k1
-        c1 = prod_b & _MASK32
-        c3 = prod_a & _MASK32
+        c0 = ((prod_b >> 32) ^ c1).bitwise_xor_(k0).bitwise_and_(_MASK32)
+        c2 = ((prod_a >> 32) ^ c3).bitwise_xor_(k1).bitwise_and_(_MASK32)
+        c1, c3 = prod_b, prod_a  # low halves: masked below or by the next round's xor
         k0 = (k0 + _KEY_A) & _MASK32
         k1 = (k1 + _KEY_B) & _MASK32
-    return c0, c1, c2, c3
+    return c0, c1 & _MASK32, c2, c3 & _MASK32
+
+
+def _byte_sign_table() -> torch.Tensor:
+    """(256, 8) float32: row b holds +1 where bit s of byte b is 0 and -1 where it is 1."""
+    bits = (torch.arange(256)[:, None] >> torch.arange(8)) & 1
+    return (1 - 2 * bits).to(torch.float32)
+
+
+_BYTE_SIGNS = _byte_sign_table()
+_BYTE_SHIFTS = torch.arange(0, 32, 8)
+
+
+def rademacher_rows(
+    seed: int,
+    row_start: int,
+    row_stop: int,
+    group_start: int,
+    group_stop: int,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Rows [row_start, row_stop), columns [128 group_start, 128 group_stop) of Rademacher R.
+
+    Returns float32 (rows, 128 * groups), written into ``out`` when given (a contiguous float32
+    CPU tensor of exactly that shape, reused to spare allocations). One Philox call per (row,
+    group of 128 columns); the words are split into bytes and each byte is expanded to eight
+    +-1.0 entries by a 256-row lookup table (least significant bit first, as the layout says).
+    """
+    n_rows, n_groups = row_stop - row_start, group_stop - group_start
+    rows = torch.arange(row_start, row_stop, dtype=torch.int64)[:, None]
+    groups = torch.arange(group_start, group_stop, dtype=torch.int64)[None, :]
+    words = torch.stack(philox4x32(seed, rows & _MASK32, rows >> 32, groups, 0), dim=-1)
+    byte_index = ((words[..., None] >> _BYTE_SHIFTS) & 0xFF).reshape(-1)  # word-major, LSB first
+    if out is None:
+        out = torch.empty(n_rows, 128 * n_groups, dtype=torch.float32)
+    torch.index_select(_BYTE_SIGNS, 0, byte_index, out=out.view(-1, 8))
+    return out
 
 
 def _unit_floats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -104,24 +143,20 @@ def matrix_block(
         raise ValueError(f"bad block rows [{row_start}, {row_stop}) cols [{col_start}, {col_stop})")
     per_call = COLUMNS_PER_CALL[kind]
     g_start, g_stop = col_start // per_call, -(-col_stop // per_call)
-    rows = torch.arange(row_start, row_stop, dtype=torch.int64)[:, None]
-    groups = torch.arange(g_start, g_stop, dtype=torch.int64)[None, :]
-    c0 = (rows & _MASK32).expand(-1, groups.shape[1])
-    c1 = (rows >> 32).expand(-1, groups.shape[1])
-    c2 = groups.expand(rows.shape[0], -1)
-    c3 = torch.full_like(c0, _KIND_TAG[kind])
-    words = torch.stack(philox4x32(seed, c0, c1, c2, c3), dim=-1)  # (rows, groups, 4)
     if kind == RADEMACHER:
-        shifts = torch.arange(32, dtype=torch.int64)
-        bits = (words[..., None] >> shifts) & 1  # (rows, groups, 4, 32)
-        block = (1 - 2 * bits).to(torch.float32).reshape(rows.shape[0], -1)
+        block = rademacher_rows(seed, row_start, row_stop, g_start, g_stop)
     else:
+        rows = torch.arange(row_start, row_stop, dtype=torch.int64)[:, None]
+        groups = torch.arange(g_start, g_stop, dtype=torch.int64)[None, :]
+        words = torch.stack(
+            philox4x32(seed, rows & _MASK32, rows >> 32, groups, _KIND_TAG[kind]), dim=-1
+        )  # (rows, groups, 4)
         u1, _ = _unit_floats(words[..., 0::2])  # (rows, groups, 2): from x0 and x2
         _, v2 = _unit_floats(words[..., 1::2])  # from x1 and x3
         radius = torch.sqrt(-2.0 * torch.log(u1))
         angle = (2.0 * math.pi) * v2
         pair = torch.stack((radius * torch.cos(angle), radius * torch.sin(angle)), dim=-1)
-        block = pair.reshape(rows.shape[0], -1)
+        block = pair.reshape(row_stop - row_start, per_call * (g_stop - g_start))
     offset = col_start - g_start * per_call
     block = block[:, offset : offset + (col_stop - col_start)]
     if scaled:

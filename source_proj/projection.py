@@ -9,19 +9,29 @@ blocks whose rows continue the global row index, so nothing is concatenated.
 
 from __future__ import annotations
 
+import importlib.util
 import math
-from collections.abc import Mapping, Sequence
+import os
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 
-from source_proj.kernels.reference import KINDS, RADEMACHER, check_seed, matrix_block
+from source_proj.kernels.reference import (
+    COLUMNS_PER_CALL,
+    KINDS,
+    RADEMACHER,
+    check_seed,
+    matrix_block,
+    rademacher_rows,
+)
 
 BACKENDS = ("auto", "cpu", "triton")
 GradientBlocks = torch.Tensor | Mapping[str, torch.Tensor] | Sequence[torch.Tensor]
 
-# Bound on the CPU path's generated block of R (bytes of float32).
-_CPU_BLOCK_BYTES = 32 * 2**20
+# Philox calls per generated chunk of R on the CPU: 2^14 calls are 2M Rademacher entries
+# (8 MiB of float32) and 128 KiB per Philox word array, which stays in a core's L2 cache.
+_CPU_CHUNK_CALLS = 2**14
 
 
 @dataclass(frozen=True)
@@ -71,12 +81,51 @@ def _as_blocks(grads: GradientBlocks) -> list[torch.Tensor]:
     return blocks
 
 
+def _triton_unavailable_reason(device: torch.device) -> str | None:
+    """Why the Triton kernel cannot run on ``device``, or None when it can."""
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed (pip install triton, or use backend='cpu')"
+    if device.type == "cuda":
+        return None
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
+        return None
+    return (
+        f"the gradients are on {device.type!r}; the Triton kernel runs on CUDA tensors, or on "
+        "CPU tensors only under TRITON_INTERPRET=1 (set before triton is imported)"
+    )
+
+
 def _use_triton(config: ProjectionConfig, device: torch.device) -> bool:
     if config.backend == "cpu":
         return False
+    reason = _triton_unavailable_reason(device)
     if config.backend == "triton":
+        if reason is not None:
+            raise RuntimeError(f"backend='triton' was forced but cannot run: {reason}")
         return True
-    return device.type == "cuda"
+    return device.type == "cuda" and reason is None
+
+
+def _cpu_chunks(
+    seed: int, kind: str, dim: int, row_start: int, row_stop: int
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """Yield (first row, R[first : first + n, :dim]) chunks covering [row_start, row_stop).
+
+    Chunks hold about 2^14 Philox calls (8 MiB of float32 when Rademacher). Rademacher chunks
+    are views of one reused buffer: each is valid only until the next is yielded.
+    """
+    per_call = COLUMNS_PER_CALL[kind]
+    n_groups = -(-dim // per_call)
+    rows_per_chunk = max(1, _CPU_CHUNK_CALLS // n_groups)
+    if kind == RADEMACHER:
+        buffer = torch.empty(min(rows_per_chunk, row_stop - row_start), n_groups * per_call)
+    for first in range(row_start, row_stop, rows_per_chunk):
+        last = min(row_stop, first + rows_per_chunk)
+        if kind == RADEMACHER:
+            chunk = rademacher_rows(seed, first, last, 0, n_groups, out=buffer[: last - first])
+            yield first, chunk[:, :dim]
+        else:
+            yield first, matrix_block(seed, first, last, dim, kind)
 
 
 def project_cpu_block(
@@ -84,15 +133,15 @@ def project_cpu_block(
 ) -> None:
     """Add ``grad @ R[row_offset : row_offset + p, :k]`` (unscaled) into ``out`` (B, k) float32.
 
-    Generates R in row blocks of bounded size (about 32 MiB), on the CPU, then multiplies on
-    ``grad``'s device.
+    ``grad`` is (B, p) in any float dtype, ``out`` (B, k) float32 on the same device. R is
+    generated on the CPU chunk by chunk, each chunk multiplied into ``out`` (float32
+    accumulation) before the next is made, so memory stays bounded whatever p is; on a CUDA
+    device each chunk is copied over before the product.
     """
-    dim = out.shape[1]
-    rows_per_block = max(1, _CPU_BLOCK_BYTES // (4 * dim))
-    for start in range(0, grad.shape[1], rows_per_block):
-        stop = min(grad.shape[1], start + rows_per_block)
-        block = matrix_block(seed, row_offset + start, row_offset + stop, dim, kind)
-        out.add_(grad[:, start:stop].to(torch.float32) @ block.to(grad.device))
+    for first, chunk in _cpu_chunks(seed, kind, out.shape[1], row_offset, row_offset + grad.shape[1]):
+        local = first - row_offset
+        grad_rows = grad[:, local : local + chunk.shape[0]].to(torch.float32)
+        out.addmm_(grad_rows, chunk.to(grad.device))
 
 
 def project(grads: GradientBlocks, config: ProjectionConfig, row_offset: int = 0) -> torch.Tensor:
