@@ -58,9 +58,13 @@ def phi_values(s: torch.Tensor, t: float) -> torch.Tensor:
 
 def gauss_newton_accumulate(total: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """Add sum_r rows_r rows_r^T to ``total`` (k, k) float64, for rows (..., k) of projected
-    Gauss-Newton factors (each example's A^T J P^T)."""
-    flat = rows.reshape(-1, rows.shape[-1]).to(torch.float64)
-    return total.addmm_(flat.T, flat)
+    Gauss-Newton factors (each example's A^T J P^T).
+
+    A chunk's Gram matrix is formed in float32 (its rows are float32 already; a chunk sums a
+    few hundred terms) and accumulated across chunks in float64.
+    """
+    flat = rows.reshape(-1, rows.shape[-1]).to(torch.float32)
+    return total.add_((flat.T @ flat).to(torch.float64))
 
 
 def segment_spectrum(hessians: list[torch.Tensor], weight_decay: float, time: float) -> SegmentSpectrum:
