@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 import zarr
 from tqdm.auto import tqdm
 
@@ -84,7 +86,7 @@ def score_matrix(
             ``StoreMismatchError``).
         segments: restrict the scores to these segments' per-segment features.
         query_block: queries per written block; memory is about
-            query_block x chunk_rows x 4 bytes plus one chunk of features.
+            2 x query_block x chunk_rows x 4 bytes plus one chunk of features.
         progress: show a progress bar.
 
     Returns:
@@ -108,11 +110,27 @@ def score_matrix(
         Path(out), description, "scores", (q.shape[0], layout.n_rows), "float32", (block, layout.chunk_rows),
         layout.n_chunks,
     )
-    for index, start, stop in _pending_rows(ledger, layout, "score matrix", progress):
-        features_t = store.read_rows(start, stop, segments).T
-        for q0 in range(0, q.shape[0], block):
-            scores[q0 : q0 + block, start:stop] = q[q0 : q0 + block] @ features_t
-        ledger.mark(index, chunk_digest(np.array([index, start, stop])))
+    q_t = torch.from_numpy(q)
+
+    def write(index: int, start: int, stop: int, q0: int, values: np.ndarray, last: bool) -> None:
+        scores[q0 : q0 + block, start:stop] = values
+        if last:
+            ledger.mark(index, chunk_digest(np.array([index, start, stop])))
+
+    # Blocks are written by a background thread while the next one is computed; at most one
+    # write is pending, so memory holds two score blocks.
+    with ThreadPoolExecutor(max_workers=1) as writer:
+        pending = None
+        for index, start, stop in _pending_rows(ledger, layout, "score matrix", progress):
+            features_t = torch.from_numpy(store.read_rows(start, stop, segments)).T
+            for q0 in range(0, q.shape[0], block):
+                values = (q_t[q0 : q0 + block] @ features_t).numpy()
+                if pending is not None:
+                    pending.result()
+                last = q0 + block >= q.shape[0]
+                pending = writer.submit(write, index, start, stop, q0, values, last)
+        if pending is not None:
+            pending.result()
     return scores
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from source_proj.cli_commands import add_commands
+
 
 def _demo(args: argparse.Namespace) -> int:
     from source_proj.demo import run_demo
@@ -37,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--top", type=int, default=5, help="proponents/opponents shown per digit (default 5)")
     demo.add_argument("--proj-dim", type=int, default=512, help="projection dimension k (default 512)")
     demo.set_defaults(handler=_demo)
+    add_commands(sub)
     return parser
 
 

@@ -46,7 +46,7 @@ class IVFSettings:
         codec: storage of the rows in the cells: "flat" (float32), "fp16" or "sq8" (8-bit).
         train_rows: rows sampled (whole store chunks, seeded) to train the k-means.
         kmeans_iters: k-means iterations.
-        n_probe: cells searched per query until ``tune`` or ``ApproxIndex.n_probe`` changes it.
+        n_probe: cells searched per query until ``tune`` (or ``ApproxIndex.n_probe``) changes it.
         seed: seed of the training sample and of the k-means initialisation.
     """
 
@@ -84,6 +84,10 @@ def recall_at_k(found_ids: np.ndarray, exact_ids: np.ndarray) -> float:
     return float(np.mean(hits) / exact_ids.shape[1])
 
 
+def _kind(opponents: bool) -> str:
+    return "opponents" if opponents else "proponents"
+
+
 def index_dir(store: FeatureStore) -> Path:
     """Where the store's IVF index is saved: the sibling directory ``<store>.ivf``."""
     return store.path.with_name(store.path.name + ".ivf")
@@ -105,65 +109,61 @@ def _training_sample(store: FeatureStore, settings: IVFSettings) -> np.ndarray:
 class ApproxIndex:
     """A faiss IVF index over one feature store.
 
+    Proponent and opponent searches probe the cells nearest to ``Q`` and to ``-Q``; as the
+    two can need different numbers of cells for the same recall, each kind has its own.
+
     Attributes:
         index: the faiss ``IndexIVF`` (inner-product metric, ids = store rows).
         settings: the ``IVFSettings`` it was built with.
         store_token: ``content_token()`` of the store it indexes.
-        recall: the last measured recall, e.g. ``{"k": 10, "n_probe": 16, "n_queries": 100,
-            "proponents": 0.97, "opponents": 0.96}``; empty until measured.
+        n_probe: cells searched per query, ``{"proponents": int, "opponents": int}``.
+        recall: the last ``tune`` measurement, e.g. ``{"k": 10, "n_queries": 200,
+            "target": 0.95, "proponents": {"n_probe": 8, "recall": 0.97}, "opponents": ...}``;
+            empty until measured.
     """
 
-    def __init__(self, index: faiss.Index, settings: IVFSettings, store_token: str, recall: dict[str, Any]) -> None:
+    def __init__(
+        self, index: faiss.Index, settings: IVFSettings, store_token: str, n_probe: dict[str, int],
+        recall: dict[str, Any],
+    ) -> None:
         self.index = index
         self.settings = settings
         self.store_token = store_token
+        self.n_probe = dict(n_probe)
         self.recall = recall
 
     @property
-    def n_probe(self) -> int:
-        return int(faiss.extract_index_ivf(self.index).nprobe)
+    def n_lists(self) -> int:
+        return int(faiss.extract_index_ivf(self.index).nlist)
 
-    @n_probe.setter
-    def n_probe(self, value: int) -> None:
-        n_lists = faiss.extract_index_ivf(self.index).nlist
-        if not 1 <= value <= n_lists:
-            raise ValueError(f"n_probe must be in [1, {n_lists}], got {value}")
-        faiss.extract_index_ivf(self.index).nprobe = int(value)
-
-    def search(self, queries: np.ndarray, k: int, *, opponents: bool = False) -> TopK:
-        """Approximate top-k proponents (or opponents) of queries (n_query, D); see ``TopK``."""
+    def search(self, queries: np.ndarray, k: int, *, opponents: bool = False, n_probe: int | None = None) -> TopK:
+        """Approximate top-k proponents (or opponents) of queries (n_query, D); see ``TopK``.
+        ``n_probe`` overrides the kind's cells per query for this call."""
         q = check_queries(queries, self.index.d)
         k = check_k(k, self.index.ntotal)
+        probes = self.n_probe[_kind(opponents)] if n_probe is None else n_probe
+        if not 1 <= probes <= self.n_lists:
+            raise ValueError(f"n_probe must be in [1, {self.n_lists}], got {probes}")
         sign = -1.0 if opponents else 1.0
-        scores, ids = self.index.search(sign * q, k)
+        scores, ids = self.index.search(sign * q, k, params=faiss.SearchParametersIVF(nprobe=probes))
         return TopK(sign * scores, ids)
 
     def tune(self, queries: np.ndarray, proponents: TopK, opponents: TopK, target: float) -> dict[str, Any]:
-        """Set ``n_probe`` to the smallest power of two (or all cells) whose recall@k, for
-        both proponents and opponents of ``queries`` against the given exact results, is at
-        least ``target``; record and return that measurement (see ``recall``)."""
+        """For proponents and opponents each, set ``n_probe`` to the smallest power of two (or
+        all cells) whose recall@k on ``queries``, against the given exact top-k, is at least
+        ``target``; record and return the measurement (see ``recall``)."""
         if not 0.0 < target <= 1.0:
             raise ValueError(f"target recall must be in (0, 1], got {target}")
-        n_lists = faiss.extract_index_ivf(self.index).nlist
-        candidates = sorted({min(2**i, n_lists) for i in range(n_lists.bit_length() + 1)})
-        for n_probe in candidates:
-            self.measure_recall(queries, proponents, opponents, n_probe)
-            if min(self.recall["proponents"], self.recall["opponents"]) >= target:
-                break
-        return self.recall
-
-    def measure_recall(self, queries: np.ndarray, proponents: TopK, opponents: TopK, n_probe: int) -> dict[str, Any]:
-        """Measure recall@k at ``n_probe`` against exact results (k = their width), set
-        ``n_probe`` and record the measurement in ``recall``."""
-        self.n_probe = n_probe
+        candidates = sorted({min(2**i, self.n_lists) for i in range(self.n_lists.bit_length() + 1)})
         k = proponents.ids.shape[1]
-        self.recall = {
-            "k": k,
-            "n_probe": n_probe,
-            "n_queries": int(np.asarray(queries).shape[0]),
-            "proponents": recall_at_k(self.search(queries, k).ids, proponents.ids),
-            "opponents": recall_at_k(self.search(queries, k, opponents=True).ids, opponents.ids),
-        }
+        self.recall = {"k": k, "n_queries": int(np.asarray(queries).shape[0]), "target": target}
+        for exact, opp in ((proponents, False), (opponents, True)):
+            for n_probe in candidates:
+                recall = recall_at_k(self.search(queries, k, opponents=opp, n_probe=n_probe).ids, exact.ids)
+                if recall >= target:
+                    break
+            self.n_probe[_kind(opp)] = n_probe
+            self.recall[_kind(opp)] = {"n_probe": n_probe, "recall": recall}
         return self.recall
 
     def save(self, store: FeatureStore) -> Path:
@@ -211,9 +211,7 @@ class ApproxIndex:
             raise StaleIndexError(f"the IVF index at {where} was built with {built}, not {settings}")
         flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mmap else 0
         index = faiss.read_index(str(where / _INDEX_FILE), flags)
-        loaded = cls(index, built, info["store_token"], info["recall"])
-        loaded.n_probe = info["n_probe"]
-        return loaded
+        return cls(index, built, info["store_token"], info["n_probe"], info["recall"])
 
 
 def build_ivf(store: FeatureStore, settings: IVFSettings = IVFSettings(), *, progress: bool = True) -> ApproxIndex:
@@ -234,6 +232,5 @@ def build_ivf(store: FeatureStore, settings: IVFSettings = IVFSettings(), *, pro
         for _, block in store.iter_blocks(layout.chunk_rows):
             index.add(block)
             bar.update(block.shape[0])
-    built = ApproxIndex(index, settings, token, {})
-    built.n_probe = min(settings.n_probe, n_lists)
-    return built
+    n_probe = min(settings.n_probe, n_lists)
+    return ApproxIndex(index, settings, token, {"proponents": n_probe, "opponents": n_probe}, {})

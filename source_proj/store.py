@@ -32,13 +32,14 @@ import hashlib
 import json
 import os
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 import zarr
 from tqdm.auto import tqdm
 
@@ -181,28 +182,29 @@ def _first_difference(stored: Any, expected: Any, prefix: str) -> tuple[str, Any
     return None
 
 
-def _power_of_two_scale(block: np.ndarray) -> np.ndarray:
+def _power_of_two_scale(block: torch.Tensor) -> torch.Tensor:
     """Per-row (all axes but the last) power-of-two scale for float16 storage, float32."""
-    max_abs = np.max(np.abs(block), axis=-1)
-    _, exponent = np.frexp(max_abs)  # max_abs <= 2^exponent
-    scale = np.ldexp(np.float32(1.0), (exponent - _F16_MAX_EXPONENT).astype(np.int32))
-    return np.where(max_abs > 0, scale, np.float32(1.0)).astype(np.float32)
+    max_abs = torch.maximum(block.amax(dim=-1), -block.amin(dim=-1))
+    _, exponent = torch.frexp(max_abs)  # max_abs <= 2^exponent
+    # (Rows below 2^-111 keep the smallest normal float32 scale rather than underflow.)
+    scale = torch.ldexp(torch.ones_like(max_abs), (exponent - _F16_MAX_EXPONENT).clamp_min(-126))
+    return torch.where(max_abs > 0, scale, torch.ones_like(scale))
 
 
 def _encode(block: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray | None]:
     """Stored values and per-row scale (None for float32) of a float block."""
-    block = np.asarray(block, dtype=np.float32)
+    values = torch.from_numpy(np.require(block, np.float32, ["C", "W"]))
     if dtype == "float32":
-        return np.ascontiguousarray(block), None
-    scale = _power_of_two_scale(block)
-    return (block / scale[..., None]).astype(np.float16), scale
+        return values.numpy(), None
+    scale = _power_of_two_scale(values)
+    # Dividing by a power of two is exact: the only rounding is float32 -> float16.
+    return (values * (1.0 / scale)[..., None]).half().numpy(), scale.numpy()
 
 
 def _decode(stored: np.ndarray, scale: np.ndarray | None) -> np.ndarray:
-    out = stored.astype(np.float32)
-    if scale is not None:
-        out *= scale[..., None]
-    return out
+    if scale is None:
+        return np.asarray(stored, dtype=np.float32)
+    return (torch.from_numpy(stored).float() * torch.from_numpy(scale)[..., None]).numpy()
 
 
 def _check_block(name: str, block: Any, shape: tuple[int, ...], rows: tuple[int, int]) -> np.ndarray:
@@ -214,7 +216,8 @@ def _check_block(name: str, block: Any, shape: tuple[int, ...], rows: tuple[int,
         )
     if not np.issubdtype(array.dtype, np.floating):
         raise ValueError(f"compute_chunk returned {name} of dtype {array.dtype}; expected floats")
-    if not np.all(np.isfinite(array)):
+    array = np.asarray(array, dtype=np.float32 if array.dtype != np.float64 else np.float64)
+    if not (np.isfinite(array.max()) and np.isfinite(array.min())):  # NaN propagates through both
         bad = np.unique(np.nonzero(~np.isfinite(array))[0]) + rows[0]
         raise ValueError(f"compute_chunk returned non-finite {name} for rows {bad[:10].tolist()}")
     return array
@@ -329,9 +332,12 @@ class FeatureStore:
         remove_partial_writes(path)
         return store
 
-    def check_metadata(self, expected: dict[str, Any]) -> None:
-        """Raise ``StoreMismatchError`` naming the first field where ``expected`` differs."""
-        diff = _first_difference(self.metadata, _json_roundtrip(expected), "metadata")
+    def check_metadata(self, expected: dict[str, Any], *, ignore: Collection[str] = ()) -> None:
+        """Raise ``StoreMismatchError`` naming the first field where ``expected`` differs,
+        leaving out the top-level keys in ``ignore``."""
+        stored = {k: v for k, v in self.metadata.items() if k not in ignore}
+        wanted = {k: v for k, v in _json_roundtrip(expected).items() if k not in ignore}
+        diff = _first_difference(stored, wanted, "metadata")
         if diff is not None:
             raise StoreMismatchError(self.path, *diff)
 

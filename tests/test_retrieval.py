@@ -124,11 +124,12 @@ def test_recall_at_k_counts_set_overlap() -> None:
 
 def test_ivf_searching_every_cell_is_exact(clustered_store) -> None:
     store, features = clustered_store
-    index = build_ivf(store, IVFSettings(n_lists=12, codec="flat", train_rows=3000), progress=False)
-    index.n_probe = 12
+    index = build_ivf(store, IVFSettings(n_lists=12, codec="flat", train_rows=3000, n_probe=12), progress=False)
     queries = _clustered(20, 16, seed=1)
     assert_matches_topk(index.search(queries, 10), queries, features, 10, largest=True)
     assert_matches_topk(index.search(queries, 10, opponents=True), queries, features, 10, largest=False)
+    with pytest.raises(ValueError, match="n_probe"):
+        index.search(queries, 10, n_probe=13)
 
 
 def test_ivf_tune_save_load_and_staleness(clustered_store, tmp_path: Path) -> None:
@@ -138,18 +139,16 @@ def test_ivf_tune_save_load_and_staleness(clustered_store, tmp_path: Path) -> No
     queries = _clustered(60, 16, seed=2)
     exact = exact_proponents_opponents(store, queries, 10, progress=False)
     recall = index.tune(queries, *exact, target=0.9)
-    # Independent recount of the chosen n_probe's recall, and minimality of the choice.
-    for found, truth, key in ((index.search(queries, 10), exact[0], "proponents"),
-                              (index.search(queries, 10, opponents=True), exact[1], "opponents")):
-        overlap = np.mean([len(set(f) & set(t)) for f, t in zip(found.ids, truth.ids)]) / 10
-        assert recall[key] == pytest.approx(overlap) and overlap >= 0.9
-    assert recall["n_probe"] == index.n_probe and recall["k"] == 10 and recall["n_queries"] == 60
-    if index.n_probe > 1:
-        smaller = index.measure_recall(queries, *exact, n_probe=index.n_probe // 2)
-        assert min(smaller["proponents"], smaller["opponents"]) < 0.9
-        index.n_probe = recall["n_probe"]
-        index.recall = recall
-    assert index.n_probe < 32  # cheaper than searching everything
+    assert recall["k"] == 10 and recall["n_queries"] == 60 and recall["target"] == 0.9
+    # Independent recount of each kind's recall at its chosen n_probe, and minimality.
+    for truth, opp, kind in ((exact[0], False, "proponents"), (exact[1], True, "opponents")):
+        n_probe = index.n_probe[kind]
+        assert recall[kind]["n_probe"] == n_probe < 32  # cheaper than searching everything
+        overlap = np.mean([len(set(f) & set(t)) for f, t in zip(index.search(queries, 10, opponents=opp).ids, truth.ids)])
+        assert recall[kind]["recall"] == pytest.approx(overlap / 10) and overlap / 10 >= 0.9
+        if n_probe > 1:
+            fewer = index.search(queries, 10, opponents=opp, n_probe=n_probe // 2).ids
+            assert recall_at_k(fewer, truth.ids) < 0.9
 
     where = index.save(store)
     assert where == index_dir(store) == store.path.with_name("c.zarr.ivf")

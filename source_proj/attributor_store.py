@@ -1,0 +1,189 @@
+"""A ``SourceAttributor``'s training features in a feature store, and queries against it.
+
+``fit_store`` is the store-backed counterpart of ``SourceAttributor.fit``: it runs the
+curvature pass, then featurises the training rows chunk by chunk into a zarr store (with the
+per-segment curvature, the per-row self-influence and, if the attributor keeps them, the
+per-segment features), resuming an interrupted run. ``open_store`` reopens a finished store for
+queries after checking that it was made with the same model, trajectory and settings.
+
+The store's metadata is the attributor's ``metadata()`` plus ``segment_weights`` (w_l = 1/N_l)
+and ``source_config``: the estimator settings (``SourceConfig`` without the run-time fields),
+from which ``store_config`` rebuilds the configuration for querying.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from source_proj.attributor import SourceAttributor
+from source_proj.config import SourceConfig
+from source_proj.data import Examples
+from source_proj.store import (
+    ChunkFeatures,
+    FeatureStore,
+    FeaturizeReport,
+    StoreLayout,
+    StoreMismatchError,
+    featurize,
+)
+
+# SourceConfig fields that change how, not what, is computed.
+RUNTIME_FIELDS = ("backend", "chunk_size", "device", "progress")
+# Metadata known only after the curvature pass (checked then, not before it).
+_AFTER_PREPARE = ("stages", "segment_weights")
+# Relative tolerance when a resumed run's recomputed curvature is compared with the stored one.
+_CURVATURE_RTOL = 1e-6
+
+
+def estimator_settings(config: SourceConfig) -> dict[str, Any]:
+    """The fields of ``config`` that determine the features (JSON-serialisable)."""
+    return {k: v for k, v in dataclasses.asdict(config).items() if k not in RUNTIME_FIELDS}
+
+
+def store_config(store: FeatureStore, **runtime: Any) -> SourceConfig:
+    """The ``SourceConfig`` a store was made with, with run-time fields (``chunk_size``,
+    ``device``, ``progress``, ``backend``) from ``runtime``."""
+    unknown = set(runtime) - set(RUNTIME_FIELDS)
+    if unknown:
+        raise ValueError(f"only run-time fields {RUNTIME_FIELDS} can be overridden, got {sorted(unknown)}")
+    return SourceConfig(**store.metadata["source_config"], **runtime)
+
+
+def _metadata(attributor: SourceAttributor) -> dict[str, Any]:
+    weights = [] if attributor.weights is None else attributor.weights.tolist()
+    return {
+        **attributor.metadata(),
+        "segment_weights": weights,
+        "source_config": estimator_settings(attributor.config),
+    }
+
+
+def _feature_dim(attributor: SourceAttributor) -> int:
+    k = attributor.config.proj_dim
+    return k if attributor.config.query_mode == "final" else attributor.num_segments * k
+
+
+def _keeps_segments(attributor: SourceAttributor) -> bool:
+    # In "segment" mode F already is the per-segment features side by side.
+    return attributor.config.query_mode == "final" and attributor.keeps_segment_features
+
+
+def _curvature_arrays(attributor: SourceAttributor) -> tuple[np.ndarray, np.ndarray]:
+    values = torch.stack([s.eigenvalues for s in attributor.spectra]).numpy()
+    vectors = torch.stack([s.eigenvectors for s in attributor.spectra]).numpy()
+    return values, vectors
+
+
+def _check_curvature(store: FeatureStore, attributor: SourceAttributor) -> None:
+    """Store the attributor's curvature, or check it against the stored one (V s V^T per
+    segment, eigenvectors being defined up to sign)."""
+    values, vectors = _curvature_arrays(attributor)
+    stored = store.curvature()
+    if stored is None:
+        store.write_curvature(values, vectors)
+        return
+    old_values, old_vectors = stored
+    if old_values.shape != values.shape:
+        raise StoreMismatchError(store.path, "curvature shape", old_values.shape, values.shape)
+    for seg in range(values.shape[0]):
+        old = (old_vectors[seg] * old_values[seg]) @ old_vectors[seg].T
+        new = (vectors[seg] * values[seg]) @ vectors[seg].T
+        scale = max(float(np.abs(old_values[seg]).max()), np.finfo(np.float64).tiny)
+        if np.abs(old - new).max() > _CURVATURE_RTOL * scale:
+            raise StoreMismatchError(
+                store.path, f"curvature of segment {seg}", "the stored Hessian", "a different recomputed one"
+            )
+
+
+def _compute_chunk(
+    attributor: SourceAttributor, examples: Examples, keep_segments: bool
+) -> Callable[[int, int], ChunkFeatures]:
+    step = attributor.config.chunk_size
+
+    def compute(start: int, stop: int) -> ChunkFeatures:
+        parts = [attributor.featurize_rows(examples, s, min(stop, s + step)) for s in range(start, stop, step)]
+        return ChunkFeatures(
+            torch.cat([p.features for p in parts]).numpy(),
+            torch.cat([p.segment_features for p in parts]).numpy() if keep_segments else None,
+            torch.cat([p.self_influence for p in parts]).numpy(),
+        )
+
+    return compute
+
+
+def fit_store(
+    attributor: SourceAttributor,
+    train_data: Any,
+    path: str | os.PathLike,
+    *,
+    dtype: str = "float32",
+    chunk_rows: int = 4096,
+    stages: Sequence[Hashable] | None = None,
+    num_train: int | Mapping[Hashable, int] | None = None,
+    curvature_data: Any = None,
+) -> tuple[FeatureStore, FeaturizeReport]:
+    """Featurise ``train_data`` into the store at ``path`` (created, or resumed if it exists).
+
+    Args:
+        attributor: the attributor (its config decides k, L, query mode, ...).
+        train_data: the training rows (as for ``SourceAttributor.fit``); store row i is row i.
+        path: the store directory.
+        dtype: "float32" or "float16" (half the disk; scores within 2^-11 relative, see
+            ``source_proj.store``).
+        chunk_rows: rows per store chunk (the unit of resumption).
+        stages, num_train, curvature_data: as for ``SourceAttributor.prepare``.
+
+    Returns:
+        The complete store and what this call computed. A store at ``path`` made with another model, trajectory or
+        settings raises ``StoreMismatchError`` before any work; one whose curvature differs
+        from the recomputed one raises it after the curvature pass.
+    """
+    path = Path(path)
+    if path.exists():
+        FeatureStore.open(path).check_metadata(_metadata(attributor), ignore=_AFTER_PREPARE)
+    examples = attributor.prepare(train_data, stages=stages, num_train=num_train, curvature_data=curvature_data)
+    keep_segments = _keeps_segments(attributor)
+    layout = StoreLayout(
+        n_rows=len(examples),
+        dim=_feature_dim(attributor),
+        dtype=dtype,
+        chunk_rows=chunk_rows,
+        n_segments=attributor.num_segments if keep_segments else 0,
+        segment_dim=attributor.config.proj_dim if keep_segments else 0,
+        self_influence=True,
+    )
+    store = FeatureStore.open_or_create(path, layout, _metadata(attributor))
+    _check_curvature(store, attributor)
+    report = featurize(store, _compute_chunk(attributor, examples, keep_segments), progress=attributor.config.progress)
+    return store, report
+
+
+def open_store(attributor: SourceAttributor, path: str | os.PathLike) -> FeatureStore:
+    """Open the complete store at ``path`` for ``attributor``'s queries, checking that it was
+    made with the same model, trajectory and settings (``StoreMismatchError`` otherwise)."""
+    store = FeatureStore.open(path)
+    store.check_metadata(_metadata(attributor), ignore=_AFTER_PREPARE)
+    store.require_complete()
+    return store
+
+
+def stage_segments(attributor: SourceAttributor, store: FeatureStore, stage: str) -> list[int]:
+    """Indices of the segments of training stage ``stage`` (compared as text), for scores
+    restricted to that stage; needs per-segment features in the store ("final" mode)."""
+    if store.layout.n_segments == 0:
+        raise ValueError(
+            f"feature store {store.path} keeps no per-segment features: fit it with per-segment "
+            "features kept (and query mode 'final') for per-stage scores"
+        )
+    chosen = [i for i, seg in enumerate(attributor.segments) if str(seg.stage) == stage]
+    if not chosen:
+        known = sorted({str(seg.stage) for seg in attributor.segments})
+        raise ValueError(f"unknown stage {stage!r}; the trajectory has stages {known}")
+    return chosen

@@ -1,0 +1,315 @@
+"""The ``fit``, ``score``, ``topk`` and ``self-influence`` subcommands of ``source-proj``.
+
+A run is described by a Python function named with ``--task file.py:function`` (or
+``module:function``) returning a ``source_proj.task_spec.TaskSpec``: model, task, trajectory,
+training rows and query rows. ``fit`` featurises the training rows into a feature store once;
+the other commands read it. Results go to standard output (or ``--output``), progress bars
+and messages to standard error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, TextIO
+
+TASK_HELP = (
+    "the run to attribute: path/to/file.py:function or module:function, a function with no "
+    "arguments returning a source_proj.task_spec.TaskSpec (model, task, trajectory, train rows, "
+    "query rows; see that module's documentation)"
+)
+STORE_HELP = "the feature store directory written by 'source-proj fit'"
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+def _reporting_errors(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Turn the errors a user can cause (bad input, mismatched or missing store, bad task)
+    into a one-line message and exit code 2; anything else keeps its traceback."""
+
+    def run(args: argparse.Namespace) -> int:
+        from source_proj.store import StoreError
+
+        try:
+            return handler(args)
+        except (ValueError, OSError, StoreError) as exc:
+            _log(f"source-proj {args.command}: error: {exc}")
+            return 2
+
+    return run
+
+
+@contextmanager
+def _output(path: str | None) -> Iterator[TextIO]:
+    if path is None or path == "-":
+        yield sys.stdout
+        return
+    with open(path, "w", newline="") as handle:
+        yield handle
+    _log(f"wrote {path}")
+
+
+def _write_records(records: list[dict[str, Any]], columns: list[str], fmt: str, path: str | None) -> None:
+    with _output(path) as out:
+        if fmt == "json":
+            json.dump(records, out, indent=1)
+            out.write("\n")
+        else:
+            writer = csv.DictWriter(out, fieldnames=columns, lineterminator="\n")
+            writer.writeheader()
+            writer.writerows(records)
+
+
+# ----------------------------------------------------------------------------- fit
+_CONFIG_FLAGS = {  # flag destination -> SourceConfig field
+    "proj_dim": "proj_dim",
+    "seed": "seed",
+    "proj_kind": "proj_kind",
+    "num_segments": "num_segments",
+    "query_mode": "query_mode",
+    "curvature": "curvature",
+    "curvature_examples": "curvature_examples",
+    "keep_segments": "keep_segment_features",
+    "batch_size": "chunk_size",
+    "device": "device",
+}
+
+
+def _attributor_for_fit(args: argparse.Namespace, spec: Any) -> Any:
+    from source_proj.attributor import SourceAttributor
+    from source_proj.config import SourceConfig
+
+    settings = dict(spec.config)
+    settings.update({field: getattr(args, flag) for flag, field in _CONFIG_FLAGS.items() if getattr(args, flag) is not None})
+    settings["progress"] = not args.quiet
+    return SourceAttributor(spec.model, spec.task, spec.trajectory, SourceConfig(**settings))
+
+
+def _fit(args: argparse.Namespace) -> int:
+    from source_proj.attributor_store import fit_store
+    from source_proj.task_spec import load_task
+
+    spec = load_task(args.task)
+    attributor = _attributor_for_fit(args, spec)
+    store, report = fit_store(
+        attributor, spec.train, args.store, dtype=args.dtype, chunk_rows=args.chunk_rows, **spec.fit_options
+    )
+    layout = store.layout
+    _log(
+        f"feature store {store.path}: {layout.n_rows} training rows x {layout.dim} features "
+        f"({layout.dtype}), {attributor.num_segments} segments, k = {attributor.config.proj_dim}; "
+        f"{len(report.computed_chunks)} chunks computed now, {report.skipped_chunks} found done"
+    )
+    return 0
+
+
+# ------------------------------------------------------------------- query commands
+def _query_setup(args: argparse.Namespace) -> tuple[Any, Any, Any, list[int] | None]:
+    """(store, attributor, query features (n_query, D) float32, segments or None)."""
+    from source_proj.attributor import SourceAttributor
+    from source_proj.attributor_store import open_store, stage_segments, store_config
+    from source_proj.store import FeatureStore
+    from source_proj.task_spec import TaskSpecError, load_task
+
+    spec = load_task(args.task)
+    if spec.queries is None:
+        raise TaskSpecError(f"{args.task} returned no queries (TaskSpec.queries) to explain")
+    config = store_config(FeatureStore.open(args.store), progress=not args.quiet, **_runtime(args))
+    attributor = SourceAttributor(spec.model, spec.task, spec.trajectory, config)
+    store = open_store(attributor, args.store)
+    segments = None if args.stage is None else stage_segments(attributor, store, args.stage)
+    queries = attributor.query_features(spec.queries).numpy()
+    return store, attributor, queries, segments
+
+
+def _runtime(args: argparse.Namespace) -> dict[str, Any]:
+    out = {}
+    if args.batch_size is not None:
+        out["chunk_size"] = args.batch_size
+    if args.device is not None:
+        out["device"] = args.device
+    return out
+
+
+def _score(args: argparse.Namespace) -> int:
+    from source_proj.bulk import score_matrix
+
+    store, _, queries, segments = _query_setup(args)
+    scores = score_matrix(
+        store, queries, args.out, segments=segments, query_block=args.query_block, progress=not args.quiet
+    )
+    _log(f"scores {scores.shape[0]} queries x {scores.shape[1]} training rows (float32) in {args.out}/scores")
+    return 0
+
+
+def _topk_results(args: argparse.Namespace, store: Any, queries: Any, segments: list[int] | None) -> dict[str, Any]:
+    from source_proj.retrieval import SearchSettings, exact_proponents_opponents, exact_topk
+
+    kinds = ["proponents", "opponents"] if args.kind == "both" else [args.kind]
+    if args.index == "ivf":
+        if segments is not None:
+            raise ValueError("--index ivf searches the full features; it cannot be combined with --stage")
+        index = _ivf_index(args, store, queries)
+        return {kind: index.search(queries, args.k, opponents=kind == "opponents") for kind in kinds}
+    settings = SearchSettings(shard_rows=args.shard_rows)
+    progress = not args.quiet
+    if len(kinds) == 2:
+        found = exact_proponents_opponents(store, queries, args.k, segments=segments, settings=settings, progress=progress)
+        return dict(zip(kinds, found))
+    return {
+        kinds[0]: exact_topk(
+            store, queries, args.k, opponents=kinds[0] == "opponents", segments=segments, settings=settings,
+            progress=progress,
+        )
+    }
+
+
+def _ivf_index(args: argparse.Namespace, store: Any, queries: Any) -> Any:
+    """The saved IVF index of the store if it is current, else a new one, tuned on (up to)
+    the first 100 queries to the requested recall and saved beside the store."""
+    from source_proj.ivf import ApproxIndex, IVFSettings, StaleIndexError, build_ivf
+    from source_proj.retrieval import exact_proponents_opponents
+
+    try:
+        index = ApproxIndex.load(store)
+        _log(f"using the IVF index saved beside the store (measured recall {index.recall})")
+        return index
+    except (FileNotFoundError, StaleIndexError) as exc:
+        _log(f"building an IVF index ({exc})")
+    index = build_ivf(store, IVFSettings(), progress=not args.quiet)
+    tune = queries[:100]
+    exact = exact_proponents_opponents(store, tune, args.k, progress=not args.quiet)
+    recall = index.tune(tune, *exact, target=args.ivf_recall)
+    _log(f"IVF recall@{args.k} on {len(tune)} queries: {recall}; saved to {index.save(store)}")
+    return index
+
+
+def _topk(args: argparse.Namespace) -> int:
+    store, _, queries, segments = _query_setup(args)
+    results = _topk_results(args, store, queries, segments)
+    records = [
+        {"query": q, "kind": kind, "rank": rank + 1, "train_id": int(found.ids[q, rank]),
+         "score": float(found.scores[q, rank])}
+        for kind, found in results.items()
+        for q in range(found.ids.shape[0])
+        for rank in range(found.ids.shape[1])
+    ]
+    _write_records(records, ["query", "kind", "rank", "train_id", "score"], args.format, args.output)
+    return 0
+
+
+def _self_influence(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from source_proj.store import FeatureStore
+
+    values = FeatureStore.open(args.store).self_influence()
+    order = np.argsort(-values, kind="stable")
+    if args.top is not None:
+        order = order[: args.top]
+    records = [{"rank": r + 1, "train_id": int(m), "self_influence": float(values[m])} for r, m in enumerate(order)]
+    _write_records(records, ["rank", "train_id", "self_influence"], args.format, args.output)
+    return 0
+
+
+# ----------------------------------------------------------------------------- parsers
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--task", required=True, help=TASK_HELP)
+    parser.add_argument("--store", required=True, help=STORE_HELP)
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _runtime_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--batch-size", type=int, help="examples per gradient batch (memory vs speed; default 64)")
+    parser.add_argument("--device", help="where gradients are computed, e.g. cpu or cuda (default: the model's)")
+
+
+def _query_flags(parser: argparse.ArgumentParser) -> None:
+    _common(parser)
+    _runtime_flags(parser)
+    parser.add_argument("--stage", help="only the segments of this training stage (needs a store fitted with "
+                        "--keep-segments)")
+
+
+def _output_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--format", choices=["csv", "json"], default="csv", help="output format (default csv)")
+    parser.add_argument("--output", "-o", help="output file (default: standard output)")
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    """Register fit, score, topk and self-influence on the ``source-proj`` subparsers."""
+    fit = sub.add_parser(
+        "fit",
+        help="featurise a training set into a feature store (resumable)",
+        description="Computes the curvature of each training segment and the SOURCE features of every "
+        "training row, and writes them chunk by chunk to a feature store (a zarr directory). If it is "
+        "interrupted, run the same command again: finished chunks are kept. Settings not given here "
+        "come from the task's TaskSpec.config, then from the defaults.",
+    )
+    _common(fit)
+    fit.add_argument("--dtype", choices=["float32", "float16"], default="float32",
+                     help="feature precision on disk; float16 halves the size, scores within 2^-11 relative")
+    fit.add_argument("--chunk-rows", type=int, default=4096, help="training rows per store chunk (default 4096)")
+    fit.add_argument("--proj-dim", type=int, help="projection dimension k (default 1024)")
+    fit.add_argument("--seed", type=int, help="seed of the random projection (default 0)")
+    fit.add_argument("--proj-kind", choices=["rademacher", "gaussian"], help="projection entries (default rademacher)")
+    fit.add_argument("--num-segments", type=int, help="segments per training stage, L (default 3)")
+    fit.add_argument("--query-mode", choices=["final", "segment"], help="query gradients at the final "
+                     "checkpoint, transported (the paper's form, default) or per segment")
+    fit.add_argument("--curvature", choices=["exact", "sampled"], help="Gauss-Newton Hessian: exact or with "
+                     "sampled labels (cheaper for many classes)")
+    fit.add_argument("--curvature-examples", type=int, help="training rows per checkpoint for the Hessian (default all)")
+    fit.add_argument("--keep-segments", action="store_true", default=None,
+                     help="also store per-segment features (for --stage in score and topk)")
+    _runtime_flags(fit)
+    fit.set_defaults(handler=_reporting_errors(_fit))
+
+    score = sub.add_parser(
+        "score",
+        help="write the full query x training score matrix to a zarr array",
+        description="Scores every query of the task against every training row of the store: "
+        "score > 0 means the training row raises the query's measurement (for a classification margin: "
+        "it helped). Written block by block to OUT/scores, (n_query, N) float32; resumable.",
+    )
+    _query_flags(score)
+    score.add_argument("--out", required=True, help="output zarr directory")
+    score.add_argument("--query-block", type=int, default=1024, help="queries per written block (default 1024)")
+    score.set_defaults(handler=_reporting_errors(_score))
+
+    topk = sub.add_parser(
+        "topk",
+        help="the k most helpful (proponents) and most harmful (opponents) training rows per query",
+        description="For every query of the task, the k training rows with the largest scores "
+        "(proponents) and/or the most negative ones (opponents). One output row per result: query id, "
+        "kind, rank (1 = strongest), train id (row of the training data) and score.",
+    )
+    _query_flags(topk)
+    topk.add_argument("-k", type=int, default=10, help="results per query (default 10)")
+    topk.add_argument("--kind", choices=["proponents", "opponents", "both"], default="both",
+                      help="which results (default both)")
+    topk.add_argument("--index", choices=["exact", "ivf"], default="exact",
+                      help="exact search (default) or an approximate IVF index, built and saved beside the store "
+                      "on first use and tuned on the first 100 queries")
+    topk.add_argument("--ivf-recall", type=float, default=0.95, help="recall@k the IVF index is tuned to (default 0.95)")
+    topk.add_argument("--shard-rows", type=int, default=65536,
+                      help="training rows searched at a time by the exact search (memory bound; default 65536)")
+    _output_flags(topk)
+    topk.set_defaults(handler=_reporting_errors(_topk))
+
+    self_inf = sub.add_parser(
+        "self-influence",
+        help="training rows ranked by self-influence (candidates for mislabeled or atypical data)",
+        description="Lists training rows by decreasing self-influence, the predicted rise of a row's own "
+        "loss if it were removed: large values flag rows the model memorised rather than learned from "
+        "others, often mislabeled or atypical. Computed by 'fit' and read from the store.",
+    )
+    self_inf.add_argument("--store", required=True, help=STORE_HELP)
+    self_inf.add_argument("--top", type=int, help="only the first N rows (default all)")
+    _output_flags(self_inf)
+    self_inf.set_defaults(handler=_reporting_errors(_self_influence))

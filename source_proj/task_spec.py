@@ -1,0 +1,116 @@
+"""The user's description of a run for the command line: ``--task FILE.py:FUNCTION`` or
+``--task MODULE:FUNCTION``.
+
+The function takes no arguments and returns a :class:`TaskSpec` (or a dict with the same
+keys). For example, ``my_task.py``::
+
+    from source_proj.task_spec import TaskSpec
+
+    def task():
+        model = MyNet()                                # the architecture
+        trajectory = Trajectory(checkpoints, optimizer="momentum", momentum=0.9)
+        return TaskSpec(model=model, task="classification", trajectory=trajectory,
+                        train=(x_train, y_train), queries=(x_test, y_test))
+
+and ``source-proj fit --task my_task.py:task --store feats.zarr``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from source_proj.tasks import Task
+from source_proj.trajectory import Trajectory
+
+
+class TaskSpecError(ValueError):
+    """A ``--task`` reference that cannot be loaded, or a function returning something unusable."""
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """What a ``--task`` function returns.
+
+    Attributes:
+        model: the trained architecture (``nn.Module``); its weights come from the trajectory.
+        task: a ``Task``, or "classification" / "regression".
+        trajectory: the run's checkpoints and optimizer settings (``Trajectory``).
+        train: the training rows: ``(inputs, targets)`` tensors, a ``Dataset`` or a
+            ``DataLoader`` (its dataset, in index order). Train id i is row i.
+        queries: the rows to explain (same forms; query id i is row i), needed by
+            ``score`` and ``topk``.
+        config: ``SourceConfig`` settings for ``fit`` (e.g. ``{"proj_dim": 2048}``); flags
+            given on the command line take precedence.
+        fit_options: keyword arguments of ``SourceAttributor.prepare``: ``stages``,
+            ``num_train``, ``curvature_data``.
+    """
+
+    model: nn.Module
+    task: Task | str
+    trajectory: Trajectory
+    train: Any
+    queries: Any = None
+    config: Mapping[str, Any] = field(default_factory=dict)
+    fit_options: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model, nn.Module):
+            raise TaskSpecError(f"TaskSpec.model must be a torch.nn.Module, got {type(self.model).__name__}")
+        if not isinstance(self.trajectory, Trajectory):
+            raise TaskSpecError(f"TaskSpec.trajectory must be a Trajectory, got {type(self.trajectory).__name__}")
+        if not isinstance(self.task, (Task, str)):
+            raise TaskSpecError(f"TaskSpec.task must be a Task or a name, got {type(self.task).__name__}")
+        allowed = {"stages", "num_train", "curvature_data"}
+        if set(self.fit_options) - allowed:
+            raise TaskSpecError(f"TaskSpec.fit_options accepts {sorted(allowed)}, got {sorted(self.fit_options)}")
+
+
+def _load_function(reference: str) -> Any:
+    target, sep, name = reference.rpartition(":")
+    if not sep or not target or not name:
+        raise TaskSpecError(f"--task must look like path/to/file.py:function or module:function, got {reference!r}")
+    if target.endswith(".py") or os.sep in target or Path(target).is_file():
+        path = Path(target)
+        if not path.is_file():
+            raise TaskSpecError(f"task file {path} does not exist")
+        module_name = f"_source_proj_task_{path.stem}"
+        spec = importlib.util.spec_from_file_location(module_name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[module_name] = module
+        spec.loader.exec_module(module)
+    else:
+        try:
+            module = importlib.import_module(target)
+        except ImportError as exc:
+            raise TaskSpecError(f"cannot import module {target!r} for --task: {exc}") from exc
+    function = getattr(module, name, None)
+    if not callable(function):
+        raise TaskSpecError(f"{target} has no function {name!r}")
+    return function
+
+
+def load_task(reference: str) -> TaskSpec:
+    """Call the function named by ``reference`` ("file.py:function" or "module:function")
+    and return its ``TaskSpec`` (a dict with TaskSpec's keys is accepted too)."""
+    result = _load_function(reference)()
+    if isinstance(result, TaskSpec):
+        return result
+    if isinstance(result, Mapping):
+        known = {f.name for f in fields(TaskSpec)}
+        unknown = set(result) - known
+        if unknown:
+            raise TaskSpecError(f"{reference} returned unknown keys {sorted(unknown)}; TaskSpec has {sorted(known)}")
+        try:
+            return TaskSpec(**result)
+        except TypeError as exc:
+            raise TaskSpecError(f"{reference} returned an incomplete task: {exc}") from exc
+    raise TaskSpecError(f"{reference} must return a TaskSpec or a dict, got {type(result).__name__}")
