@@ -7,8 +7,8 @@ output and a range of gradient coordinates (rows of R); for every BLOCK_P rows i
 gradient tile, regenerates the (BLOCK_P x BLOCK_N) tile of R in registers from Philox4x32-10
 and multiplies with ``tl.dot`` into a float32 accumulator.
 
-Generation. Rademacher tiles take one Philox call per row (BLOCK_N divides 128, so a tile's
-columns share one 128-column group) and expand its 128 bits to +-1 entries; the tile is built
+Generation. Rademacher tiles take one Philox call per row and 128-column group (BLOCK_N is 256
+or divides 128, so a tile spans one or two groups) and expand its 128 bits to +-1 entries; the tile is built
 transposed, (BLOCK_N, BLOCK_P) with the rows along the fast axis, so that the threads of a warp
 hold different rows and do not repeat each other's Philox call. Gaussian tiles take one call
 per (row, 4 columns) and apply Box-Muller (log, sqrt, cos, sin): much slower, correct to
@@ -75,9 +75,9 @@ def _philox(c0, c1, c2, c3, k0, k1):
 def _rademacher_tile_t(rows, col0, k0, k1, BLOCK_N: tl.constexpr, DTYPE: tl.constexpr):
     """(BLOCK_N, BLOCK_P) tile of R^T in DTYPE: columns col0 + [0, BLOCK_N), rows ``rows``.
 
-    ``rows`` are int64 global row indices (BLOCK_P,); col0 is a multiple of BLOCK_N, which
-    divides 128, so one Philox call per row covers the tile. +1 where the layout's bit is 0,
-    -1 where it is 1.
+    ``rows`` are int64 global row indices (BLOCK_P,); col0 is a multiple of BLOCK_N, which is
+    256 or divides 128, so one Philox call per row and group of 128 columns covers the tile.
+    +1 where the layout's bit is 0, -1 where it is 1.
     """
     c0 = (rows & 0xFFFFFFFF).to(tl.uint32)
     c1 = (rows >> 32).to(tl.uint32)
@@ -88,6 +88,12 @@ def _rademacher_tile_t(rows, col0, k0, k1, BLOCK_N: tl.constexpr, DTYPE: tl.cons
     x = tl.where(word == 0, x0[None, :], x1[None, :])
     x = tl.where(word == 2, x2[None, :], x)
     x = tl.where(word == 3, x3[None, :], x)
+    if BLOCK_N == 256:  # a second call for the second group of 128 columns
+        y0, y1, y2, y3 = _philox(c0, c1, group + 1, tl.zeros_like(group), k0, k1)
+        x = tl.where(word == 4, y0[None, :], x)
+        x = tl.where(word == 5, y1[None, :], x)
+        x = tl.where(word == 6, y2[None, :], x)
+        x = tl.where(word == 7, y3[None, :], x)
     bit = (x >> (cols % 32).to(tl.uint32)[:, None]) & 1
     # Entries as bit patterns: the layout's bit becomes the sign bit of +1.0 in DTYPE.
     if DTYPE == tl.float32:
@@ -191,8 +197,8 @@ def _project_kernel(
     col0 = pid_n * BLOCK_N
     offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
     offs_n = col0 + tl.arange(0, BLOCK_N)
-    k0 = tl.to_tensor(seed_lo).to(tl.uint32)
-    k1 = tl.to_tensor(seed_hi).to(tl.uint32)
+    k0 = seed_lo.to(tl.uint32)
+    k1 = seed_hi.to(tl.uint32)
 
     p_start = pid_split.to(tl.int64) * rows_per_split
     p_stop = tl.minimum(p_start + rows_per_split, p)
@@ -227,7 +233,7 @@ class Tiles:
 
     Attributes:
         block_b: gradient rows (batch) per program, a power of two >= 16.
-        block_n: output columns per program, a power of two in [16, 128].
+        block_n: output columns per program, a power of two in [16, 256].
         block_p: gradient coordinates (rows of R) per step, a power of two >= 16.
         num_warps: warps per program.
         num_stages: software-pipelining depth of the gradient loads.
@@ -244,19 +250,29 @@ class Tiles:
             value = getattr(self, name)
             if value < 16 or value & (value - 1):
                 raise ValueError(f"{name} must be a power of two >= 16, got {value}")
-        if self.block_n > 128:
-            raise ValueError(f"block_n must divide 128 (one Philox call per row), got {self.block_n}")
+        if self.block_n > 256:
+            raise ValueError(f"block_n must be at most 256 (two Philox calls per row), got {self.block_n}")
 
 
 def choose_tiles(batch: int, dim: int, dtype: torch.dtype, kind: str) -> Tiles:
-    """Tile sizes for a Hopper/Ampere GPU (measured choices: benchmarks/results/projection-*)."""
-    block_n = min(128, max(16, triton.next_power_of_2(dim)))
+    """Tile sizes for Hopper, from the H200 sweeps in benchmarks/results/projection-gpu-h200.md.
+
+    Small batches are generation-bound: wide column tiles (256, two Philox calls a row) share
+    each gradient tile widely. Large batches are MMA-bound: 128 x 128 tiles with 4 warps beat
+    8 warps and 256-wide tiles. float32 gradients (three MMAs per step) prefer 128 x 256 with 8
+    warps. Gaussian tiles stay small (a Philox call per 4 entries, in registers).
+    """
     block_b = min(128, max(16, triton.next_power_of_2(batch)))
     if kind == GAUSSIAN:
-        return Tiles(block_b=min(block_b, 64), block_n=min(block_n, 64), block_p=32, num_warps=4)
-    block_p = 32 if dtype == torch.float32 else 64
-    num_warps = 8 if block_b >= 128 else 4
-    return Tiles(block_b, block_n, block_p, num_warps=num_warps, num_stages=3)
+        return Tiles(min(block_b, 64), min(64, max(16, triton.next_power_of_2(dim))), 32, num_warps=4)
+    widest = min(256, max(16, triton.next_power_of_2(dim)))
+    if dtype == torch.float32:
+        if block_b >= 128:
+            return Tiles(128, widest, 32, num_warps=8 if widest == 256 else 4, num_stages=3)
+        return Tiles(block_b, min(widest, 128), 32, num_warps=4, num_stages=3)
+    if block_b <= 32:
+        return Tiles(block_b, widest, 64, num_warps=4, num_stages=3)
+    return Tiles(block_b, min(widest, 128), 64, num_warps=4, num_stages=3)
 
 
 def _interpreting() -> bool:
