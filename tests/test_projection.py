@@ -134,7 +134,8 @@ def test_norms_and_distances_within_jl_bounds(kind):
     """For k = 1024 and eps = 0.25, P(| |Px|^2/|x|^2 - 1 | > eps) < 2 exp(-k (eps^2/2 - eps^3/3) / 2)
     = 3e-6 per vector (Achlioptas 2003), so 10 points and their 45 differences stay inside."""
     gen = torch.Generator().manual_seed(3)
-    points = torch.randn(10, 3000, generator=gen, dtype=torch.float64) * torch.rand(10, 1, generator=gen, dtype=torch.float64)
+    scales = torch.rand(10, 1, generator=gen, dtype=torch.float64)
+    points = torch.randn(10, 3000, generator=gen, dtype=torch.float64) * scales
     out = project(points.float(), ProjectionConfig(dim=1024, seed=5, kind=kind)).double()
     ratios = out.norm(dim=1) ** 2 / points.norm(dim=1) ** 2
     assert (ratios - 1).abs().max() < 0.25
