@@ -149,14 +149,26 @@ def _score(args: argparse.Namespace) -> int:
 
 
 def _topk_results(args: argparse.Namespace, store: Any, queries: Any, segments: list[int] | None) -> dict[str, Any]:
-    from source_proj.retrieval import SearchSettings, exact_proponents_opponents, exact_topk
-
     kinds = ["proponents", "opponents"] if args.kind == "both" else [args.kind]
     if args.index == "ivf":
         if segments is not None:
             raise ValueError("--index ivf searches the full features; it cannot be combined with --stage")
         index = _ivf_index(args, store, queries)
-        return {kind: index.search(queries, args.k, opponents=kind == "opponents") for kind in kinds}
+        exact = [kind for kind in kinds if not index.worth_using(kind == "opponents")]
+        if exact:
+            _log(f"the IVF index does not reach recall {index.recall['target']} for {exact}: searching them exactly")
+        results = {kind: index.search(queries, args.k, opponents=kind == "opponents") for kind in kinds if kind not in exact}
+        if exact:
+            results.update(_exact_results(args, store, queries, None, exact))
+        return {kind: results[kind] for kind in kinds}
+    return _exact_results(args, store, queries, segments, kinds)
+
+
+def _exact_results(
+    args: argparse.Namespace, store: Any, queries: Any, segments: list[int] | None, kinds: list[str]
+) -> dict[str, Any]:
+    from source_proj.retrieval import SearchSettings, exact_proponents_opponents, exact_topk
+
     settings = SearchSettings(shard_rows=args.shard_rows)
     progress = not args.quiet
     if len(kinds) == 2:

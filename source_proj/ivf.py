@@ -118,7 +118,8 @@ class ApproxIndex:
         store_token: ``content_token()`` of the store it indexes.
         n_probe: cells searched per query, ``{"proponents": int, "opponents": int}``.
         recall: the last ``tune`` measurement, e.g. ``{"k": 10, "n_queries": 200,
-            "target": 0.95, "proponents": {"n_probe": 8, "recall": 0.97}, "opponents": ...}``;
+            "target": 0.95, "proponents": {"n_probe": 8, "recall": 0.97, "reached": True},
+            "opponents": ...}``;
             empty until measured.
     """
 
@@ -148,13 +149,22 @@ class ApproxIndex:
         scores, ids = self.index.search(sign * q, k, params=faiss.SearchParametersIVF(nprobe=probes))
         return TopK(sign * scores, ids)
 
-    def tune(self, queries: np.ndarray, proponents: TopK, opponents: TopK, target: float) -> dict[str, Any]:
-        """For proponents and opponents each, set ``n_probe`` to the smallest power of two (or
-        all cells) whose recall@k on ``queries``, against the given exact top-k, is at least
-        ``target``; record and return the measurement (see ``recall``)."""
+    def tune(
+        self, queries: np.ndarray, proponents: TopK, opponents: TopK, target: float, *, max_fraction: float = 0.25
+    ) -> dict[str, Any]:
+        """For proponents and opponents each, set ``n_probe`` to the smallest power of two
+        whose recall@k on ``queries``, against the given exact top-k, is at least ``target``.
+
+        Probing more than ``max_fraction`` of the cells costs more than the exact search (the
+        IVF scan is not a BLAS product), so the search stops there: the kind is then recorded
+        with ``"reached": False`` and its best n_probe, and callers should search it exactly
+        (``worth_using``). Returns and records the measurement (see ``recall``)."""
         if not 0.0 < target <= 1.0:
             raise ValueError(f"target recall must be in (0, 1], got {target}")
-        candidates = sorted({min(2**i, self.n_lists) for i in range(self.n_lists.bit_length() + 1)})
+        if not 0.0 < max_fraction <= 1.0:
+            raise ValueError(f"max_fraction must be in (0, 1], got {max_fraction}")
+        limit = max(1, int(max_fraction * self.n_lists))
+        candidates = sorted({min(2**i, limit) for i in range(limit.bit_length() + 1)})
         k = proponents.ids.shape[1]
         self.recall = {"k": k, "n_queries": int(np.asarray(queries).shape[0]), "target": target}
         for exact, opp in ((proponents, False), (opponents, True)):
@@ -163,8 +173,12 @@ class ApproxIndex:
                 if recall >= target:
                     break
             self.n_probe[_kind(opp)] = n_probe
-            self.recall[_kind(opp)] = {"n_probe": n_probe, "recall": recall}
+            self.recall[_kind(opp)] = {"n_probe": n_probe, "recall": recall, "reached": recall >= target}
         return self.recall
+
+    def worth_using(self, opponents: bool = False) -> bool:
+        """Whether the last ``tune`` reached its target recall for this kind of search."""
+        return bool(self.recall.get(_kind(opponents), {}).get("reached", False))
 
     def save(self, store: FeatureStore) -> Path:
         """Write the index and its description to ``index_dir(store)`` (atomically)."""

@@ -33,7 +33,7 @@ import json
 import os
 import uuid
 from collections.abc import Callable, Collection, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -368,16 +368,15 @@ class FeatureStore:
         return h.hexdigest()
 
     # ------------------------------------------------------------------------------ writing
-    def write_chunk(self, index: int, chunk: np.ndarray | ChunkFeatures) -> None:
-        """Encode and write chunk ``index`` (its F rows (n, D), or a ``ChunkFeatures``), then
-        mark it complete in the ledger. ``n`` is the chunk's row count."""
+    def check_chunk(self, index: int, chunk: np.ndarray | ChunkFeatures) -> ChunkFeatures:
+        """Validate what ``compute_chunk`` returned for chunk ``index`` against the layout
+        (shapes, float dtype, finite values, which parts are present); returns it as a
+        ``ChunkFeatures`` of arrays. Raises ``ValueError`` naming the problem."""
         layout = self.layout
         start, stop = layout.chunk_range(index)
         n = stop - start
         if not isinstance(chunk, ChunkFeatures):
             chunk = ChunkFeatures(chunk)
-        features = _check_block("features", chunk.features, (n, layout.dim), (start, stop))
-        seg_shape = (n, layout.n_segments, layout.segment_dim)
         for name, given, kept in (
             ("segment_features", chunk.segment_features, layout.n_segments > 0),
             ("self_influence", chunk.self_influence, layout.self_influence),
@@ -387,23 +386,38 @@ class FeatureStore:
                     f"store {self.path} was created {'with' if kept else 'without'} {name}: the "
                     f"computed chunks {'must' if kept else 'cannot'} include it (see ChunkFeatures)"
                 )
-        parts = [("features", "row_scale", features)]
-        if chunk.segment_features is not None:
-            segment_features = _check_block("segment_features", chunk.segment_features, seg_shape, (start, stop))
-            parts.append(("segment_features", "segment_scale", segment_features))
+        rows = (start, stop)
+        return ChunkFeatures(
+            _check_block("features", chunk.features, (n, layout.dim), rows),
+            None if chunk.segment_features is None else _check_block(
+                "segment_features", chunk.segment_features, (n, layout.n_segments, layout.segment_dim), rows
+            ),
+            None if chunk.self_influence is None else _check_block(
+                "self_influence", chunk.self_influence, (n,), rows
+            ).astype(np.float64),
+        )
+
+    def _write_checked(self, index: int, chunk: ChunkFeatures) -> int:
+        """Encode and write a checked chunk, then mark it complete; returns its row count."""
+        start, stop = self.layout.chunk_range(index)
         written = []
-        for name, scale_name, block in parts:
-            stored, scale = _encode(block, layout.dtype)
+        for name, scale_name, block in (
+            ("features", "row_scale", chunk.features),
+            ("segment_features", "segment_scale", chunk.segment_features),
+        ):
+            if block is None:
+                continue
+            stored, scale = _encode(block, self.layout.dtype)
             self._group[name][start:stop] = stored
             written.append(stored)
             if scale is not None:
                 self._group[scale_name][start:stop] = scale
                 written.append(scale)
         if chunk.self_influence is not None:
-            values = _check_block("self_influence", chunk.self_influence, (n,), (start, stop)).astype(np.float64)
-            self._group["self_influence"][start:stop] = values
-            written.append(values)
+            self._group["self_influence"][start:stop] = chunk.self_influence
+            written.append(chunk.self_influence)
         self._ledger.mark(index, chunk_digest(*written))
+        return stop - start
 
     def write_curvature(self, eigenvalues: np.ndarray, eigenvectors: np.ndarray) -> None:
         """Store the per-segment curvature: eigenvalues (L, k) and eigenvectors (L, k, k),
@@ -527,18 +541,28 @@ def featurize(store: FeatureStore, compute_chunk: ComputeChunk, *, progress: boo
     per-segment features or self-influence. Chunks already complete are skipped without
     calling it, so calling ``featurize`` again after an interruption (even SIGKILL) resumes
     where the earlier run stopped and, for a deterministic ``compute_chunk``, ends with the
-    same store as an uninterrupted run. Memory use is bounded by one chunk.
+    same store as an uninterrupted run.
+
+    Each chunk is encoded and written by a background thread while the next one is
+    computed; memory use is bounded by two chunks. A chunk is marked complete only once
+    written, and on an exception the chunk being written is finished first.
     """
     pending = store.pending_chunks()
     layout = store.layout
     done_rows = layout.n_rows - sum(stop - start for start, stop in map(layout.chunk_range, pending))
     computed: list[int] = []
-    with tqdm(
-        total=layout.n_rows, initial=done_rows, unit="row", desc="featurize", disable=not progress
-    ) as bar:
+    with (
+        tqdm(total=layout.n_rows, initial=done_rows, unit="row", desc="featurize", disable=not progress) as bar,
+        ThreadPoolExecutor(max_workers=1) as writer,
+    ):
+        writing: Future | None = None
         for index in pending:
             start, stop = layout.chunk_range(index)
-            store.write_chunk(index, compute_chunk(start, stop))
+            chunk = store.check_chunk(index, compute_chunk(start, stop))
+            if writing is not None:
+                bar.update(writing.result())
+            writing = writer.submit(store._write_checked, index, chunk)
             computed.append(index)
-            bar.update(stop - start)
+        if writing is not None:
+            bar.update(writing.result())
     return FeaturizeReport(tuple(computed), layout.n_chunks - len(pending))

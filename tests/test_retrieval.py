@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from source_proj import retrieval
 from source_proj.ivf import ApproxIndex, IVFSettings, StaleIndexError, build_ivf, index_dir, recall_at_k
 from source_proj.retrieval import SearchSettings, TopK, exact_proponents_opponents, exact_topk
 from source_proj.store import FeatureStore, StoreIncompleteError, StoreLayout
@@ -55,20 +56,23 @@ def store_and_features(tmp_path_factory: pytest.TempPathFactory) -> tuple[Featur
 
 
 @pytest.mark.parametrize("k", [1, 10, 200])  # 200 > a shard's 128 rows: results span shards
-@pytest.mark.parametrize("shard_rows", [100, 10**6])  # 8 shards of 128 rows / one flat shard
-def test_exact_topk_equals_torch_topk(store_and_features, k: int, shard_rows: int) -> None:
+@pytest.mark.parametrize("sharded", [True, False])  # 8 shards of 128 rows / one flat shard
+def test_exact_topk_equals_torch_topk(store_and_features, k: int, sharded: bool, monkeypatch) -> None:
     store, features = store_and_features
     queries = _queries(9, 16)
-    settings = SearchSettings(shard_rows=shard_rows)
+    if sharded:  # and BLAS blocks of 50 rows x 4 queries inside the shards
+        settings = SearchSettings(shard_rows=100, blas_block_rows=50)
+        monkeypatch.setattr(retrieval, "_QUERY_BLOCK", 4)
+    else:
+        settings = SearchSettings(shard_rows=10**6)
     proponents = exact_topk(store, queries, k, settings=settings, progress=False)
     opponents = exact_topk(store, queries, k, opponents=True, settings=settings, progress=False)
     assert_matches_topk(proponents, queries, features, k, largest=True)
     assert_matches_topk(opponents, queries, features, k, largest=False)
     assert np.all(proponents.scores[:, :1] > 0) and np.all(opponents.scores[:, :1] < 0)
-    both = exact_proponents_opponents(store, queries, k, settings=settings, progress=False)
-    for one_pass, separate in zip(both, (proponents, opponents)):
-        np.testing.assert_array_equal(one_pass.ids, separate.ids)
-        np.testing.assert_array_equal(one_pass.scores, separate.scores)
+    one_pass = exact_proponents_opponents(store, queries, k, settings=settings, progress=False)
+    assert_matches_topk(one_pass[0], queries, features, k, largest=True)
+    assert_matches_topk(one_pass[1], queries, features, k, largest=False)
 
 
 def test_exact_topk_on_segments(tmp_path: Path) -> None:
@@ -138,7 +142,7 @@ def test_ivf_tune_save_load_and_staleness(clustered_store, tmp_path: Path) -> No
     index = build_ivf(store, settings, progress=False)
     queries = _clustered(60, 16, seed=2)
     exact = exact_proponents_opponents(store, queries, 10, progress=False)
-    recall = index.tune(queries, *exact, target=0.9)
+    recall = index.tune(queries, *exact, target=0.9, max_fraction=1.0)
     assert recall["k"] == 10 and recall["n_queries"] == 60 and recall["target"] == 0.9
     # Independent recount of each kind's recall at its chosen n_probe, and minimality.
     for truth, opp, kind in ((exact[0], False, "proponents"), (exact[1], True, "opponents")):
@@ -146,9 +150,18 @@ def test_ivf_tune_save_load_and_staleness(clustered_store, tmp_path: Path) -> No
         assert recall[kind]["n_probe"] == n_probe < 32  # cheaper than searching everything
         overlap = np.mean([len(set(f) & set(t)) for f, t in zip(index.search(queries, 10, opponents=opp).ids, truth.ids)])
         assert recall[kind]["recall"] == pytest.approx(overlap / 10) and overlap / 10 >= 0.9
+        assert recall[kind]["reached"] and index.worth_using(opp)
         if n_probe > 1:
             fewer = index.search(queries, 10, opponents=opp, n_probe=n_probe // 2).ids
             assert recall_at_k(fewer, truth.ids) < 0.9
+
+    # Probing at most one cell of 32 cannot give perfect recall here: the index says so.
+    capped = ApproxIndex(index.index, settings, index.store_token, {}, {}).tune(
+        queries, *exact, target=1.0, max_fraction=1 / 32
+    )
+    for kind in ("proponents", "opponents"):
+        assert capped[kind]["n_probe"] == 1 and capped[kind]["reached"] is (capped[kind]["recall"] >= 1.0)
+    assert not capped["proponents"]["reached"]
 
     where = index.save(store)
     assert where == index_dir(store) == store.path.with_name("c.zarr.ivf")

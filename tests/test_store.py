@@ -211,7 +211,7 @@ def _store_contents(path: Path) -> dict[str, np.ndarray]:
 @pytest.mark.parametrize("killer", ["self", "parent"])
 def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path: Path, killer: str) -> None:
     path, log = tmp_path / "killed.zarr", tmp_path / "calls.log"
-    if killer == "self":  # deterministic: dies while holding chunk 7, chunks 0-6 written
+    if killer == "self":  # deterministic: dies while computing chunk 7, chunks 0-5 surely written
         child = _start_child(path, log, kill_at=7, delay=0.0)
         child.wait(timeout=120)
     else:  # the parent kills at an arbitrary moment once a few chunks are done
@@ -230,8 +230,8 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path: Path, killer
     done_at_kill = sorted(set(range(LAYOUT.n_chunks)) - set(pending_at_kill))
     assert 0 < len(done_at_kill) < LAYOUT.n_chunks
     assert done_at_kill == sorted(set(called_before) - set(pending_at_kill))
-    if killer == "self":
-        assert done_at_kill == list(range(7)) and called_before == list(range(8))
+    if killer == "self":  # chunk 6 was being written in the background when 7 was computed
+        assert done_at_kill in (list(range(6)), list(range(7))) and called_before == list(range(8))
 
     calls: list[int] = []
 
