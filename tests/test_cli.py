@@ -106,14 +106,19 @@ def test_fit_topk_score_self_influence_round_trip(task_file: Path, tmp_path: Pat
     )
     json_path = tmp_path / "top.json"
     code, _, err = _run(capsys, "topk", "--task", ref, "--store", store, "-k", "5", "--format", "json",
-                        "--output", str(json_path), "--kind", "opponents", "--quiet")
+                        "--output", str(json_path), "--quiet")
     assert code == 0, err
-    json_records = json.loads(json_path.read_text())
-    assert json_records == [
+    assert json.loads(json_path.read_text()) == [
         {**r, "query": int(r["query"]), "rank": int(r["rank"]), "train_id": int(r["train_id"]),
          "score": float(r["score"])}
-        for r in csv_records if r["kind"] == "opponents"
+        for r in csv_records
     ]
+    code, out, err = _run(capsys, "topk", "--task", ref, "--store", store, "-k", "5", "--kind", "opponents", "--quiet")
+    assert code == 0, err
+    opponents = list(csv.DictReader(io.StringIO(out)))
+    both = [r for r in csv_records if r["kind"] == "opponents"]
+    assert [r["train_id"] for r in opponents] == [r["train_id"] for r in both]
+    np.testing.assert_allclose([float(r["score"]) for r in opponents], [float(r["score"]) for r in both], rtol=1e-5)
 
     code, _, err = _run(capsys, "score", "--task", ref, "--store", store, "--out", str(tmp_path / "s.zarr"), "--quiet")
     assert code == 0, err
