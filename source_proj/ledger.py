@@ -77,13 +77,14 @@ class ChunkLedger:
     def n_chunks(self) -> int:
         return int(self._array.shape[0])
 
-    def digests(self) -> np.ndarray:
-        """uint64 array (n_chunks,): each chunk's digest, 0 where the chunk is not written."""
-        return np.asarray(self._array[:], dtype=np.uint64)
+    def digests(self, first: int = 0, stop: int | None = None) -> np.ndarray:
+        """uint64 array of chunks [first, stop) (default all): each chunk's digest, 0 where
+        the chunk is not written."""
+        return np.asarray(self._array[first:stop], dtype=np.uint64)
 
-    def done(self) -> np.ndarray:
-        """bool array (n_chunks,): True where the chunk is complete."""
-        return self.digests() != 0
+    def done(self, first: int = 0, stop: int | None = None) -> np.ndarray:
+        """bool array of chunks [first, stop) (default all): True where complete."""
+        return self.digests(first, stop) != 0
 
     def pending(self) -> list[int]:
         """Indices of the chunks not yet written, in order."""

@@ -249,6 +249,13 @@ class FeatureStore:
         self._group = group
         self._attrs = attrs
         self._ledger = ChunkLedger.open(group, "chunk_digest")
+        self._arrays: dict[str, zarr.Array] = {}
+
+    def _array(self, name: str) -> zarr.Array:
+        """The row-chunked array ``name``, opened once (each lookup reads its metadata)."""
+        if name not in self._arrays:
+            self._arrays[name] = self._group[name]
+        return self._arrays[name]
 
     # ----------------------------------------------------------------- creation and opening
     @classmethod
@@ -408,13 +415,13 @@ class FeatureStore:
             if block is None:
                 continue
             stored, scale = _encode(block, self.layout.dtype)
-            self._group[name][start:stop] = stored
+            self._array(name)[start:stop] = stored
             written.append(stored)
             if scale is not None:
-                self._group[scale_name][start:stop] = scale
+                self._array(scale_name)[start:stop] = scale
                 written.append(scale)
         if chunk.self_influence is not None:
-            self._group["self_influence"][start:stop] = chunk.self_influence
+            self._array("self_influence")[start:stop] = chunk.self_influence
             written.append(chunk.self_influence)
         self._ledger.mark(index, chunk_digest(*written))
         return stop - start
@@ -471,17 +478,17 @@ class FeatureStore:
         if not 0 <= start <= stop <= layout.n_rows:
             raise IndexError(f"rows [{start}, {stop}) out of range for a store of {layout.n_rows} rows")
         first, last = start // layout.chunk_rows, -(-stop // layout.chunk_rows)
-        if not self._ledger.done()[first:last].all():
+        if not self._ledger.done(first, last).all():
             raise StoreIncompleteError(
                 f"rows [{start}, {stop}) of feature store {self.path} are not all written yet"
             )
         f16 = layout.dtype == "float16"
         if segments is None:
-            scale = self._group["row_scale"][start:stop] if f16 else None
-            return _decode(self._group["features"][start:stop], scale)
+            scale = self._array("row_scale")[start:stop] if f16 else None
+            return _decode(self._array("features")[start:stop], scale)
         segments = self._check_segments(segments)
-        stored = self._group["segment_features"][start:stop][:, segments]
-        scale = self._group["segment_scale"][start:stop][:, segments] if f16 else None
+        stored = self._array("segment_features")[start:stop][:, segments]
+        scale = self._array("segment_scale")[start:stop][:, segments] if f16 else None
         return _decode(stored, scale).sum(axis=1)
 
     def _check_segments(self, segments: Sequence[int]) -> list[int]:
