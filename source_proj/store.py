@@ -19,7 +19,7 @@ Layout of a store directory (a zarr v3 group):
 - ``curvature_eigenvalues`` (L, k) and ``curvature_eigenvectors`` (L, k, k), float64,
   optional, validated by a digest kept in the attributes.
 - attributes under ``source_proj_store``: format version, a random store id, the layout
-  (N, D, dtype, chunk rows, L, k) and the caller's JSON metadata (projection seed, kind and
+  (N, D, dtype, chunk rows, L, k, self-influence kept) and the caller's JSON metadata (projection seed, kind and
   dimension, model fingerprint, trajectory summary, ...).
 
 Scores are ``score(q, m) = Q[q] . F[m]``; this module only stores and returns F (float32).
@@ -50,7 +50,6 @@ STORE_DTYPES = ("float32", "float16")
 ATTRS_KEY = "source_proj_store"
 # float16 rows are scaled so that their largest magnitude is at most 2^_F16_MAX_EXPONENT.
 _F16_MAX_EXPONENT = 15
-
 
 
 class StoreError(Exception):
@@ -293,10 +292,7 @@ class FeatureStore:
             if layout.dtype == "float16":
                 array("segment_scale", (layout.n_rows, layout.n_segments), "float32")
         if layout.self_influence:
-            group.create_array(
-                "self_influence", shape=(layout.n_rows,), dtype="float64", chunks=(rows,),
-                compressors=None, fill_value=0,
-            )
+            array("self_influence", (layout.n_rows,), "float64")
         ChunkLedger.create(group, "chunk_digest", layout.n_chunks)
 
     @classmethod
