@@ -17,7 +17,7 @@ import pytest
 from source_proj.evaluation.ground_truth import ground_truth_noise
 
 ROOT = Path(__file__).resolve().parents[1]
-METHODS = ("RepSim", "TracIn", "IF (damping 1e-3)", "TRAK", "SOURCE L=1")
+METHODS = ("RepSim", "TracIn", "IF (damping 1e-3)", "TRAK", "SOURCE L=1", "query per segment", "defaults")
 
 
 @pytest.mark.slow  # about 15 s alone, 40 s on a loaded machine
@@ -33,12 +33,12 @@ def test_quick_benchmark_runs_and_reports_what_it_measured(tmp_path: Path) -> No
     (cache,) = (tmp_path / "cache").glob("lds-digits-noisy-*.npz")
     with np.load(cache) as data:
         noise = ground_truth_noise(data["measurements"])
-    row = re.search(r"^\| digits-noisy \| 800 \| ([-\d.]+) \| ([-\d.]+) \|$", text, re.MULTILINE)
+    row = re.search(r"^\| digits-noisy \| 800 \| 2 \| ([-\d.]+) \| ([-\d.]+) \|$", text, re.MULTILINE)
     assert row is not None, text
     assert float(row.group(1)) == round(noise.split_half_reliability, 3)
     assert float(row.group(2)) == round(noise.noise_to_signal, 3)
 
-    for method in METHODS + ("(defaults)",):
+    for method in METHODS:
         cells = re.findall(rf"^\| [^|]*{re.escape(method)}[^|]* \| ([-\d.]+) \[", text, re.MULTILINE)
         assert len(cells) >= 2, f"{method} missing from the single-model or ensemble table"
         assert all(-1.0 <= float(c) <= 1.0 for c in cells)

@@ -4,6 +4,12 @@ Both protocols take a user-supplied ``retrain(train_indices, seed) -> (n_query,)
 trains a fresh model on the given training rows and returns one measurement per query (the
 margin for classification). Scores follow the library's convention: ``scores[q, m] > 0`` means
 including row m raises query q's measurement.
+
+Modules: ``ground_truth`` (subset retraining, cached), ``lds`` (the score and its interval),
+``counterfactual`` (subset removal), ``retraining`` (parallel runner), ``stats``; and, for
+comparing estimators on the same projected gradients, ``projected_run``, ``baselines``
+(TracIn, influence functions, TRAK, RepSim, SOURCE on a cached run) and ``scenarios`` (the
+benchmark's scikit-learn setups).
 """
 
 from source_proj.evaluation.counterfactual import (
