@@ -128,7 +128,9 @@ def test_truncated_run_equals_projecting_to_fewer_dimensions(one_stage: Fixture)
     cut = f.run.truncate(10)
     torch.testing.assert_close(cut.train_grads, small.train_grads, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(cut.query_grads, small.query_grads, rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(cut.hessians["exact"], small.hessians["exact"], rtol=1e-4, atol=1e-9)
+    # float32 rows: entries near 0 carry round-off of the largest ones
+    scale = small.hessians["exact"].abs().max().item()
+    torch.testing.assert_close(cut.hessians["exact"], small.hessians["exact"], rtol=1e-4, atol=1e-6 * scale)
     torch.testing.assert_close(cut.final_output_grads, small.final_output_grads, rtol=1e-4, atol=1e-6)
 
 
