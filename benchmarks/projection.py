@@ -28,7 +28,6 @@ from pathlib import Path
 import torch
 
 from source_proj.kernels.reference import RADEMACHER, matrix_block
-
 from source_proj.projection import ProjectionConfig, project
 
 SEED = 1234
