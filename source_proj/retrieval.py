@@ -1,18 +1,18 @@
 """Exact top-k proponents and opponents by maximum inner product over a feature store.
 
 ``score(q, m) = Q[q] . F[m]`` (larger = proponent). Proponents of a query are its k largest
-scores; opponents its k most negative ones, found as the k largest scores of ``-Q``. The
-search is exact (flat, brute force with faiss's BLAS kernels) and streams the store shard by
-shard: each shard of ``shard_rows`` rows is decoded to float32, searched for all queries at
-once, and its k best per query are merged into running heaps. Memory is bounded by about two
-shards (one searched, one prefetched) whatever N is; a shard as large as the store is the
-classic single in-memory flat index.
+scores; opponents its k most negative ones (the k largest of ``-Q . F[m]``). The search is
+exact (flat, brute force) and streams the store shard by shard: each shard of ``shard_rows``
+rows is decoded to float32 and multiplied by all queries in blocks (one BLAS product each,
+through torch), and every block of scores is fed to faiss's per-query top-k heaps (C++
+selection, cheaper than sorting). Proponents and opponents share the products. Memory is
+bounded by about two shards (one searched, one prefetched) plus one block of scores,
+whatever N is; a shard as large as the store is the classic single in-memory flat index.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import faiss
@@ -22,8 +22,7 @@ from tqdm.auto import tqdm
 
 from source_proj.store import FeatureStore
 
-
-# Queries multiplied at once in ``exact_proponents_opponents`` (as faiss does in its searches).
+# Queries multiplied at once (as faiss does in its own searches).
 _QUERY_BLOCK = 4096
 
 
@@ -49,32 +48,19 @@ class SearchSettings:
         shard_rows: rows of F decoded and searched at a time (rounded up to whole store
             chunks); memory is about 2 * shard_rows * D * 4 bytes plus the queries.
         prefetch: read the next shard in a background thread during the search of this one.
-        blas_block_rows: rows of a shard that faiss multiplies by the queries in one BLAS call;
-            its scratch memory is min(n_query, 4096) x blas_block_rows x 4 bytes. The setting
-            is process-wide while a search runs: do not run faiss searches concurrently.
+        block_rows: rows of a shard multiplied by the queries at once; the scores of one
+            product take min(n_query, 4096) x block_rows x 4 bytes.
     """
 
     shard_rows: int = 65536
     prefetch: bool = True
-    blas_block_rows: int = 16384
+    block_rows: int = 16384
 
     def __post_init__(self) -> None:
-        for name in ("shard_rows", "blas_block_rows"):
+        for name in ("shard_rows", "block_rows"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"SearchSettings.{name} must be a positive int, got {value!r}")
-
-
-@contextmanager
-def faiss_blas_block(rows: int) -> Iterator[None]:
-    """Let faiss multiply queries by ``rows`` rows of F per BLAS call (process-wide setting,
-    restored after). Its default, 1024, costs ~1.5x in time with 1000 queries of D = 1024."""
-    before = faiss.cvar.distance_compute_blas_database_bs
-    faiss.cvar.distance_compute_blas_database_bs = rows
-    try:
-        yield
-    finally:
-        faiss.cvar.distance_compute_blas_database_bs = before
 
 
 def check_queries(queries: np.ndarray, dim: int) -> np.ndarray:
@@ -94,57 +80,48 @@ def check_k(k: int, n_rows: int) -> int:
     return int(k)
 
 
-def _shards(store: FeatureStore, settings: SearchSettings, segments: Sequence[int] | None, progress: bool, desc: str):
-    """``store.iter_blocks`` over shards, with a progress bar in rows."""
-    with tqdm(total=store.layout.n_rows, unit="row", desc=desc, disable=not progress) as bar:
-        for start, block in store.iter_blocks(settings.shard_rows, segments, prefetch=settings.prefetch):
-            yield start, block
-            bar.update(block.shape[0])
-
-
-def _max_inner_product(
+def _score_blocks(
     store: FeatureStore,
     queries: np.ndarray,
-    k: int,
     settings: SearchSettings,
     segments: Sequence[int] | None,
     progress: bool,
-) -> tuple[np.ndarray, np.ndarray]:
-    """(scores, ids), each (n, k), of the k largest ``queries @ F.T`` per row, sorted."""
-    heap = faiss.ResultHeap(queries.shape[0], k, keep_max=True)
-    with faiss_blas_block(settings.blas_block_rows):
-        for start, block in _shards(store, settings, segments, progress, "top-k search"):
-            scores, ids = faiss.knn(queries, block, min(k, block.shape[0]), metric=faiss.METRIC_INNER_PRODUCT)
-            heap.add_result(scores, ids + start)
-    heap.finalize()
-    return heap.D, heap.I
-
-
-def _max_and_min_inner_product(
-    store: FeatureStore,
-    queries: np.ndarray,
-    k: int,
-    settings: SearchSettings,
-    segments: Sequence[int] | None,
-    progress: bool,
-) -> tuple[faiss.ResultHeap, faiss.ResultHeap]:
-    """Heaps of the k largest scores and of the k largest negated scores, from one product
-    ``queries @ F.T`` per block of (at most 4096 queries) x (blas_block_rows rows)."""
-    n = queries.shape[0]
-    largest, smallest = (faiss.ResultHeap(n, k, keep_max=True) for _ in range(2))
+) -> Iterator[tuple[int, int, np.ndarray]]:
+    """Yield ``(first query, first row, scores)`` for every block of ``queries @ F.T``:
+    at most 4096 queries x ``block_rows`` rows, float32, C-contiguous."""
     q = torch.from_numpy(queries)
-    for start, block in _shards(store, settings, segments, progress, "top-k search"):
-        for r0 in range(0, block.shape[0], settings.blas_block_rows):
-            rows = torch.from_numpy(block[r0 : r0 + settings.blas_block_rows]).T
-            for q0 in range(0, n, _QUERY_BLOCK):
-                scores = (q[q0 : q0 + _QUERY_BLOCK] @ rows).numpy()
-                ids_from = start + r0
-                largest.heaps.addn(scores.shape[1], faiss.swig_ptr(scores), ids_from, q0, scores.shape[0])
+    blocks = store.iter_blocks(settings.shard_rows, segments, prefetch=settings.prefetch)
+    with tqdm(total=store.layout.n_rows, unit="row", desc="top-k search", disable=not progress) as bar:
+        for start, shard in blocks:
+            for r0 in range(0, shard.shape[0], settings.block_rows):
+                rows_t = torch.from_numpy(shard[r0 : r0 + settings.block_rows]).T
+                for q0 in range(0, q.shape[0], _QUERY_BLOCK):
+                    yield q0, start + r0, (q[q0 : q0 + _QUERY_BLOCK] @ rows_t).numpy()
+            bar.update(shard.shape[0])
+
+
+def _search(
+    store: FeatureStore,
+    queries: np.ndarray,
+    k: int,
+    signs: tuple[float, ...],
+    settings: SearchSettings,
+    segments: Sequence[int] | None,
+    progress: bool,
+) -> list[TopK]:
+    """For each sign s, the k largest ``s * (queries @ F.T)`` per query, as a ``TopK`` of the
+    unsigned scores; one pass over the store, one product per block for all signs."""
+    heaps = [faiss.ResultHeap(queries.shape[0], k, keep_max=True) for _ in signs]
+    for q0, row0, scores in _score_blocks(store, queries, settings, segments, progress):
+        current = 1.0
+        for sign, heap in zip(signs, heaps):
+            if sign != current:
                 np.negative(scores, out=scores)
-                smallest.heaps.addn(scores.shape[1], faiss.swig_ptr(scores), ids_from, q0, scores.shape[0])
-    largest.finalize()
-    smallest.finalize()
-    return largest, smallest
+                current = sign
+            heap.heaps.addn(scores.shape[1], faiss.swig_ptr(scores), row0, q0, scores.shape[0])
+    for heap in heaps:
+        heap.finalize()
+    return [TopK(sign * heap.D, heap.I) for sign, heap in zip(signs, heaps)]
 
 
 def exact_topk(
@@ -165,14 +142,12 @@ def exact_topk(
         k: results per query, 1 <= k <= N.
         opponents: return the k most negative scores instead of the k largest.
         segments: restrict the scores to these segments' per-segment features.
-        settings: shard size and prefetching.
+        settings: shard and block sizes, prefetching.
         progress: show a progress bar.
     """
     q = check_queries(queries, store.feature_dim(segments))
     k = check_k(k, store.layout.n_rows)
-    sign = -1.0 if opponents else 1.0
-    scores, ids = _max_inner_product(store, sign * q, k, settings, segments, progress)
-    return TopK(sign * scores, ids)
+    return _search(store, q, k, (-1.0 if opponents else 1.0,), settings, segments, progress)[0]
 
 
 def exact_proponents_opponents(
@@ -185,9 +160,8 @@ def exact_proponents_opponents(
     progress: bool = True,
 ) -> tuple[TopK, TopK]:
     """Exact top-k proponents and opponents in one pass over the store (arguments as in
-    ``exact_topk``); returns ``(proponents, opponents)``. Each block of scores is computed
-    once (a BLAS product) and fed to two faiss heaps, ~1.5x faster than two searches."""
+    ``exact_topk``), each block of scores computed once; returns ``(proponents, opponents)``."""
     q = check_queries(queries, store.feature_dim(segments))
     k = check_k(k, store.layout.n_rows)
-    largest, smallest = _max_and_min_inner_product(store, q, k, settings, segments, progress)
-    return TopK(largest.D, largest.I), TopK(-smallest.D, smallest.I)
+    proponents, opponents = _search(store, q, k, (1.0, -1.0), settings, segments, progress)
+    return proponents, opponents

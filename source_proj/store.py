@@ -181,23 +181,24 @@ def _first_difference(stored: Any, expected: Any, prefix: str) -> tuple[str, Any
     return None
 
 
-def _power_of_two_scale(block: torch.Tensor) -> torch.Tensor:
+def _power_of_two_scale(block: np.ndarray) -> np.ndarray:
     """Per-row (all axes but the last) power-of-two scale for float16 storage, float32."""
-    max_abs = torch.maximum(block.amax(dim=-1), -block.amin(dim=-1))
-    _, exponent = torch.frexp(max_abs)  # max_abs <= 2^exponent
+    max_abs = np.maximum(block.max(axis=-1), -block.min(axis=-1))
+    _, exponent = np.frexp(max_abs)  # max_abs <= 2^exponent
     # (Rows below 2^-111 keep the smallest normal float32 scale rather than underflow.)
-    scale = torch.ldexp(torch.ones_like(max_abs), (exponent - _F16_MAX_EXPONENT).clamp_min(-126))
-    return torch.where(max_abs > 0, scale, torch.ones_like(scale))
+    scale = np.ldexp(np.float32(1.0), np.maximum(exponent - _F16_MAX_EXPONENT, -126)).astype(np.float32)
+    return np.where(max_abs > 0, scale, np.float32(1.0))
 
 
 def _encode(block: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray | None]:
     """Stored values and per-row scale (None for float32) of a float block."""
-    values = torch.from_numpy(np.require(block, np.float32, ["C", "W"]))
+    values = np.require(block, np.float32, ["C", "W"])
     if dtype == "float32":
-        return values.numpy(), None
+        return values, None
     scale = _power_of_two_scale(values)
     # Dividing by a power of two is exact: the only rounding is float32 -> float16.
-    return (values * (1.0 / scale)[..., None]).half().numpy(), scale.numpy()
+    inverse = torch.from_numpy(1.0 / scale)[..., None]
+    return (torch.from_numpy(values) * inverse).half().numpy(), scale
 
 
 def _decode(stored: np.ndarray, scale: np.ndarray | None) -> np.ndarray:

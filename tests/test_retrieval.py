@@ -61,7 +61,7 @@ def test_exact_topk_equals_torch_topk(store_and_features, k: int, sharded: bool,
     store, features = store_and_features
     queries = _queries(9, 16)
     if sharded:  # and BLAS blocks of 50 rows x 4 queries inside the shards
-        settings = SearchSettings(shard_rows=100, blas_block_rows=50)
+        settings = SearchSettings(shard_rows=100, block_rows=50)
         monkeypatch.setattr(retrieval, "_QUERY_BLOCK", 4)
     else:
         settings = SearchSettings(shard_rows=10**6)
