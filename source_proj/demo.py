@@ -71,8 +71,13 @@ def digits_run(checkpoint_dir: str | os.PathLike, settings: TrainSettings = DIGI
 
 
 def run_demo(workdir: str | os.PathLike = "source-proj-demo", num_queries: int = 4, top: int = 5, proj_dim: int = 512) -> None:
-    """Train on digits, attribute ``num_queries`` test digits and print proponents/opponents."""
+    """Train on digits, featurise the training set into a feature store under ``workdir``
+    (resumed or reused on later runs), and print proponents/opponents of ``num_queries`` test
+    digits found with the faiss index, and the most self-influential training rows."""
     from source_proj.attributor import SourceAttributor
+    from source_proj.attributor_store import fit_store, open_store
+    from source_proj.retrieval import exact_proponents_opponents
+    from source_proj.store import FeatureStore
 
     print(f"Training a 64-32-10 MLP on scikit-learn digits (SGD, momentum 0.9); checkpoints in {workdir}/")
     run = digits_run(Path(workdir) / "checkpoints")
@@ -82,17 +87,26 @@ def run_demo(workdir: str | os.PathLike = "source-proj-demo", num_queries: int =
     print(f"  {len(run.trajectory.checkpoints)} checkpoints, test accuracy {accuracy:.3f}")
     attributor = SourceAttributor(run.model, "classification", run.trajectory, proj_dim=proj_dim, seed=0)
     print(f"SOURCE: {attributor.num_segments} segments, projection to k={proj_dim} (Rademacher, seed 0)")
-    attributor.fit(run.train)
+    path = Path(workdir) / f"features-k{proj_dim}.zarr"
+    if path.exists() and FeatureStore.open(path).is_complete:
+        store = open_store(attributor, path)
+        print(f"  reusing the feature store {path}")
+    else:
+        store, _ = fit_store(attributor, run.train, path, chunk_rows=256)
+        print(f"  training features written to the feature store {path} (an interrupted run resumes)")
     queries = (x_test[:num_queries], y_test[:num_queries])
-    scores = attributor.score(queries)
+    proponents, opponents = exact_proponents_opponents(
+        store, attributor.query_features(queries).numpy(), top, progress=False
+    )
     y_train = run.train[1]
     for q in range(num_queries):
         print(f"\nTest digit #{q} (label {int(y_test[q])}): score = predicted change of its margin if the row is kept")
-        for name, sign in (("proponents", 1.0), ("opponents", -1.0)):
-            values, ids = torch.topk(sign * scores[q], top)
-            row = ", ".join(f"#{int(i)} (label {int(y_train[i])}, {sign * float(v):+.4f})" for v, i in zip(values, ids))
+        for name, found in (("proponents", proponents), ("opponents", opponents)):
+            row = ", ".join(
+                f"#{int(i)} (label {int(y_train[i])}, {float(v):+.4f})" for v, i in zip(found.scores[q], found.ids[q])
+            )
             print(f"  top {name}: {row}")
-    self_inf = attributor.self_influence()
+    self_inf = torch.from_numpy(store.self_influence())
     values, ids = torch.topk(self_inf, top)
     print("\nMost self-influential training rows (candidates for mislabeled or atypical data):")
     print("  " + ", ".join(f"#{int(i)} (label {int(y_train[i])}, {float(v):.4f})" for v, i in zip(values, ids)))
