@@ -1,7 +1,7 @@
 """Benchmark of the feature store, exact and approximate top-k, and bulk scoring.
 
     python benchmarks/retrieval.py            # N = 1e6, D = 1024, 1000 queries (~2 GB on disk)
-    python benchmarks/retrieval.py --quick    # N = 50k: a smoke run in well under a minute
+    python benchmarks/retrieval.py --quick    # N = 50k: a smoke run of about a minute
 
 Synthetic features stand in for projected gradients: rows around 1000 random directions
 (noise as large as the direction), log-normal row norms, so that top-k lists are dominated by
@@ -190,7 +190,7 @@ def run(spec: Spec, workdir: Path) -> list[tuple[str, str, str, str]]:
     (workdir / "raw.f16").unlink()
     add((
         "featurise to float16 store (MB/s incl. generation)", f"{store_bytes / t_store / 1e6:.0f}",
-        f"{store_bytes / t_raw / 1e6:.0f} (generate + numpy tofile)", f"{t_raw / t_store:.2f}x faster",
+        f"{store_bytes / t_raw / 1e6:.0f} (generate + numpy tofile)", f"{t_raw / t_store:.2f}x speedup",
     ))
     add(("  generating the rows alone (s)", f"{t_gen:.1f}", f"{t_store:.1f} featurise, {t_raw:.1f} baseline", ""))
 
@@ -213,9 +213,9 @@ def run(spec: Spec, workdir: Path) -> list[tuple[str, str, str, str]]:
     )
     add((
         f"exact top-{spec.k}, {spec.n_queries} queries (s, best of {spec.repeats})", f"{t_faiss:.2f}",
-        f"{t_torch:.2f} (torch matmul+topk)", f"{t_torch / t_faiss:.2f}x faster",
+        f"{t_torch:.2f} (torch matmul+topk)", f"{t_torch / t_faiss:.2f}x speedup",
     ))
-    add(("", "", f"{t_knn:.2f} (faiss.knn per shard)", f"{t_knn / t_faiss:.2f}x faster"))
+    add(("", "", f"{t_knn:.2f} (faiss.knn per shard)", f"{t_knn / t_faiss:.2f}x speedup"))
     add(("  agreement with baseline (recall@k)", f"{recall_at_k(found.ids, torch_ids):.4f}", "", ""))
     add((
         "  peak RSS during exact top-k (GiB)", f"{topk_peak / GIB:.2f}",
@@ -258,7 +258,7 @@ def run(spec: Spec, workdir: Path) -> list[tuple[str, str, str, str]]:
         kind_recall = recall_at_k(approx.ids, exact.ids)
         add((
             f"IVF top-{spec.k} {kind}, n_probe {index.n_probe[kind]} of {index.n_lists} (s)",
-            f"{t_kind:.3f}", f"{t_faiss:.2f} (exact)", f"{t_faiss / t_kind:.1f}x faster",
+            f"{t_kind:.3f}", f"{t_faiss:.2f} (exact)", f"{t_faiss / t_kind:.1f}x speedup",
         ))
         add((f"  recall@{spec.k} ({kind})", f"{kind_recall:.3f}",
                      f"{tuned['recall']:.3f} on the tuning queries", ""))

@@ -263,6 +263,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "training row, and writes them chunk by chunk to a feature store (a zarr directory). If it is "
         "interrupted, run the same command again: finished chunks are kept. Settings not given here "
         "come from the task's TaskSpec.config, then from the defaults.",
+        epilog="example (the digits demo as a task): source-proj fit --task source_proj.digits_task:task "
+        "--store digits.zarr --proj-dim 256",
     )
     _common(fit)
     fit.add_argument("--dtype", choices=["float32", "float16"], default="float32",
@@ -300,6 +302,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         description="For every query of the task, the k training rows with the largest scores "
         "(proponents) and/or the most negative ones (opponents). One output row per result: query id, "
         "kind, rank (1 = strongest), train id (row of the training data) and score.",
+        epilog="example: source-proj topk --task source_proj.digits_task:task --store digits.zarr -k 5 "
+        "--format json -o top5.json",
     )
     _query_flags(topk)
     topk.add_argument("-k", type=int, default=10, help="results per query (default 10)")
