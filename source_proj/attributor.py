@@ -29,7 +29,7 @@ from source_proj.features import combine, row_dot, segment_features
 from source_proj.gradients import ModelFunction, check_finite
 from source_proj.projected import projected_gn_factors, projected_gradients
 from source_proj.tasks import Task, resolve_task
-from source_proj.trajectory import Segment, Trajectory, TrajectoryError
+from source_proj.trajectory import Segment, Trajectory, TrajectoryError, state_digest
 
 FORMAT_VERSION = 1
 
@@ -81,8 +81,12 @@ class SourceAttributor:
         self.segments: tuple[Segment, ...] = tuple(
             dataclasses.replace(s, lr=s.lr * self.config.time_scale) for s in raw
         )
-        for i in range(len(trajectory.checkpoints)):
-            self._load(i)  # fail early on a checkpoint that does not fit the model
+        # Fail early on a checkpoint that does not fit the model; fingerprint the contents.
+        self.checkpoint_digests: list[str] = []
+        for i, ckpt in enumerate(trajectory.checkpoints):
+            state = ckpt.load()
+            self.model_fn.split_state(state, torch.device("cpu"), f"checkpoint {i}")
+            self.checkpoint_digests.append(state_digest(state))
         self.spectra: list[SegmentSpectrum] | None = None
         self.operators: torch.Tensor | None = None
         self.weights: torch.Tensor | None = None
@@ -153,35 +157,57 @@ class SourceAttributor:
             the rows as :class:`Examples`.
         """
         examples = as_examples(train_data)
-        self.stages = tuple(self.trajectory.stages if stages is None else stages)
-        for stage in self.stages:
-            self.trajectory.stage_checkpoints(stage)  # raises for an unknown stage
-        sizes = {s: self._stage_size(s, num_train, len(examples)) for s in self.stages}
-        per_stage = self._curvature_sources(examples, curvature_data)
+        stages = tuple(self.trajectory.stages if stages is None else stages)
+        weights = self.segment_weights(len(examples), stages, num_train)
+        per_stage = self._curvature_sources(examples, curvature_data, stages)
         hessians = {}
         for index in tqdm(
             [c for seg in self.segments for c in seg.checkpoints],
             desc="curvature", disable=not self.config.progress, unit="checkpoint",
         ):
             hessians[index] = self.checkpoint_hessian(index, per_stage[self.trajectory.checkpoints[index].stage])
-        self.spectra = [
+        spectra = [
             segment_spectrum([hessians[c] for c in seg.checkpoints], self.trajectory.weight_decay, seg.time)
             for seg in self.segments
         ]
-        self.operators = transport_operators(self.spectra, transport=self.config.query_mode == "final")
-        self.weights = torch.tensor(
-            [1.0 / sizes[seg.stage] if seg.stage in sizes else 0.0 for seg in self.segments], dtype=torch.float64
-        )
+        self.set_curvature(spectra, weights)
         return examples
 
-    @staticmethod
-    def _stage_size(stage: Hashable, num_train: int | Mapping | None, default: int) -> int:
-        size = num_train.get(stage, default) if isinstance(num_train, Mapping) else (num_train or default)
-        if int(size) < 1:
-            raise ValueError(f"num_train for stage {stage!r} must be >= 1, got {size}")
-        return int(size)
+    def set_curvature(self, spectra: Sequence[SegmentSpectrum], weights: Sequence[float]) -> None:
+        """Install per-segment spectra and weights w_l (1/N_l, or 0 for segments the rows did
+        not train in), as computed by :meth:`prepare` or restored from a feature store."""
+        if len(spectra) != self.num_segments or len(weights) != self.num_segments:
+            raise ValueError(
+                f"expected {self.num_segments} segment spectra and weights, got {len(spectra)} and {len(weights)}"
+            )
+        self.spectra = list(spectra)
+        self.operators = transport_operators(self.spectra, transport=self.config.query_mode == "final")
+        self.weights = torch.tensor(list(weights), dtype=torch.float64)
+        self.stages = tuple(dict.fromkeys(seg.stage for seg, w in zip(self.segments, weights) if w > 0))
 
-    def _curvature_sources(self, examples: Examples, curvature_data: Any) -> dict[Hashable, Examples]:
+    def segment_weights(
+        self,
+        n_rows: int,
+        stages: Sequence[Hashable] | None = None,
+        num_train: int | Mapping[Hashable, int] | None = None,
+    ) -> list[float]:
+        """w_l per segment: 1/N of its stage if the rows trained in that stage, else 0.
+
+        ``stages`` and ``num_train`` are as for :meth:`prepare`; N defaults to ``n_rows``.
+        """
+        stages = tuple(self.trajectory.stages if stages is None else stages)
+        sizes = {}
+        for stage in stages:
+            self.trajectory.stage_checkpoints(stage)  # raises for an unknown stage
+            size = num_train.get(stage, n_rows) if isinstance(num_train, Mapping) else (num_train or n_rows)
+            if int(size) < 1:
+                raise ValueError(f"num_train for stage {stage!r} must be >= 1, got {size}")
+            sizes[stage] = int(size)
+        return [1.0 / sizes[seg.stage] if seg.stage in sizes else 0.0 for seg in self.segments]
+
+    def _curvature_sources(
+        self, examples: Examples, curvature_data: Any, stages: tuple[Hashable, ...]
+    ) -> dict[Hashable, Examples]:
         if isinstance(curvature_data, Mapping):
             given = {s: as_examples(d, f"curvature data of stage {s!r}") for s, d in curvature_data.items()}
         elif curvature_data is not None:
@@ -189,12 +215,12 @@ class SourceAttributor:
             given = {s: shared for s in self.trajectory.stages}
         else:
             given = {}
-        sources = {s: given.get(s, examples if s in self.stages else None) for s in self.trajectory.stages}
+        sources = {s: given.get(s, examples if s in stages else None) for s in self.trajectory.stages}
         missing = [s for s, d in sources.items() if d is None]
         if missing:
             raise ValueError(
                 f"stages {missing} have no curvature data: the attributed rows belong to stages "
-                f"{list(self.stages)}; pass curvature_data={{stage: data}} for the others"
+                f"{list(stages)}; pass curvature_data={{stage: data}} for the others"
             )
         return sources
 
@@ -317,6 +343,7 @@ class SourceAttributor:
             "num_params": self.model_fn.num_params(),
             "task": self.task.name,
             "trajectory": self.trajectory.summary(),
+            "checkpoint_digests": self.checkpoint_digests,
             "segments": [
                 {"stage": str(s.stage), "checkpoints": list(s.checkpoints), "steps": s.steps, "lr": s.lr, "time": s.time}
                 for s in self.segments
@@ -330,4 +357,5 @@ class SourceAttributor:
                 "query_mode": cfg.query_mode,
             },
             "stages": [str(s) for s in self.stages],
+            "segment_weights": [] if self.weights is None else self.weights.tolist(),
         }

@@ -6,9 +6,10 @@ per-segment curvature, the per-row self-influence and, if the attributor keeps t
 per-segment features), resuming an interrupted run. ``open_store`` reopens a finished store for
 queries after checking that it was made with the same model, trajectory and settings.
 
-The store's metadata is the attributor's ``metadata()`` plus ``segment_weights`` (w_l = 1/N_l)
-and ``source_config``: the estimator settings (``SourceConfig`` without the run-time fields),
-from which ``store_config`` rebuilds the configuration for querying.
+The store's metadata is the attributor's ``metadata()`` (with the segment weights w_l = 1/N_l
+and the checkpoints' content digests) plus ``source_config``: the estimator settings
+(``SourceConfig`` without the run-time fields), from which ``store_config`` rebuilds the
+configuration for querying.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ import torch
 
 from source_proj.attributor import SourceAttributor
 from source_proj.config import SourceConfig
-from source_proj.data import Examples
+from source_proj.curvature import SegmentSpectrum
+from source_proj.data import Examples, as_examples
 from source_proj.store import (
     ChunkFeatures,
     FeatureStore,
@@ -38,8 +40,6 @@ from source_proj.store import (
 RUNTIME_FIELDS = ("backend", "chunk_size", "device", "progress")
 # Metadata known only after the curvature pass (checked then, not before it).
 _AFTER_PREPARE = ("stages", "segment_weights")
-# Relative tolerance when a resumed run's recomputed curvature is compared with the stored one.
-_CURVATURE_RTOL = 1e-6
 
 
 def estimator_settings(config: SourceConfig) -> dict[str, Any]:
@@ -57,12 +57,7 @@ def store_config(store: FeatureStore, **runtime: Any) -> SourceConfig:
 
 
 def _metadata(attributor: SourceAttributor) -> dict[str, Any]:
-    weights = [] if attributor.weights is None else attributor.weights.tolist()
-    return {
-        **attributor.metadata(),
-        "segment_weights": weights,
-        "source_config": estimator_settings(attributor.config),
-    }
+    return {**attributor.metadata(), "source_config": estimator_settings(attributor.config)}
 
 
 def _feature_dim(attributor: SourceAttributor) -> int:
@@ -79,27 +74,6 @@ def _curvature_arrays(attributor: SourceAttributor) -> tuple[np.ndarray, np.ndar
     values = torch.stack([s.eigenvalues for s in attributor.spectra]).numpy()
     vectors = torch.stack([s.eigenvectors for s in attributor.spectra]).numpy()
     return values, vectors
-
-
-def _check_curvature(store: FeatureStore, attributor: SourceAttributor) -> None:
-    """Store the attributor's curvature, or check it against the stored one (V s V^T per
-    segment, eigenvectors being defined up to sign)."""
-    values, vectors = _curvature_arrays(attributor)
-    stored = store.curvature()
-    if stored is None:
-        store.write_curvature(values, vectors)
-        return
-    old_values, old_vectors = stored
-    if old_values.shape != values.shape:
-        raise StoreMismatchError(store.path, "curvature shape", old_values.shape, values.shape)
-    for seg in range(values.shape[0]):
-        old = (old_vectors[seg] * old_values[seg]) @ old_vectors[seg].T
-        new = (vectors[seg] * values[seg]) @ vectors[seg].T
-        scale = max(float(np.abs(old_values[seg]).max()), np.finfo(np.float64).tiny)
-        if np.abs(old - new).max() > _CURVATURE_RTOL * scale:
-            raise StoreMismatchError(
-                store.path, f"curvature of segment {seg}", "the stored Hessian", "a different recomputed one"
-            )
 
 
 def _compute_chunk(
@@ -141,14 +115,25 @@ def fit_store(
         stages, num_train, curvature_data: as for ``SourceAttributor.prepare``.
 
     Returns:
-        The complete store and what this call computed. A store at ``path`` made with another model, trajectory or
-        settings raises ``StoreMismatchError`` before any work; one whose curvature differs
-        from the recomputed one raises it after the curvature pass.
+        The complete store and what this call computed. A store at ``path`` made with another
+        model, checkpoints, trajectory or settings raises ``StoreMismatchError`` before any
+        work. A resumed run reuses the stored curvature (``curvature_data`` is then unused).
     """
     path = Path(path)
+    stored = None
     if path.exists():
-        FeatureStore.open(path).check_metadata(_metadata(attributor), ignore=_AFTER_PREPARE)
-    examples = attributor.prepare(train_data, stages=stages, num_train=num_train, curvature_data=curvature_data)
+        existing = FeatureStore.open(path)
+        existing.check_metadata(_metadata(attributor), ignore=_AFTER_PREPARE)
+        stored = existing.curvature()
+    if stored is None:
+        examples = attributor.prepare(train_data, stages=stages, num_train=num_train, curvature_data=curvature_data)
+    else:
+        examples = as_examples(train_data)
+        spectra = [
+            SegmentSpectrum(torch.from_numpy(values), torch.from_numpy(vectors), seg.time)
+            for values, vectors, seg in zip(*stored, attributor.segments)
+        ]
+        attributor.set_curvature(spectra, attributor.segment_weights(len(examples), stages, num_train))
     keep_segments = _keeps_segments(attributor)
     layout = StoreLayout(
         n_rows=len(examples),
@@ -159,8 +144,9 @@ def fit_store(
         segment_dim=attributor.config.proj_dim if keep_segments else 0,
         self_influence=True,
     )
-    store = FeatureStore.open_or_create(path, layout, _metadata(attributor))
-    _check_curvature(store, attributor)
+    store = FeatureStore.open_or_create(path, layout, _metadata(attributor))  # checks N, stages, weights
+    if stored is None:
+        store.write_curvature(*_curvature_arrays(attributor))
     report = featurize(store, _compute_chunk(attributor, examples, keep_segments), progress=attributor.config.progress)
     return store, report
 

@@ -9,6 +9,7 @@ step count K and mean effective learning rate eta (eta / (1 - beta) under heavy-
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 from collections.abc import Hashable, Mapping, Sequence
@@ -54,6 +55,17 @@ class Checkpoint:
             return torch.load(self.state, map_location="cpu", weights_only=True, mmap=True)
         except Exception as exc:  # noqa: BLE001 - re-raised with the path named
             raise TrajectoryError(f"could not load checkpoint file {os.fspath(self.state)!r}: {exc}") from exc
+
+
+def state_digest(state: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 of a state dict's names, dtypes, shapes and values (independent of where it
+    is stored, so moving checkpoint files keeps their digest)."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name].detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
 
 
 def _check_checkpoint(index: int, ckpt: Checkpoint) -> None:
@@ -175,18 +187,13 @@ class Trajectory:
         return tuple(out)
 
     def summary(self) -> dict:
-        """A JSON-serialisable description (no tensors), for stores and fingerprints."""
+        """A JSON-serialisable description of the schedule (no tensors, no file paths: the
+        checkpoints' contents are fingerprinted separately, see ``state_digest``)."""
         return {
             "optimizer": self.optimizer,
             "momentum": self.momentum,
             "weight_decay": self.weight_decay,
             "checkpoints": [
-                {
-                    "steps": int(c.steps),
-                    "lr_sum": c.lr_sum(),
-                    "stage": str(c.stage),
-                    "source": os.fspath(c.state) if not isinstance(c.state, Mapping) else "in-memory",
-                }
-                for c in self.checkpoints
+                {"steps": int(c.steps), "lr_sum": c.lr_sum(), "stage": str(c.stage)} for c in self.checkpoints
             ],
         }
