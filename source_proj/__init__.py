@@ -9,6 +9,7 @@ from source_proj.attributor import RowFeatures, SourceAttributor
 from source_proj.config import SourceConfig
 from source_proj.gradients import NonFiniteError
 from source_proj.projection import ProjectionConfig, project
+from source_proj.task_spec import TaskSpec
 from source_proj.tasks import ClassificationTask, RegressionTask, Task
 from source_proj.training import TrainSettings, train_sgd
 from source_proj.trajectory import Checkpoint, Segment, Trajectory, TrajectoryError
@@ -26,6 +27,7 @@ __all__ = [
     "SourceAttributor",
     "SourceConfig",
     "Task",
+    "TaskSpec",
     "TrainSettings",
     "Trajectory",
     "TrajectoryError",
