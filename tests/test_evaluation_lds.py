@@ -204,3 +204,7 @@ def test_bad_scores_and_measurements_are_rejected() -> None:
         linear_datamodeling_score(effects, truth, resample="rows")
     with pytest.raises(ValueError, match="1-D"):
         compute_ground_truth(lambda i, s: np.zeros((2, 2)), 20, LDSConfig(num_subsets=3), workers=1, progress=False)
+    with pytest.raises(ValueError, match="non-finite"):
+        compute_ground_truth(lambda i, s: np.array([np.nan]), 20, LDSConfig(num_subsets=3), workers=1, progress=False)
+    with pytest.raises(ValueError, match="num_train"):
+        compute_ground_truth(AdditiveRetrain(effects, 0.0), 1, LDSConfig(num_subsets=3), workers=1, progress=False)

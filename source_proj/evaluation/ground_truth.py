@@ -191,7 +191,7 @@ def load_cached(path: str | os.PathLike, key: str) -> LDSGroundTruth | None:
     if not path.is_file():
         return None
     with np.load(path, allow_pickle=False) as data:
-        if str(data["key"]) != key:
+        if not {"key", "masks", "measurements"} <= set(data.files) or str(data["key"]) != key:
             return None
         return LDSGroundTruth(masks=data["masks"], measurements=data["measurements"], key=key)
 
