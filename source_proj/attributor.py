@@ -76,6 +76,7 @@ class SourceAttributor:
         self.trajectory = trajectory
         self.model_fn = ModelFunction.build(model.eval(), param_names)
         self.projection = self.config.projection()
+        self.query_mode = self.config.resolved_query_mode(len(trajectory.stages))
         self.device = torch.device(self.config.device) if self.config.device else next(model.parameters()).device
         raw = trajectory.segments(self.config.num_segments, self.config.momentum_factor)
         self.segments: tuple[Segment, ...] = tuple(
@@ -112,7 +113,7 @@ class SourceAttributor:
     @property
     def keeps_segment_features(self) -> bool:
         """Whether per-segment training features are kept."""
-        return self.config.keep_segment_features or self.config.query_mode == "segment"
+        return self.config.keep_segment_features or self.query_mode == "segment"
 
     # --------------------------------------------------------------- curvature
     def checkpoint_hessian(self, index: int, examples: Examples) -> torch.Tensor:
@@ -181,7 +182,7 @@ class SourceAttributor:
                 f"expected {self.num_segments} segment spectra and weights, got {len(spectra)} and {len(weights)}"
             )
         self.spectra = list(spectra)
-        self.operators = transport_operators(self.spectra, transport=self.config.query_mode == "final")
+        self.operators = transport_operators(self.spectra, transport=self.query_mode == "final")
         self.weights = torch.tensor(list(weights), dtype=torch.float64)
         self.stages = tuple(dict.fromkeys(seg.stage for seg, w in zip(self.segments, weights) if w > 0))
 
@@ -234,7 +235,7 @@ class SourceAttributor:
         sums = torch.zeros(n, self.num_segments, k, dtype=torch.float64, device=self.device)
         final_grad = None
         for l, seg in enumerate(self.segments):
-            if self.weights[l] == 0 and not (self.config.query_mode == "final" and final_index in seg.checkpoints):
+            if self.weights[l] == 0 and not (self.query_mode == "final" and final_index in seg.checkpoints):
                 continue
             for c in seg.checkpoints:
                 params, consts = self._load(c)
@@ -247,8 +248,8 @@ class SourceAttributor:
         counts = torch.tensor([len(s.checkpoints) for s in self.segments], dtype=torch.float64, device=self.device)
         seg_grads = sums / counts[None, :, None]
         per_segment = segment_features(seg_grads, self.operators, self.weights).cpu()
-        features = combine(per_segment, self.config.query_mode)
-        if self.config.query_mode == "final":
+        features = combine(per_segment, self.query_mode)
+        if self.query_mode == "final":
             self_inf = row_dot(final_grad.cpu(), features)
         else:
             self_inf = row_dot(seg_grads.reshape(n, -1).cpu(), features)
@@ -286,7 +287,7 @@ class SourceAttributor:
         """
         examples = as_examples(queries, "queries")
         measure = measurement or self.task.measurement
-        if self.config.query_mode == "final":
+        if self.query_mode == "final":
             groups = [(len(self.trajectory.checkpoints) - 1,)]
         else:
             groups = [seg.checkpoints for seg in self.segments]
@@ -315,7 +316,7 @@ class SourceAttributor:
         if stage not in self.trajectory.stages:
             raise TrajectoryError(f"unknown stage {stage!r}; the trajectory has stages {list(self.trajectory.stages)}")
         mask = torch.tensor([seg.stage == stage for seg in self.segments])
-        return combine(self.train_segment_features, self.config.query_mode, mask)
+        return combine(self.train_segment_features, self.query_mode, mask)
 
     def score(self, queries: Any, *, stage: Hashable | None = None) -> torch.Tensor:
         """Scores (n_query, N) float32: predicted change of each query's measurement at the
@@ -354,7 +355,7 @@ class SourceAttributor:
                 "curvature_examples": cfg.curvature_examples,
                 "momentum_factor": cfg.momentum_factor,
                 "time_scale": cfg.time_scale,
-                "query_mode": cfg.query_mode,
+                "query_mode": self.query_mode,
             },
             "stages": [str(s) for s in self.stages],
             "segment_weights": [] if self.weights is None else self.weights.tolist(),

@@ -62,12 +62,12 @@ def _metadata(attributor: SourceAttributor) -> dict[str, Any]:
 
 def _feature_dim(attributor: SourceAttributor) -> int:
     k = attributor.config.proj_dim
-    return k if attributor.config.query_mode == "final" else attributor.num_segments * k
+    return k if attributor.query_mode == "final" else attributor.num_segments * k
 
 
 def _keeps_segments(attributor: SourceAttributor) -> bool:
     # In "segment" mode F already is the per-segment features side by side.
-    return attributor.config.query_mode == "final" and attributor.keeps_segment_features
+    return attributor.query_mode == "final" and attributor.keeps_segment_features
 
 
 def _curvature_arrays(attributor: SourceAttributor) -> tuple[np.ndarray, np.ndarray]:
@@ -160,16 +160,28 @@ def open_store(attributor: SourceAttributor, path: str | os.PathLike) -> Feature
     return store
 
 
-def stage_segments(attributor: SourceAttributor, store: FeatureStore, stage: str) -> list[int]:
-    """Indices of the segments of training stage ``stage`` (compared as text), for scores
-    restricted to that stage; needs per-segment features in the store ("final" mode)."""
-    if store.layout.n_segments == 0:
-        raise ValueError(
-            f"feature store {store.path} keeps no per-segment features: fit it with per-segment "
-            "features kept (and query mode 'final') for per-stage scores"
-        )
+def stage_restriction(
+    attributor: SourceAttributor, store: FeatureStore, stage: str, queries: np.ndarray
+) -> tuple[np.ndarray, list[int] | None]:
+    """Queries and segment indices for scores restricted to training stage ``stage``
+    (compared as text): ``search(store, queries, segments=...)`` then keeps only the terms of
+    that stage's segments.
+
+    In "segment" query mode F holds the per-segment features side by side, so the queries'
+    blocks of other segments are zeroed and no segment selection is needed. In "final" mode
+    the store must keep per-segment features (``keep_segment_features``).
+    """
     chosen = [i for i, seg in enumerate(attributor.segments) if str(seg.stage) == stage]
     if not chosen:
         known = sorted({str(seg.stage) for seg in attributor.segments})
         raise ValueError(f"unknown stage {stage!r}; the trajectory has stages {known}")
-    return chosen
+    if attributor.query_mode == "segment":
+        mask = np.zeros((1, attributor.num_segments, 1), dtype=queries.dtype)
+        mask[0, chosen] = 1
+        return (queries.reshape(len(queries), attributor.num_segments, -1) * mask).reshape(queries.shape), None
+    if store.layout.n_segments == 0:
+        raise ValueError(
+            f"feature store {store.path} keeps no per-segment features: fit it with per-segment "
+            "features kept (--keep-segments) for per-stage scores"
+        )
+    return queries, chosen

@@ -113,7 +113,7 @@ def _fit(args: argparse.Namespace) -> int:
 def _query_setup(args: argparse.Namespace) -> tuple[Any, Any, Any, list[int] | None]:
     """(store, attributor, query features (n_query, D) float32, segments or None)."""
     from source_proj.attributor import SourceAttributor
-    from source_proj.attributor_store import open_store, stage_segments, store_config
+    from source_proj.attributor_store import open_store, stage_restriction, store_config
     from source_proj.store import FeatureStore
     from source_proj.task_spec import TaskSpecError, load_task
 
@@ -123,8 +123,10 @@ def _query_setup(args: argparse.Namespace) -> tuple[Any, Any, Any, list[int] | N
     config = store_config(FeatureStore.open(args.store), progress=not args.quiet, **_runtime(args))
     attributor = SourceAttributor(spec.model, spec.task, spec.trajectory, config)
     store = open_store(attributor, args.store)
-    segments = None if args.stage is None else stage_segments(attributor, store, args.stage)
     queries = attributor.query_features(spec.queries).numpy()
+    segments = None
+    if args.stage is not None:
+        queries, segments = stage_restriction(attributor, store, args.stage, queries)
     return store, attributor, queries, segments
 
 
@@ -245,8 +247,8 @@ def _runtime_flags(parser: argparse.ArgumentParser) -> None:
 def _query_flags(parser: argparse.ArgumentParser) -> None:
     _common(parser)
     _runtime_flags(parser)
-    parser.add_argument("--stage", help="only the segments of this training stage (needs a store fitted with "
-                        "--keep-segments)")
+    parser.add_argument("--stage", help="only the segments of this training stage (in the 'final' query mode, "
+                        "needs a store fitted with --keep-segments)")
 
 
 def _output_flags(parser: argparse.ArgumentParser) -> None:
@@ -274,8 +276,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     fit.add_argument("--seed", type=int, help="seed of the random projection (default 0)")
     fit.add_argument("--proj-kind", choices=["rademacher", "gaussian"], help="projection entries (default rademacher)")
     fit.add_argument("--num-segments", type=int, help="segments per training stage, L (default 3)")
-    fit.add_argument("--query-mode", choices=["final", "segment"], help="query gradients at the final "
-                     "checkpoint, transported (the paper's form, default) or per segment")
+    fit.add_argument("--query-mode", choices=["auto", "final", "segment"], help="query gradients at the final "
+                     "checkpoint, transported (the paper's form), or averaged per segment; auto (default): per "
+                     "segment for one training stage, final for several")
     fit.add_argument("--curvature", choices=["exact", "sampled"], help="Gauss-Newton Hessian: exact or with "
                      "sampled labels (cheaper for many classes)")
     fit.add_argument("--curvature-examples", type=int, help="training rows per checkpoint for the Hessian (default all)")

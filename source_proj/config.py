@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from source_proj.projected import CURVATURE_MODES
 from source_proj.projection import ProjectionConfig
 
-QUERY_MODES = ("final", "segment")
+QUERY_MODES = ("auto", "final", "segment")
 
 
 @dataclass(frozen=True)
@@ -28,8 +28,10 @@ class SourceConfig:
         momentum_factor: time scale t = eta K with eta / (1 - beta) under momentum.
         time_scale: multiplies every segment's t (1.0 is the paper's value).
         query_mode: "final" (the paper's form: the query gradient at the final checkpoint,
-            transported through later segments) or "segment" (query gradients averaged over
-            each segment's own checkpoints, no transport).
+            transported through later segments), "segment" (query gradients averaged over
+            each segment's own checkpoints, no transport; features are L*k wide), or "auto"
+            (default): "segment" for single-stage training, "final" for multi-stage runs.
+            The LDS benchmark chose this (see README, "Why the defaults").
         keep_segment_features: keep per-segment training features (needed for per-stage
             attribution in "final" mode; always kept in "segment" mode).
         chunk_size: examples per vmap batch (bounds memory: chunk x p floats per gradient).
@@ -46,7 +48,7 @@ class SourceConfig:
     curvature_examples: int | None = None
     momentum_factor: bool = True
     time_scale: float = 1.0
-    query_mode: str = "final"
+    query_mode: str = "auto"
     keep_segment_features: bool = False
     chunk_size: int = 64
     device: str | None = None
@@ -64,6 +66,12 @@ class SourceConfig:
             raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size}")
         if self.curvature_examples is not None and self.curvature_examples < 1:
             raise ValueError(f"curvature_examples must be >= 1 or None, got {self.curvature_examples}")
+
+    def resolved_query_mode(self, num_stages: int) -> str:
+        """"final" or "segment": ``query_mode`` with "auto" resolved for a run of ``num_stages``."""
+        if self.query_mode != "auto":
+            return self.query_mode
+        return "segment" if num_stages == 1 else "final"
 
     def projection(self) -> ProjectionConfig:
         """The projection settings."""

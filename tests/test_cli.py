@@ -93,7 +93,7 @@ def test_fit_topk_score_self_influence_round_trip(task_file: Path, tmp_path: Pat
     code, _, err = _run(capsys, "fit", "--task", ref, "--store", store, "--proj-dim", "16", "--chunk-rows", "16",
                         "--quiet")
     assert code == 0, err
-    assert "60 training rows x 16 features" in err and "4 chunks computed now, 0 found done" in err
+    assert "60 training rows x 32 features" in err  # auto: per-segment query, L = 2 and "4 chunks computed now, 0 found done" in err
     attributor, q_features, spec = _reference(ref, proj_dim=16)
 
     code, out, err = _run(capsys, "topk", "--task", ref, "--store", store, "-k", "5", "--quiet")
@@ -142,13 +142,14 @@ def test_fit_topk_score_self_influence_round_trip(task_file: Path, tmp_path: Pat
     assert code == 2 and "metadata.projection.seed" in err
 
 
-def test_topk_for_one_stage_and_with_ivf(task_file: Path, tmp_path: Path, capsys) -> None:
+@pytest.mark.parametrize("query_mode", ["final", "segment"])
+def test_topk_for_one_stage_and_with_ivf(task_file: Path, tmp_path: Path, capsys, query_mode: str) -> None:
     ref = f"{task_file}:task"
     store = str(tmp_path / "seg.zarr")
     code, _, err = _run(capsys, "fit", "--task", ref, "--store", store, "--proj-dim", "8", "--keep-segments",
-                        "--dtype", "float16", "--quiet")
+                        "--query-mode", query_mode, "--dtype", "float16", "--quiet")
     assert code == 0, err
-    attributor, q_features, spec = _reference(ref, proj_dim=8, keep_segment_features=True)
+    attributor, q_features, spec = _reference(ref, proj_dim=8, keep_segment_features=True, query_mode=query_mode)
     stage = str(attributor.segments[0].stage)
     code, out, err = _run(capsys, "topk", "--task", ref, "--store", store, "-k", "3", "--stage", stage,
                           "--format", "json", "--quiet")

@@ -35,16 +35,16 @@ def rel_err(a, b) -> float:
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
-@pytest.mark.parametrize("query_segments", [3, 1])
-def test_a_scores_equal_dense_formula_in_projected_space(query_segments):
+@pytest.mark.parametrize("num_segments,query_mode", [(3, "final"), (1, "final"), (3, "segment")])
+def test_a_scores_equal_dense_formula_in_projected_space(num_segments, query_mode):
     model, traj, train = trained_classifier()
     queries = blobs(5, 4, 3, seed=9)
     k, seed = 16, 7
-    att = SourceAttributor(model, "classification", traj, proj_dim=k, seed=seed,
-                           num_segments=query_segments, progress=False, chunk_size=16).fit(train)
+    att = SourceAttributor(model, "classification", traj, proj_dim=k, seed=seed, query_mode=query_mode,
+                           num_segments=num_segments, progress=False, chunk_size=16).fit(train)
     p = sum(q.numel() for q in model.parameters())
     dense = dense_source_scores(model, ClassificationTask(), traj, train, queries,
-                                projection_matrix(seed, p, k), query_segments)
+                                projection_matrix(seed, p, k), num_segments, query_mode=query_mode)
     got = att.score(queries).numpy()
     # float32 gradients and projection vs float64 dense algebra.
     assert rel_err(got, dense) < 2e-4
@@ -115,7 +115,7 @@ def test_c_matches_unrolled_differentiation_as_steps_shrink(monkeypatch):
     errors = []
     for lr, steps in [(0.2, 5), (0.05, 20), (0.0125, 80)]:  # total time eta * K = 1
         model, traj, train, queries, exact = _unrolled_linear_regression(lr, steps, weight_decay=0.05)
-        att = SourceAttributor(model, "regression", traj, proj_dim=4, num_segments=steps,
+        att = SourceAttributor(model, "regression", traj, proj_dim=4, num_segments=steps, query_mode="final",
                                progress=False, chunk_size=64).fit(train)
         errors.append(rel_err(att.score(queries).numpy(), exact))
     # First-order convergence in the step size (the checkpoint after a step stands for it).
@@ -152,7 +152,8 @@ def test_a_buffers_are_respected_batchnorm_model_equals_dense_formula():
     traj = st.trajectory(train_sgd(model, ClassificationTask(), x, y, st))
     assert traj.checkpoints[-1].load()["1.running_mean"].abs().sum() > 0  # buffers moved in training
     queries = blobs(4, 4, 3, seed=2)
-    att = SourceAttributor(model, "classification", traj, proj_dim=12, num_segments=3, progress=False).fit((x, y))
+    att = SourceAttributor(model, "classification", traj, proj_dim=12, num_segments=3, query_mode="final",
+                           progress=False).fit((x, y))
     p = sum(q.numel() for q in model.parameters())
     dense = dense_source_scores(model.eval(), ClassificationTask(), traj, (x, y), queries, projection_matrix(0, p, 12), 3)
     assert rel_err(att.score(queries).numpy(), dense) < 2e-4

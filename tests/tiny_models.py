@@ -88,9 +88,12 @@ def dense_source_scores(
     time_scale: float = 1.0,
     attributed_stages: tuple | None = None,
     curvature_data: dict | None = None,
+    query_mode: str = "final",
 ) -> np.ndarray:
     """The math note's formula evaluated densely: per-example autograd loops, scipy's expm and
-    an explicit inverse. ``proj`` None means no projection (P = I). Only segments of
+    an explicit inverse. ``proj`` None means no projection (P = I). ``query_mode`` "final":
+    the final query gradient carried through later exp(-tH); "segment": each segment's mean
+    query gradient against its own phi, no carrying. Only segments of
     ``attributed_stages`` (default all) contribute terms; each stage's Hessian comes from
     ``curvature_data[stage]`` (default the training rows)."""
     x, y = train
@@ -118,16 +121,20 @@ def dense_source_scores(
         exps.append(e)
         phis.append((np.eye(k) - e) @ np.linalg.inv(h))
         gmeans.append(sum(grads(states[c], x, y, task.loss) for c in seg.checkpoints).numpy() / len(seg.checkpoints))
-    q = grads(states[-1], xq, yq, task.measurement).numpy()
-    total = np.zeros((k, n))
-    for l in range(len(segs)):
-        if attributed_stages is not None and segs[l].stage not in attributed_stages:
+    scores = np.zeros((len(yq), n))
+    for l, seg in enumerate(segs):
+        if attributed_stages is not None and seg.stage not in attributed_stages:
             continue
-        op = phis[l]
-        for later in exps[l + 1 :]:
-            op = later @ op
-        total += op @ gmeans[l].T
-    return -(q @ total) / n
+        if query_mode == "final":
+            q = grads(states[-1], xq, yq, task.measurement).numpy()
+            op = phis[l]
+            for later in exps[l + 1 :]:
+                op = later @ op
+        else:
+            q = sum(grads(states[c], xq, yq, task.measurement) for c in seg.checkpoints).numpy() / len(seg.checkpoints)
+            op = phis[l]
+        scores -= q @ op @ gmeans[l].T / n
+    return scores
 
 
 def identity_projection(grads, config):

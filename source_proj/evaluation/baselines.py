@@ -70,7 +70,8 @@ def source_scores(run: ProjectedRun, config: SourceConfig) -> torch.Tensor:
         segment_spectrum([hessians[c] for c in seg.checkpoints], trajectory.weight_decay, seg.time)
         for seg in segments
     ]
-    operators = transport_operators(spectra, transport=config.query_mode == "final")
+    query_mode = config.resolved_query_mode(len(trajectory.stages))
+    operators = transport_operators(spectra, transport=query_mode == "final")
     size = run.stage_sizes[run.attributed_stage]
     weights = torch.tensor(
         [1.0 / size if seg.stage == run.attributed_stage else 0.0 for seg in segments], dtype=torch.float64
@@ -78,8 +79,8 @@ def source_scores(run: ProjectedRun, config: SourceConfig) -> torch.Tensor:
     seg_grads = torch.stack(
         [run.train_grads[list(seg.checkpoints)].double().mean(dim=0) for seg in segments], dim=1
     )
-    train = combine(segment_features(seg_grads, operators, weights), config.query_mode)
-    if config.query_mode == "final":
+    train = combine(segment_features(seg_grads, operators, weights), query_mode)
+    if query_mode == "final":
         query = -run.query_grads[-1].double()
     else:
         query = torch.cat([-run.query_grads[list(seg.checkpoints)].double().mean(dim=0) for seg in segments], dim=1)
