@@ -22,3 +22,10 @@ demo: install
 
 test: install
 	$(PY) -m pytest -q -m "not slow"
+
+# The benchmarks of benchmarks/ (CPU parts); TRAK's package for the external reference.
+bench: install
+	$(PY) -m pip install -q --no-deps "traker==0.3.2"
+	$(PY) benchmarks/lds.py
+	$(PY) benchmarks/projection.py
+	$(PY) benchmarks/retrieval.py
