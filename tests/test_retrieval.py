@@ -1,4 +1,5 @@
-"""Exact and IVF top-k against brute-force torch.topk over dense float64 scores."""
+"""Exact and IVF top-k against brute-force torch.topk over dense scores (float64, or float32
+where every float32 score is exact), with and without the bfloat16 screen."""
 
 from __future__ import annotations
 
@@ -55,16 +56,17 @@ def store_and_features(tmp_path_factory: pytest.TempPathFactory) -> tuple[Featur
     return dense_store(tmp_path_factory.mktemp("r") / "s.zarr", features, chunk_rows=64), features
 
 
+@pytest.mark.parametrize("screen", [False, True])
 @pytest.mark.parametrize("k", [1, 10, 200])  # 200 > a shard's 128 rows: results span shards
 @pytest.mark.parametrize("sharded", [True, False])  # 8 shards of 128 rows / one flat shard
-def test_exact_topk_equals_torch_topk(store_and_features, k: int, sharded: bool, monkeypatch) -> None:
+def test_exact_topk_equals_torch_topk(store_and_features, k: int, sharded: bool, screen: bool, monkeypatch) -> None:
     store, features = store_and_features
     queries = _queries(9, 16)
     if sharded:  # and BLAS blocks of 50 rows x 4 queries inside the shards
-        settings = SearchSettings(shard_rows=100, block_rows=50)
+        settings = SearchSettings(shard_rows=100, block_rows=50, screen_bf16=screen)
         monkeypatch.setattr(retrieval, "_QUERY_BLOCK", 4)
     else:
-        settings = SearchSettings(shard_rows=10**6)
+        settings = SearchSettings(shard_rows=10**6, screen_bf16=screen)
     proponents = exact_topk(store, queries, k, settings=settings, progress=False)
     opponents = exact_topk(store, queries, k, opponents=True, settings=settings, progress=False)
     assert_matches_topk(proponents, queries, features, k, largest=True)
@@ -81,8 +83,10 @@ def test_exact_topk_on_segments(tmp_path: Path) -> None:
     store = dense_store(tmp_path / "s.zarr", features, segment_features=segments)
     queries = _queries(6, 8)
     stage = segments[:, [0, 2]].astype(np.float64).sum(axis=1)
-    found = exact_topk(store, queries, 15, segments=[0, 2], settings=SearchSettings(shard_rows=100), progress=False)
-    assert_matches_topk(found, queries, stage, 15, largest=True)
+    for screen in (False, True):
+        settings = SearchSettings(shard_rows=100, screen_bf16=screen)
+        found = exact_topk(store, queries, 15, segments=[0, 2], settings=settings, progress=False)
+        assert_matches_topk(found, queries, stage, 15, largest=True)
 
 
 def test_exact_topk_rejects_bad_input(store_and_features, tmp_path: Path) -> None:
@@ -97,9 +101,172 @@ def test_exact_topk_rejects_bad_input(store_and_features, tmp_path: Path) -> Non
         exact_topk(store, np.full((2, 16), np.nan), 3, progress=False)
     with pytest.raises(ValueError, match="per-segment"):
         exact_topk(store, queries, 3, segments=[0], progress=False)
+    for bad in (1, "auto"):
+        with pytest.raises(ValueError, match="screen_bf16"):
+            SearchSettings(screen_bf16=bad)
     empty = FeatureStore.create(tmp_path / "e.zarr", StoreLayout(100, 16), METADATA)
     with pytest.raises(StoreIncompleteError):
         exact_topk(empty, queries, 3, progress=False)
+
+
+# ------------------------------------------------------------------- bfloat16 screening
+def _rounding_adversaries(n_each: int, n_noise: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows (N, 16) and queries (6, 16), float32, whose float32 scores are exact in any
+    summation order (multiples of 1/32 below 2^19), built so that bf16 rounding reorders
+    near-ties and hides as much of the screen's error bound as rows can.
+
+    Queries 0-2 are s_p * 261/32 for sign patterns s_p. Per pattern p: ``n_each`` decoys
+    s_p * (2054 + 16 r) and ``n_each`` adversaries s_p * (2055 + 16 r) (r in 0..15 per
+    component), which bf16 both rounds down to s_p * (2048 + 16 r): an adversary's exact
+    score is 130.5 above its decoy's, their bf16 scores are equal, and the rounding of an
+    adversary takes 7/2055 of every product (0.87 u |q| |f|, all in the same direction),
+    which is as much as rows can lose: about half of the screen's margin (the other half
+    is for the rounding of the scaled queries, which the screen makes generic; the test of
+    aligned features checks it). Each row also comes negated (the opponents mirror the
+    proponents). Decoys come first, so the heaps are full of them when the adversaries are
+    screened, which must keep those that beat the heaps' k-th decoy; then the adversaries
+    and ``n_noise`` random rows, shuffled. Queries 3-5 are random integers."""
+    rng = np.random.default_rng(seed)
+    patterns = rng.choice([-1.0, 1.0], (3, 16))
+    pick = rng.integers(0, 3, 2 * n_each * 3)
+    grid = 2048 + 16 * rng.integers(0, 16, (len(pick), 16))
+    decoys = patterns[pick[: 3 * n_each]] * (grid[: 3 * n_each] + 6)
+    adversaries = patterns[pick[3 * n_each :]] * (grid[3 * n_each :] + 7)
+    noise = rng.integers(-2400, 2400, (n_noise, 16))
+    late = np.concatenate([adversaries, -adversaries, noise])
+    rows = np.concatenate([decoys, -decoys, late[rng.permutation(len(late))]])
+    queries = np.concatenate([patterns * 261 / 32, rng.integers(-8, 9, (3, 16))])
+    return rows.astype(np.float32), queries.astype(np.float32)
+
+
+def assert_identical_topk(found: TopK, dense: torch.Tensor, k: int, largest: bool) -> None:
+    """``found`` is a top k of the exact float32 ``dense`` scores (n_query, N): rank by rank
+    the same scores as ``torch.topk``, each the reported row's score, no row twice. Where a
+    score is not tied, this fixes the row: the ids equal the oracle's."""
+    values, ids = torch.topk(dense, k, dim=1, largest=largest)
+    np.testing.assert_array_equal(found.scores, values.numpy())
+    np.testing.assert_array_equal(np.take_along_axis(dense.numpy(), found.ids, 1), found.scores)
+    assert all(len(set(row)) == k for row in found.ids)
+    unique = (dense[:, None, :] == values[:, :, None]).sum(-1).numpy() == 1
+    np.testing.assert_array_equal(found.ids[unique], ids.numpy()[unique])
+
+
+@pytest.mark.parametrize("k", [1, 7, 300])  # 300 > a shard's 256 rows
+def test_screened_topk_is_exact_on_rounding_adversaries(tmp_path: Path, k: int, monkeypatch) -> None:
+    features, queries = _rounding_adversaries(400, 600, seed=k)
+    n_rows = len(features)
+    dense = torch.from_numpy(queries) @ torch.from_numpy(features).T  # exact (see above)
+    assert torch.equal(dense, (torch.from_numpy(queries).double() @ torch.from_numpy(features).double().T).float())
+    # Adversarial: bf16 rounding reorders the top k (or changes its set) for some query and kind.
+    approx = (torch.from_numpy(queries).bfloat16() @ torch.from_numpy(features).bfloat16().T).float()
+    assert any(
+        not torch.equal(torch.topk(approx, k, largest=largest).indices, torch.topk(dense, k, largest=largest).indices)
+        for largest in (True, False)
+    )
+    store = dense_store(tmp_path / "t.zarr", features, chunk_rows=64)
+    # Shards of 256 rows, BLAS blocks of 100 rows (across chunk boundaries), queries by 4.
+    settings = SearchSettings(shard_rows=256, block_rows=100, screen_bf16=True)
+    monkeypatch.setattr(retrieval, "_QUERY_BLOCK", 4)
+    offered = []
+    real_offer = retrieval._offer
+
+    def counting_offer(heaps, signs, q, rows, picked, row0, q0):
+        offered.append(rows.shape[0] if picked is None else len(picked))
+        real_offer(heaps, signs, q, rows, picked, row0, q0)
+
+    monkeypatch.setattr(retrieval, "_offer", counting_offer)
+    for opponents in (False, True):
+        found = exact_topk(store, queries, k, opponents=opponents, settings=settings, progress=False)
+        assert_identical_topk(found, dense, k, largest=not opponents)
+    proponents, opponents = exact_proponents_opponents(store, queries, k, settings=settings, progress=False)
+    assert_identical_topk(proponents, dense, k, largest=True)
+    assert_identical_topk(opponents, dense, k, largest=False)
+    # The screen did leave rows out (3 searches, 2 query blocks each).
+    assert sum(offered) < (0.3 if k < 10 else 0.8) * 3 * 2 * n_rows
+
+
+def test_bf16_screen_keeps_every_row_that_reaches_the_threshold() -> None:
+    """The screen on one block against a float64 oracle: every row whose exact score reaches
+    the given k-th best score is kept, for both signs, including a row that a bf16
+    accumulation would lose: 64 (1, 2^-9, ..., 2^-9) with the all-ones query scores
+    64 (1 + 1023 2^-9) = 191.9, but 1 + 2^-9 rounds to 1 in bf16, so a bf16 sum reads ~64."""
+    rng = np.random.default_rng(3)
+    dim = 1024
+    rows = rng.standard_normal((500, dim)) * rng.lognormal(0.0, 0.3, (500, 1))
+    rows[0] = 64 * np.r_[1.0, np.full(dim - 1, 2.0**-9)]
+    queries = rng.standard_normal((8, dim))
+    queries[0] = 1.0
+    rows, queries = rows.astype(np.float32), queries.astype(np.float32)
+    exact = queries.astype(np.float64) @ rows.astype(np.float64).T
+    screen = retrieval._Bf16Screen(torch.from_numpy(queries), (1.0, -1.0), 512)
+    screen.load(torch.from_numpy(rows))
+    kth = []
+    for sign in (1.0, -1.0):
+        third = np.sort(sign * exact, axis=1)[:, -3]
+        kth.append(np.nextafter(third.astype(np.float32), -np.inf))  # float32 <= the 3rd best
+    kth[0][0] = np.nextafter(np.float32(exact[0, 0]), -np.inf)  # row 0 just reaches query 0's
+    assert exact[0, 0] == exact[0].max()
+    kept = set(screen.candidates(0, 8, kth).tolist())
+    must = {m for sign, t in zip((1.0, -1.0), kth) for m in np.nonzero((sign * exact >= t[:, None]).any(0))[0]}
+    assert 0 in must and must <= kept
+    assert len(kept) < 250  # and it is a screen: most rows are left out
+
+
+def test_bf16_rounding_of_aligned_features_nearly_reaches_the_screen_margin() -> None:
+    """The margin's main term against a float64 oracle on the worst case for rounding: every
+    component of q and f rounded down by almost half a bf16 step, all products positive
+    (q = s * 261/32 -> 260/32, f = s * 2055 -> 2048): the bf16 products lose 0.92 of
+    (2u + u^2) |q| |f|, and stay within the screen's c |q| |f| (with the output's rounding,
+    u |score|, which the screen's sign test does not need: see the module docstring)."""
+    signs = np.random.default_rng(0).choice([-1.0, 1.0], (4, 64))
+    queries = (signs * 261 / 32).astype(np.float32)
+    rows = (signs * 2055).astype(np.float32)
+    exact = queries.astype(np.float64) @ rows.astype(np.float64).T
+    q_bf, f_bf = torch.from_numpy(queries).bfloat16(), torch.from_numpy(rows).bfloat16()
+    rounded = q_bf.double() @ f_bf.double().T  # exact products of the rounded features
+    scale = np.linalg.norm(queries, axis=1)[:, None] * np.linalg.norm(rows, axis=1)[None, :]
+    screen = retrieval._Bf16Screen(torch.from_numpy(queries), (1.0,), 4)
+    lost = np.abs(exact - rounded.numpy()) / scale
+    assert lost.max() <= screen.c and np.diag(lost).min() > 0.9 * (2 * 2.0**-8 + 2.0**-16)
+    computed = (q_bf @ f_bf.T).double().numpy()  # bf16 kernel: fp32 accumulation, bf16 output
+    assert np.all(np.abs(computed - exact) <= screen.c * scale + 2.0**-8 * np.abs(computed) * (1 + 2.0**-7))
+
+
+def test_norm_bounds_cover_float64_norms() -> None:
+    rng = np.random.default_rng(0)
+    rows = rng.standard_normal((300, 64)) * np.exp2(rng.integers(-140, 40, (300, 1)))
+    rows[0] = 0.0
+    rows = rows.astype(np.float32)
+    bounds = retrieval._norm_bounds(torch.from_numpy(rows))
+    assert np.all(bounds >= np.linalg.norm(rows.astype(np.float64), axis=1))
+    assert np.all(bounds <= np.linalg.norm(rows.astype(np.float64), axis=1) * (1 + 2.0**-10) + 2.0**-50)
+
+
+def test_screen_scores_everything_in_float32_beyond_its_norm_limit(tmp_path: Path, monkeypatch) -> None:
+    features = chunk_features(0, 300, 16) * np.float32(2.0**52)  # row norms above 2^50
+    store = dense_store(tmp_path / "big.zarr", features)
+    queries = _queries(5, 16)
+    picked = []
+    real_offer = retrieval._offer
+    monkeypatch.setattr(retrieval, "_offer", lambda *a: picked.append(a[4]) or real_offer(*a))
+    settings = SearchSettings(shard_rows=100, screen_bf16=True)
+    assert_matches_topk(exact_topk(store, queries, 20, settings=settings, progress=False), queries, features, 20, True)
+    assert picked and all(p is None for p in picked)
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_screen_is_automatic_with_many_queries_on_bf16_hardware(store_and_features, fast: bool, monkeypatch) -> None:
+    store, features = store_and_features
+    monkeypatch.setattr(retrieval, "bf16_is_fast", lambda: fast)
+    screens = []
+    real_screen = retrieval._Bf16Screen
+    monkeypatch.setattr(retrieval, "_Bf16Screen", lambda *a: screens.append(real_screen(*a)) or screens[-1])
+    for n_query in (retrieval._MIN_SCREENED_QUERIES - 1, retrieval._MIN_SCREENED_QUERIES):
+        queries = _queries(n_query, 16)
+        assert_matches_topk(exact_topk(store, queries, 5, progress=False), queries, features, 5, largest=True)
+    assert len(screens) == (1 if fast else 0)
+    exact_topk(store, queries, 5, settings=SearchSettings(screen_bf16=not fast), progress=False)
+    assert len(screens) == 1
 
 
 # ------------------------------------------------------------------------------- IVF
