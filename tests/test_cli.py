@@ -188,7 +188,6 @@ def test_task_loading_errors(task_file: Path, tmp_path: Path, capsys) -> None:
     assert code == 2 and "no feature store" in err
 
 
-@pytest.mark.slow  # ~50 s of CPU: two featurisations of 1500 digits at 12 checkpoints
 def test_digits_demo_round_trip(tmp_path: Path) -> None:
     """The digits demo task through the command line: fit, then topk parsed back."""
     env = {**os.environ, "SOURCE_PROJ_DEMO_DIR": str(tmp_path / "demo")}
