@@ -23,7 +23,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from source_proj.config import SourceConfig
-from source_proj.curvature import SegmentSpectrum, gauss_newton_accumulate, segment_spectrum, transport_operators
+from source_proj.curvature import (
+    SegmentSpectrum,
+    gauss_newton_accumulate,
+    segment_spectra,
+    transport_operators,
+)
 from source_proj.data import Examples, as_examples
 from source_proj.features import combine, row_dot, segment_features
 from source_proj.gradients import ModelFunction, check_finite
@@ -78,9 +83,8 @@ class SourceAttributor:
         self.projection = self.config.projection()
         self.query_mode = self.config.resolved_query_mode(len(trajectory.stages))
         self.device = torch.device(self.config.device) if self.config.device else next(model.parameters()).device
-        raw = trajectory.segments(self.config.num_segments, self.config.momentum_factor)
-        self.segments: tuple[Segment, ...] = tuple(
-            dataclasses.replace(s, lr=s.lr * self.config.time_scale) for s in raw
+        self.segments: tuple[Segment, ...] = trajectory.segments(
+            self.config.num_segments, self.config.momentum_factor, self.config.time_scale
         )
         # Fail early on a checkpoint that does not fit the model; fingerprint the contents.
         self.checkpoint_digests: list[str] = []
@@ -167,11 +171,7 @@ class SourceAttributor:
             desc="curvature", disable=not self.config.progress, unit="checkpoint",
         ):
             hessians[index] = self.checkpoint_hessian(index, per_stage[self.trajectory.checkpoints[index].stage])
-        spectra = [
-            segment_spectrum([hessians[c] for c in seg.checkpoints], self.trajectory.weight_decay, seg.time)
-            for seg in self.segments
-        ]
-        self.set_curvature(spectra, weights)
+        self.set_curvature(segment_spectra(self.segments, hessians, self.trajectory.weight_decay), weights)
         return examples
 
     def set_curvature(self, spectra: Sequence[SegmentSpectrum], weights: Sequence[float]) -> None:

@@ -32,7 +32,6 @@ from source_proj.store import (
     FeatureStore,
     FeaturizeReport,
     StoreLayout,
-    StoreMismatchError,
     featurize,
 )
 

@@ -26,7 +26,12 @@ import torch
 import zarr
 from tqdm.auto import tqdm
 
-from source_proj.ledger import ChunkLedger, chunk_digest, create_group_atomically, remove_partial_writes
+from source_proj.ledger import (
+    ChunkLedger,
+    chunk_digest,
+    create_group_atomically,
+    remove_partial_writes,
+)
 from source_proj.retrieval import check_queries
 from source_proj.store import FeatureStore, StoreLayout, StoreMismatchError
 

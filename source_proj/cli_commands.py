@@ -169,7 +169,11 @@ def _topk_results(args: argparse.Namespace, store: Any, queries: Any, segments: 
 def _exact_results(
     args: argparse.Namespace, store: Any, queries: Any, segments: list[int] | None, kinds: list[str]
 ) -> dict[str, Any]:
-    from source_proj.retrieval import SearchSettings, exact_proponents_opponents, exact_topk
+    from source_proj.retrieval import (
+        SearchSettings,
+        exact_proponents_opponents,
+        exact_topk,
+    )
 
     settings = SearchSettings(shard_rows=args.shard_rows)
     progress = not args.quiet

@@ -10,9 +10,12 @@ eigendecomposed in float64, H_l = V diag(s) V^T, and with t_l = eta_l K_l
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
+
+from source_proj.trajectory import Segment
 
 # Below this t*s the series of -expm1(-x)/x is used (relative error ~ x^3/24 < 1e-17).
 _SERIES_BELOW = 1e-6
@@ -77,6 +80,13 @@ def segment_spectrum(hessians: list[torch.Tensor], weight_decay: float, time: fl
     mean.diagonal().add_(weight_decay)
     evals, evecs = torch.linalg.eigh(mean)
     return SegmentSpectrum(evals.clamp_min(0.0), evecs, float(time))
+
+
+def segment_spectra(
+    segments: Sequence[Segment], hessians: Mapping[int, torch.Tensor], weight_decay: float
+) -> list[SegmentSpectrum]:
+    """Each segment's spectrum from the projected Hessians (k, k) of its checkpoints."""
+    return [segment_spectrum([hessians[c] for c in seg.checkpoints], weight_decay, seg.time) for seg in segments]
 
 
 def transport_operators(spectra: list[SegmentSpectrum], transport: bool = True) -> torch.Tensor:

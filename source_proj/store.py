@@ -43,7 +43,12 @@ import torch
 import zarr
 from tqdm.auto import tqdm
 
-from source_proj.ledger import ChunkLedger, chunk_digest, create_group_atomically, remove_partial_writes
+from source_proj.ledger import (
+    ChunkLedger,
+    chunk_digest,
+    create_group_atomically,
+    remove_partial_writes,
+)
 
 FORMAT_VERSION = 1
 STORE_DTYPES = ("float32", "float16")

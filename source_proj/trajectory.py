@@ -53,7 +53,7 @@ class Checkpoint:
             return self.state
         try:
             return torch.load(self.state, map_location="cpu", weights_only=True, mmap=True)
-        except Exception as exc:  # noqa: BLE001 - re-raised with the path named
+        except Exception as exc:
             raise TrajectoryError(f"could not load checkpoint file {os.fspath(self.state)!r}: {exc}") from exc
 
 
@@ -161,16 +161,19 @@ class Trajectory:
             raise TrajectoryError(f"unknown stage {stage!r}; the trajectory has stages {list(self._stages)}")
         return [i for i, c in enumerate(self.checkpoints) if c.stage == stage]
 
-    def segments(self, num_segments: int = 3, momentum_factor: bool = True) -> tuple[Segment, ...]:
+    def segments(
+        self, num_segments: int = 3, momentum_factor: bool = True, time_scale: float = 1.0
+    ) -> tuple[Segment, ...]:
         """Cut each stage into ``num_segments`` stretches of (nearly) equal checkpoint counts.
 
         Args:
             num_segments: L, segments per stage (>= 1, at most the stage's checkpoint count).
             momentum_factor: use the effective rate eta / (1 - beta) under momentum.
+            time_scale: multiplies every segment's rate, hence its time t = eta K.
         """
         if isinstance(num_segments, bool) or not isinstance(num_segments, int) or num_segments < 1:
             raise TrajectoryError(f"num_segments must be a positive int, got {num_segments!r}")
-        factor = 1.0 / (1.0 - self.momentum) if momentum_factor else 1.0
+        factor = time_scale / (1.0 - self.momentum) if momentum_factor else time_scale
         out = []
         for stage in self._stages:
             indices = self.stage_checkpoints(stage)

@@ -26,7 +26,6 @@ Ensembles average the scores of independently trained runs (:func:`ensemble`).
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 
 import numpy as np
@@ -35,10 +34,9 @@ from torch import nn
 from torch.func import functional_call
 
 from source_proj.config import SourceConfig
-from source_proj.curvature import segment_spectrum, transport_operators
+from source_proj.curvature import segment_spectra, transport_operators
 from source_proj.evaluation.projected_run import ProjectedRun
 from source_proj.features import combine, segment_features
-
 
 
 def source_scores(run: ProjectedRun, config: SourceConfig) -> torch.Tensor:
@@ -61,15 +59,8 @@ def source_scores(run: ProjectedRun, config: SourceConfig) -> torch.Tensor:
     if config.proj_dim != run.dim:
         run = run.truncate(config.proj_dim)
     trajectory = run.trajectory
-    segments = [
-        dataclasses.replace(s, lr=s.lr * config.time_scale)
-        for s in trajectory.segments(config.num_segments, config.momentum_factor)
-    ]
-    hessians = run.hessians[config.curvature]
-    spectra = [
-        segment_spectrum([hessians[c] for c in seg.checkpoints], trajectory.weight_decay, seg.time)
-        for seg in segments
-    ]
+    segments = trajectory.segments(config.num_segments, config.momentum_factor, config.time_scale)
+    spectra = segment_spectra(segments, run.hessians[config.curvature], trajectory.weight_decay)
     query_mode = config.resolved_query_mode(len(trajectory.stages))
     operators = transport_operators(spectra, transport=query_mode == "final")
     size = run.stage_sizes[run.attributed_stage]

@@ -82,8 +82,8 @@ class ProjectedRun:
         if not 1 <= dim <= self.dim:
             raise ValueError(f"can only truncate to 1..{self.dim} dimensions, got {dim}")
         scale = math.sqrt(self.dim / dim)
-        vec = lambda t: t[..., :dim] * scale  # noqa: E731
-        mat = lambda t: t[..., :dim, :dim] * scale**2  # noqa: E731
+        vec = lambda t: t[..., :dim] * scale
+        mat = lambda t: t[..., :dim, :dim] * scale**2
         return dataclasses.replace(
             self,
             train_grads=vec(self.train_grads),

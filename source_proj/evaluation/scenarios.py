@@ -23,8 +23,8 @@ from sklearn.datasets import load_digits, make_friedman1
 from torch import nn
 
 from source_proj.tasks import ClassificationTask, RegressionTask, Task
-from source_proj.trajectory import Checkpoint, Trajectory
 from source_proj.training import TrainSettings, train_sgd
+from source_proj.trajectory import Checkpoint, Trajectory
 
 SCENARIOS = ("digits", "digits-noisy", "digits-two-stage", "friedman")
 
