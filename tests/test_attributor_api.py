@@ -34,6 +34,8 @@ def test_segments_split_stages_and_average_rates_with_momentum_factor():
     assert math.isclose(segs[2].lr, 0.25 / 0.5) and math.isclose(segs[2].time, 0.25 / 0.5 * 4)
     plain = traj.segments(2, momentum_factor=False)
     assert math.isclose(plain[0].lr, 0.1)
+    scaled = traj.segments(2, time_scale=0.3)
+    assert math.isclose(scaled[0].time, 0.3 * 0.1 / 0.5 * 20) and math.isclose(scaled[3].lr, 0.3 * 0.25 / 0.5)
 
 
 @pytest.mark.parametrize(
