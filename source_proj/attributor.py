@@ -233,18 +233,21 @@ class SourceAttributor:
         inputs, targets = examples.rows(start, stop, self.device)
         n, k, final_index = stop - start, self.config.proj_dim, len(self.trajectory.checkpoints) - 1
         sums = torch.zeros(n, self.num_segments, k, dtype=torch.float64, device=self.device)
+        segment_of = {c: l for l, seg in enumerate(self.segments) for c in seg.checkpoints}
+        # Gradients at the checkpoints of the segments these rows trained in, and at the final
+        # checkpoint for the "final"-mode self-influence.
+        wanted = [c for c, l in segment_of.items() if self.weights[l] != 0]
+        if self.query_mode == "final" and final_index not in wanted:
+            wanted.append(final_index)
         final_grad = None
-        for l, seg in enumerate(self.segments):
-            if self.weights[l] == 0 and not (self.query_mode == "final" and final_index in seg.checkpoints):
-                continue
-            for c in seg.checkpoints:
-                params, consts = self._load(c)
-                grad = projected_gradients(
-                    self.model_fn, params, consts, self.task.loss, inputs, targets, self.projection, f"checkpoint {c}"
-                )
-                sums[:, l] += grad
-                if c == final_index:
-                    final_grad = grad
+        for c in wanted:
+            params, consts = self._load(c)
+            grad = projected_gradients(
+                self.model_fn, params, consts, self.task.loss, inputs, targets, self.projection, f"checkpoint {c}"
+            )
+            sums[:, segment_of[c]] += grad
+            if c == final_index:
+                final_grad = grad
         counts = torch.tensor([len(s.checkpoints) for s in self.segments], dtype=torch.float64, device=self.device)
         seg_grads = sums / counts[None, :, None]
         per_segment = segment_features(seg_grads, self.operators, self.weights).cpu()
