@@ -126,9 +126,9 @@ class SourceAttributor:
         rows = len(examples)
         chosen = torch.arange(rows)
         if self.config.curvature_examples is not None and self.config.curvature_examples < rows:
-            pick = torch.Generator().manual_seed(self.config.seed)
+            pick = torch.Generator().manual_seed(self.config.seed % 2**63)
             chosen = torch.randperm(rows, generator=pick)[: self.config.curvature_examples].sort().values
-        noise = torch.Generator().manual_seed(self.config.seed * 1_000_003 + index)
+        noise = torch.Generator().manual_seed((self.config.seed * 1_000_003 + index) % 2**63)
         total = torch.zeros(self.config.proj_dim, self.config.proj_dim, dtype=torch.float64, device=self.device)
         for start in self._chunks(len(chosen), f"curvature @ checkpoint {index}"):
             inputs, targets = examples.take(chosen[start : start + self.config.chunk_size].tolist(), self.device)
