@@ -90,7 +90,7 @@ class SourceAttributor:
         self.checkpoint_digests: list[str] = []
         for i, ckpt in enumerate(trajectory.checkpoints):
             state = ckpt.load()
-            self.model_fn.split_state(state, torch.device("cpu"), f"checkpoint {i}")
+            self.model_fn.check_state(state, f"checkpoint {i}")
             self.checkpoint_digests.append(state_digest(state))
         self.spectra: list[SegmentSpectrum] | None = None
         self.operators: torch.Tensor | None = None
@@ -102,12 +102,15 @@ class SourceAttributor:
 
     # ----------------------------------------------------------------- helpers
     def _load(self, index: int) -> tuple[dict, dict]:
-        state = self.trajectory.checkpoints[index].load()
-        return self.model_fn.split_state(state, self.device, f"checkpoint {index}")
+        # Checked against the model once, in __init__.
+        return self.model_fn.split_state(self.trajectory.checkpoints[index].load(), self.device)
 
-    def _chunks(self, n: int, desc: str) -> tqdm:
-        step = self.config.chunk_size
-        return tqdm(range(0, n, step), desc=desc, disable=not self.config.progress, leave=False, unit="chunk")
+    def _chunks(self, stop: int, desc: str, start: int = 0, show: bool = True) -> tqdm:
+        """Starts of ``chunk_size`` row chunks in [start, stop), with a progress bar."""
+        return tqdm(
+            range(start, stop, self.config.chunk_size),
+            desc=desc, disable=not (show and self.config.progress), leave=False, unit="chunk",
+        )
 
     @property
     def num_segments(self) -> int:
@@ -258,6 +261,18 @@ class SourceAttributor:
             self_inf = row_dot(seg_grads.reshape(n, -1).cpu(), features)
         return RowFeatures(features, per_segment if self.keeps_segment_features else None, self_inf)
 
+    def featurize_range(self, examples: Examples, start: int, stop: int, progress: bool = False) -> RowFeatures:
+        """Features of training rows [start, stop), computed ``chunk_size`` rows at a time."""
+        step = self.config.chunk_size
+        parts = [
+            self.featurize_rows(examples, s, min(stop, s + step))
+            for s in self._chunks(stop, "features", start, show=progress)
+        ]
+        segments = torch.cat([p.segment_features for p in parts]) if self.keeps_segment_features else None
+        return RowFeatures(
+            torch.cat([p.features for p in parts]), segments, torch.cat([p.self_influence for p in parts])
+        )
+
     def fit(
         self,
         train_data: Any,
@@ -269,15 +284,10 @@ class SourceAttributor:
         """Compute and keep in memory the features of every training row (see :meth:`prepare`
         for the arguments). For data sets too large for memory, use a feature store."""
         examples = self.prepare(train_data, stages=stages, num_train=num_train, curvature_data=curvature_data)
-        parts = [
-            self.featurize_rows(examples, s, min(len(examples), s + self.config.chunk_size))
-            for s in self._chunks(len(examples), "features")
-        ]
-        self.train_features = torch.cat([p.features for p in parts])
-        self.train_segment_features = (
-            torch.cat([p.segment_features for p in parts]) if self.keeps_segment_features else None
-        )
-        self._self_influence = torch.cat([p.self_influence for p in parts])
+        rows = self.featurize_range(examples, 0, len(examples), progress=True)
+        self.train_features = rows.features
+        self.train_segment_features = rows.segment_features
+        self._self_influence = rows.self_influence
         return self
 
     # ----------------------------------------------------------------- queries

@@ -78,14 +78,12 @@ def _curvature_arrays(attributor: SourceAttributor) -> tuple[np.ndarray, np.ndar
 def _compute_chunk(
     attributor: SourceAttributor, examples: Examples, keep_segments: bool
 ) -> Callable[[int, int], ChunkFeatures]:
-    step = attributor.config.chunk_size
-
     def compute(start: int, stop: int) -> ChunkFeatures:
-        parts = [attributor.featurize_rows(examples, s, min(stop, s + step)) for s in range(start, stop, step)]
+        rows = attributor.featurize_range(examples, start, stop)
         return ChunkFeatures(
-            torch.cat([p.features for p in parts]).numpy(),
-            torch.cat([p.segment_features for p in parts]).numpy() if keep_segments else None,
-            torch.cat([p.self_influence for p in parts]).numpy(),
+            rows.features.numpy(),
+            rows.segment_features.numpy() if keep_segments else None,
+            rows.self_influence.numpy(),
         )
 
     return compute

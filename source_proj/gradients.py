@@ -63,13 +63,9 @@ class ModelFunction:
         payload = {"class": type(self.model).__name__, "params": [[n, shapes[n]] for n in self.names]}
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
-    def split_state(
-        self, state: Mapping[str, torch.Tensor], device: torch.device, where: str
-    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """(attributed params, constants) from a checkpoint's state dict, checked against the model.
-
-        ``where`` names the checkpoint in errors.
-        """
+    def check_state(self, state: Mapping[str, torch.Tensor], where: str) -> None:
+        """Raise ``TrajectoryError`` if a checkpoint's state dict does not fit the model (keys or
+        shapes); ``where`` names the checkpoint."""
         expected = self.model.state_dict()
         missing = sorted(set(expected) - set(state))
         extra = sorted(set(state) - set(expected))
@@ -82,6 +78,12 @@ class ModelFunction:
         ]
         if bad:
             raise TrajectoryError(f"{where}: shapes do not match the model: {bad}")
+
+    def split_state(
+        self, state: Mapping[str, torch.Tensor], device: torch.device
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """(attributed params, constants) on ``device`` from a state dict that passed
+        :meth:`check_state`."""
         attributed = set(self.names)
         params = {n: state[n].detach().to(device) for n in self.names}
         consts = {k: v.detach().to(device) for k, v in state.items() if k not in attributed}

@@ -97,7 +97,8 @@ class ProjectedRun:
 def _gradients(
     fn: ModelFunction, state: dict, objective, examples: Examples, config: SourceConfig, where: str
 ) -> torch.Tensor:
-    params, consts = fn.split_state(state, torch.device("cpu"), where)
+    fn.check_state(state, where)
+    params, consts = fn.split_state(state, torch.device("cpu"))
     parts = []
     for start in range(0, len(examples), _CHUNK):
         inputs, targets = examples.rows(start, min(len(examples), start + _CHUNK))
