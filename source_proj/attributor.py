@@ -326,10 +326,17 @@ class SourceAttributor:
             return self.train_features
         if self.train_segment_features is None:
             raise ValueError("per-stage scores need per-segment features: set keep_segment_features=True")
-        if stage not in self.trajectory.stages:
-            raise TrajectoryError(f"unknown stage {stage!r}; the trajectory has stages {list(self.trajectory.stages)}")
-        mask = torch.tensor([seg.stage == stage for seg in self.segments])
+        mask = torch.zeros(self.num_segments, dtype=torch.bool)
+        mask[self.stage_segments(stage)] = True
         return combine(self.train_segment_features, self.query_mode, mask)
+
+    def stage_segments(self, stage: Hashable) -> list[int]:
+        """Indices of the segments of training stage ``stage``: its label, or the label's text
+        (as given on a command line)."""
+        chosen = [i for i, seg in enumerate(self.segments) if seg.stage == stage or str(seg.stage) == str(stage)]
+        if not chosen:
+            raise TrajectoryError(f"unknown stage {stage!r}; the trajectory has stages {list(self.trajectory.stages)}")
+        return chosen
 
     def score(self, queries: Any, *, stage: Hashable | None = None) -> torch.Tensor:
         """Scores (n_query, N) float32: predicted change of each query's measurement at the

@@ -160,18 +160,15 @@ def open_store(attributor: SourceAttributor, path: str | os.PathLike) -> Feature
 def stage_restriction(
     attributor: SourceAttributor, store: FeatureStore, stage: str, queries: np.ndarray
 ) -> tuple[np.ndarray, list[int] | None]:
-    """Queries and segment indices for scores restricted to training stage ``stage``
-    (compared as text): ``search(store, queries, segments=...)`` then keeps only the terms of
-    that stage's segments.
+    """Queries and segment indices for scores restricted to training stage ``stage`` (a label
+    or its text, see ``SourceAttributor.stage_segments``): ``search(store, queries,
+    segments=...)`` then keeps only the terms of that stage's segments.
 
     In "segment" query mode F holds the per-segment features side by side, so the queries'
     blocks of other segments are zeroed and no segment selection is needed. In "final" mode
     the store must keep per-segment features (``keep_segment_features``).
     """
-    chosen = [i for i, seg in enumerate(attributor.segments) if str(seg.stage) == stage]
-    if not chosen:
-        known = sorted({str(seg.stage) for seg in attributor.segments})
-        raise ValueError(f"unknown stage {stage!r}; the trajectory has stages {known}")
+    chosen = attributor.stage_segments(stage)
     if attributor.query_mode == "segment":
         mask = np.zeros((1, attributor.num_segments, 1), dtype=queries.dtype)
         mask[0, chosen] = 1

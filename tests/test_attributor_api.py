@@ -212,6 +212,8 @@ def test_per_stage_scores_add_up_and_isolate_a_stage():
     only_pre.fit(both, stages=["pre"], curvature_data=both)
     torch.testing.assert_close(only_pre.score(queries), pre, rtol=1e-5, atol=1e-7)
     assert not torch.allclose(pre, fine)
+    with pytest.raises(TrajectoryError, match="unknown stage 'warmup'"):
+        att.score(queries, stage="warmup")
     no_segments = SourceAttributor(model, "classification", traj, proj_dim=12, num_segments=2, progress=False).fit(both)
     with pytest.raises(ValueError, match="keep_segment_features=True"):
         no_segments.score(queries, stage="pre")
