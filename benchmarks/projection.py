@@ -4,8 +4,10 @@ For each (p, k, batch), times ``project`` (CPU path: R regenerated chunk by chun
 never stored) against
   (a) ``torch.matmul`` with the matrix materialised beforehand (generation not timed), and
   (b) TRAK's ``BasicProjector`` (traker 0.3.2, Rademacher, its default 100-column blocks),
-and prints a table of seconds and ratios (baseline time / on-the-fly time: > 1 means the
-on-the-fly path is faster). Goals (issue 4): >= 0.5 against (a) at batch >= 64, >= 3 against (b).
+and, where the CPU path uses its exact int8 product, (c) the same path with the float32
+product it falls back to on CPUs without int8 matrix instructions. It prints a table of
+seconds and ratios (baseline time / on-the-fly time: > 1 means the on-the-fly path is faster).
+Goals (issue 4): >= 0.5 against (a) at batch >= 64, >= 3 against (b).
 
 (a)'s matrix is capped at ``--max-matrix-gib`` (default 2 GiB, the machine has little memory):
 for larger p x k a slab of rows is materialised, timed, and its time scaled by p / rows (the
@@ -28,6 +30,7 @@ from pathlib import Path
 import torch
 
 from source_proj.kernels.reference import RADEMACHER, matrix_block
+from source_proj import projection
 from source_proj.projection import ProjectionConfig, project
 
 SEED = 1234
@@ -78,10 +81,13 @@ def main() -> None:
     header = (f"CPU projection benchmark, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
               f"{cpu_name()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}; "
               f"times are min (median) of {repeats} runs, float32")
+    int8 = projection._INT8_PRODUCT
+    header += (f"; CPU product: {'exact int8 (oneDNN AMX/VNNI)' if int8 else 'float32'}"
+               + ("; (c) is the float32 product this path falls back to without AMX/VNNI" if int8 else ""))
     print(header, flush=True)
     rows = ["| p | k | B | on the fly (s) | (a) materialised matmul (s) | on-the-fly speed / (a) "
-            "| (b) TRAK BasicProjector (s) | on-the-fly speed / (b) |",
-            "|---|---|---|---|---|---|---|---|"]
+            "| (b) TRAK BasicProjector (s) | on-the-fly speed / (b) | (c) float32 on the fly (s) | speed / (c) |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
     print("\n".join(rows), flush=True)
     gen = torch.Generator().manual_seed(0)
     for p in sizes_p:
@@ -102,8 +108,14 @@ def main() -> None:
                 else:
                     b_min, b_med = timed(lambda g=grad, t=trak: t.project(g, model_id=0), repeats)
                     b_cell, b_ratio = f"{b_min:.3f} ({b_med:.3f})", f"{b_min / ours:.2f}"
+                c_cell, c_ratio = "-", "-"
+                if int8:
+                    projection._INT8_PRODUCT = False
+                    c_min, c_med = timed(lambda g=grad, c=config: project(g, c), repeats)
+                    projection._INT8_PRODUCT = True
+                    c_cell, c_ratio = f"{c_min:.3f} ({c_med:.3f})", f"{c_min / ours:.2f}"
                 row = (f"| {p:.0e} | {k} | {batch} | {ours:.3f} ({ours_med:.3f}) | {a_min:.3f} ({a_med:.3f}){a_note} "
-                       f"| {a_min / ours:.2f} | {b_cell} | {b_ratio} |")
+                       f"| {a_min / ours:.2f} | {b_cell} | {b_ratio} | {c_cell} | {c_ratio} |")
                 rows.append(row)
                 print(row, flush=True)
     if args.out:

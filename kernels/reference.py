@@ -28,8 +28,12 @@ rows start at the sum of the widths of the blocks before it (the ``row_offset``)
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
+
+if sys.byteorder != "little":  # torch itself supports only little-endian hosts
+    raise ImportError("source_proj's random projection needs a little-endian machine")
 
 RADEMACHER = "rademacher"
 GAUSSIAN = "gaussian"
@@ -63,32 +67,74 @@ def philox4x32(
     Returns the four output words as int64 tensors of the broadcast shape, values in
     [0, 2^32). Products of two uint32 values overflow int64 but wrap modulo 2^64, so their low
     and high 32-bit halves are still exact after masking. The low halves are masked lazily:
-    they only enter the next round through an xor whose result is masked, so ten full-tensor
-    passes per round suffice. Pass unexpanded counters (rows as (n, 1), column groups as
-    (1, m)): the first round then runs on the small shapes.
+    they only enter the next round through an xor whose result is masked. Every round runs in
+    place on six preallocated arrays: allocating per operation costs more than the arithmetic.
     """
     seed = check_seed(seed)
     k0, k1 = seed & _MASK32, (seed >> 32) & _MASK32
-    c0, c1, c2, c3 = (torch.as_tensor(c, dtype=torch.int64) for c in (c0, c1, c2, c3))
+    counters = [torch.as_tensor(c, dtype=torch.int64) for c in (c0, c1, c2, c3)]
+    shape = torch.broadcast_shapes(*(c.shape for c in counters))
+    x0, x1, x2, x3 = (c.expand(shape).clone() for c in counters)
+    prod_a, prod_b = torch.empty(shape, dtype=torch.int64), torch.empty(shape, dtype=torch.int64)
     for _ in range(PHILOX_ROUNDS):
-        prod_b = c2 * _ROUND_B
-        prod_a = c0 * _ROUND_A
-        c0 = ((prod_b >> 32) ^ c1).bitwise_xor_(k0).bitwise_and_(_MASK32)
-        c2 = ((prod_a >> 32) ^ c3).bitwise_xor_(k1).bitwise_and_(_MASK32)
-        c1, c3 = prod_b, prod_a  # low halves: masked below or by the next round's xor
+        torch.mul(x2, _ROUND_B, out=prod_b)
+        torch.mul(x0, _ROUND_A, out=prod_a)
+        torch.bitwise_right_shift(prod_b, 32, out=x0).bitwise_xor_(x1).bitwise_xor_(k0).bitwise_and_(_MASK32)
+        torch.bitwise_right_shift(prod_a, 32, out=x2).bitwise_xor_(x3).bitwise_xor_(k1).bitwise_and_(_MASK32)
+        x1, prod_b = prod_b, x1  # low halves: masked below or by the next round's xor
+        x3, prod_a = prod_a, x3
         k0 = (k0 + _KEY_A) & _MASK32
         k1 = (k1 + _KEY_B) & _MASK32
-    return c0, c1 & _MASK32, c2, c3 & _MASK32
+    return x0, x1.bitwise_and_(_MASK32), x2, x3.bitwise_and_(_MASK32)
 
 
-def _byte_sign_table() -> torch.Tensor:
-    """(256, 8) float32: row b holds +1 where bit s of byte b is 0 and -1 where it is 1."""
-    bits = (torch.arange(256)[:, None] >> torch.arange(8)) & 1
-    return (1 - 2 * bits).to(torch.float32)
+def _byte_sign_tables() -> dict[torch.dtype, torch.Tensor]:
+    """Per dtype, row b holds the eight entries of byte b: +1 where bit s is 0, -1 where it is 1.
+
+    Each row's eight entries are stored as raw int64 words (one word for int8, four for
+    float32), so expanding bytes is a gather of whole words.
+    """
+    signs = 1 - 2 * ((torch.arange(256)[:, None] >> torch.arange(8)) & 1)
+    return {
+        dtype: signs.to(dtype).view(torch.int64).squeeze(1) for dtype in (torch.float32, torch.int8)
+    }
 
 
-_BYTE_SIGNS = _byte_sign_table()
-_BYTE_SHIFTS = torch.arange(0, 32, 8)
+_BYTE_SIGNS = _byte_sign_tables()
+
+
+def rademacher_bytes(
+    seed: int, row_start: int, row_stop: int, group_start: int, group_stop: int
+) -> torch.Tensor:
+    """The random bits of rows [row_start, row_stop), column groups [group_start, group_stop).
+
+    Returns int32 (rows, 16 * groups): byte b of row i holds the signs of columns
+    128 group_start + 8 b ... + 8 b + 7 of R (bit s set means R = -1 at column 8 b + s), in
+    the layout's order (word x0 first, least significant byte and bit first).
+    """
+    rows = torch.arange(row_start, row_stop, dtype=torch.int64)[:, None]
+    groups = torch.arange(group_start, group_stop, dtype=torch.int64)[None, :]
+    words = torch.stack(philox4x32(seed, rows & _MASK32, rows >> 32, groups, 0), dim=-1)
+    # Each uint32 word sits in the low four bytes of its int64 (little-endian, as checked at
+    # import), so the bytes are read through a view instead of shifted out.
+    low_bytes = words.view(torch.uint8).view(row_stop - row_start, -1, 8)[..., :4]
+    return low_bytes.reshape(row_stop - row_start, -1).to(torch.int32)
+
+
+def signs_from_bytes(
+    byte_index: torch.Tensor, out: torch.Tensor | None = None, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """Expand (rows, m) bytes from ``rademacher_bytes`` to (rows, 8 m) +-1 entries.
+
+    ``dtype`` is float32 or int8 (exact either way). Written into ``out`` when given (a
+    contiguous CPU tensor of that shape, whose dtype then decides, reused to spare allocations).
+    """
+    if out is None:
+        out = torch.empty(byte_index.shape[0], 8 * byte_index.shape[1], dtype=dtype)
+    table = _BYTE_SIGNS[out.dtype]
+    words = out.view(torch.int64).view(-1, *table.shape[1:])
+    torch.index_select(table, 0, byte_index.reshape(-1), out=words)
+    return out
 
 
 def rademacher_rows(
@@ -101,20 +147,10 @@ def rademacher_rows(
 ) -> torch.Tensor:
     """Rows [row_start, row_stop), columns [128 group_start, 128 group_stop) of Rademacher R.
 
-    Returns float32 (rows, 128 * groups), written into ``out`` when given (a contiguous float32
-    CPU tensor of exactly that shape, reused to spare allocations). One Philox call per (row,
-    group of 128 columns); the words are split into bytes and each byte is expanded to eight
-    +-1.0 entries by a 256-row lookup table (least significant bit first, as the layout says).
+    Returns float32 (rows, 128 * groups), written into ``out`` when given (see
+    ``signs_from_bytes``). One Philox call per (row, group of 128 columns).
     """
-    n_rows, n_groups = row_stop - row_start, group_stop - group_start
-    rows = torch.arange(row_start, row_stop, dtype=torch.int64)[:, None]
-    groups = torch.arange(group_start, group_stop, dtype=torch.int64)[None, :]
-    words = torch.stack(philox4x32(seed, rows & _MASK32, rows >> 32, groups, 0), dim=-1)
-    byte_index = ((words[..., None] >> _BYTE_SHIFTS) & 0xFF).reshape(-1)  # word-major, LSB first
-    if out is None:
-        out = torch.empty(n_rows, 128 * n_groups, dtype=torch.float32)
-    torch.index_select(_BYTE_SIGNS, 0, byte_index, out=out.view(-1, 8))
-    return out
+    return signs_from_bytes(rademacher_bytes(seed, row_start, row_stop, group_start, group_stop), out)
 
 
 def _unit_floats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

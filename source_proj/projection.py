@@ -23,15 +23,43 @@ from source_proj.kernels.reference import (
     RADEMACHER,
     check_seed,
     matrix_block,
-    rademacher_rows,
+    rademacher_bytes,
+    signs_from_bytes,
 )
 
 BACKENDS = ("auto", "cpu", "triton")
 GradientBlocks = torch.Tensor | Mapping[str, torch.Tensor] | Sequence[torch.Tensor]
 
-# Philox calls per generated chunk of R on the CPU: 2^14 calls are 2M Rademacher entries
-# (8 MiB of float32) and 128 KiB per Philox word array, which stays in a core's L2 cache.
-_CPU_CHUNK_CALLS = 2**14
+# The CPU path generates R's bits by Philox batches of 2^16 calls, whose int64 word arrays
+# (512 KiB) are large enough for torch to split each operation over threads, and expands them
+# to tiles, each multiplied into the output: float32 tiles of 1 MiB, which stay in cache for
+# the product, or int8 tiles of 8192 rows x 8 column groups (one batch, 8 MiB).
+_CPU_CHUNK_CALLS = 2**16
+_CPU_TILE_BYTES = 2**20
+_INT8_TILE_ROWS = 8192
+_INT8_TILE_GROUPS = 8
+
+# Rademacher products on the CPU run in exact integer arithmetic where int8 matrix products
+# are fast (oneDNN with AMX or VNNI): R's +-1 entries are exact int8, and each gradient row,
+# scaled by a power of two, is rounded to a 31-bit fixed-point integer held as four int8
+# digits. int32 sums of digit x sign products stay exact for up to 2^24 rows.
+_FIXED_POINT_BITS = 31
+_EXACT_INT32_ROWS = 2**24
+
+
+def _int8_product_is_fast() -> bool:
+    """Whether ``torch._int_mm`` runs on oneDNN kernels with int8 dot-product instructions."""
+    def cpu_has(feature: str) -> bool:  # torch.cpu's probes are private: absent means no
+        return bool(getattr(torch.cpu, f"_is_{feature}_supported", lambda: False)())
+
+    return (
+        hasattr(torch, "_int_mm")
+        and torch.backends.mkldnn.is_available()
+        and (cpu_has("amx_tile") or cpu_has("vnni"))
+    )
+
+
+_INT8_PRODUCT = _int8_product_is_fast()
 
 
 @dataclass(frozen=True)
@@ -109,23 +137,122 @@ def _use_triton(config: ProjectionConfig, device: torch.device) -> bool:
 def _cpu_chunks(
     seed: int, kind: str, dim: int, row_start: int, row_stop: int
 ) -> Iterator[tuple[int, torch.Tensor]]:
-    """Yield (first row, R[first : first + n, :dim]) chunks covering [row_start, row_stop).
+    """Yield (first row, R[first : first + n, :dim]) float32 chunks covering [row_start, row_stop).
 
-    Chunks hold about 2^14 Philox calls (8 MiB of float32 when Rademacher). Rademacher chunks
-    are views of one reused buffer: each is valid only until the next is yielded.
+    Rademacher chunks are tiles of about ``_CPU_TILE_BYTES``, views of one reused buffer: each
+    is valid only until the next is yielded. Gaussian chunks hold about ``_CPU_CHUNK_CALLS``
+    Philox calls.
     """
     per_call = COLUMNS_PER_CALL[kind]
     n_groups = -(-dim // per_call)
     rows_per_chunk = max(1, _CPU_CHUNK_CALLS // n_groups)
-    if kind == RADEMACHER:
-        buffer = torch.empty(min(rows_per_chunk, row_stop - row_start), n_groups * per_call)
+    if kind != RADEMACHER:
+        for first in range(row_start, row_stop, rows_per_chunk):
+            yield first, matrix_block(seed, first, min(row_stop, first + rows_per_chunk), dim, kind)
+        return
+    rows_per_tile = min(rows_per_chunk, max(1, _CPU_TILE_BYTES // (4 * per_call * n_groups)))
+    buffer = torch.empty(min(rows_per_tile, row_stop - row_start), n_groups * per_call)
     for first in range(row_start, row_stop, rows_per_chunk):
         last = min(row_stop, first + rows_per_chunk)
-        if kind == RADEMACHER:
-            chunk = rademacher_rows(seed, first, last, 0, n_groups, out=buffer[: last - first])
-            yield first, chunk[:, :dim]
-        else:
-            yield first, matrix_block(seed, first, last, dim, kind)
+        bits = rademacher_bytes(seed, first, last, 0, n_groups)
+        for tile in range(first, last, rows_per_tile):
+            stop = min(last, tile + rows_per_tile)
+            chunk = signs_from_bytes(bits[tile - first : stop - first], out=buffer[: stop - tile])
+            yield tile, chunk[:, :dim]
+
+
+def _powers_of_two(exponents: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """2^exponents, exactly, in ``dtype`` (the exponents must be within its range)."""
+    return torch.ldexp(torch.ones(exponents.shape, dtype=dtype), exponents)
+
+
+def _flat_view(buffer: torch.Tensor, *shape: int) -> torch.Tensor:
+    """The first prod(shape) elements of a flat buffer, as a contiguous tensor of ``shape``."""
+    return buffer[: math.prod(shape)].view(shape)
+
+
+def _fixed_point_digits(
+    x: torch.Tensor,
+    factors: tuple[torch.Tensor, torch.Tensor],
+    digits: torch.Tensor,
+    scaled: torch.Tensor,
+    fixed: torch.Tensor,
+) -> torch.Tensor:
+    """Write the int8 digits of q = round(x * f0 * f1) into ``digits`` (4, B, n) and return it.
+
+    ``x`` is (B, n), ``factors`` two (B, 1) float32 powers of two (applied one after the other,
+    so each stays within float32's range and the scaling is exact) with |q| < 2^30; ``scaled``
+    and ``fixed`` are (B, n) float32 and int32 work buffers (reused: fresh ones per tile cost
+    more in page faults than the arithmetic). Then q = d0 + 2^8 d1 + 2^16 d2 + 2^24 d3
+    exactly: adding 128 to the three low bytes and flipping their top bits turns
+    two's-complement bytes into balanced digits in [-128, 127]; the top byte is the signed
+    remainder, |d3| <= 64.
+    """
+    torch.mul(x, factors[0], out=scaled).mul_(factors[1]).round_()
+    fixed.copy_(scaled).add_(0x808080).bitwise_xor_(0x808080)
+    digits.copy_(fixed.view(torch.int8).view(*x.shape, 4).permute(2, 0, 1))
+    return digits
+
+
+def _rademacher_product_int8(grad: torch.Tensor, seed: int, dim: int, row_offset: int) -> torch.Tensor:
+    """``grad @ R[row_offset:, :dim]`` (unscaled, Rademacher) in integer arithmetic; (B, dim) float64.
+
+    Each row g, with max|g| < 2^e, is rounded to q = round(g 2^(30 - e)) (|q| < 2^30), so each
+    coordinate is off by at most 2^(e - 31) <= 2^-30 max|g|. The products of q's int8 digits
+    with R's +-1 tiles are exact integers, so that rounding and one final rounding are the only
+    errors, and the result does not depend on tiling or threads. Rows holding NaN or inf give
+    NaN rows.
+    """
+    batch, width = grad.shape
+    row_max = torch.zeros(batch, dtype=torch.float64)
+    if width:
+        row_max = torch.maximum(grad.amax(dim=1), grad.amin(dim=1).neg()).double()
+    finite = torch.isfinite(row_max)
+    all_finite = bool(finite.all())
+    shift = _FIXED_POINT_BITS - 1 - torch.frexp(torch.where(finite, row_max, 0.0)).exponent
+    half = torch.div(shift, 2, rounding_mode="floor")
+    factors = (_powers_of_two(half, torch.float32)[:, None], _powers_of_two(shift - half, torch.float32)[:, None])
+
+    n_groups = -(-dim // COLUMNS_PER_CALL[RADEMACHER])
+    tile_rows = min(_INT8_TILE_ROWS, width)
+    tile_cols = 128 * min(_INT8_TILE_GROUPS, n_groups)
+    scaled = torch.empty(batch * tile_rows)
+    fixed = torch.empty(batch * tile_rows, dtype=torch.int32)
+    digits = torch.empty(4 * batch * tile_rows, dtype=torch.int8)
+    signs = torch.empty(tile_rows * tile_cols, dtype=torch.int8)
+    product = torch.empty(4 * batch * tile_cols, dtype=torch.int32)
+    partial = torch.zeros(4 * batch, 128 * n_groups, dtype=torch.int32)
+    totals = torch.zeros(4 * batch, dim, dtype=torch.float64)
+    partial_rows = 0
+    for first in range(0, width, _INT8_TILE_ROWS):
+        last = min(width, first + _INT8_TILE_ROWS)
+        rows = last - first
+        if partial_rows + rows > _EXACT_INT32_ROWS:
+            totals.add_(partial[:, :dim])
+            partial.zero_()
+            partial_rows = 0
+        x = grad[:, first:last]
+        if not all_finite:
+            x = x.masked_fill(~finite[:, None], 0)
+        tile_digits = _fixed_point_digits(
+            x,
+            factors,
+            _flat_view(digits, 4, batch, rows),
+            _flat_view(scaled, batch, rows),
+            _flat_view(fixed, batch, rows),
+        ).view(4 * batch, rows)
+        for g0 in range(0, n_groups, _INT8_TILE_GROUPS):
+            g1 = min(n_groups, g0 + _INT8_TILE_GROUPS)
+            bits = rademacher_bytes(seed, row_offset + first, row_offset + last, g0, g1)
+            tile = signs_from_bytes(bits, out=_flat_view(signs, rows, 128 * (g1 - g0)))
+            out = _flat_view(product, 4 * batch, 128 * (g1 - g0))
+            partial[:, 128 * g0 : 128 * g1].add_(torch._int_mm(tile_digits, tile, out=out))
+        partial_rows += rows
+    totals.add_(partial[:, :dim])
+    weights = torch.tensor([1.0, 2.0**8, 2.0**16, 2.0**24], dtype=torch.float64)
+    result = torch.einsum("l,lbk->bk", weights, totals.view(4, batch, dim))
+    result.mul_(_powers_of_two(-shift, torch.float64)[:, None])
+    return result.masked_fill_(~finite[:, None], math.nan)
 
 
 def project_cpu_block(
@@ -133,15 +260,21 @@ def project_cpu_block(
 ) -> None:
     """Add ``grad @ R[row_offset : row_offset + p, :k]`` (unscaled) into ``out`` (B, k) float32.
 
-    ``grad`` is (B, p) in any float dtype, ``out`` (B, k) float32 on the same device. R is
-    generated on the CPU chunk by chunk, each chunk multiplied into ``out`` (float32
-    accumulation) before the next is made, so memory stays bounded whatever p is; on a CUDA
-    device each chunk is copied over before the product.
+    ``grad`` is (B, p) in any float dtype. The product runs on the CPU (a CUDA ``grad`` is
+    copied over first), R generated tile by tile, so memory stays bounded whatever p is.
+    Rademacher products are exact integer products where int8 kernels are fast (see
+    ``_rademacher_product_int8``, error <= 2^-30 max|g| per coordinate), float32 products
+    otherwise.
     """
-    for first, chunk in _cpu_chunks(seed, kind, out.shape[1], row_offset, row_offset + grad.shape[1]):
-        local = first - row_offset
-        grad_rows = grad[:, local : local + chunk.shape[0]].to(torch.float32)
-        out.addmm_(grad_rows, chunk.to(grad.device))
+    grad = grad.cpu()
+    if kind == RADEMACHER and _INT8_PRODUCT:
+        result = _rademacher_product_int8(grad, seed, out.shape[1], row_offset)
+    else:
+        result = torch.zeros(out.shape, dtype=torch.float32)
+        for first, chunk in _cpu_chunks(seed, kind, out.shape[1], row_offset, row_offset + grad.shape[1]):
+            local = first - row_offset
+            result.addmm_(grad[:, local : local + chunk.shape[0]].to(torch.float32), chunk)
+    out.add_(result.to(out.device, torch.float32))
 
 
 def project(grads: GradientBlocks, config: ProjectionConfig, row_offset: int = 0) -> torch.Tensor:
@@ -150,7 +283,10 @@ def project(grads: GradientBlocks, config: ProjectionConfig, row_offset: int = 0
     Args:
         grads: a (B, p) tensor, or a dict/sequence of (B, p_b) blocks taken in order, block b
             starting at global row ``row_offset + sum(p_c for c < b)``. float32, bfloat16 or
-            float16; accumulation is float32.
+            float16. Accumulation is float32, except for Rademacher products on CPUs with
+            int8 matrix instructions (AMX or VNNI): those are exact integer sums over each row
+            rounded to 31-bit fixed point (error <= 2^-30 of the row's largest entry per
+            coordinate).
         config: the projection settings.
         row_offset: global row index of the first gradient coordinate.
     """

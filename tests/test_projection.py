@@ -95,19 +95,75 @@ def test_matrix_independent_of_blocking(kind):
         assert torch.equal(groups, matrix_block(seed, first, last, 384)[:, 128:384])
 
 
+@pytest.fixture(params=["int8", "float32"])
+def cpu_product(request, monkeypatch):
+    """Run a test with each CPU product for Rademacher matrices, whatever this CPU would pick."""
+    if request.param == "int8" and not hasattr(torch, "_int_mm"):
+        pytest.skip("this torch has no int8 matrix product")
+    monkeypatch.setattr(projection, "_INT8_PRODUCT", request.param == "int8")
+    return request.param
+
+
 @pytest.mark.parametrize("kind", [RADEMACHER, GAUSSIAN])
-def test_projection_independent_of_chunking(kind, monkeypatch):
+def test_projection_independent_of_chunking(kind, cpu_product, monkeypatch):
     gen = torch.Generator().manual_seed(2)
     grad = torch.randn(3, 700, generator=gen)
     dense = grad.double() @ matrix_block(7, 10, 710, 200, kind).double()
     outputs = []
-    for calls in (1, 17, 2**14):  # a chunk of 1, 8 and all 700 rows
+    # float32: Philox batches of 1, 8 and all 700 rows (Rademacher: 2 calls a row), expanded
+    # in tiles of 1, 2 and 8 rows or as one tile. int8: tiles of 1, 5, 64 and all 700 rows, of
+    # one or two column groups, with the exact int32 sums flushed every few rows or never.
+    settings = [(1, 4, 1, 1, 3), (17, 20, 5, 1, 10), (2**14, 17 * 512, 64, 2, 2**24), (2**14, 2**20, 2**13, 8, 2**24)]
+    for calls, tile_bytes, int8_rows, int8_groups, exact_rows in settings:
         monkeypatch.setattr(projection, "_CPU_CHUNK_CALLS", calls)
+        monkeypatch.setattr(projection, "_CPU_TILE_BYTES", tile_bytes)
+        monkeypatch.setattr(projection, "_INT8_TILE_ROWS", int8_rows)
+        monkeypatch.setattr(projection, "_INT8_TILE_GROUPS", int8_groups)
+        monkeypatch.setattr(projection, "_EXACT_INT32_ROWS", exact_rows)
         out = torch.zeros(3, 200)
         project_cpu_block(grad, out, 7, kind, 10)
         outputs.append(out)
         assert torch.allclose(out.double(), dense, rtol=1e-5, atol=1e-4)
-    assert torch.allclose(outputs[0], outputs[2], rtol=1e-5, atol=1e-4)
+    for other in outputs[1:]:
+        if kind == RADEMACHER and cpu_product == "int8":  # exact integer sums: no tiling effect
+            assert torch.equal(other, outputs[0])
+        else:
+            assert torch.allclose(other, outputs[0], rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_int8_product_error_bound(dtype):
+    """The exact integer product rounds each row g to 31-bit fixed point below a power of two
+    2^e > max|g|: each coordinate moves by at most 2^(e - 31) <= 2^-30 max|g|, so each output
+    by at most p 2^-30 max|g|, plus the final float32 rounding; rows of any scale (here 1e-35
+    to 1e35, and subnormal entries) are treated alike."""
+    if not hasattr(torch, "_int_mm"):
+        pytest.skip("this torch has no int8 matrix product")
+    gen = torch.Generator().manual_seed(8)
+    p, k = 5000, 300
+    scales = torch.tensor([1.0, 1e-35, 1e35, 3.0, 2.0**-140])[:, None]
+    if dtype == torch.float16:
+        scales = torch.tensor([1.0, 1e-3, 1e3, 3.0, 2.0**-20])[:, None]  # within float16
+    grad = (torch.randn(5, p, generator=gen, dtype=torch.float64) * scales).to(dtype)
+    grad[3, 17] = 0.5 * grad[3].abs().max()  # an entry far above the rest of its row
+    exact = grad.double() @ matrix_block(11, 2**33, 2**33 + p, k).double()
+    got = projection._rademacher_product_int8(grad, 11, k, 2**33)
+    row_max = grad.double().abs().amax(dim=1, keepdim=True)
+    assert ((got - exact).abs() <= p * 2.0**-30 * row_max).all()
+    # Typically the error is a random walk, far inside the bound and float32 GEMM's.
+    assert ((got - exact).abs() <= 8 * p**0.5 * 2.0**-31 * row_max).all()
+    out = torch.zeros(5, k)
+    project_cpu_block(grad, out, 11, RADEMACHER, 2**33)
+    assert torch.equal(out, got.float()) or (projection._INT8_PRODUCT is False)
+
+
+def test_non_finite_rows_stay_non_finite(cpu_product):
+    grad = torch.randn(4, 300, generator=torch.Generator().manual_seed(9))
+    clean = project(grad, ProjectionConfig(dim=64, seed=3))
+    grad[1, 7], grad[2, 250] = math.nan, -math.inf
+    out = project(grad, ProjectionConfig(dim=64, seed=3))
+    assert not torch.isfinite(out[1:3]).any()
+    assert torch.equal(out[[0, 3]], clean[[0, 3]])
 
 
 @pytest.mark.parametrize("kind", [RADEMACHER, GAUSSIAN])
@@ -147,7 +203,7 @@ def test_norms_and_distances_within_jl_bounds(kind):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_block_dict_equals_concatenated_vector(dtype):
+def test_block_dict_equals_concatenated_vector(dtype, cpu_product):
     gen = torch.Generator().manual_seed(4)
     grad = torch.randn(4, 530, generator=gen).to(dtype)
     config = ProjectionConfig(dim=96, seed=2**40 + 1)
