@@ -46,6 +46,10 @@ _ROUND_B = 0xCD9E8D57
 _KEY_A = 0x9E3779B9
 _KEY_B = 0xBB67AE85
 
+# Product precisions a kernel may be asked for: "highest" (float32 accuracy or better) or
+# "tf32" (float32 gradients through one tf32 tensor-core product, ~4e-4 relative; GPU only).
+PRECISIONS = ("highest", "tf32")
+
 # Columns served by one Philox call, per kind.
 COLUMNS_PER_CALL = {RADEMACHER: 128, GAUSSIAN: 4}
 _KIND_TAG = {RADEMACHER: 0, GAUSSIAN: 1}

@@ -20,6 +20,8 @@ class SourceConfig:
         seed: seed of the random projection (and of sampled curvature).
         proj_kind: "rademacher" or "gaussian" projection entries.
         backend: "auto", "cpu" or "triton" for the projection.
+        proj_precision: "highest" or "tf32" (faster Triton products of float32 gradients at
+            ~4e-4 relative error; see ``ProjectionConfig``).
         num_segments: L, segments per training stage.
         curvature: "exact" Gauss-Newton (C factor rows per example) or "sampled" (one
             pseudo-label per example; unbiased, cheaper for many outputs).
@@ -43,6 +45,7 @@ class SourceConfig:
     seed: int = 0
     proj_kind: str = "rademacher"
     backend: str = "auto"
+    proj_precision: str = "highest"
     num_segments: int = 3
     curvature: str = "exact"
     curvature_examples: int | None = None
@@ -55,7 +58,7 @@ class SourceConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        self.projection()  # validates proj_dim, seed, kind, backend
+        self.projection()  # validates proj_dim, seed, kind, backend, precision
         if self.curvature not in CURVATURE_MODES:
             raise ValueError(f"curvature must be one of {CURVATURE_MODES}, got {self.curvature!r}")
         if self.query_mode not in QUERY_MODES:
@@ -75,4 +78,10 @@ class SourceConfig:
 
     def projection(self) -> ProjectionConfig:
         """The projection settings."""
-        return ProjectionConfig(dim=self.proj_dim, seed=self.seed, kind=self.proj_kind, backend=self.backend)
+        return ProjectionConfig(
+            dim=self.proj_dim,
+            seed=self.seed,
+            kind=self.proj_kind,
+            backend=self.backend,
+            precision=self.proj_precision,
+        )

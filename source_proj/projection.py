@@ -20,6 +20,7 @@ import torch
 from source_proj.kernels.reference import (
     COLUMNS_PER_CALL,
     KINDS,
+    PRECISIONS,
     RADEMACHER,
     check_seed,
     matrix_block,
@@ -71,12 +72,16 @@ class ProjectionConfig:
         seed: seed of the random matrix, an int in [0, 2^64).
         kind: "rademacher" (entries +-1/sqrt(k), default) or "gaussian" (N(0, 1/k)).
         backend: "auto" (Triton for CUDA tensors, CPU path otherwise), "cpu" or "triton".
+        precision: "highest" (default: float32 accuracy or better) or "tf32": float32
+            gradients through one tf32 tensor-core product in the Triton kernel, ~1.35x faster
+            at ~4e-4 relative error. The CPU path always runs at "highest".
     """
 
     dim: int
     seed: int = 0
     kind: str = RADEMACHER
     backend: str = "auto"
+    precision: str = "highest"
 
     def __post_init__(self) -> None:
         if isinstance(self.dim, bool) or not isinstance(self.dim, int) or self.dim < 1:
@@ -86,6 +91,8 @@ class ProjectionConfig:
             raise ValueError(f"unknown projection kind {self.kind!r}; expected one of {KINDS}")
         if self.backend not in BACKENDS:
             raise ValueError(f"unknown projection backend {self.backend!r}; expected one of {BACKENDS}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"unknown projection precision {self.precision!r}; expected one of {PRECISIONS}")
 
 
 def _as_blocks(grads: GradientBlocks) -> list[torch.Tensor]:
@@ -296,7 +303,7 @@ def project(grads: GradientBlocks, config: ProjectionConfig, row_offset: int = 0
     if _use_triton(config, device):
         from source_proj.kernels.triton_projection import project_blocks_triton
 
-        project_blocks_triton(blocks, out, config.seed, config.kind, row_offset)
+        project_blocks_triton(blocks, out, config.seed, config.kind, row_offset, precision=config.precision)
     else:
         offset = row_offset
         for block in blocks:

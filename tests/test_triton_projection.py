@@ -114,3 +114,27 @@ def test_scale_of_projected_norms():
     y = project(x.to(DEVICE), ProjectionConfig(dim=128, seed=1, backend="triton")).cpu()
     dense = x.double() @ matrix_block(1, 0, 64, 128).double() / math.sqrt(128)
     assert torch.allclose(y.double(), dense, rtol=1e-5, atol=1e-6)
+
+
+def test_precision_setting_reaches_the_kernel(monkeypatch):
+    """``ProjectionConfig.precision`` is the kernel's ``precision``; the CPU path ignores it."""
+    from source_proj.kernels import triton_projection
+
+    seen = []
+
+    def spy(*args, precision="highest", **kwargs):
+        seen.append(precision)
+        return project_blocks_triton(*args, precision=precision, **kwargs)
+
+    monkeypatch.setattr(triton_projection, "project_blocks_triton", spy)
+    x = torch.randn(2, 40, generator=torch.Generator().manual_seed(6))
+    dense = x.double() @ matrix_block(4, 0, 40, 32).double() / math.sqrt(32)
+    for precision in ("tf32", "highest"):
+        y = project(x.to(DEVICE), ProjectionConfig(dim=32, seed=4, backend="triton", precision=precision))
+        assert torch.allclose(y.cpu().double(), dense, rtol=2e-3, atol=2e-3)  # tf32: ~4e-4 relative
+    assert seen == ["tf32", "highest"]
+    y = project(x, ProjectionConfig(dim=32, seed=4, backend="cpu", precision="tf32"))
+    assert torch.allclose(y.double(), dense, rtol=1e-5, atol=1e-6)
+    assert seen == ["tf32", "highest"]
+    with pytest.raises(ValueError, match="precision"):
+        ProjectionConfig(dim=4, precision="fp8")
