@@ -137,7 +137,7 @@ def torch_topk(store: FeatureStore, queries: np.ndarray, k: int, shard_rows: int
     """Baseline exact top-k: chunked torch.matmul + torch.topk, merging per shard."""
     q = torch.from_numpy(queries)
     best_v = best_i = None
-    for start, block in store.iter_blocks(shard_rows):
+    for start, block in store.iter_blocks(shard_rows, reuse_buffers=True):
         values, ids = torch.topk(q @ torch.from_numpy(block).T, k, dim=1)
         ids += start
         if best_v is not None:
@@ -151,7 +151,7 @@ def torch_topk(store: FeatureStore, queries: np.ndarray, k: int, shard_rows: int
 def faiss_knn_topk(store: FeatureStore, queries: np.ndarray, k: int, shard_rows: int) -> tuple[np.ndarray, np.ndarray]:
     """Second baseline: ``faiss.knn`` (faiss's BLAS products and heaps) per shard, merged."""
     heap = faiss.ResultHeap(queries.shape[0], k, keep_max=True)
-    for start, block in store.iter_blocks(shard_rows):
+    for start, block in store.iter_blocks(shard_rows, reuse_buffers=True):
         scores, ids = faiss.knn(queries, block, k, metric=faiss.METRIC_INNER_PRODUCT)
         heap.add_result(scores, ids + start)
     heap.finalize()

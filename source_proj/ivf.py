@@ -243,7 +243,7 @@ def build_ivf(store: FeatureStore, settings: IVFSettings = IVFSettings(), *, pro
     index.train(_training_sample(store, settings))
     token = store.content_token()
     with tqdm(total=layout.n_rows, unit="row", desc="IVF index", disable=not progress) as bar:
-        for _, block in store.iter_blocks(layout.chunk_rows):
+        for _, block in store.iter_blocks(layout.chunk_rows, reuse_buffers=True):  # add() copies
             index.add(block)
             bar.update(block.shape[0])
     n_probe = min(settings.n_probe, n_lists)

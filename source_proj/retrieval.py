@@ -313,7 +313,7 @@ def _search(
     heaps = [faiss.ResultHeap(n_query, k, keep_max=True) for _ in signs]
     q = torch.from_numpy(queries)
     screen = _Bf16Screen(q, signs, settings.block_rows) if _uses_screen(settings, queries) else None
-    blocks = store.iter_blocks(settings.shard_rows, segments, prefetch=settings.prefetch)
+    blocks = store.iter_blocks(settings.shard_rows, segments, prefetch=settings.prefetch, reuse_buffers=True)
     with tqdm(total=store.layout.n_rows, unit="row", desc="top-k search", disable=not progress) as bar:
         for start, shard in blocks:
             for r0 in range(0, shard.shape[0], settings.block_rows):

@@ -206,10 +206,16 @@ def _encode(block: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray | Non
     return (torch.from_numpy(values) * inverse).half().numpy(), scale
 
 
-def _decode(stored: np.ndarray, scale: np.ndarray | None) -> np.ndarray:
+def _decode(stored: np.ndarray, scale: np.ndarray | None, out: torch.Tensor | None = None) -> np.ndarray:
+    """float32 values of stored rows (float16 ones times their per-row scale), into ``out``."""
+    values = torch.from_numpy(np.ascontiguousarray(stored))
+    if out is None:
+        out = torch.empty(values.shape, dtype=torch.float32)
     if scale is None:
-        return np.asarray(stored, dtype=np.float32)
-    return (torch.from_numpy(stored).float() * torch.from_numpy(scale)[..., None]).numpy()
+        out.copy_(values)
+    else:  # one pass, float16 * float32 -> float32, no float32 temporary
+        torch.mul(values, torch.from_numpy(scale)[..., None], out=out)
+    return out.numpy()
 
 
 def _check_block(name: str, block: Any, shape: tuple[int, ...], rows: tuple[int, int]) -> np.ndarray:
@@ -469,12 +475,21 @@ class FeatureStore:
         self.require_complete()
         return np.asarray(self._group["self_influence"][:], dtype=np.float64)
 
-    def read_rows(self, start: int, stop: int, segments: Sequence[int] | None = None) -> np.ndarray:
+    def read_rows(
+        self,
+        start: int,
+        stop: int,
+        segments: Sequence[int] | None = None,
+        *,
+        out: np.ndarray | None = None,
+    ) -> np.ndarray:
         """Features of rows [start, stop) as float32, shape (stop - start, D).
 
         With ``segments``, returns instead the sum of those segments' per-segment features,
         shape (stop - start, k): the features of an attribution restricted to those segments.
-        The rows must lie in completed chunks.
+        The rows must lie in completed chunks. ``out`` (a C-contiguous float32 array of that
+        shape) receives them when given: rows are read and decoded one store chunk at a
+        time into it, so no temporary is larger than a chunk.
         """
         layout = self.layout
         if not 0 <= start <= stop <= layout.n_rows:
@@ -484,14 +499,27 @@ class FeatureStore:
             raise StoreIncompleteError(
                 f"rows [{start}, {stop}) of feature store {self.path} are not all written yet"
             )
+        if segments is not None:
+            segments = self._check_segments(segments)
+        shape = (stop - start, self.feature_dim(segments))
+        if out is None:
+            out = np.empty(shape, dtype=np.float32)
+        elif out.shape != shape or out.dtype != np.float32 or not out.flags.c_contiguous:
+            raise ValueError(f"out must be a C-contiguous float32 array of shape {shape}")
         f16 = layout.dtype == "float16"
-        if segments is None:
-            scale = self._array("row_scale")[start:stop] if f16 else None
-            return _decode(self._array("features")[start:stop], scale)
-        segments = self._check_segments(segments)
-        stored = self._array("segment_features")[start:stop][:, segments]
-        scale = self._array("segment_scale")[start:stop][:, segments] if f16 else None
-        return _decode(stored, scale).sum(axis=1)
+        row = start
+        while row < stop:
+            end = min(stop, (row // layout.chunk_rows + 1) * layout.chunk_rows)
+            target = torch.from_numpy(out[row - start : end - start])
+            if segments is None:
+                scale = self._array("row_scale")[row:end] if f16 else None
+                _decode(self._array("features")[row:end], scale, target)
+            else:
+                stored = self._array("segment_features")[row:end][:, segments]
+                scale = self._array("segment_scale")[row:end][:, segments] if f16 else None
+                target.copy_(torch.from_numpy(_decode(stored, scale)).sum(dim=1))
+            row = end
+        return out
 
     def _check_segments(self, segments: Sequence[int]) -> list[int]:
         n_seg = self.layout.n_segments
@@ -515,30 +543,39 @@ class FeatureStore:
         segments: Sequence[int] | None = None,
         *,
         prefetch: bool = True,
+        reuse_buffers: bool = False,
     ) -> Iterator[tuple[int, np.ndarray]]:
         """Yield ``(start, rows)`` over the whole (complete) store in blocks of about
         ``block_rows`` rows (rounded up to whole chunks), float32 (n, D) or (n, k).
 
         With ``prefetch`` the next block is read in a background thread while the caller
-        works on the current one (at most two blocks in memory).
+        works on the current one (at most two blocks in memory). With ``reuse_buffers`` the
+        blocks are written into two (one without prefetch) arrays allocated once, so a block
+        is valid only until the next one is requested; fresh arrays of this size cost page
+        faults on every block.
         """
         self.require_complete()
         step = max(1, -(-block_rows // self.layout.chunk_rows)) * self.layout.chunk_rows
         starts = range(0, self.layout.n_rows, step)
+        width = self.feature_dim(segments)
+        buffers = [np.empty((min(step, self.layout.n_rows), width), np.float32) for _ in range(1 + prefetch)] if reuse_buffers else []
 
-        def read(start: int) -> np.ndarray:
-            return self.read_rows(start, min(start + step, self.layout.n_rows), segments)
+        def read(i: int) -> np.ndarray:
+            start = starts[i]
+            stop = min(start + step, self.layout.n_rows)
+            out = buffers[i % len(buffers)][: stop - start] if buffers else None
+            return self.read_rows(start, stop, segments, out=out)
 
         if not prefetch:
-            for start in starts:
-                yield start, read(start)
+            for i, start in enumerate(starts):
+                yield start, read(i)
             return
         with ThreadPoolExecutor(max_workers=1) as pool:
-            pending = pool.submit(read, starts[0])
+            pending = pool.submit(read, 0)
             for i, start in enumerate(starts):
                 block = pending.result()
                 if i + 1 < len(starts):
-                    pending = pool.submit(read, starts[i + 1])
+                    pending = pool.submit(read, i + 1)
                 yield start, block
 
 

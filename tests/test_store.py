@@ -44,6 +44,19 @@ def test_float32_store_round_trips_exactly(tmp_path: Path) -> None:
         blocks = list(reopened.iter_blocks(100, prefetch=prefetch))
         assert [s for s, _ in blocks] == list(range(0, 1000, 128))  # rounded up to whole chunks
         np.testing.assert_array_equal(np.concatenate([b for _, b in blocks]), features)
+        # Reused buffers: the same blocks, each valid until the next is requested.
+        copies, owners = [], set()
+        for start, block in reopened.iter_blocks(100, prefetch=prefetch, reuse_buffers=True):
+            copies.append((start, block.copy()))
+            owners.add(block.base.__array_interface__["data"][0] if block.base is not None else id(block))
+        assert [s for s, _ in copies] == list(range(0, 1000, 128))
+        np.testing.assert_array_equal(np.concatenate([b for _, b in copies]), features)
+        assert len(owners) == (2 if prefetch else 1)
+    out = np.full((263, 16), np.nan, dtype=np.float32)
+    assert reopened.read_rows(70, 333, out=out) is out
+    np.testing.assert_array_equal(out, features[70:333])
+    with pytest.raises(ValueError, match="C-contiguous float32"):
+        reopened.read_rows(70, 333, out=np.empty((263, 16)))
 
 
 def test_float16_store_error_bounds_and_no_overflow(tmp_path: Path) -> None:
