@@ -9,7 +9,9 @@ blocks whose rows continue the global row index, so nothing is concatenated.
 
 from __future__ import annotations
 
+import bisect
 import importlib.util
+import itertools
 import math
 import os
 from collections.abc import Iterator, Mapping, Sequence
@@ -179,7 +181,7 @@ def _flat_view(buffer: torch.Tensor, *shape: int) -> torch.Tensor:
 
 
 def _fixed_point_digits(
-    x: torch.Tensor,
+    pieces: Sequence[tuple[torch.Tensor, int]],
     factors: tuple[torch.Tensor, torch.Tensor],
     digits: torch.Tensor,
     scaled: torch.Tensor,
@@ -187,35 +189,57 @@ def _fixed_point_digits(
 ) -> torch.Tensor:
     """Write the int8 digits of q = round(x * f0 * f1) into ``digits`` (4, B, n) and return it.
 
-    ``x`` is (B, n), ``factors`` two (B, 1) float32 powers of two (applied one after the other,
-    so each stays within float32's range and the scaling is exact) with |q| < 2^30; ``scaled``
-    and ``fixed`` are (B, n) float32 and int32 work buffers (reused: fresh ones per tile cost
-    more in page faults than the arithmetic). Then q = d0 + 2^8 d1 + 2^16 d2 + 2^24 d3
-    exactly: adding 128 to the three low bytes and flipping their top bits turns
-    two's-complement bytes into balanced digits in [-128, 127]; the top byte is the signed
-    remainder, |d3| <= 64.
+    x (B, n) is given as ``pieces`` (gradient columns, first column within x) covering it;
+    ``factors`` are two (B, 1) float32 powers of two (applied one after the other, so each
+    stays within float32's range and the scaling is exact) with |q| < 2^30; ``scaled`` and
+    ``fixed`` are (B, n) float32 and int32 work buffers (reused: fresh ones per tile cost more
+    in page faults than the arithmetic). Then q = d0 + 2^8 d1 + 2^16 d2 + 2^24 d3 exactly:
+    adding 128 to the three low bytes and flipping their top bits turns two's-complement bytes
+    into balanced digits in [-128, 127]; the top byte is the signed remainder, |d3| <= 64.
     """
-    torch.mul(x, factors[0], out=scaled).mul_(factors[1]).round_()
+    for piece, column in pieces:
+        torch.mul(piece, factors[0], out=scaled[:, column : column + piece.shape[1]])
+    scaled.mul_(factors[1]).round_()
     fixed.copy_(scaled).add_(0x808080).bitwise_xor_(0x808080)
-    digits.copy_(fixed.view(torch.int8).view(*x.shape, 4).permute(2, 0, 1))
+    digits.copy_(fixed.view(torch.int8).view(*scaled.shape, 4).permute(2, 0, 1))
     return digits
 
 
-def _rademacher_product_int8(grad: torch.Tensor, seed: int, dim: int, row_offset: int) -> torch.Tensor:
-    """``grad @ R[row_offset:, :dim]`` (unscaled, Rademacher) in integer arithmetic; (B, dim) float64.
+def _pieces(
+    blocks: Sequence[torch.Tensor], starts: Sequence[int], first: int, last: int
+) -> Iterator[tuple[torch.Tensor, int]]:
+    """The columns [first, last) of the blocks laid end to end (block b from ``starts[b]``),
+    as (block slice, offset of its first column from ``first``) pairs."""
+    b = max(0, bisect.bisect_right(starts, first) - 1)
+    while b < len(blocks) and starts[b] < last:
+        lo, hi = max(first, starts[b]), min(last, starts[b] + blocks[b].shape[1])
+        if lo < hi:
+            yield blocks[b][:, lo - starts[b] : hi - starts[b]], lo - first
+        b += 1
 
-    Each row g, with max|g| < 2^e, is rounded to q = round(g 2^(30 - e)) (|q| < 2^30), so each
-    coordinate is off by at most 2^(e - 31) <= 2^-30 max|g|. The products of q's int8 digits
-    with R's +-1 tiles are exact integers, so that rounding and one final rounding are the only
-    errors, and the result does not depend on tiling or threads. Rows holding NaN or inf give
-    NaN rows.
+
+def _rademacher_product_int8(
+    blocks: Sequence[torch.Tensor], seed: int, dim: int, row_offset: int
+) -> torch.Tensor:
+    """``G @ R[row_offset:, :dim]`` (unscaled, Rademacher) in integer arithmetic; (B, dim) float64.
+
+    G is the (B, p) CPU blocks laid end to end. Each row g, with max|g| < 2^e, is rounded to
+    q = round(g 2^(30 - e)) (|q| < 2^30), so each coordinate is off by at most
+    2^(e - 31) <= 2^-30 max|g|. The products of q's int8 digits with R's +-1 tiles are exact
+    integers, so that rounding and one final rounding are the only errors, and the result
+    does not depend on tiling, blocks or threads. Rows holding NaN or inf give NaN rows.
     """
-    batch, width = grad.shape
+    batch = blocks[0].shape[0]
+    starts = [0, *itertools.accumulate(b.shape[1] for b in blocks)]
+    width = starts.pop()
     row_max = torch.zeros(batch, dtype=torch.float64)
-    if width:
-        row_max = torch.maximum(grad.amax(dim=1), grad.amin(dim=1).neg()).double()
+    for block in blocks:
+        if block.shape[1]:
+            block_max = torch.maximum(block.amax(dim=1), block.amin(dim=1).neg()).double()
+            row_max = torch.maximum(row_max, block_max)  # NaN propagates
     finite = torch.isfinite(row_max)
-    all_finite = bool(finite.all())
+    if not finite.all():
+        blocks = [block.masked_fill(~finite[:, None], 0) for block in blocks]
     shift = _FIXED_POINT_BITS - 1 - torch.frexp(torch.where(finite, row_max, 0.0)).exponent
     half = torch.div(shift, 2, rounding_mode="floor")
     factors = (_powers_of_two(half, torch.float32)[:, None], _powers_of_two(shift - half, torch.float32)[:, None])
@@ -238,11 +262,8 @@ def _rademacher_product_int8(grad: torch.Tensor, seed: int, dim: int, row_offset
             totals.add_(partial[:, :dim])
             partial.zero_()
             partial_rows = 0
-        x = grad[:, first:last]
-        if not all_finite:
-            x = x.masked_fill(~finite[:, None], 0)
         tile_digits = _fixed_point_digits(
-            x,
+            list(_pieces(blocks, starts, first, last)),
             factors,
             _flat_view(digits, 4, batch, rows),
             _flat_view(scaled, batch, rows),
@@ -262,25 +283,29 @@ def _rademacher_product_int8(grad: torch.Tensor, seed: int, dim: int, row_offset
     return result.masked_fill_(~finite[:, None], math.nan)
 
 
-def project_cpu_block(
-    grad: torch.Tensor, out: torch.Tensor, seed: int, kind: str, row_offset: int
+def project_cpu(
+    blocks: Sequence[torch.Tensor], out: torch.Tensor, seed: int, kind: str, row_offset: int
 ) -> None:
-    """Add ``grad @ R[row_offset : row_offset + p, :k]`` (unscaled) into ``out`` (B, k) float32.
+    """Add ``G @ R[row_offset : row_offset + p, :k]`` (unscaled) into ``out`` (B, k) float32.
 
-    ``grad`` is (B, p) in any float dtype. The product runs on the CPU (a CUDA ``grad`` is
-    copied over first), R generated tile by tile, so memory stays bounded whatever p is.
+    G is the (B, p_b) ``blocks`` laid end to end, in any float dtype. The product runs on the
+    CPU (CUDA blocks are copied over first), R generated tile by tile over all blocks at once,
+    so memory stays bounded whatever p is and small blocks cost no extra generation batches.
     Rademacher products are exact integer products where int8 kernels are fast (see
     ``_rademacher_product_int8``, error <= 2^-30 max|g| per coordinate), float32 products
     otherwise.
     """
-    grad = grad.cpu()
+    blocks = [block.cpu() for block in blocks]
     if kind == RADEMACHER and _INT8_PRODUCT:
-        result = _rademacher_product_int8(grad, seed, out.shape[1], row_offset)
+        result = _rademacher_product_int8(blocks, seed, out.shape[1], row_offset)
     else:
+        starts = [0, *itertools.accumulate(b.shape[1] for b in blocks)]
+        width = starts.pop()
         result = torch.zeros(out.shape, dtype=torch.float32)
-        for first, chunk in _cpu_chunks(seed, kind, out.shape[1], row_offset, row_offset + grad.shape[1]):
+        for first, chunk in _cpu_chunks(seed, kind, out.shape[1], row_offset, row_offset + width):
             local = first - row_offset
-            result.addmm_(grad[:, local : local + chunk.shape[0]].to(torch.float32), chunk)
+            for piece, column in _pieces(blocks, starts, local, local + chunk.shape[0]):
+                result.addmm_(piece.to(torch.float32), chunk[column : column + piece.shape[1]])
     out.add_(result.to(out.device, torch.float32))
 
 
@@ -305,8 +330,5 @@ def project(grads: GradientBlocks, config: ProjectionConfig, row_offset: int = 0
 
         project_blocks_triton(blocks, out, config.seed, config.kind, row_offset, precision=config.precision)
     else:
-        offset = row_offset
-        for block in blocks:
-            project_cpu_block(block, out, config.seed, config.kind, offset)
-            offset += block.shape[1]
+        project_cpu(blocks, out, config.seed, config.kind, row_offset)
     return out.mul_(1.0 / math.sqrt(config.dim))

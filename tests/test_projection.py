@@ -16,7 +16,7 @@ import torch
 from source_proj import projection
 from source_proj.kernels import reference
 from source_proj.kernels.reference import GAUSSIAN, RADEMACHER, matrix_block, philox4x32
-from source_proj.projection import ProjectionConfig, project, project_cpu_block
+from source_proj.projection import ProjectionConfig, project, project_cpu
 
 M32 = 0xFFFFFFFF
 
@@ -121,7 +121,7 @@ def test_projection_independent_of_chunking(kind, cpu_product, monkeypatch):
         monkeypatch.setattr(projection, "_INT8_TILE_GROUPS", int8_groups)
         monkeypatch.setattr(projection, "_EXACT_INT32_ROWS", exact_rows)
         out = torch.zeros(3, 200)
-        project_cpu_block(grad, out, 7, kind, 10)
+        project_cpu([grad[:, :250], grad[:, 250:251], grad[:, 251:]], out, 7, kind, 10)
         outputs.append(out)
         assert torch.allclose(out.double(), dense, rtol=1e-5, atol=1e-4)
     for other in outputs[1:]:
@@ -147,13 +147,13 @@ def test_int8_product_error_bound(dtype):
     grad = (torch.randn(5, p, generator=gen, dtype=torch.float64) * scales).to(dtype)
     grad[3, 17] = 0.5 * grad[3].abs().max()  # an entry far above the rest of its row
     exact = grad.double() @ matrix_block(11, 2**33, 2**33 + p, k).double()
-    got = projection._rademacher_product_int8(grad, 11, k, 2**33)
+    got = projection._rademacher_product_int8([grad], 11, k, 2**33)
     row_max = grad.double().abs().amax(dim=1, keepdim=True)
     assert ((got - exact).abs() <= p * 2.0**-30 * row_max).all()
     # Typically the error is a random walk, far inside the bound and float32 GEMM's.
     assert ((got - exact).abs() <= 8 * p**0.5 * 2.0**-31 * row_max).all()
     out = torch.zeros(5, k)
-    project_cpu_block(grad, out, 11, RADEMACHER, 2**33)
+    project_cpu([grad[:, :1000], grad[:, 1000:]], out, 11, RADEMACHER, 2**33)
     assert torch.equal(out, got.float()) or (projection._INT8_PRODUCT is False)
 
 
