@@ -82,8 +82,8 @@ def main() -> None:
               f"{cpu_name()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}; "
               f"times are min (median) of {repeats} runs, float32")
     int8 = projection._INT8_PRODUCT
-    header += (f"; CPU product: {'exact int8 (oneDNN AMX/VNNI)' if int8 else 'float32'}"
-               + ("; (c) is the float32 product this path falls back to without AMX/VNNI" if int8 else ""))
+    header += (f"; CPU product: {'exact int8 (oneDNN AMX)' if int8 else 'float32'}"
+               + ("; (c) is the float32 product this path falls back to without AMX" if int8 else ""))
     print(header, flush=True)
     rows = ["| p | k | B | on the fly (s) | (a) materialised matmul (s) | on-the-fly speed / (a) "
             "| (b) TRAK BasicProjector (s) | on-the-fly speed / (b) | (c) float32 on the fly (s) | speed / (c) |",

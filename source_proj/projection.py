@@ -43,7 +43,9 @@ _INT8_TILE_ROWS = 8192
 _INT8_TILE_GROUPS = 8
 
 # Rademacher products on the CPU run in exact integer arithmetic where int8 matrix products
-# are fast (oneDNN with AMX or VNNI): R's +-1 entries are exact int8, and each gradient row,
+# are fast (oneDNN with AMX; measured there at ~2x float32's rate with four digit rows per
+# gradient row, while oneDNN's signed x signed int8 kernels without AMX are not known to beat
+# float32 by the needed 4x): R's +-1 entries are exact int8, and each gradient row,
 # scaled by a power of two, is rounded to a 31-bit fixed-point integer held as four int8
 # digits. int32 sums of digit x sign products stay exact for up to 2^24 rows.
 _FIXED_POINT_BITS = 31
@@ -51,15 +53,9 @@ _EXACT_INT32_ROWS = 2**24
 
 
 def _int8_product_is_fast() -> bool:
-    """Whether ``torch._int_mm`` runs on oneDNN kernels with int8 dot-product instructions."""
-    def cpu_has(feature: str) -> bool:  # torch.cpu's probes are private: absent means no
-        return bool(getattr(torch.cpu, f"_is_{feature}_supported", lambda: False)())
-
-    return (
-        hasattr(torch, "_int_mm")
-        and torch.backends.mkldnn.is_available()
-        and (cpu_has("amx_tile") or cpu_has("vnni"))
-    )
+    """Whether ``torch._int_mm`` runs on oneDNN kernels with AMX int8 tile instructions."""
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)  # a private probe: absent means no
+    return hasattr(torch, "_int_mm") and torch.backends.mkldnn.is_available() and amx is not None and bool(amx())
 
 
 _INT8_PRODUCT = _int8_product_is_fast()
@@ -316,7 +312,7 @@ def project(grads: GradientBlocks, config: ProjectionConfig, row_offset: int = 0
         grads: a (B, p) tensor, or a dict/sequence of (B, p_b) blocks taken in order, block b
             starting at global row ``row_offset + sum(p_c for c < b)``. float32, bfloat16 or
             float16. Accumulation is float32, except for Rademacher products on CPUs with
-            int8 matrix instructions (AMX or VNNI): those are exact integer sums over each row
+            AMX int8 matrix instructions: those are exact integer sums over each row
             rounded to 31-bit fixed point (error <= 2^-30 of the row's largest entry per
             coordinate).
         config: the projection settings.
