@@ -14,7 +14,7 @@ functions of the inputs; see ``curvature``, ``features`` and ``projected``.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Callable, Collection, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -160,21 +160,30 @@ class SourceAttributor:
             num_train: N per stage, the size of the data set each stage sampled from
                 (default: the number of rows given).
             curvature_data: data for the Hessians: one data set for all stages or a mapping
-                stage -> data (default: ``train_data`` for the stages it trained in).
+                stage -> data (default: ``train_data`` for the stages it trained in). Needed
+                only for the stages whose curvature can change the scores: the attributed
+                stages, and in "final" query mode every later one; other segments' Hessians
+                are not computed (their spectra are zero-curvature placeholders).
         Returns:
             the rows as :class:`Examples`.
         """
         examples = as_examples(train_data)
         stages = tuple(self.trajectory.stages if stages is None else stages)
         weights = self.segment_weights(len(examples), stages, num_train)
-        per_stage = self._curvature_sources(examples, curvature_data, stages)
+        # Only these segments' curvature can change the scores: in "segment" mode those the rows
+        # trained in; in "final" mode also every later one (it carries their effect forward).
+        attributed = [l for l, w in enumerate(weights) if w > 0]
+        used = set(attributed) if self.query_mode == "segment" else set(range(attributed[0], self.num_segments))
+        per_stage = self._curvature_sources(
+            examples, curvature_data, stages, {self.segments[l].stage for l in used}
+        )
         hessians = {}
         for index in tqdm(
-            [c for seg in self.segments for c in seg.checkpoints],
+            [c for l in sorted(used) for c in self.segments[l].checkpoints],
             desc="curvature", disable=not self.config.progress, unit="checkpoint",
         ):
             hessians[index] = self.checkpoint_hessian(index, per_stage[self.trajectory.checkpoints[index].stage])
-        self.set_curvature(segment_spectra(self.segments, hessians, self.trajectory.weight_decay), weights)
+        self.set_curvature(segment_spectra(self.segments, hessians, self.trajectory.weight_decay, used), weights)
         return examples
 
     def set_curvature(self, spectra: Sequence[SegmentSpectrum], weights: Sequence[float]) -> None:
@@ -210,8 +219,13 @@ class SourceAttributor:
         return [1.0 / sizes[seg.stage] if seg.stage in sizes else 0.0 for seg in self.segments]
 
     def _curvature_sources(
-        self, examples: Examples, curvature_data: Any, stages: tuple[Hashable, ...]
+        self,
+        examples: Examples,
+        curvature_data: Any,
+        stages: tuple[Hashable, ...],
+        needed: Collection[Hashable],
     ) -> dict[Hashable, Examples]:
+        """Curvature data per stage in ``needed`` (the stages of segments whose Hessians count)."""
         if isinstance(curvature_data, Mapping):
             given = {s: as_examples(d, f"curvature data of stage {s!r}") for s, d in curvature_data.items()}
         elif curvature_data is not None:
@@ -219,12 +233,13 @@ class SourceAttributor:
             given = {s: shared for s in self.trajectory.stages}
         else:
             given = {}
-        sources = {s: given.get(s, examples if s in stages else None) for s in self.trajectory.stages}
+        sources = {s: given.get(s, examples if s in stages else None) for s in self.trajectory.stages if s in needed}
         missing = [s for s, d in sources.items() if d is None]
         if missing:
             raise ValueError(
                 f"stages {missing} have no curvature data: the attributed rows belong to stages "
-                f"{list(stages)}; pass curvature_data={{stage: data}} for the others"
+                f"{list(stages)}, and the later stages' Hessians carry their effect to the final "
+                "model; pass curvature_data={stage: data} for them"
             )
         return sources
 

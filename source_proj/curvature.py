@@ -10,7 +10,7 @@ eigendecomposed in float64, H_l = V diag(s) V^T, and with t_l = eta_l K_l
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -83,10 +83,26 @@ def segment_spectrum(hessians: list[torch.Tensor], weight_decay: float, time: fl
 
 
 def segment_spectra(
-    segments: Sequence[Segment], hessians: Mapping[int, torch.Tensor], weight_decay: float
+    segments: Sequence[Segment],
+    hessians: Mapping[int, torch.Tensor],
+    weight_decay: float,
+    used: Collection[int] | None = None,
 ) -> list[SegmentSpectrum]:
-    """Each segment's spectrum from the projected Hessians (k, k) of its checkpoints."""
-    return [segment_spectrum([hessians[c] for c in seg.checkpoints], weight_decay, seg.time) for seg in segments]
+    """Each segment's spectrum from the projected Hessians (k, k) of its checkpoints.
+
+    Segments not in ``used`` (indices; default: all) need no Hessians: they get a
+    zero-curvature placeholder (S = I, phi = t I), for segments whose curvature cannot change
+    the scores (see ``SourceAttributor.prepare``).
+    """
+    spectra = []
+    for index, seg in enumerate(segments):
+        if used is None or index in used:
+            spectra.append(segment_spectrum([hessians[c] for c in seg.checkpoints], weight_decay, seg.time))
+        else:
+            k = next(iter(hessians.values())).shape[0]
+            eye = torch.eye(k, dtype=torch.float64)
+            spectra.append(SegmentSpectrum(torch.zeros(k, dtype=torch.float64), eye, seg.time))
+    return spectra
 
 
 def transport_operators(spectra: list[SegmentSpectrum], transport: bool = True) -> torch.Tensor:

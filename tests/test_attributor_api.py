@@ -10,6 +10,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from source_proj.attributor import SourceAttributor
+from source_proj.curvature import segment_spectra
+from source_proj.data import as_examples
 from source_proj.gradients import NonFiniteError
 from source_proj.tasks import ClassificationTask
 from source_proj.training import TrainSettings, train_sgd
@@ -230,3 +232,28 @@ def test_segment_query_mode_and_self_influence_match_their_definitions():
     self_scores = final.query_features(train, measurement=ClassificationTask().loss) @ final.train_features.T
     torch.testing.assert_close(final.self_influence().float(), -self_scores.diagonal(), rtol=1e-4, atol=1e-7)
     assert (final.self_influence() > 0).float().mean() > 0.8  # including a row mostly lowers its own loss
+
+
+@pytest.mark.parametrize("query_mode,attributed,unused", [("segment", "pre", "fine"), ("final", "fine", "pre")])
+def test_stages_whose_curvature_cannot_matter_need_no_curvature_data(query_mode, attributed, unused):
+    """Segment mode never transports, and final mode transports only forward: the unused
+    stage's Hessians are skipped (no curvature data needed), and putting its real spectra
+    back changes no score."""
+    model, traj, stage1, stage2 = two_stage_run()
+    rows = {"pre": stage1, "fine": stage2}
+    queries = blobs(4, 4, 3, seed=3)
+    kw = dict(proj_dim=12, num_segments=2, progress=False, query_mode=query_mode)
+    att = SourceAttributor(model, "classification", traj, **kw).fit(rows[attributed], stages=[attributed])
+    skipped = [l for l, seg in enumerate(att.segments) if seg.stage == unused]
+    assert skipped and all(att.spectra[l].eigenvalues.abs().max() == 0 for l in skipped)
+    # Every segment's real spectrum, the unused stage's from its own data.
+    hessians = {
+        c: att.checkpoint_hessian(c, as_examples(rows[traj.checkpoints[c].stage]))
+        for seg in att.segments for c in seg.checkpoints
+    }
+    full = segment_spectra(att.segments, hessians, traj.weight_decay)
+    assert all(full[l].eigenvalues.abs().max() > 0 for l in skipped)
+    scores = att.query_features(queries) @ att.train_features.T
+    att.set_curvature(full, att.weights.tolist())
+    features = att.featurize_range(as_examples(rows[attributed]), 0, len(rows[attributed][0])).features
+    torch.testing.assert_close(att.query_features(queries) @ features.T, scores, rtol=1e-6, atol=1e-9)
