@@ -129,6 +129,25 @@ def tflops(batch, p, k, ms):
     return 2.0 * batch * p * k / (ms * 1e-3) / 1e12
 
 
+def grouping_ms() -> dict:
+    """Milliseconds to project 96 transformer-like parameter blocks (B = 32, k = 2048, bf16),
+    with small blocks grouped into shared launches (default) and with one launch per block."""
+    import kernels.triton_projection as triton_projection
+
+    widths = [768 * 768, 768, 768, 768 * 3072, 3072, 3072 * 768, 768, 768] * 12
+    blocks = [torch.randn(32, w, device=DEVICE, dtype=torch.bfloat16) for w in widths]
+    out = torch.zeros(32, 2048, device=DEVICE)
+    default = triton_projection._GROUP_BYTES
+    timings = {"blocks": len(blocks), "p": sum(widths)}
+    try:
+        for name, cap in (("grouped_ms", default), ("per_block_ms", 0)):
+            triton_projection._GROUP_BYTES = cap
+            timings[name] = bench_ms(lambda: project_blocks_triton(blocks, out, SEED, RADEMACHER, 0))
+    finally:
+        triton_projection._GROUP_BYTES = default
+    return timings
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="benchmarks/results", help="folder for JSON and markdown")
@@ -242,6 +261,13 @@ def main() -> None:
                                       k=k, rows=xrows, triton_tflops=rate, cublas_tflops=c_rate))
         log(f"  B={batch} {str(dtype):14s} {kind:10s} {precision:8s} k={k}: triton {rate:.1f} TFLOP/s, "
             f"cuBLAS (same dtype, default settings) {c_rate:.1f}")
+
+    log("== many parameter tensors: grouped launches against one launch per block")
+    try:
+        RESULTS["grouping"] = grouping_ms()
+        log(f"  {RESULTS['grouping']}")
+    except Exception as error:  # never lose the results above to this extra measurement
+        log(f"  failed: {type(error).__name__}: {str(error)[:200]}")
 
     (out_dir / "gpu_check.json").write_text(json.dumps(RESULTS, indent=1))
     lines = [f"# GPU projection check, {info['date']}, {info['device']} ({info['sms']} SMs), "

@@ -121,8 +121,9 @@ def rademacher_bytes(
     words = torch.stack(philox4x32(seed, rows & _MASK32, rows >> 32, groups, 0), dim=-1)
     # Each uint32 word sits in the low four bytes of its int64 (little-endian, as checked at
     # import), so the bytes are read through a view instead of shifted out.
-    low_bytes = words.view(torch.uint8).view(row_stop - row_start, -1, 8)[..., :4]
-    return low_bytes.reshape(row_stop - row_start, -1).to(torch.int32)
+    n_rows, n_words = row_stop - row_start, 4 * (group_stop - group_start)
+    low_bytes = words.view(torch.uint8).view(n_rows, n_words, 8)[..., :4]
+    return low_bytes.reshape(n_rows, 4 * n_words).to(torch.int32)
 
 
 def signs_from_bytes(
@@ -135,6 +136,8 @@ def signs_from_bytes(
     """
     if out is None:
         out = torch.empty(byte_index.shape[0], 8 * byte_index.shape[1], dtype=dtype)
+    if out.numel() == 0:
+        return out
     table = _BYTE_SIGNS[out.dtype]
     words = out.view(torch.int64).view(-1, *table.shape[1:])
     torch.index_select(table, 0, byte_index.reshape(-1), out=words)

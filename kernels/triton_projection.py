@@ -56,6 +56,12 @@ _TWO_POW_M24: tl.constexpr = tl.constexpr(5.960464477539063e-08)  # 2^-24
 _PROGRAMS_PER_SM = 8
 _MIN_STEPS_PER_PROGRAM = 16
 
+# Consecutive gradient blocks (parameter tensors) smaller than this are concatenated and
+# projected in one launch: a model's many small tensors (biases, norms) would otherwise cost a
+# launch each. The copy is bounded by this size and is cheap next to the product (k flops per
+# byte moved).
+_GROUP_BYTES = 64 * 2**20
+
 
 @triton.jit
 def _philox(c0, c1, c2, c3, k0, k1):
@@ -308,6 +314,27 @@ def _check(blocks: list[torch.Tensor], out: torch.Tensor, kind: str, precision: 
             raise ValueError(f"gradients must be float32, bfloat16 or float16, got {block.dtype}")
 
 
+def _launch_groups(blocks: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The non-empty blocks, in order, with runs of consecutive small blocks of one dtype
+    concatenated (each run at most ``_GROUP_BYTES``; larger blocks are never copied): one
+    launch per group instead of one per parameter tensor."""
+    groups: list[torch.Tensor] = []
+    run: list[torch.Tensor] = []
+    run_bytes = 0
+    for block in blocks:
+        if block.shape[1] == 0:
+            continue
+        size = block.shape[0] * block.shape[1] * block.element_size()
+        if run and (block.dtype != run[0].dtype or run_bytes + size > _GROUP_BYTES):
+            groups.append(run[0] if len(run) == 1 else torch.cat(run, dim=1))
+            run, run_bytes = [], 0
+        run.append(block)
+        run_bytes += size
+    if run:
+        groups.append(run[0] if len(run) == 1 else torch.cat(run, dim=1))
+    return groups
+
+
 def project_blocks_triton(
     blocks: list[torch.Tensor],
     out: torch.Tensor,
@@ -323,7 +350,8 @@ def project_blocks_triton(
 
     Args:
         blocks: (B, p_b) gradient blocks, float32, bfloat16 or float16, on ``out``'s device;
-            block b covers global rows ``row_offset + sum(p_c for c < b)`` onwards.
+            block b covers global rows ``row_offset + sum(p_c for c < b)`` onwards. Runs of
+            small blocks of one dtype are concatenated and share a launch.
         out: (B, k) float32, contiguous; added into (the caller scales by 1/sqrt(k)).
         seed: the matrix's seed, in [0, 2^64).
         kind: "rademacher" or "gaussian".
@@ -339,10 +367,8 @@ def project_blocks_triton(
     offset = int(row_offset)
     if batch == 0 or dim == 0:
         return
-    for block in blocks:
+    for block in _launch_groups(blocks):
         p = block.shape[1]
-        if p == 0:
-            continue
         if block.stride(1) != 1:
             block = block.contiguous()
         shape = tiles or choose_tiles(batch, dim, block.dtype, kind)

@@ -272,3 +272,13 @@ def test_triton_randint4x_is_the_reference_philox():
         zero = torch.zeros_like(c0)
         want = torch.stack(philox4x32(seed, c0, zero, zero, zero))
         assert torch.equal(out.cpu().to(torch.int64) & M32, want)
+
+
+def test_empty_blocks_and_matrices(cpu_product):
+    for kind in (RADEMACHER, GAUSSIAN):
+        assert matrix_block(1, 5, 5, 10, kind).shape == (0, 10)
+        assert matrix_block(1, 5, 7, 0, kind).shape == (2, 0)
+    assert torch.equal(project(torch.ones(3, 0), ProjectionConfig(dim=5)), torch.zeros(3, 5))
+    grad = torch.randn(2, 3, generator=torch.Generator().manual_seed(10))
+    with_empty = project([torch.ones(2, 0), grad, torch.ones(2, 0)], ProjectionConfig(dim=4, seed=2))
+    assert torch.equal(with_empty, project(grad, ProjectionConfig(dim=4, seed=2)))

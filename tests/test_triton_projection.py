@@ -138,3 +138,27 @@ def test_precision_setting_reaches_the_kernel(monkeypatch):
     assert seen == ["tf32", "highest"]
     with pytest.raises(ValueError, match="precision"):
         ProjectionConfig(dim=4, precision="fp8")
+
+
+def test_small_blocks_share_launches(monkeypatch):
+    """Consecutive small blocks of one dtype are concatenated (bounded by _GROUP_BYTES) into
+    one launch; the projection equals the dense product whatever the grouping."""
+    from source_proj.kernels import triton_projection
+
+    gen = torch.Generator().manual_seed(7)
+    widths = [3, 5, 0, 7, 40, 2, 1]
+    dtypes = [torch.float32, torch.float32, torch.float32, torch.bfloat16, torch.float32, torch.float32, torch.float32]
+    blocks = [torch.randn(4, w, generator=gen).to(d).to(DEVICE) for w, d in zip(widths, dtypes)]
+    monkeypatch.setattr(triton_projection, "_GROUP_BYTES", 4 * 4 * 10)  # 10 float32 columns of 4 rows
+    groups = triton_projection._launch_groups(blocks)
+    assert [g.shape[1] for g in groups] == [8, 7, 40, 3]  # 3+5 | bf16 7 | 40 alone (never copied) | 2+1
+    assert groups[2].data_ptr() == blocks[4].data_ptr()
+    dense = sum(
+        b.cpu().double() @ matrix_block(9, 2**32 - 30 + s, 2**32 - 30 + s + b.shape[1], 48).double()
+        for b, s in zip(blocks, [0, *torch.tensor(widths).cumsum(0).tolist()[:-1]])
+    )
+    for cap in (0, 4 * 4 * 10, 2**30):  # one launch per block, some groups, one group per dtype run
+        monkeypatch.setattr(triton_projection, "_GROUP_BYTES", cap)
+        out = torch.zeros(4, 48, device=DEVICE)
+        project_blocks_triton(blocks, out, 9, RADEMACHER, 2**32 - 30, tiles=SMALL)
+        assert torch.allclose(out.cpu().double(), dense, rtol=1e-5, atol=1e-4)
