@@ -105,6 +105,17 @@ class SourceAttributor:
         # Checked against the model once, in __init__.
         return self.model_fn.split_state(self.trajectory.checkpoints[index].load(), self.device)
 
+    def _projected_sum(
+        self,
+        checkpoints: Sequence[int],
+        objective: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        inputs: Any,
+        targets: torch.Tensor,
+    ) -> torch.Tensor:
+        """P sum_c grad objective at ``checkpoints`` per example, (B, k) float32, one projection."""
+        states = ((*self._load(c), f"checkpoint {c}") for c in checkpoints)
+        return projected_gradients(self.model_fn, states, objective, inputs, targets, self.projection)
+
     def _chunks(self, stop: int, desc: str, start: int = 0, show: bool = True) -> tqdm:
         """Starts of ``chunk_size`` row chunks in [start, stop), with a progress bar."""
         return tqdm(
@@ -251,21 +262,20 @@ class SourceAttributor:
         inputs, targets = examples.rows(start, stop, self.device)
         n, k, final_index = stop - start, self.config.proj_dim, len(self.trajectory.checkpoints) - 1
         sums = torch.zeros(n, self.num_segments, k, dtype=torch.float64, device=self.device)
-        segment_of = {c: l for l, seg in enumerate(self.segments) for c in seg.checkpoints}
-        # Gradients at the checkpoints of the segments these rows trained in, and at the final
-        # checkpoint for the "final"-mode self-influence.
-        wanted = [c for c, l in segment_of.items() if self.weights[l] != 0]
-        if self.query_mode == "final" and final_index not in wanted:
-            wanted.append(final_index)
+        # Gradients at the checkpoints of the segments these rows trained in, summed per segment
+        # before their one projection, and at the final checkpoint on its own in "final" mode
+        # (for the self-influence).
         final_grad = None
-        for c in wanted:
-            params, consts = self._load(c)
-            grad = projected_gradients(
-                self.model_fn, params, consts, self.task.loss, inputs, targets, self.projection, f"checkpoint {c}"
-            )
-            sums[:, segment_of[c]] += grad
-            if c == final_index:
-                final_grad = grad
+        if self.query_mode == "final":
+            final_grad = self._projected_sum([final_index], self.task.loss, inputs, targets)
+        for l, seg in enumerate(self.segments):
+            if self.weights[l] == 0:
+                continue
+            rest = [c for c in seg.checkpoints if final_grad is None or c != final_index]
+            if rest:
+                sums[:, l] += self._projected_sum(rest, self.task.loss, inputs, targets)
+            if len(rest) < len(seg.checkpoints):
+                sums[:, l] += final_grad
         counts = torch.tensor([len(s.checkpoints) for s in self.segments], dtype=torch.float64, device=self.device)
         seg_grads = sums / counts[None, :, None]
         per_segment = segment_features(seg_grads, self.operators, self.weights).cpu()
@@ -322,15 +332,7 @@ class SourceAttributor:
         parts = []
         for start in self._chunks(len(examples), "queries"):
             inputs, targets = examples.rows(start, min(len(examples), start + self.config.chunk_size), self.device)
-            per_group = []
-            for group in groups:
-                total = 0.0
-                for c in group:
-                    params, consts = self._load(c)
-                    total = total + projected_gradients(
-                        self.model_fn, params, consts, measure, inputs, targets, self.projection, f"checkpoint {c}"
-                    )
-                per_group.append(-total / len(group))
+            per_group = [-self._projected_sum(group, measure, inputs, targets) / len(group) for group in groups]
             parts.append(torch.cat(per_group, dim=1).cpu())
         return torch.cat(parts)
 

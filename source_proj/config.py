@@ -36,7 +36,10 @@ class SourceConfig:
             The LDS benchmark chose this (see README, "Why the defaults").
         keep_segment_features: keep per-segment training features (needed for per-stage
             attribution in "final" mode; always kept in "segment" mode).
-        chunk_size: examples per vmap batch (bounds memory: chunk x p floats per gradient).
+        chunk_size: examples per vmap batch. Bounds memory: per-example gradients are summed
+            over a segment's checkpoints before projection, so two chunk x p float32 buffers
+            (the running sum and one checkpoint's gradients). Larger chunks project faster
+            per row.
         device: where gradients are computed (None: the model's device).
         progress: show progress bars.
     """

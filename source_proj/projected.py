@@ -7,7 +7,7 @@ gradients of a per-example objective (B, k), and Gauss-Newton factor rows (B, R,
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 
@@ -27,23 +27,33 @@ CURVATURE_MODES = ("exact", "sampled")
 
 def projected_gradients(
     fn: ModelFunction,
-    params: dict,
-    consts: dict,
+    states: Iterable[tuple[dict, dict, str]],
     objective: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     inputs: Inputs,
     targets: torch.Tensor,
     projection: ProjectionConfig,
-    where: str,
 ) -> torch.Tensor:
-    """P grad_theta objective(z_i) for each example, (B, k) float32.
+    """P sum_c grad_theta objective(z_i; theta_c) for each example, (B, k) float32.
 
-    ``objective`` is a per-example function (B, C), (B, ...) -> (B,) such as the task's loss or
-    measurement; ``where`` names the checkpoint in errors about NaN/inf.
+    ``states`` yields loaded checkpoints (params, consts, where), one at a time; ``where``
+    names the checkpoint in errors about NaN/inf. ``objective`` is a per-example function
+    (B, C), (B, ...) -> (B,) such as the task's loss or measurement. P is linear, so the
+    per-example gradients are summed in float32 first and projected once: C checkpoints cost
+    one projection (the costly part: it regenerates P) and one more B x p float32 buffer.
     """
-    grads = per_example_gradients(fn, params, consts, loss_objective(objective), inputs, targets)
-    out = project(grads, projection)
-    check_finite(out, f"projected gradients at {where}")
-    return out
+    total: dict[str, torch.Tensor] | None = None
+    for params, consts, where in states:
+        grads = per_example_gradients(fn, params, consts, loss_objective(objective), inputs, targets)
+        for name, block in grads.items():
+            check_finite(block, f"gradients of {name!r} at {where}")
+        if total is None:
+            total = {name: block.to(torch.float32) for name, block in grads.items()}
+        else:
+            for name, block in grads.items():
+                total[name].add_(block)
+    if total is None:
+        raise ValueError("no checkpoints to take gradients at")
+    return project(total, projection)
 
 
 def projected_gn_factors(

@@ -102,7 +102,7 @@ def _gradients(
     parts = []
     for start in range(0, len(examples), _CHUNK):
         inputs, targets = examples.rows(start, min(len(examples), start + _CHUNK))
-        parts.append(projected_gradients(fn, params, consts, objective, inputs, targets, config.projection(), where))
+        parts.append(projected_gradients(fn, [(params, consts, where)], objective, inputs, targets, config.projection()))
     return torch.cat(parts)
 
 
