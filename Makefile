@@ -28,4 +28,5 @@ bench: install
 	$(PY) -m pip install -q --no-deps "traker==0.3.2"
 	$(PY) benchmarks/lds.py
 	$(PY) benchmarks/projection.py
+	$(PY) benchmarks/featurize.py
 	$(PY) benchmarks/retrieval.py
