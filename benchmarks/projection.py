@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from source_proj.kernels.reference import RADEMACHER, matrix_block
-from source_proj import projection
+from source_proj.kernels import cpu_projection
 from source_proj.projection import ProjectionConfig, project
 
 SEED = 1234
@@ -81,7 +81,7 @@ def main() -> None:
     header = (f"CPU projection benchmark, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
               f"{cpu_name()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}; "
               f"times are min (median) of {repeats} runs, float32")
-    int8 = projection._INT8_PRODUCT
+    int8 = cpu_projection._INT8_PRODUCT
     header += (f"; CPU product: {'exact int8 (oneDNN AMX)' if int8 else 'float32'}"
                + ("; (c) is the float32 product this path falls back to without AMX" if int8 else ""))
     print(header, flush=True)
@@ -110,9 +110,9 @@ def main() -> None:
                     b_cell, b_ratio = f"{b_min:.3f} ({b_med:.3f})", f"{b_min / ours:.2f}"
                 c_cell, c_ratio = "-", "-"
                 if int8:
-                    projection._INT8_PRODUCT = False
+                    cpu_projection._INT8_PRODUCT = False
                     c_min, c_med = timed(lambda g=grad, c=config: project(g, c), repeats)
-                    projection._INT8_PRODUCT = True
+                    cpu_projection._INT8_PRODUCT = True
                     c_cell, c_ratio = f"{c_min:.3f} ({c_med:.3f})", f"{c_min / ours:.2f}"
                 row = (f"| {p:.0e} | {k} | {batch} | {ours:.3f} ({ours_med:.3f}) | {a_min:.3f} ({a_med:.3f}){a_note} "
                        f"| {a_min / ours:.2f} | {b_cell} | {b_ratio} | {c_cell} | {c_ratio} |")

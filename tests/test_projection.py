@@ -13,10 +13,10 @@ import math
 import pytest
 import torch
 
-from source_proj import projection
-from source_proj.kernels import reference
+from source_proj.kernels import cpu_projection, reference
+from source_proj.kernels.cpu_projection import project_cpu
 from source_proj.kernels.reference import GAUSSIAN, RADEMACHER, matrix_block, philox4x32
-from source_proj.projection import ProjectionConfig, project, project_cpu
+from source_proj.projection import ProjectionConfig, project
 
 M32 = 0xFFFFFFFF
 
@@ -100,7 +100,7 @@ def cpu_product(request, monkeypatch):
     """Run a test with each CPU product for Rademacher matrices, whatever this CPU would pick."""
     if request.param == "int8" and not hasattr(torch, "_int_mm"):
         pytest.skip("this torch has no int8 matrix product")
-    monkeypatch.setattr(projection, "_INT8_PRODUCT", request.param == "int8")
+    monkeypatch.setattr(cpu_projection, "_INT8_PRODUCT", request.param == "int8")
     return request.param
 
 
@@ -115,11 +115,11 @@ def test_projection_independent_of_chunking(kind, cpu_product, monkeypatch):
     # one or two column groups, with the exact int32 sums flushed every few rows or never.
     settings = [(1, 4, 1, 1, 3), (17, 20, 5, 1, 10), (2**14, 17 * 512, 64, 2, 2**24), (2**14, 2**20, 2**13, 8, 2**24)]
     for calls, tile_bytes, int8_rows, int8_groups, exact_rows in settings:
-        monkeypatch.setattr(projection, "_CPU_CHUNK_CALLS", calls)
-        monkeypatch.setattr(projection, "_CPU_TILE_BYTES", tile_bytes)
-        monkeypatch.setattr(projection, "_INT8_TILE_ROWS", int8_rows)
-        monkeypatch.setattr(projection, "_INT8_TILE_GROUPS", int8_groups)
-        monkeypatch.setattr(projection, "_EXACT_INT32_ROWS", exact_rows)
+        monkeypatch.setattr(cpu_projection, "_CPU_CHUNK_CALLS", calls)
+        monkeypatch.setattr(cpu_projection, "_CPU_TILE_BYTES", tile_bytes)
+        monkeypatch.setattr(cpu_projection, "_INT8_TILE_ROWS", int8_rows)
+        monkeypatch.setattr(cpu_projection, "_INT8_TILE_GROUPS", int8_groups)
+        monkeypatch.setattr(cpu_projection, "_EXACT_INT32_ROWS", exact_rows)
         out = torch.zeros(3, 200)
         project_cpu([grad[:, :250], grad[:, 250:251], grad[:, 251:]], out, 7, kind, 10)
         outputs.append(out)
@@ -147,14 +147,14 @@ def test_int8_product_error_bound(dtype):
     grad = (torch.randn(5, p, generator=gen, dtype=torch.float64) * scales).to(dtype)
     grad[3, 17] = 0.5 * grad[3].abs().max()  # an entry far above the rest of its row
     exact = grad.double() @ matrix_block(11, 2**33, 2**33 + p, k).double()
-    got = projection._rademacher_product_int8([grad], 11, k, 2**33)
+    got = cpu_projection._rademacher_product_int8([grad], 11, k, 2**33)
     row_max = grad.double().abs().amax(dim=1, keepdim=True)
     assert ((got - exact).abs() <= p * 2.0**-30 * row_max).all()
     # Typically the error is a random walk, far inside the bound and float32 GEMM's.
     assert ((got - exact).abs() <= 8 * p**0.5 * 2.0**-31 * row_max).all()
     out = torch.zeros(5, k)
     project_cpu([grad[:, :1000], grad[:, 1000:]], out, 11, RADEMACHER, 2**33)
-    assert torch.equal(out, got.float()) or (projection._INT8_PRODUCT is False)
+    assert torch.equal(out, got.float()) or (cpu_projection._INT8_PRODUCT is False)
 
 
 def test_non_finite_rows_stay_non_finite(cpu_product):

@@ -1,0 +1,217 @@
+"""The CPU product ``G @ R``: R generated tile by tile from Philox, multiplied in, never stored.
+
+The matrix is the one ``reference`` defines. Rademacher products run in exact integer
+arithmetic on CPUs with AMX (int8 tiles of R, gradients as 31-bit fixed point), elsewhere in
+float32; Gaussian products in float32. Gradients arrive as per-parameter blocks laid end to
+end, and tiles run across block boundaries, so many small blocks cost no extra generation.
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+import math
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from .reference import (
+    COLUMNS_PER_CALL,
+    RADEMACHER,
+    matrix_block,
+    rademacher_bytes,
+    signs_from_bytes,
+)
+
+# The CPU path generates R's bits by Philox batches of 2^16 calls, whose int64 word arrays
+# (512 KiB) are large enough for torch to split each operation over threads, and expands them
+# to tiles, each multiplied into the output: float32 tiles of 1 MiB, which stay in cache for
+# the product, or int8 tiles of 8192 rows x 8 column groups (one batch, 8 MiB).
+_CPU_CHUNK_CALLS = 2**16
+_CPU_TILE_BYTES = 2**20
+_INT8_TILE_ROWS = 8192
+_INT8_TILE_GROUPS = 8
+
+# Rademacher products on the CPU run in exact integer arithmetic where int8 matrix products
+# are fast (oneDNN with AMX; measured there at ~2x float32's rate with four digit rows per
+# gradient row, while oneDNN's signed x signed int8 kernels without AMX are not known to beat
+# float32 by the needed 4x): R's +-1 entries are exact int8, and each gradient row,
+# scaled by a power of two, is rounded to a 31-bit fixed-point integer held as four int8
+# digits. int32 sums of digit x sign products stay exact for up to 2^24 rows.
+_FIXED_POINT_BITS = 31
+_EXACT_INT32_ROWS = 2**24
+
+
+def _int8_product_is_fast() -> bool:
+    """Whether ``torch._int_mm`` runs on oneDNN kernels with AMX int8 tile instructions."""
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)  # a private probe: absent means no
+    return hasattr(torch, "_int_mm") and torch.backends.mkldnn.is_available() and amx is not None and bool(amx())
+
+
+_INT8_PRODUCT = _int8_product_is_fast()
+
+
+def _cpu_chunks(
+    seed: int, kind: str, dim: int, row_start: int, row_stop: int
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """Yield (first row, R[first : first + n, :dim]) float32 chunks covering [row_start, row_stop).
+
+    Rademacher chunks are tiles of about ``_CPU_TILE_BYTES``, views of one reused buffer: each
+    is valid only until the next is yielded. Gaussian chunks hold about ``_CPU_CHUNK_CALLS``
+    Philox calls.
+    """
+    per_call = COLUMNS_PER_CALL[kind]
+    n_groups = -(-dim // per_call)
+    rows_per_chunk = max(1, _CPU_CHUNK_CALLS // n_groups)
+    if kind != RADEMACHER:
+        for first in range(row_start, row_stop, rows_per_chunk):
+            yield first, matrix_block(seed, first, min(row_stop, first + rows_per_chunk), dim, kind)
+        return
+    rows_per_tile = min(rows_per_chunk, max(1, _CPU_TILE_BYTES // (4 * per_call * n_groups)))
+    buffer = torch.empty(min(rows_per_tile, row_stop - row_start), n_groups * per_call)
+    for first in range(row_start, row_stop, rows_per_chunk):
+        last = min(row_stop, first + rows_per_chunk)
+        bits = rademacher_bytes(seed, first, last, 0, n_groups)
+        for tile in range(first, last, rows_per_tile):
+            stop = min(last, tile + rows_per_tile)
+            chunk = signs_from_bytes(bits[tile - first : stop - first], out=buffer[: stop - tile])
+            yield tile, chunk[:, :dim]
+
+
+def _powers_of_two(exponents: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """2^exponents, exactly, in ``dtype`` (the exponents must be within its range)."""
+    return torch.ldexp(torch.ones(exponents.shape, dtype=dtype), exponents)
+
+
+def _flat_view(buffer: torch.Tensor, *shape: int) -> torch.Tensor:
+    """The first prod(shape) elements of a flat buffer, as a contiguous tensor of ``shape``."""
+    return buffer[: math.prod(shape)].view(shape)
+
+
+def _fixed_point_digits(
+    pieces: Sequence[tuple[torch.Tensor, int]],
+    factors: tuple[torch.Tensor, torch.Tensor],
+    digits: torch.Tensor,
+    scaled: torch.Tensor,
+    fixed: torch.Tensor,
+) -> torch.Tensor:
+    """Write the int8 digits of q = round(x * f0 * f1) into ``digits`` (4, B, n) and return it.
+
+    x (B, n) is given as ``pieces`` (gradient columns, first column within x) covering it;
+    ``factors`` are two (B, 1) float32 powers of two (applied one after the other, so each
+    stays within float32's range and the scaling is exact) with |q| < 2^30; ``scaled`` and
+    ``fixed`` are (B, n) float32 and int32 work buffers (reused: fresh ones per tile cost more
+    in page faults than the arithmetic). Then q = d0 + 2^8 d1 + 2^16 d2 + 2^24 d3 exactly:
+    adding 128 to the three low bytes and flipping their top bits turns two's-complement bytes
+    into balanced digits in [-128, 127]; the top byte is the signed remainder, |d3| <= 64.
+    """
+    for piece, column in pieces:
+        torch.mul(piece, factors[0], out=scaled[:, column : column + piece.shape[1]])
+    scaled.mul_(factors[1]).round_()
+    fixed.copy_(scaled).add_(0x808080).bitwise_xor_(0x808080)
+    digits.copy_(fixed.view(torch.int8).view(*scaled.shape, 4).permute(2, 0, 1))
+    return digits
+
+
+def _pieces(
+    blocks: Sequence[torch.Tensor], starts: Sequence[int], first: int, last: int
+) -> Iterator[tuple[torch.Tensor, int]]:
+    """The columns [first, last) of the blocks laid end to end (block b from ``starts[b]``),
+    as (block slice, offset of its first column from ``first``) pairs."""
+    b = max(0, bisect.bisect_right(starts, first) - 1)
+    while b < len(blocks) and starts[b] < last:
+        lo, hi = max(first, starts[b]), min(last, starts[b] + blocks[b].shape[1])
+        if lo < hi:
+            yield blocks[b][:, lo - starts[b] : hi - starts[b]], lo - first
+        b += 1
+
+
+def _rademacher_product_int8(
+    blocks: Sequence[torch.Tensor], seed: int, dim: int, row_offset: int
+) -> torch.Tensor:
+    """``G @ R[row_offset:, :dim]`` (unscaled, Rademacher) in integer arithmetic; (B, dim) float64.
+
+    G is the (B, p) CPU blocks laid end to end. Each row g, with max|g| < 2^e, is rounded to
+    q = round(g 2^(30 - e)) (|q| < 2^30), so each coordinate is off by at most
+    2^(e - 31) <= 2^-30 max|g|. The products of q's int8 digits with R's +-1 tiles are exact
+    integers, so that rounding and one final rounding are the only errors, and the result
+    does not depend on tiling, blocks or threads. Rows holding NaN or inf give NaN rows.
+    """
+    batch = blocks[0].shape[0]
+    starts = [0, *itertools.accumulate(b.shape[1] for b in blocks)]
+    width = starts.pop()
+    row_max = torch.zeros(batch, dtype=torch.float64)
+    for block in blocks:
+        if block.shape[1]:
+            block_max = torch.maximum(block.amax(dim=1), block.amin(dim=1).neg()).double()
+            row_max = torch.maximum(row_max, block_max)  # NaN propagates
+    finite = torch.isfinite(row_max)
+    if not finite.all():
+        blocks = [block.masked_fill(~finite[:, None], 0) for block in blocks]
+    shift = _FIXED_POINT_BITS - 1 - torch.frexp(torch.where(finite, row_max, 0.0)).exponent
+    half = torch.div(shift, 2, rounding_mode="floor")
+    factors = (_powers_of_two(half, torch.float32)[:, None], _powers_of_two(shift - half, torch.float32)[:, None])
+
+    n_groups = -(-dim // COLUMNS_PER_CALL[RADEMACHER])
+    tile_rows = min(_INT8_TILE_ROWS, width)
+    tile_cols = 128 * min(_INT8_TILE_GROUPS, n_groups)
+    scaled = torch.empty(batch * tile_rows)
+    fixed = torch.empty(batch * tile_rows, dtype=torch.int32)
+    digits = torch.empty(4 * batch * tile_rows, dtype=torch.int8)
+    signs = torch.empty(tile_rows * tile_cols, dtype=torch.int8)
+    product = torch.empty(4 * batch * tile_cols, dtype=torch.int32)
+    partial = torch.zeros(4 * batch, 128 * n_groups, dtype=torch.int32)
+    totals = torch.zeros(4 * batch, dim, dtype=torch.float64)
+    partial_rows = 0
+    for first in range(0, width, _INT8_TILE_ROWS):
+        last = min(width, first + _INT8_TILE_ROWS)
+        rows = last - first
+        if partial_rows + rows > _EXACT_INT32_ROWS:
+            totals.add_(partial[:, :dim])
+            partial.zero_()
+            partial_rows = 0
+        tile_digits = _fixed_point_digits(
+            list(_pieces(blocks, starts, first, last)),
+            factors,
+            _flat_view(digits, 4, batch, rows),
+            _flat_view(scaled, batch, rows),
+            _flat_view(fixed, batch, rows),
+        ).view(4 * batch, rows)
+        for g0 in range(0, n_groups, _INT8_TILE_GROUPS):
+            g1 = min(n_groups, g0 + _INT8_TILE_GROUPS)
+            bits = rademacher_bytes(seed, row_offset + first, row_offset + last, g0, g1)
+            tile = signs_from_bytes(bits, out=_flat_view(signs, rows, 128 * (g1 - g0)))
+            out = _flat_view(product, 4 * batch, 128 * (g1 - g0))
+            partial[:, 128 * g0 : 128 * g1].add_(torch._int_mm(tile_digits, tile, out=out))
+        partial_rows += rows
+    totals.add_(partial[:, :dim])
+    weights = torch.tensor([1.0, 2.0**8, 2.0**16, 2.0**24], dtype=torch.float64)
+    result = torch.einsum("l,lbk->bk", weights, totals.view(4, batch, dim))
+    result.mul_(_powers_of_two(-shift, torch.float64)[:, None])
+    return result.masked_fill_(~finite[:, None], math.nan)
+
+
+def project_cpu(
+    blocks: Sequence[torch.Tensor], out: torch.Tensor, seed: int, kind: str, row_offset: int
+) -> None:
+    """Add ``G @ R[row_offset : row_offset + p, :k]`` (unscaled) into ``out`` (B, k) float32.
+
+    G is the (B, p_b) ``blocks`` laid end to end, in any float dtype. The product runs on the
+    CPU (CUDA blocks are copied over first), R generated tile by tile over all blocks at once,
+    so memory stays bounded whatever p is and small blocks cost no extra generation batches.
+    Rademacher products are exact integer products where int8 kernels are fast (see
+    ``_rademacher_product_int8``, error <= 2^-30 max|g| per coordinate), float32 products
+    otherwise.
+    """
+    blocks = [block.cpu() for block in blocks]
+    if kind == RADEMACHER and _INT8_PRODUCT:
+        result = _rademacher_product_int8(blocks, seed, out.shape[1], row_offset)
+    else:
+        starts = [0, *itertools.accumulate(b.shape[1] for b in blocks)]
+        width = starts.pop()
+        result = torch.zeros(out.shape, dtype=torch.float32)
+        for first, chunk in _cpu_chunks(seed, kind, out.shape[1], row_offset, row_offset + width):
+            local = first - row_offset
+            for piece, column in _pieces(blocks, starts, local, local + chunk.shape[0]):
+                result.addmm_(piece.to(torch.float32), chunk[column : column + piece.shape[1]])
+    out.add_(result.to(out.device, torch.float32))
