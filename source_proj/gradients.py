@@ -145,6 +145,8 @@ def factor_objective(out: torch.Tensor, y: torch.Tensor, column: torch.Tensor) -
 
 def check_finite(values: torch.Tensor, what: str) -> None:
     """Raise NonFiniteError naming ``what`` if ``values`` holds NaN or inf."""
-    if not torch.isfinite(values).all():
+    if torch.isfinite(values.sum()):  # NaN and inf reach the sum: one fast pass (~40x isfinite)
+        return
+    if not torch.isfinite(values).all():  # a sum can also overflow with finite values
         bad = (~torch.isfinite(values)).reshape(values.shape[0], -1).any(dim=1).nonzero()[:5, 0].tolist()
         raise NonFiniteError(f"non-finite values in {what} (first bad rows {bad})")
