@@ -257,3 +257,14 @@ def test_stages_whose_curvature_cannot_matter_need_no_curvature_data(query_mode,
     att.set_curvature(full, att.weights.tolist())
     features = att.featurize_range(as_examples(rows[attributed]), 0, len(rows[attributed][0])).features
     torch.testing.assert_close(att.query_features(queries) @ features.T, scores, rtol=1e-6, atol=1e-9)
+
+
+def test_check_finite_fast_path_neither_misses_nor_invents():
+    from source_proj.gradients import check_finite
+
+    check_finite(torch.full((3, 4), 3e38), "large values")  # their sum overflows; they are finite
+    for bad in (math.nan, math.inf, -math.inf):
+        values = torch.ones(3, 4)
+        values[1, 2] = bad
+        with pytest.raises(NonFiniteError, match=r"in values \(first bad rows \[1\]\)"):
+            check_finite(values, "values")
