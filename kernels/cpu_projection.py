@@ -127,19 +127,18 @@ def _pieces(
 
 
 def _rademacher_product_int8(
-    blocks: Sequence[torch.Tensor], seed: int, dim: int, row_offset: int
+    blocks: Sequence[torch.Tensor], starts: Sequence[int], width: int, seed: int, dim: int, row_offset: int
 ) -> torch.Tensor:
     """``G @ R[row_offset:, :dim]`` (unscaled, Rademacher) in integer arithmetic; (B, dim) float64.
 
-    G is the (B, p) CPU blocks laid end to end. Each row g, with max|g| < 2^e, is rounded to
+    G is the (B, p) CPU blocks laid end to end (block b from column ``starts[b]``, p =
+    ``width``). Each row g, with max|g| < 2^e, is rounded to
     q = round(g 2^(30 - e)) (|q| < 2^30), so each coordinate is off by at most
     2^(e - 31) <= 2^-30 max|g|. The products of q's int8 digits with R's +-1 tiles are exact
     integers, so that rounding and one final rounding are the only errors, and the result
     does not depend on tiling, blocks or threads. Rows holding NaN or inf give NaN rows.
     """
     batch = blocks[0].shape[0]
-    starts = [0, *itertools.accumulate(b.shape[1] for b in blocks)]
-    width = starts.pop()
     row_max = torch.zeros(batch, dtype=torch.float64)
     for block in blocks:
         if block.shape[1]:
@@ -204,11 +203,11 @@ def project_cpu(
     otherwise.
     """
     blocks = [block.cpu() for block in blocks]
+    starts = [0, *itertools.accumulate(b.shape[1] for b in blocks)]
+    width = starts.pop()
     if kind == RADEMACHER and _INT8_PRODUCT:
-        result = _rademacher_product_int8(blocks, seed, out.shape[1], row_offset)
+        result = _rademacher_product_int8(blocks, starts, width, seed, out.shape[1], row_offset)
     else:
-        starts = [0, *itertools.accumulate(b.shape[1] for b in blocks)]
-        width = starts.pop()
         result = torch.zeros(out.shape, dtype=torch.float32)
         for first, chunk in _cpu_chunks(seed, kind, out.shape[1], row_offset, row_offset + width):
             local = first - row_offset

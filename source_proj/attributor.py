@@ -271,10 +271,11 @@ class SourceAttributor:
         for l, seg in enumerate(self.segments):
             if self.weights[l] == 0:
                 continue
-            rest = [c for c in seg.checkpoints if final_grad is None or c != final_index]
-            if rest:
-                sums[:, l] += self._projected_sum(rest, self.task.loss, inputs, targets)
-            if len(rest) < len(seg.checkpoints):
+            has_final = final_grad is not None and final_index in seg.checkpoints
+            others = [c for c in seg.checkpoints if not (has_final and c == final_index)]
+            if others:
+                sums[:, l] += self._projected_sum(others, self.task.loss, inputs, targets)
+            if has_final:
                 sums[:, l] += final_grad
         counts = torch.tensor([len(s.checkpoints) for s in self.segments], dtype=torch.float64, device=self.device)
         seg_grads = sums / counts[None, :, None]

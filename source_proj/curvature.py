@@ -94,15 +94,15 @@ def segment_spectra(
     zero-curvature placeholder (S = I, phi = t I), for segments whose curvature cannot change
     the scores (see ``SourceAttributor.prepare``).
     """
-    spectra = []
-    for index, seg in enumerate(segments):
-        if used is None or index in used:
-            spectra.append(segment_spectrum([hessians[c] for c in seg.checkpoints], weight_decay, seg.time))
-        else:
-            k = next(iter(hessians.values())).shape[0]
-            eye = torch.eye(k, dtype=torch.float64)
-            spectra.append(SegmentSpectrum(torch.zeros(k, dtype=torch.float64), eye, seg.time))
-    return spectra
+    if used is not None:  # the placeholder's size, from a segment that has Hessians
+        k = hessians[segments[min(used)].checkpoints[0]].shape[0]
+        flat = torch.zeros(k, dtype=torch.float64), torch.eye(k, dtype=torch.float64)
+    return [
+        segment_spectrum([hessians[c] for c in seg.checkpoints], weight_decay, seg.time)
+        if used is None or index in used
+        else SegmentSpectrum(*flat, seg.time)
+        for index, seg in enumerate(segments)
+    ]
 
 
 def transport_operators(spectra: list[SegmentSpectrum], transport: bool = True) -> torch.Tensor:

@@ -147,7 +147,7 @@ def test_int8_product_error_bound(dtype):
     grad = (torch.randn(5, p, generator=gen, dtype=torch.float64) * scales).to(dtype)
     grad[3, 17] = 0.5 * grad[3].abs().max()  # an entry far above the rest of its row
     exact = grad.double() @ matrix_block(11, 2**33, 2**33 + p, k).double()
-    got = cpu_projection._rademacher_product_int8([grad], 11, k, 2**33)
+    got = cpu_projection._rademacher_product_int8([grad], [0], p, 11, k, 2**33)
     row_max = grad.double().abs().amax(dim=1, keepdim=True)
     assert ((got - exact).abs() <= p * 2.0**-30 * row_max).all()
     # Typically the error is a random walk, far inside the bound and float32 GEMM's.
