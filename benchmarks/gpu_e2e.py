@@ -31,9 +31,9 @@ except ModuleNotFoundError:  # a bare checkout (as on a device machine): map it 
     _spec.loader.exec_module(sys.modules["source_proj.kernels"])
 
 from source_proj.attributor import SourceAttributor  # noqa: E402
-from source_proj.demo import DIGITS_SETTINGS, digits_data, digits_model  # noqa: E402
-from source_proj.tasks import ClassificationTask  # noqa: E402
-from source_proj.training import train_sgd  # noqa: E402
+from source_proj.cli.demo import DIGITS_SETTINGS, digits_data, digits_model  # noqa: E402
+from source_proj.gradients.tasks import ClassificationTask  # noqa: E402
+from source_proj.trajectory.training import train_sgd  # noqa: E402
 
 
 def main() -> None:

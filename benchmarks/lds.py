@@ -16,7 +16,6 @@ Ablations of SOURCE's settings and the counterfactual curves for (a) and (b) fol
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 import tempfile
 import time
@@ -47,7 +46,13 @@ from source_proj.evaluation.baselines import (
 )
 from source_proj.evaluation.ground_truth import LDSGroundTruth
 from source_proj.evaluation.projected_run import ProjectedRun, project_run
-from source_proj.evaluation.scenarios import SCENARIOS, Scenario, ScenarioRetrain, build, train_run
+from source_proj.evaluation.scenarios import (
+    SCENARIOS,
+    Scenario,
+    ScenarioRetrain,
+    build,
+    train_run,
+)
 
 ROOT = Path(__file__).resolve().parent
 RUN_SEED = 10_000  # training seeds of the attributed runs (disjoint from the LDS seeds)

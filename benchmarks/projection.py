@@ -28,10 +28,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-
-from source_proj.kernels.reference import RADEMACHER, matrix_block
 from source_proj.kernels import cpu_projection
-from source_proj.projection import ProjectionConfig, project
+from source_proj.kernels.reference import RADEMACHER, matrix_block
+
+from source_proj.projection.jl import ProjectionConfig, project
 
 SEED = 1234
 

@@ -47,10 +47,15 @@ import numpy as np
 import torch
 import zarr
 
-from source_proj.bulk import score_matrix
-from source_proj.ivf import IVFSettings, build_ivf, recall_at_k
-from source_proj.retrieval import SearchSettings, bf16_is_fast, exact_proponents_opponents, exact_topk
-from source_proj.store import FeatureStore, StoreLayout, featurize
+from source_proj.features.store import FeatureStore, StoreLayout, featurize
+from source_proj.retrieval.bulk import score_matrix
+from source_proj.retrieval.exact import (
+    SearchSettings,
+    bf16_is_fast,
+    exact_proponents_opponents,
+    exact_topk,
+)
+from source_proj.retrieval.ivf import IVFSettings, build_ivf, recall_at_k
 
 GIB = 2.0**30
 

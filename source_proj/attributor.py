@@ -23,18 +23,24 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from source_proj.config import SourceConfig
-from source_proj.curvature import (
+from source_proj.curvature.spectra import (
     SegmentSpectrum,
     gauss_newton_accumulate,
     segment_spectra,
     transport_operators,
 )
-from source_proj.data import Examples, as_examples
-from source_proj.features import combine, row_dot, segment_features
-from source_proj.gradients import ModelFunction, check_finite
-from source_proj.projected import projected_gn_factors, projected_gradients
-from source_proj.tasks import Task, resolve_task
-from source_proj.trajectory import Segment, Trajectory, TrajectoryError, state_digest
+from source_proj.features.rows import combine, row_dot, segment_features
+from source_proj.gradients.data import Examples, as_examples
+from source_proj.gradients.model import ModelFunction
+from source_proj.gradients.per_example import check_finite
+from source_proj.gradients.tasks import Task, resolve_task
+from source_proj.projection.projected import projected_gn_factors, projected_gradients
+from source_proj.trajectory.checkpoints import (
+    Segment,
+    Trajectory,
+    TrajectoryError,
+    state_digest,
+)
 
 FORMAT_VERSION = 1
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from source_proj.projected import CURVATURE_MODES
-from source_proj.projection import ProjectionConfig
+from source_proj.projection.jl import ProjectionConfig
+from source_proj.projection.projected import CURVATURE_MODES
 
 QUERY_MODES = ("auto", "final", "segment")
 

@@ -6,7 +6,12 @@ from pathlib import Path
 
 import numpy as np
 
-from source_proj.store import ChunkFeatures, FeatureStore, StoreLayout, featurize
+from source_proj.features.store import (
+    ChunkFeatures,
+    FeatureStore,
+    StoreLayout,
+    featurize,
+)
 
 METADATA = {
     "projection": {"dim": 16, "seed": 3, "kind": "rademacher"},

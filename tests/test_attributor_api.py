@@ -1,22 +1,27 @@
 """Trajectory segmenting, data forms, parameter selection, multi-stage attribution and bad input."""
 
-import copy
 import math
 
 import numpy as np
 import pytest
 import torch
+from tiny_models import (
+    blobs,
+    dense_source_scores,
+    mlp,
+    projection_matrix,
+    trained_classifier,
+)
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from source_proj.attributor import SourceAttributor
-from source_proj.curvature import segment_spectra
-from source_proj.data import as_examples
-from source_proj.gradients import NonFiniteError
-from source_proj.tasks import ClassificationTask
-from source_proj.training import TrainSettings, train_sgd
-from source_proj.trajectory import Checkpoint, Trajectory, TrajectoryError
-from tiny_models import blobs, dense_source_scores, mlp, projection_matrix, trained_classifier
+from source_proj.curvature.spectra import segment_spectra
+from source_proj.gradients.data import as_examples
+from source_proj.gradients.per_example import NonFiniteError
+from source_proj.gradients.tasks import ClassificationTask
+from source_proj.trajectory.checkpoints import Checkpoint, Trajectory, TrajectoryError
+from source_proj.trajectory.training import TrainSettings, train_sgd
 
 
 def rel_err(a, b) -> float:
@@ -260,7 +265,7 @@ def test_stages_whose_curvature_cannot_matter_need_no_curvature_data(query_mode,
 
 
 def test_check_finite_fast_path_neither_misses_nor_invents():
-    from source_proj.gradients import check_finite
+    from source_proj.gradients.per_example import check_finite
 
     check_finite(torch.full((3, 4), 3e38), "large values")  # their sum overflows; they are finite
     for bad in (math.nan, math.inf, -math.inf):

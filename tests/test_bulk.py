@@ -8,13 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
-
-from source_proj.bulk import score_matrix, self_influence
-from source_proj.store import FeatureStore, StoreMismatchError
 from store_helpers import chunk_features, dense_store
 
+from source_proj.features.store import FeatureStore, StoreMismatchError
+from source_proj.retrieval.bulk import score_matrix, self_influence
+
 # float32 products of length D <= 32 are within 1e-5 |q| |f| of the float64 oracle;
-# float16 stores add at most 2^-11 |q| |f| (see source_proj.store).
+# float16 stores add at most 2^-11 |q| |f| (see source_proj.features.store).
 REL_TOL_F32 = 1e-5
 REL_TOL_F16 = 2.0**-11 + 1e-5
 

@@ -17,9 +17,9 @@ import torch
 import zarr
 
 from source_proj.attributor import SourceAttributor
-from source_proj.cli import main
+from source_proj.cli.main import main
+from source_proj.cli.task_spec import TaskSpecError, load_task
 from source_proj.config import SourceConfig
-from source_proj.task_spec import TaskSpecError, load_task
 
 # Store and faiss work in float32: scores agree with the attributor's torch float32 ones to
 # about D * 2^-24 relative to |Q[q]| |F[m]|; 1e-5 of that is what we allow (and call a tie).
@@ -30,7 +30,7 @@ TASK_FILE = textwrap.dedent(
     import sys
     sys.path.insert(0, {tests!r})
     from tiny_models import blobs, trained_classifier
-    from source_proj.task_spec import TaskSpec
+    from source_proj.cli.task_spec import TaskSpec
 
     def task():
         model, trajectory, train = trained_classifier(n=60, epochs=3)
@@ -191,8 +191,8 @@ def test_task_loading_errors(task_file: Path, tmp_path: Path, capsys) -> None:
 def test_digits_demo_round_trip(tmp_path: Path) -> None:
     """The digits demo task through the command line: fit, then topk parsed back."""
     env = {**os.environ, "SOURCE_PROJ_DEMO_DIR": str(tmp_path / "demo")}
-    command = [sys.executable, "-m", "source_proj.cli"]
-    task = ["--task", "source_proj.digits_task:task", "--store", str(tmp_path / "digits.zarr")]
+    command = [sys.executable, "-m", "source_proj.cli.main"]
+    task = ["--task", "source_proj.cli.digits_task:task", "--store", str(tmp_path / "digits.zarr")]
     fit = subprocess.run([*command, "fit", *task, "--proj-dim", "32", "--curvature-examples", "256", "--quiet"],
                          env=env, capture_output=True, text=True, timeout=600)
     assert fit.returncode == 0, fit.stderr
@@ -203,7 +203,7 @@ def test_digits_demo_round_trip(tmp_path: Path) -> None:
 
     os.environ["SOURCE_PROJ_DEMO_DIR"] = env["SOURCE_PROJ_DEMO_DIR"]
     try:
-        attributor, q_features, spec = _reference("source_proj.digits_task:task", proj_dim=32, curvature_examples=256)
+        attributor, q_features, spec = _reference("source_proj.cli.digits_task:task", proj_dim=32, curvature_examples=256)
     finally:
         del os.environ["SOURCE_PROJ_DEMO_DIR"]
     assert {r["query"] for r in records} == set(range(len(spec.queries[1])))

@@ -27,7 +27,7 @@ from source_proj.evaluation.baselines import (
     trak_scores,
 )
 from source_proj.evaluation.projected_run import project_run
-from source_proj.projection import ProjectionConfig, project
+from source_proj.projection.jl import ProjectionConfig, project
 
 DIM = 24
 SEED = 5

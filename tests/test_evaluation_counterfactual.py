@@ -15,7 +15,12 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from source_proj.evaluation import RANDOM_BASELINE, CounterfactualConfig, RetrainRunner, subset_removal
+from source_proj.evaluation import (
+    RANDOM_BASELINE,
+    CounterfactualConfig,
+    RetrainRunner,
+    subset_removal,
+)
 from source_proj.evaluation.counterfactual import flip_curve, proponent_ordering
 
 X = np.concatenate([np.full(3, 1.0), np.full(27, -3.0), np.full(30, 3.0)])

@@ -17,8 +17,16 @@ import numpy as np
 import pytest
 from scipy.stats import spearmanr
 
-from source_proj.evaluation import LDSConfig, compute_ground_truth, linear_datamodeling_score
-from source_proj.evaluation.ground_truth import LDSGroundTruth, ground_truth_noise, retrain_seeds
+from source_proj.evaluation import (
+    LDSConfig,
+    compute_ground_truth,
+    linear_datamodeling_score,
+)
+from source_proj.evaluation.ground_truth import (
+    LDSGroundTruth,
+    ground_truth_noise,
+    retrain_seeds,
+)
 from source_proj.evaluation.stats import spearman
 
 CALLS = {"count": 0}

@@ -5,7 +5,11 @@ import pytest
 import scipy.linalg
 import torch
 
-from source_proj.curvature import phi_values, segment_spectrum, transport_operators
+from source_proj.curvature.spectra import (
+    phi_values,
+    segment_spectrum,
+    transport_operators,
+)
 
 
 def random_spd(k: int, seed: int, low: float = 0.05, high: float = 5.0) -> np.ndarray:

@@ -9,12 +9,24 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from source_proj import retrieval
-from source_proj.ivf import ApproxIndex, IVFSettings, StaleIndexError, build_ivf, index_dir, recall_at_k
-from source_proj.retrieval import SearchSettings, TopK, exact_proponents_opponents, exact_topk
-from source_proj.store import FeatureStore, StoreIncompleteError, StoreLayout
 from store_helpers import METADATA, chunk_features, dense_store
+
+from source_proj.features.store import FeatureStore, StoreIncompleteError, StoreLayout
+from source_proj.retrieval import exact as retrieval
+from source_proj.retrieval.exact import (
+    SearchSettings,
+    TopK,
+    exact_proponents_opponents,
+    exact_topk,
+)
+from source_proj.retrieval.ivf import (
+    ApproxIndex,
+    IVFSettings,
+    StaleIndexError,
+    build_ivf,
+    index_dir,
+    recall_at_k,
+)
 
 # faiss accumulates in float32: a score may differ from the float64 oracle by about
 # D * 2^-24 * |q| |f|; REL_TOL |q| |f| is a safe bound for D <= 32 and is what counts as a tie.

@@ -5,9 +5,9 @@ import numpy as np
 import torch
 
 from source_proj.attributor import SourceAttributor
-from source_proj.demo import digits_data, digits_model
-from source_proj.tasks import ClassificationTask
-from source_proj.training import TrainSettings, train_sgd
+from source_proj.cli.demo import digits_data, digits_model
+from source_proj.gradients.tasks import ClassificationTask
+from source_proj.trajectory.training import TrainSettings, train_sgd
 
 SETTINGS = TrainSettings(epochs=8, batch_size=32, lr=0.05, momentum=0.9, weight_decay=5e-4, checkpoints_per_epoch=1)
 

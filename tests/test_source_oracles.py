@@ -11,14 +11,6 @@ import copy
 import numpy as np
 import pytest
 import torch
-from torch import nn
-from torch.func import functional_call
-
-from source_proj.attributor import SourceAttributor
-from source_proj.data import as_examples
-from source_proj.tasks import ClassificationTask, RegressionTask
-from source_proj.training import TrainSettings, train_sgd
-from source_proj.trajectory import Checkpoint, Trajectory
 from tiny_models import (
     blobs,
     dense_gn_hessian,
@@ -28,6 +20,14 @@ from tiny_models import (
     projection_matrix,
     trained_classifier,
 )
+from torch import nn
+from torch.func import functional_call
+
+from source_proj.attributor import SourceAttributor
+from source_proj.gradients.data import as_examples
+from source_proj.gradients.tasks import ClassificationTask, RegressionTask
+from source_proj.trajectory.checkpoints import Checkpoint, Trajectory
+from source_proj.trajectory.training import TrainSettings, train_sgd
 
 
 def rel_err(a, b) -> float:
@@ -66,7 +66,7 @@ def test_sampled_curvature_is_unbiased_for_exact():
 
 
 def test_b_infinite_time_single_segment_is_influence_functions(monkeypatch):
-    monkeypatch.setattr("source_proj.projected.project", identity_projection)
+    monkeypatch.setattr("source_proj.projection.projected.project", identity_projection)
     model, traj, (x, y) = trained_classifier(weight_decay=1e-2)
     final = Trajectory((Checkpoint(traj.checkpoints[-1].state, steps=100, lr=0.05),), weight_decay=1e-2)
     p = sum(q.numel() for q in model.parameters())
@@ -111,7 +111,7 @@ def _unrolled_linear_regression(lr: float, steps: int, weight_decay: float):
 
 
 def test_c_matches_unrolled_differentiation_as_steps_shrink(monkeypatch):
-    monkeypatch.setattr("source_proj.projected.project", identity_projection)
+    monkeypatch.setattr("source_proj.projection.projected.project", identity_projection)
     errors = []
     for lr, steps in [(0.2, 5), (0.05, 20), (0.0125, 80)]:  # total time eta * K = 1
         model, traj, train, queries, exact = _unrolled_linear_regression(lr, steps, weight_decay=0.05)
@@ -130,7 +130,7 @@ def test_d_projected_scores_converge_to_unprojected(monkeypatch):
     p = sum(q.numel() for q in model.parameters())
     kwargs = dict(num_segments=3, progress=False, chunk_size=48)
     with monkeypatch.context() as m:
-        m.setattr("source_proj.projected.project", identity_projection)
+        m.setattr("source_proj.projection.projected.project", identity_projection)
         exact = SourceAttributor(model, "classification", traj, proj_dim=p, **kwargs).fit(train).score(queries).numpy()
     errors = {}
     for k in (16, 128, 1024):

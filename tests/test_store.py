@@ -15,8 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
+from store_helpers import METADATA, chunk_features, chunk_with_extras, dense_store
 
-from source_proj.store import (
+from source_proj.features.store import (
     ChunkFeatures,
     FeatureStore,
     StoreError,
@@ -25,7 +26,6 @@ from source_proj.store import (
     StoreMismatchError,
     featurize,
 )
-from store_helpers import METADATA, chunk_features, chunk_with_extras, dense_store
 
 # float16 stores round every value x to x(1 + d) with |d| <= 2^-11 (unit roundoff; the
 # per-row power-of-two scale keeps values out of the subnormal range): hence
@@ -190,7 +190,7 @@ _CHILD = textwrap.dedent(
     import os, signal, sys, time
     sys.path.insert(0, {tests!r})
     from store_helpers import METADATA, chunk_with_extras
-    from source_proj.store import FeatureStore, StoreLayout, featurize
+    from source_proj.features.store import FeatureStore, StoreLayout, featurize
 
     def compute(start, stop):
         with open({log!r}, "a") as log:

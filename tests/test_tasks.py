@@ -3,7 +3,7 @@
 import torch
 import torch.nn.functional as F
 
-from source_proj.tasks import ClassificationTask, RegressionTask, Task
+from source_proj.gradients.tasks import ClassificationTask, RegressionTask, Task
 
 
 def test_classification_factor_reproduces_the_softmax_hessian():

@@ -7,12 +7,12 @@ import copy
 import numpy as np
 import scipy.linalg
 import torch
+from source_proj.kernels.reference import matrix_block
 from torch import nn
 
-from source_proj.kernels.reference import matrix_block
-from source_proj.tasks import ClassificationTask, Task
-from source_proj.training import TrainSettings, train_sgd
-from source_proj.trajectory import Trajectory
+from source_proj.gradients.tasks import ClassificationTask, Task
+from source_proj.trajectory.checkpoints import Trajectory
+from source_proj.trajectory.training import TrainSettings, train_sgd
 
 
 def blobs(n: int, dim: int, classes: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -34,9 +34,9 @@ from torch import nn
 from torch.func import functional_call
 
 from source_proj.config import SourceConfig
-from source_proj.curvature import segment_spectra, transport_operators
+from source_proj.curvature.spectra import segment_spectra, transport_operators
 from source_proj.evaluation.projected_run import ProjectedRun
-from source_proj.features import combine, segment_features
+from source_proj.features.rows import combine, segment_features
 
 
 def source_scores(run: ProjectedRun, config: SourceConfig) -> torch.Tensor:

@@ -24,11 +24,11 @@ from tqdm.auto import tqdm
 
 from source_proj.attributor import SourceAttributor
 from source_proj.config import SourceConfig
-from source_proj.data import Examples, as_examples
-from source_proj.gradients import ModelFunction
-from source_proj.projected import CURVATURE_MODES, projected_gradients
-from source_proj.tasks import Task
-from source_proj.trajectory import Trajectory
+from source_proj.gradients.data import Examples, as_examples
+from source_proj.gradients.model import ModelFunction
+from source_proj.gradients.tasks import Task
+from source_proj.projection.projected import CURVATURE_MODES, projected_gradients
+from source_proj.trajectory.checkpoints import Trajectory
 
 _CHUNK = 256
 

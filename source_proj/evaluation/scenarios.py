@@ -22,9 +22,9 @@ import torch
 from sklearn.datasets import load_digits, make_friedman1
 from torch import nn
 
-from source_proj.tasks import ClassificationTask, RegressionTask, Task
-from source_proj.training import TrainSettings, train_sgd
-from source_proj.trajectory import Checkpoint, Trajectory
+from source_proj.gradients.tasks import ClassificationTask, RegressionTask, Task
+from source_proj.trajectory.checkpoints import Checkpoint, Trajectory
+from source_proj.trajectory.training import TrainSettings, train_sgd
 
 SCENARIOS = ("digits", "digits-noisy", "digits-two-stage", "friedman")
 

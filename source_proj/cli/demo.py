@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from source_proj.tasks import ClassificationTask
-from source_proj.training import TrainSettings, train_sgd
-from source_proj.trajectory import Checkpoint, Trajectory
+from source_proj.gradients.tasks import ClassificationTask
+from source_proj.trajectory.checkpoints import Checkpoint, Trajectory
+from source_proj.trajectory.training import TrainSettings, train_sgd
 
 DIGITS_SETTINGS = TrainSettings(
     epochs=12, batch_size=32, lr=0.05, momentum=0.9, weight_decay=5e-4, checkpoints_per_epoch=1, seed=0
@@ -75,9 +75,9 @@ def run_demo(workdir: str | os.PathLike = "source-proj-demo", num_queries: int =
     (resumed or reused on later runs), and print proponents/opponents of ``num_queries`` test
     digits found with the faiss index, and the most self-influential training rows."""
     from source_proj.attributor import SourceAttributor
-    from source_proj.attributor_store import fit_store, open_store
-    from source_proj.retrieval import exact_proponents_opponents
-    from source_proj.store import FeatureStore
+    from source_proj.features.fit import fit_store, open_store
+    from source_proj.features.store import FeatureStore
+    from source_proj.retrieval.exact import exact_proponents_opponents
 
     print(f"Training a 64-32-10 MLP on scikit-learn digits (SGD, momentum 0.9); checkpoints in {workdir}/")
     run = digits_run(Path(workdir) / "checkpoints")

@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from source_proj.tasks import Task
-from source_proj.trajectory import Checkpoint, Trajectory
+from source_proj.gradients.tasks import Task
+from source_proj.trajectory.checkpoints import Checkpoint, Trajectory
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterable
 
 import torch
 
-from source_proj.gradients import (
+from source_proj.gradients.per_example import (
     Inputs,
     ModelFunction,
     check_finite,
@@ -19,8 +19,8 @@ from source_proj.gradients import (
     loss_objective,
     per_example_gradients,
 )
-from source_proj.projection import ProjectionConfig, project
-from source_proj.tasks import Task
+from source_proj.gradients.tasks import Task
+from source_proj.projection.jl import ProjectionConfig, project
 
 CURVATURE_MODES = ("exact", "sampled")
 

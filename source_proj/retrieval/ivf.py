@@ -2,7 +2,7 @@
 
 The index clusters F into ``n_lists`` cells (k-means on a sample of rows) and searches only
 the ``n_probe`` cells whose centroids have the largest inner product with the query. It is
-approximate: its recall@k against the exact search (``source_proj.retrieval``) is measured on
+approximate: its recall@k against the exact search (``source_proj.retrieval.exact``) is measured on
 given queries, and ``tune`` picks the smallest ``n_probe`` reaching a target recall. The
 index holds all N rows in memory (4, 2 or 1 bytes per value for codecs flat, fp16, sq8).
 
@@ -25,8 +25,8 @@ import faiss
 import numpy as np
 from tqdm.auto import tqdm
 
-from source_proj.retrieval import TopK, check_k, check_queries
-from source_proj.store import FeatureStore
+from source_proj.features.store import FeatureStore
+from source_proj.retrieval.exact import TopK, check_k, check_queries
 
 _FACTORY_CODECS = {"flat": "Flat", "fp16": "SQfp16", "sq8": "SQ8"}
 _INDEX_FILE = "index.faiss"

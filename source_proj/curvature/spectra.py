@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from source_proj.trajectory import Segment
+from source_proj.trajectory.checkpoints import Segment
 
 # Below this t*s the series of -expm1(-x)/x is used (relative error ~ x^3/24 < 1e-17).
 _SERIES_BELOW = 1e-6

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, default_collate
 
-from source_proj.gradients import Inputs
+from source_proj.gradients.model import Inputs
 
 
 @dataclass(frozen=True)

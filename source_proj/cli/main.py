@@ -9,11 +9,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from source_proj.cli_commands import add_commands
+from source_proj.cli.commands import add_commands
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from source_proj.demo import run_demo
+    from source_proj.cli.demo import run_demo
 
     run_demo(args.workdir, num_queries=args.queries, top=args.top, proj_dim=args.proj_dim)
     return 0

@@ -15,7 +15,7 @@ Layout of a store directory (a zarr v3 group):
   (scale (N, L)), same encoding, for per-stage attribution.
 - ``self_influence``: optional (N,) float64, each row's self-influence when the feature
   computation yields it as a by-product (see ``ChunkFeatures``).
-- ``chunk_digest``: the completion ledger (``source_proj.ledger``), one entry per row chunk.
+- ``chunk_digest``: the completion ledger (``source_proj.features.ledger``), one entry per row chunk.
 - ``curvature_eigenvalues`` (L, k) and ``curvature_eigenvectors`` (L, k, k), float64,
   optional, validated by a digest kept in the attributes.
 - attributes under ``source_proj_store``: format version, a random store id, the layout
@@ -43,7 +43,7 @@ import torch
 import zarr
 from tqdm.auto import tqdm
 
-from source_proj.ledger import (
+from source_proj.features.ledger import (
     ChunkLedger,
     chunk_digest,
     create_group_atomically,

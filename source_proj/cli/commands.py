@@ -1,7 +1,7 @@
 """The ``fit``, ``score``, ``topk`` and ``self-influence`` subcommands of ``source-proj``.
 
 A run is described by a Python function named with ``--task file.py:function`` (or
-``module:function``) returning a ``source_proj.task_spec.TaskSpec``: model, task, trajectory,
+``module:function``) returning a ``source_proj.cli.task_spec.TaskSpec``: model, task, trajectory,
 training rows and query rows. ``fit`` featurises the training rows into a feature store once;
 the other commands read it. Results go to standard output (or ``--output``), progress bars
 and messages to standard error.
@@ -19,7 +19,7 @@ from typing import Any, TextIO
 
 TASK_HELP = (
     "the run to attribute: path/to/file.py:function or module:function, a function with no "
-    "arguments returning a source_proj.task_spec.TaskSpec (model, task, trajectory, train rows, "
+    "arguments returning a source_proj.cli.task_spec.TaskSpec (model, task, trajectory, train rows, "
     "query rows; see that module's documentation)"
 )
 STORE_HELP = "the feature store directory written by 'source-proj fit'"
@@ -34,7 +34,7 @@ def _reporting_errors(handler: Callable[[argparse.Namespace], int]) -> Callable[
     into a one-line message and exit code 2; anything else keeps its traceback."""
 
     def run(args: argparse.Namespace) -> int:
-        from source_proj.store import StoreError
+        from source_proj.features.store import StoreError
 
         try:
             return handler(args)
@@ -93,8 +93,8 @@ def _attributor_for_fit(args: argparse.Namespace, spec: Any) -> Any:
 
 
 def _fit(args: argparse.Namespace) -> int:
-    from source_proj.attributor_store import fit_store
-    from source_proj.task_spec import load_task
+    from source_proj.cli.task_spec import load_task
+    from source_proj.features.fit import fit_store
 
     spec = load_task(args.task)
     attributor = _attributor_for_fit(args, spec)
@@ -114,9 +114,9 @@ def _fit(args: argparse.Namespace) -> int:
 def _query_setup(args: argparse.Namespace) -> tuple[Any, Any, Any, list[int] | None]:
     """(store, attributor, query features (n_query, D) float32, segments or None)."""
     from source_proj.attributor import SourceAttributor
-    from source_proj.attributor_store import open_store, stage_restriction, store_config
-    from source_proj.store import FeatureStore
-    from source_proj.task_spec import TaskSpecError, load_task
+    from source_proj.cli.task_spec import TaskSpecError, load_task
+    from source_proj.features.fit import open_store, stage_restriction, store_config
+    from source_proj.features.store import FeatureStore
 
     spec = load_task(args.task)
     if spec.queries is None:
@@ -141,7 +141,7 @@ def _runtime(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _score(args: argparse.Namespace) -> int:
-    from source_proj.bulk import score_matrix
+    from source_proj.retrieval.bulk import score_matrix
 
     store, _, queries, segments = _query_setup(args)
     scores = score_matrix(
@@ -170,7 +170,7 @@ def _topk_results(args: argparse.Namespace, store: Any, queries: Any, segments: 
 def _exact_results(
     args: argparse.Namespace, store: Any, queries: Any, segments: list[int] | None, kinds: list[str]
 ) -> dict[str, Any]:
-    from source_proj.retrieval import (
+    from source_proj.retrieval.exact import (
         SearchSettings,
         exact_proponents_opponents,
         exact_topk,
@@ -192,8 +192,13 @@ def _exact_results(
 def _ivf_index(args: argparse.Namespace, store: Any, queries: Any) -> Any:
     """The saved IVF index of the store if it is current, else a new one, tuned on (up to)
     the first 100 queries to the requested recall and saved beside the store."""
-    from source_proj.ivf import ApproxIndex, IVFSettings, StaleIndexError, build_ivf
-    from source_proj.retrieval import exact_proponents_opponents
+    from source_proj.retrieval.exact import exact_proponents_opponents
+    from source_proj.retrieval.ivf import (
+        ApproxIndex,
+        IVFSettings,
+        StaleIndexError,
+        build_ivf,
+    )
 
     try:
         index = ApproxIndex.load(store)
@@ -226,7 +231,7 @@ def _topk(args: argparse.Namespace) -> int:
 def _self_influence(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from source_proj.store import FeatureStore
+    from source_proj.features.store import FeatureStore
 
     values = FeatureStore.open(args.store).self_influence()
     order = np.argsort(-values, kind="stable")
@@ -270,7 +275,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "training row, and writes them chunk by chunk to a feature store (a zarr directory). If it is "
         "interrupted, run the same command again: finished chunks are kept. Settings not given here "
         "come from the task's TaskSpec.config, then from the defaults.",
-        epilog="example (the digits demo as a task): source-proj fit --task source_proj.digits_task:task "
+        epilog="example (the digits demo as a task): source-proj fit --task source_proj.cli.digits_task:task "
         "--store digits.zarr --proj-dim 256",
     )
     _common(fit)
@@ -312,7 +317,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         description="For every query of the task, the k training rows with the largest scores "
         "(proponents) and/or the most negative ones (opponents). One output row per result: query id, "
         "kind, rank (1 = strongest), train id (row of the training data) and score.",
-        epilog="example: source-proj topk --task source_proj.digits_task:task --store digits.zarr -k 5 "
+        epilog="example: source-proj topk --task source_proj.cli.digits_task:task --store digits.zarr -k 5 "
         "--format json -o top5.json",
     )
     _query_flags(topk)

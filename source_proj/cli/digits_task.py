@@ -1,7 +1,7 @@
 """The digits demo as a ``--task`` for the command line (and an example of one)::
 
-    source-proj fit  --task source_proj.digits_task:task --store digits.zarr --proj-dim 256
-    source-proj topk --task source_proj.digits_task:task --store digits.zarr -k 5
+    source-proj fit  --task source_proj.cli.digits_task:task --store digits.zarr --proj-dim 256
+    source-proj topk --task source_proj.cli.digits_task:task --store digits.zarr -k 5
 
 Trains the demo's MLP on scikit-learn's digits on first use, keeping its checkpoints in the
 directory ``$SOURCE_PROJ_DEMO_DIR/checkpoints`` (default ``source-proj-demo/checkpoints``,
@@ -14,8 +14,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from source_proj.demo import digits_run
-from source_proj.task_spec import TaskSpec
+from source_proj.cli.demo import digits_run
+from source_proj.cli.task_spec import TaskSpec
 
 
 def task() -> TaskSpec:

@@ -1,7 +1,7 @@
 """Bulk scoring: the full score matrix and self-influence, written to zarr block by block.
 
 Both walk the feature store one chunk of training rows at a time and write their results to
-a zarr v3 group with a completion ledger (``source_proj.ledger``), so memory is bounded by a
+a zarr v3 group with a completion ledger (``source_proj.features.ledger``), so memory is bounded by a
 block (never n_query x N or N x D) and a run that is interrupted, even by SIGKILL, resumes
 where it stopped when called again with the same arguments.
 
@@ -26,14 +26,14 @@ import torch
 import zarr
 from tqdm.auto import tqdm
 
-from source_proj.ledger import (
+from source_proj.features.ledger import (
     ChunkLedger,
     chunk_digest,
     create_group_atomically,
     remove_partial_writes,
 )
-from source_proj.retrieval import check_queries
-from source_proj.store import FeatureStore, StoreLayout, StoreMismatchError
+from source_proj.features.store import FeatureStore, StoreLayout, StoreMismatchError
+from source_proj.retrieval.exact import check_queries
 
 ATTRS_KEY = "source_proj_bulk"
 SelfQueryChunk = Callable[[int, int], np.ndarray]

@@ -25,15 +25,15 @@ import torch
 
 from source_proj.attributor import SourceAttributor
 from source_proj.config import SourceConfig
-from source_proj.curvature import SegmentSpectrum
-from source_proj.data import Examples, as_examples
-from source_proj.store import (
+from source_proj.curvature.spectra import SegmentSpectrum
+from source_proj.features.store import (
     ChunkFeatures,
     FeatureStore,
     FeaturizeReport,
     StoreLayout,
     featurize,
 )
+from source_proj.gradients.data import Examples, as_examples
 
 # SourceConfig fields that change how, not what, is computed.
 RUNTIME_FIELDS = ("backend", "chunk_size", "device", "progress")
@@ -107,7 +107,7 @@ def fit_store(
         train_data: the training rows (as for ``SourceAttributor.fit``); store row i is row i.
         path: the store directory.
         dtype: "float32" or "float16" (half the disk; scores within 2^-11 relative, see
-            ``source_proj.store``).
+            ``source_proj.features.store``).
         chunk_rows: rows per store chunk (the unit of resumption).
         stages, num_train, curvature_data: as for ``SourceAttributor.prepare``.
 

@@ -4,7 +4,7 @@
 The function takes no arguments and returns a :class:`TaskSpec` (or a dict with the same
 keys). For example, ``my_task.py``::
 
-    from source_proj.task_spec import TaskSpec
+    from source_proj.cli.task_spec import TaskSpec
 
     def task():
         model = MyNet()                                # the architecture
@@ -28,8 +28,8 @@ from typing import Any
 
 from torch import nn
 
-from source_proj.tasks import Task
-from source_proj.trajectory import Trajectory
+from source_proj.gradients.tasks import Task
+from source_proj.trajectory.checkpoints import Trajectory
 
 
 class TaskSpecError(ValueError):

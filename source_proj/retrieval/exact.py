@@ -82,7 +82,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from source_proj.store import FeatureStore
+from source_proj.features.store import FeatureStore
 
 # Queries multiplied at once (as faiss does in its own searches).
 _QUERY_BLOCK = 4096

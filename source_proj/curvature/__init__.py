@@ -1,0 +1,1 @@
+"""Per-segment curvature in the projected space: spectra and the exp / phi operators (``spectra``)."""

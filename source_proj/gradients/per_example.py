@@ -1,0 +1,69 @@
+"""Per-example gradients with ``torch.func`` (``functional_call`` + ``vmap`` + ``grad``).
+
+Each example is run as a batch of one. Gradients come back as a dict of per-parameter
+blocks, name -> (B, [R,] numel), in the model's parameter order, ready for ``project``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch.func import grad, vmap
+
+from source_proj.gradients.model import Inputs, ModelFunction
+
+
+class NonFiniteError(FloatingPointError):
+    """NaN or inf met in gradients or curvature."""
+
+
+ExampleFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+
+
+def per_example_gradients(
+    fn: ModelFunction,
+    params: dict[str, torch.Tensor],
+    consts: dict[str, torch.Tensor],
+    objective: ExampleFn,
+    inputs: Inputs,
+    targets: torch.Tensor,
+    extra: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """Gradients of the scalar ``objective(outputs (1, C), target (1, ...), extra)`` per example.
+
+    Without ``extra`` the blocks are (B, numel). With ``extra`` of shape (B, C, R), the
+    objective gets one column (1, C) at a time and the blocks are (B, R, numel): R gradients
+    per example, batched with a nested ``vmap`` (cheaper than ``jacrev`` here).
+    """
+
+    def one(p: dict, x: Inputs, y: torch.Tensor, e: torch.Tensor | None) -> torch.Tensor:
+        out = fn.forward_one(p, consts, x)
+        return objective(out, y[None], None if e is None else e[None])
+
+    per_example = grad(one)
+    if extra is not None:
+        per_example = vmap(per_example, in_dims=(None, None, None, -1))
+    grads = vmap(per_example, in_dims=(None, 0, 0, None if extra is None else 0))(params, inputs, targets, extra)
+    lead = 1 if extra is None else 2
+    return {n: g.reshape(*g.shape[:lead], -1) for n, g in grads.items()}
+
+
+def loss_objective(loss: Callable) -> ExampleFn:
+    """Scalar objective: the per-example loss (or measurement) of a batch of one."""
+    return lambda out, y, _: loss(out, y)[0]
+
+
+def factor_objective(out: torch.Tensor, y: torch.Tensor, column: torch.Tensor) -> torch.Tensor:
+    """a^T outputs for one column a (1, C) of the loss-Hessian factor A; the gradients over
+    A's columns are the rows J^T a whose outer products sum to the Gauss-Newton J^T A A^T J."""
+    return (out.reshape(out.shape[0], -1) * column).sum()
+
+
+def check_finite(values: torch.Tensor, what: str) -> None:
+    """Raise NonFiniteError naming ``what`` if ``values`` holds NaN or inf."""
+    if torch.isfinite(values.sum()):  # NaN and inf reach the sum: one fast pass (~40x isfinite)
+        return
+    if not torch.isfinite(values).all():  # a sum can also overflow with finite values
+        bad = (~torch.isfinite(values)).reshape(values.shape[0], -1).any(dim=1).nonzero()[:5, 0].tolist()
+        raise NonFiniteError(f"non-finite values in {what} (first bad rows {bad})")
