@@ -20,12 +20,16 @@ from source_proj.evaluation import scenarios
 from source_proj.evaluation.baselines import (
     ensemble,
     influence_scores,
+    influence_self_influence,
     penultimate_features,
     representation_similarity,
     source_scores,
+    source_self_influence,
     tracin_scores,
+    tracin_self_influence,
     trak_scores,
 )
+from source_proj.gradients.tasks import ClassificationTask
 from source_proj.evaluation.projected_run import project_run
 from source_proj.projection.jl import ProjectionConfig, project
 
@@ -206,3 +210,31 @@ def test_ensemble_is_the_mean_and_checks_shapes() -> None:
         ensemble([a, np.ones((3, 2))])
     with pytest.raises(ValueError, match="no score"):
         ensemble([])
+
+
+@pytest.fixture(scope="module")
+def self_run(one_stage: Fixture) -> object:
+    """The one-stage run with the training rows as queries measured by their own loss: minus
+    the diagonal of any estimator's scores is then its self-influence."""
+    f = one_stage
+    task = dataclasses.replace(ClassificationTask(), measurement=ClassificationTask().loss)
+    return project_run(f.model, task, f.trajectory, f.data, 0, f.data[0], DIM, SEED, progress=False)
+
+
+@pytest.mark.parametrize("query_mode", ["final", "segment"])
+def test_source_self_influence_is_the_attributors_and_minus_the_own_loss_score(
+    one_stage: Fixture, self_run: object, query_mode: str
+) -> None:
+    config = SourceConfig(proj_dim=DIM, seed=SEED, progress=False, query_mode=query_mode)
+    attributor = SourceAttributor(one_stage.model, "classification", one_stage.trajectory, config).fit(one_stage.data[0])
+    got = source_self_influence(one_stage.run, config)
+    _assert_scores_close(got[None], attributor.self_influence()[None])
+    _assert_scores_close(got[None], -torch.diagonal(source_scores(self_run, config))[None])
+
+
+def test_tracin_and_influence_self_influence_are_minus_their_own_loss_scores(one_stage: Fixture, self_run: object) -> None:
+    _assert_scores_close(tracin_self_influence(one_stage.run)[None], -torch.diagonal(tracin_scores(self_run))[None])
+    for damping in (1e-3, 1.0):
+        expected = -torch.diagonal(influence_scores(self_run, damping))
+        _assert_scores_close(influence_self_influence(one_stage.run, damping)[None], expected[None])
+    assert torch.all(tracin_self_influence(one_stage.run) > 0)

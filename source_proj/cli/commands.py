@@ -1,4 +1,4 @@
-"""The ``fit``, ``score``, ``topk`` and ``self-influence`` subcommands of ``source-proj``.
+"""The ``fit``, ``score``, ``topk``, ``self-influence`` and ``curate`` subcommands of ``source-proj``.
 
 A run is described by a Python function named with ``--task file.py:function`` (or
 ``module:function``) returning a ``source_proj.cli.task_spec.TaskSpec``: model, task, trajectory,
@@ -111,19 +111,27 @@ def _fit(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------- query commands
+def _store_attributor(args: argparse.Namespace, spec: Any) -> tuple[Any, Any]:
+    """(store, attributor): the task's attributor with the settings the store was made with,
+    and the store, checked against it."""
+    from source_proj.attributor import SourceAttributor
+    from source_proj.features.fit import open_store, store_config
+    from source_proj.features.store import FeatureStore
+
+    config = store_config(FeatureStore.open(args.store), progress=not args.quiet, **_runtime(args))
+    attributor = SourceAttributor(spec.model, spec.task, spec.trajectory, config)
+    return open_store(attributor, args.store), attributor
+
+
 def _query_setup(args: argparse.Namespace) -> tuple[Any, Any, Any, list[int] | None]:
     """(store, attributor, query features (n_query, D) float32, segments or None)."""
-    from source_proj.attributor import SourceAttributor
     from source_proj.cli.task_spec import TaskSpecError, load_task
-    from source_proj.features.fit import open_store, stage_restriction, store_config
-    from source_proj.features.store import FeatureStore
+    from source_proj.features.fit import stage_restriction
 
     spec = load_task(args.task)
     if spec.queries is None:
         raise TaskSpecError(f"{args.task} returned no queries (TaskSpec.queries) to explain")
-    config = store_config(FeatureStore.open(args.store), progress=not args.quiet, **_runtime(args))
-    attributor = SourceAttributor(spec.model, spec.task, spec.trajectory, config)
-    store = open_store(attributor, args.store)
+    store, attributor = _store_attributor(args, spec)
     queries = attributor.query_features(spec.queries).numpy()
     segments = None
     if args.stage is not None:
@@ -242,6 +250,72 @@ def _self_influence(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- curate
+def _explain(args: argparse.Namespace, store: Any, attributor: Any, queries: Any) -> int:
+    from source_proj.curation import row_effects
+
+    effects = row_effects(attributor, store, queries, args.explain, k=args.k)
+    records = [
+        {"train_id": effects.row, "effect": effect, "rank": r + 1, "query": int(q), "loss_change": float(v)}
+        for effect, ids, values in (("helps", effects.helped, effects.helped_scores),
+                                    ("hurts", effects.hurt, effects.hurt_scores))
+        for r, (q, v) in enumerate(zip(ids, values))
+    ]
+    _write_records(records, ["train_id", "effect", "rank", "query", "loss_change"], "csv", args.output)
+    return 0
+
+
+def _curate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import numpy as np
+
+    from source_proj.cli.task_spec import load_task, query_set
+    from source_proj.curation import (
+        CurationConfig,
+        curate,
+        final_losses,
+        query_set_harm,
+        training_labels,
+    )
+
+    spec = load_task(args.task)
+    config = CurationConfig(
+        rank_by=args.rank_by, flag_fraction=args.flag_fraction, harm_weight=args.harm_weight,
+        weight_floor=args.weight_floor, weight_width=args.weight_width,
+    )
+    queries = None if args.against is None else query_set(spec, args.against)
+    store, attributor = _store_attributor(args, spec)
+    progress = not args.quiet
+    if args.explain is not None:
+        if queries is None:
+            raise ValueError("--explain ROW needs --against QUERY_SET: the queries it helps and hurts")
+        return _explain(args, store, attributor, queries)
+    if args.out is None:
+        raise ValueError("--out DIR is required (where the table, keep-mask and weights go)")
+    table = curate(
+        self_influence=store.self_influence(),
+        losses=final_losses(attributor, spec.train, progress=progress),
+        harm=None if queries is None else query_set_harm(attributor, store, queries, progress=progress),
+        labels=training_labels(spec.train),
+        config=config,
+    )
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        table_path = table.write(out / f"curation.{args.format}")
+    except ImportError as exc:
+        raise ValueError(str(exc)) from exc
+    np.save(out / "keep.npy", table.keep_mask())
+    np.save(out / "weights.npy", table.weights())
+    _log(
+        f"ranked {len(table)} training rows by {table.ranking}; flagged {int(table.column('flag').sum())} "
+        f"({config.flag_fraction:.1%}); wrote {table_path}, {out / 'keep.npy'} (bool keep-mask) and "
+        f"{out / 'weights.npy'} (per-row weights)"
+    )
+    return 0
+
+
 # ----------------------------------------------------------------------------- parsers
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--task", required=True, help=TASK_HELP)
@@ -267,7 +341,7 @@ def _output_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    """Register fit, score, topk and self-influence on the ``source-proj`` subparsers."""
+    """Register fit, score, topk, self-influence and curate on the ``source-proj`` subparsers."""
     fit = sub.add_parser(
         "fit",
         help="featurise a training set into a feature store (resumable)",
@@ -344,3 +418,39 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     self_inf.add_argument("--top", type=int, help="only the first N rows (default all)")
     _output_flags(self_inf)
     self_inf.set_defaults(handler=_reporting_errors(_self_influence))
+
+    from source_proj.curation.settings import RANKINGS
+
+    cur = sub.add_parser(
+        "curate",
+        help="rank training rows as mislabeled or harmful; write a table, a keep-mask and weights",
+        description="Ranks every training row of the store by how suspicious it is: its held-out loss "
+        "(its loss at the final model plus its self-influence: the loss SOURCE predicts it would have had "
+        "if it had never been trained on; high for wrong labels), its harm to a query set named by "
+        "--against (the predicted rise of the set's summed loss when the row is included), or both "
+        "(the default when --against is given). Writes OUT/curation.csv (or .parquet: row id, label, score, "
+        "rank, flag, weight and the signals), OUT/keep.npy (bool, False for flagged rows) and "
+        "OUT/weights.npy (per-row weights for a WeightedRandomSampler or a loss weight). With --explain ROW, "
+        "prints instead the queries of --against whose loss that row lowers (helps) and raises (hurts) most.",
+        epilog="example: source-proj curate --task my_task.py:task --store feats.zarr --against validation "
+        "--out curation/   (TaskSpec.query_sets={'validation': (x_val, y_val)})",
+    )
+    _common(cur)
+    _runtime_flags(cur)
+    cur.add_argument("--against", help="a query set of the task: 'queries' (TaskSpec.queries) or a name in "
+                     "TaskSpec.query_sets; rows are then also ranked by their harm to it")
+    cur.add_argument("--rank-by", choices=list(RANKINGS), default="auto",
+                     help="heldout_loss, self_influence, harm, combined (rank average of held-out loss and harm), "
+                     "or auto (default): combined with --against, else heldout_loss")
+    cur.add_argument("--flag-fraction", type=float, default=0.05, help="fraction of rows flagged (default 0.05)")
+    cur.add_argument("--harm-weight", type=float, default=0.5, help="weight of harm in 'combined' (default 0.5)")
+    cur.add_argument("--weight-floor", type=float, default=0.0, help="smallest weight of a flagged row (default 0)")
+    cur.add_argument("--weight-width", type=float, default=1.0,
+                     help="robust spreads of the score above the flag threshold at which weights reach the floor (default 1)")
+    cur.add_argument("--out", help="output directory (table, keep.npy, weights.npy)")
+    cur.add_argument("--format", choices=["csv", "parquet"], default="csv",
+                     help="table format (default csv; parquet needs pyarrow)")
+    cur.add_argument("--explain", type=int, metavar="ROW", help="print the queries this training row helps and hurts most")
+    cur.add_argument("-k", type=int, default=10, help="queries listed per direction with --explain (default 10)")
+    cur.add_argument("--output", "-o", help="with --explain: output file (default: standard output)")
+    cur.set_defaults(handler=_reporting_errors(_curate))

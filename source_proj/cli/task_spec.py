@@ -48,6 +48,9 @@ class TaskSpec:
             ``DataLoader`` (its dataset, in index order). Train id i is row i.
         queries: the rows to explain (same forms; query id i is row i), needed by
             ``score`` and ``topk``.
+        query_sets: further named query sets (name -> rows in the same forms), e.g.
+            ``{"validation": (x_val, y_val)}`` for ``curate --against validation``; the
+            name "queries" always means ``queries``.
         config: ``SourceConfig`` settings for ``fit`` (e.g. ``{"proj_dim": 2048}``); flags
             given on the command line take precedence.
         fit_options: keyword arguments of ``SourceAttributor.prepare``: ``stages``,
@@ -59,6 +62,7 @@ class TaskSpec:
     trajectory: Trajectory
     train: Any
     queries: Any = None
+    query_sets: Mapping[str, Any] = field(default_factory=dict)
     config: Mapping[str, Any] = field(default_factory=dict)
     fit_options: Mapping[str, Any] = field(default_factory=dict)
 
@@ -69,6 +73,10 @@ class TaskSpec:
             raise TaskSpecError(f"TaskSpec.trajectory must be a Trajectory, got {type(self.trajectory).__name__}")
         if not isinstance(self.task, (Task, str)):
             raise TaskSpecError(f"TaskSpec.task must be a Task or a name, got {type(self.task).__name__}")
+        if not isinstance(self.query_sets, Mapping) or not all(isinstance(k, str) for k in self.query_sets):
+            raise TaskSpecError("TaskSpec.query_sets must map names (str) to query rows")
+        if "queries" in self.query_sets:
+            raise TaskSpecError("TaskSpec.query_sets cannot use the name 'queries' (it means TaskSpec.queries)")
         allowed = {"stages", "num_train", "curvature_data"}
         if set(self.fit_options) - allowed:
             raise TaskSpecError(f"TaskSpec.fit_options accepts {sorted(allowed)}, got {sorted(self.fit_options)}")
@@ -114,3 +122,12 @@ def load_task(reference: str) -> TaskSpec:
         except TypeError as exc:
             raise TaskSpecError(f"{reference} returned an incomplete task: {exc}") from exc
     raise TaskSpecError(f"{reference} must return a TaskSpec or a dict, got {type(result).__name__}")
+
+
+def query_set(spec: TaskSpec, name: str) -> Any:
+    """The query rows called ``name``: "queries" for ``TaskSpec.queries``, else an entry of
+    ``TaskSpec.query_sets``; raises ``TaskSpecError`` listing the names there are."""
+    sets = {**({"queries": spec.queries} if spec.queries is not None else {}), **spec.query_sets}
+    if name not in sets:
+        raise TaskSpecError(f"the task has no query set {name!r}; it has {sorted(sets) or 'none'} (TaskSpec.queries, TaskSpec.query_sets)")
+    return sets[name]

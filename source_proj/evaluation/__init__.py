@@ -6,7 +6,8 @@ margin for classification). Scores follow the library's convention: ``scores[q, 
 including row m raises query q's measurement.
 
 Modules: ``ground_truth`` (subset retraining, cached), ``lds`` (the score and its interval),
-``counterfactual`` (subset removal), ``retraining`` (parallel runner), ``stats``; and, for
+``counterfactual`` (subset removal), ``pruning`` (does dropping a curation ranking's top
+rows help?), ``retraining`` (parallel runner), ``stats``; and, for
 comparing estimators on the same projected gradients, ``projected_run``, ``baselines``
 (TracIn, influence functions, TRAK, RepSim, SOURCE on a cached run) and ``scenarios`` (the
 benchmark's scikit-learn setups).
@@ -26,6 +27,7 @@ from source_proj.evaluation.ground_truth import (
     compute_ground_truth,
 )
 from source_proj.evaluation.lds import LDSResult, linear_datamodeling_score
+from source_proj.evaluation.pruning import PruningConfig, PruningResult, pruning_curve
 from source_proj.evaluation.retraining import RetrainRunner
 
 __all__ = [
@@ -37,8 +39,11 @@ __all__ = [
     "LDSConfig",
     "LDSGroundTruth",
     "LDSResult",
+    "PruningConfig",
+    "PruningResult",
     "RetrainRunner",
     "compute_ground_truth",
     "linear_datamodeling_score",
+    "pruning_curve",
     "subset_removal",
 ]

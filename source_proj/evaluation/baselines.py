@@ -21,6 +21,10 @@ training row m, T the final checkpoint, lambda the weight decay and N the attrib
   The pseudo-inverse stands in for the inverse when Phi^T Phi is singular (N_all < k).
 * Representation similarity: cosine of penultimate-layer activations at the final model.
 
+Self-influence variants (N,) (curation: predicted rise of a row's own loss if removed):
+SOURCE's (as ``SourceAttributor.self_influence``), TracIn's sum_c (eta-sum / N) |g_m(c)|^2
+and the influence function's (1 / N_all) g_m(T)^T (H_T + (lambda + delta) I)^{-1} g_m(T).
+
 Ensembles average the scores of independently trained runs (:func:`ensemble`).
 """
 
@@ -36,17 +40,12 @@ from torch.func import functional_call
 from source_proj.config import SourceConfig
 from source_proj.curvature.spectra import segment_spectra, transport_operators
 from source_proj.evaluation.projected_run import ProjectedRun
-from source_proj.features.rows import combine, segment_features
+from source_proj.features.rows import combine, row_dot, segment_features
 
 
-def source_scores(run: ProjectedRun, config: SourceConfig) -> torch.Tensor:
-    """SOURCE scores (n_query, N) float64 with ``config``'s estimator settings.
-
-    Uses ``num_segments``, ``momentum_factor``, ``time_scale``, ``curvature``, ``query_mode``,
-    ``proj_dim`` (<= the run's; smaller dims use :meth:`ProjectedRun.truncate`), and checks
-    that ``seed`` and ``proj_kind`` are the run's. Equals ``SourceAttributor(config)``'s
-    scores on the same run up to float32 round-off.
-    """
+def _source_train(run: ProjectedRun, config: SourceConfig) -> tuple[ProjectedRun, list, str, torch.Tensor, torch.Tensor]:
+    """(run at ``config.proj_dim``, segments, query mode, per-segment mean training gradients
+    (N, L, k) float64, training features (N, D)) of SOURCE with ``config`` on ``run``."""
     if (config.seed, config.proj_kind) != (run.seed, run.kind):
         raise ValueError(
             f"config projects with seed {config.seed} ({config.proj_kind}) but the run was projected "
@@ -71,6 +70,18 @@ def source_scores(run: ProjectedRun, config: SourceConfig) -> torch.Tensor:
         [run.train_grads[list(seg.checkpoints)].double().mean(dim=0) for seg in segments], dim=1
     )
     train = combine(segment_features(seg_grads, operators, weights), query_mode)
+    return run, segments, query_mode, seg_grads, train
+
+
+def source_scores(run: ProjectedRun, config: SourceConfig) -> torch.Tensor:
+    """SOURCE scores (n_query, N) float64 with ``config``'s estimator settings.
+
+    Uses ``num_segments``, ``momentum_factor``, ``time_scale``, ``curvature``, ``query_mode``,
+    ``proj_dim`` (<= the run's; smaller dims use :meth:`ProjectedRun.truncate`), and checks
+    that ``seed`` and ``proj_kind`` are the run's. Equals ``SourceAttributor(config)``'s
+    scores on the same run up to float32 round-off.
+    """
+    run, segments, query_mode, _, train = _source_train(run, config)
     if query_mode == "final":
         query = -run.query_grads[-1].double()
     else:
@@ -78,14 +89,39 @@ def source_scores(run: ProjectedRun, config: SourceConfig) -> torch.Tensor:
     return query @ train.double().T
 
 
-def tracin_scores(run: ProjectedRun) -> torch.Tensor:
-    """TracInCP scores (n_query, N) float64 over the attributed stage's checkpoints."""
+def source_self_influence(run: ProjectedRun, config: SourceConfig) -> torch.Tensor:
+    """SOURCE self-influence (N,) float64 of the attributed rows, as
+    ``SourceAttributor.self_influence()``: minus each row's score on its own loss (its loss
+    gradient at the final checkpoint in "final" query mode, its per-segment mean loss
+    gradients in "segment" mode)."""
+    run, _, query_mode, seg_grads, train = _source_train(run, config)
+    own = run.train_grads[-1].double() if query_mode == "final" else seg_grads.reshape(seg_grads.shape[0], -1)
+    return row_dot(own, train)
+
+
+def _tracin_weights(run: ProjectedRun) -> tuple[list[int], torch.Tensor]:
+    """The attributed stage's checkpoints and their weights (eta-sum / N), float64."""
     checkpoints = run.trajectory.checkpoints
     chosen = [c for c, ckpt in enumerate(checkpoints) if ckpt.stage == run.attributed_stage]
-    weights = torch.tensor([checkpoints[c].lr_sum() for c in chosen], dtype=torch.float64) / run.num_train
+    return chosen, torch.tensor([checkpoints[c].lr_sum() for c in chosen], dtype=torch.float64) / run.num_train
+
+
+def tracin_scores(run: ProjectedRun) -> torch.Tensor:
+    """TracInCP scores (n_query, N) float64 over the attributed stage's checkpoints."""
+    chosen, weights = _tracin_weights(run)
     return -torch.einsum(
         "c,cqk,cnk->qn", weights, run.query_grads[chosen].double(), run.train_grads[chosen].double()
     )
+
+
+def _damped_inverse(run: ProjectedRun, damping: float) -> torch.Tensor:
+    """(H_T + (lambda + delta) I)^{-1}, (k, k) float64, delta = damping x mean eigenvalue."""
+    if not damping >= 0:
+        raise ValueError(f"damping must be >= 0, got {damping!r}")
+    hessian = run.final_hessian.double() + run.trajectory.weight_decay * torch.eye(run.dim, dtype=torch.float64)
+    evals, evecs = torch.linalg.eigh(0.5 * (hessian + hessian.T))
+    evals = evals.clamp_min(0.0)
+    return (evecs / (evals + damping * evals.mean())) @ evecs.T
 
 
 def influence_scores(run: ProjectedRun, damping: float = 1e-3) -> torch.Tensor:
@@ -93,14 +129,23 @@ def influence_scores(run: ProjectedRun, damping: float = 1e-3) -> torch.Tensor:
 
     ``damping`` is relative: delta = damping x mean eigenvalue of H_T + lambda I (>= 0).
     """
-    if not damping >= 0:
-        raise ValueError(f"damping must be >= 0, got {damping!r}")
-    hessian = run.final_hessian.double() + run.trajectory.weight_decay * torch.eye(run.dim, dtype=torch.float64)
-    evals, evecs = torch.linalg.eigh(0.5 * (hessian + hessian.T))
-    evals = evals.clamp_min(0.0)
-    inverse = (evecs / (evals + damping * evals.mean())) @ evecs.T
     total = sum(run.stage_sizes.values())
-    return -(run.query_grads[-1].double() @ inverse @ run.train_grads[-1].double().T) / total
+    return -(run.query_grads[-1].double() @ _damped_inverse(run, damping) @ run.train_grads[-1].double().T) / total
+
+
+def influence_self_influence(run: ProjectedRun, damping: float = 1e-3) -> torch.Tensor:
+    """Influence-function self-influence (N,) float64: (1 / N_all) g_m(T)^T (H_T + (lambda +
+    delta) I)^{-1} g_m(T), the predicted rise of each row's own final loss if removed."""
+    grads = run.train_grads[-1].double()
+    total = sum(run.stage_sizes.values())
+    return row_dot(grads @ _damped_inverse(run, damping), grads) / total
+
+
+def tracin_self_influence(run: ProjectedRun) -> torch.Tensor:
+    """TracIn self-influence (N,) float64: sum_c (eta-sum of c / N) |g_m(c)|^2 over the
+    attributed stage's checkpoints (minus TracIn's score of the row on its own loss)."""
+    chosen, weights = _tracin_weights(run)
+    return torch.einsum("c,cn->n", weights, run.train_grads[chosen].double().square().sum(dim=-1))
 
 
 def trak_scores(run: ProjectedRun) -> torch.Tensor:
