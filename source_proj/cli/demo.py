@@ -110,3 +110,28 @@ def run_demo(workdir: str | os.PathLike = "source-proj-demo", num_queries: int =
     values, ids = torch.topk(self_inf, top)
     print("\nMost self-influential training rows (candidates for mislabeled or atypical data):")
     print("  " + ", ".join(f"#{int(i)} (label {int(y_train[i])}, {float(v):.4f})" for v, i in zip(values, ids)))
+    _save_grid(Path(workdir) / "proponents-opponents.png", x_test[0], int(y_test[0]), run.train, proponents, opponents)
+
+
+def _save_grid(path: Path, image: torch.Tensor, label: int, train: tuple, proponents, opponents) -> None:
+    """Save the first query's proponent/opponent grid when matplotlib is installed."""
+    try:
+        from source_proj.curation.figures import attribution_grid
+
+        x_train, y_train = train
+        fig = attribution_grid(
+            image.numpy(),
+            [x_train[i].numpy() for i in proponents.ids[0]],
+            [x_train[i].numpy() for i in opponents.ids[0]],
+            proponent_scores=proponents.scores[0].tolist(),
+            opponent_scores=opponents.scores[0].tolist(),
+            proponent_labels=[int(y_train[i]) for i in proponents.ids[0]],
+            opponent_labels=[int(y_train[i]) for i in opponents.ids[0]],
+            query_label=label,
+            image_shape=(8, 8),
+        )
+    except ImportError:
+        print("\n(install matplotlib, pip install 'source-proj[plot]', for a picture of test digit #0's proponents)")
+        return
+    fig.savefig(path, dpi=120)
+    print(f"\nTest digit #0 with its proponents and opponents: {path}")

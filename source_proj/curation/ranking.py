@@ -80,9 +80,10 @@ def suspicion_scores(
     (name -> (N,)) it was computed from (see the module docstring and ``CurationConfig``)."""
     signals: dict[str, np.ndarray] = {}
     n = None
-    for name, values in (("self_influence", self_influence), ("loss", losses), ("harm", harm)):
+    for name, argument, values in (("self_influence", "self_influence", self_influence), ("loss", "losses", losses),
+                                   ("harm", "harm", harm)):
         if values is not None:
-            signals[name] = _signal(name, values, n)
+            signals[name] = _signal(argument, values, n)
             n = signals[name].shape[0]
     ranking = resolve_ranking(config.rank_by, "self_influence" in signals, "loss" in signals, "harm" in signals)
     if "self_influence" in signals and "loss" in signals:

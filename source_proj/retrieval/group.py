@@ -7,7 +7,7 @@ row m on a set of queries (a validation set, a slice, one failure) is
 
 one inner product per row with the (weighted) sum of the query features. ``group_influence``
 forms that sum once (float64, from query blocks of any number and size) and walks the store
-block by block: memory is one query-sum vector plus about two blocks of rows (one read
+(or in-memory features) block by block: memory is one query-sum vector plus about two blocks of rows (one read
 ahead), never the (n_query, N) score matrix. The sign convention is the scores': ``group[m] >
 0`` means including row m raises the summed measurement (for a classification margin: row m
 helps the set; for a loss or an error: it hurts it).
@@ -15,7 +15,7 @@ helps the set; for a loss or an error: it hurts it).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -62,8 +62,24 @@ def query_sum(
     return total
 
 
+def _row_blocks(
+    features: FeatureStore | np.ndarray | torch.Tensor, block_rows: int, segments: Sequence[int] | None
+) -> Iterator[tuple[int, np.ndarray]]:
+    """(start, float32 rows) blocks of a store or of in-memory features (N, D)."""
+    if isinstance(features, FeatureStore):
+        features.require_complete()
+        yield from features.iter_blocks(block_rows, segments, reuse_buffers=True)
+        return
+    if segments is not None:
+        raise ValueError("segments select per-segment features of a feature store; in-memory features have none")
+    for start in range(0, features.shape[0], block_rows):
+        block = features[start : start + block_rows]
+        block = block.detach().cpu().numpy() if isinstance(block, torch.Tensor) else np.asarray(block)
+        yield start, np.ascontiguousarray(block, dtype=np.float32)
+
+
 def group_influence(
-    store: FeatureStore,
+    features: FeatureStore | np.ndarray | torch.Tensor,
     queries: np.ndarray | torch.Tensor | Iterable[np.ndarray | torch.Tensor],
     *,
     weights: np.ndarray | None = None,
@@ -71,7 +87,7 @@ def group_influence(
     block_rows: int = 16384,
     progress: bool = True,
 ) -> np.ndarray:
-    """Group influence of every training row of ``store`` on a set of queries, (N,) float64.
+    """Group influence of every training row on a set of queries, (N,) float64.
 
     ``group[m] = sum_q w_q Q[q] . F[m]``: the row sums of the score matrix, computed without
     it (see the module docstring). Each row's value is one float32 inner product of length D
@@ -80,11 +96,12 @@ def group_influence(
     encoding error, 2^-11 relative, for a float16 store).
 
     Args:
-        store: a complete feature store (N rows).
+        features: a complete feature store (N rows), or training features F (N, D) in
+            memory (e.g. ``SourceAttributor.train_features``).
         queries: query features Q (n_query, D) (or (n_query, k) with ``segments``), or an
             iterable of such blocks (for a query set of any size).
         weights: optional (n_query,) weights of the queries (see :func:`query_sum`).
-        segments: restrict the scores to these segments' per-segment features.
+        segments: restrict the scores to these segments' per-segment features (stores only).
         block_rows: store rows decoded and multiplied at once (rounded up to whole chunks);
             memory is about 2 * block_rows * D * 4 bytes.
         progress: show a progress bar.
@@ -94,11 +111,16 @@ def group_influence(
     """
     if isinstance(block_rows, bool) or not isinstance(block_rows, int) or block_rows < 1:
         raise ValueError(f"block_rows must be a positive int, got {block_rows!r}")
-    store.require_complete()
-    total = torch.from_numpy(query_sum(queries, store.feature_dim(segments), weights).astype(np.float32))
-    out = np.empty(store.layout.n_rows, dtype=np.float64)
-    with tqdm(total=store.layout.n_rows, unit="row", desc="group influence", disable=not progress) as bar:
-        for start, rows in store.iter_blocks(block_rows, segments, reuse_buffers=True):
+    if isinstance(features, FeatureStore):
+        n_rows, dim = features.layout.n_rows, features.feature_dim(segments)
+    elif isinstance(features, (np.ndarray, torch.Tensor)) and features.ndim == 2:
+        n_rows, dim = features.shape
+    else:
+        raise TypeError(f"features must be a FeatureStore or an (N, D) array, got {type(features).__name__}")
+    total = torch.from_numpy(query_sum(queries, dim, weights).astype(np.float32))
+    out = np.empty(n_rows, dtype=np.float64)
+    with tqdm(total=n_rows, unit="row", desc="group influence", disable=not progress) as bar:
+        for start, rows in _row_blocks(features, block_rows, segments):
             out[start : start + rows.shape[0]] = (torch.from_numpy(rows) @ total).numpy()
             bar.update(rows.shape[0])
     return out
