@@ -30,3 +30,4 @@ bench: install
 	$(PY) benchmarks/projection.py
 	$(PY) benchmarks/featurize.py
 	$(PY) benchmarks/retrieval.py
+	$(PY) benchmarks/curation.py
