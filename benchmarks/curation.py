@@ -27,11 +27,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import multiprocessing
+import os
 import platform
-import resource
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -328,7 +329,21 @@ def _scale_child(kind: str, store_path: str, queries_path: str, work: str, queue
 
     store = FeatureStore.open(store_path)
     queries = np.load(queries_path)
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    page = os.sysconf("SC_PAGE_SIZE")
+
+    def rss() -> int:
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[1]) * page
+
+    base, peak = rss(), [0]
+    done = threading.Event()
+
+    def watch() -> None:  # the resident set, sampled every 5 ms during the call
+        while not done.wait(0.005):
+            peak[0] = max(peak[0], rss())
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
     started = time.perf_counter()
     if kind == "group":
         values = group_influence(store, queries, progress=False)
@@ -342,9 +357,10 @@ def _scale_child(kind: str, store_path: str, queries_path: str, work: str, queue
             values[start : start + step] = scores[:, start : start + step].astype(np.float64).sum(axis=0)
         disk = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     seconds = time.perf_counter() - started
+    done.set()
+    watcher.join()
     np.save(Path(work) / f"{kind}.npy", values)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    queue.put({"seconds": seconds, "peak_mib": peak / 1024, "base_mib": base / 1024, "disk_mib": disk / 2**20})
+    queue.put({"seconds": seconds, "peak_mib": max(peak[0], rss()) / 2**20, "base_mib": base / 2**20, "disk_mib": disk / 2**20})
 
 
 def _measure(kind: str, *args: str) -> dict:
@@ -360,7 +376,7 @@ def _measure(kind: str, *args: str) -> dict:
 def scale(n_rows: int, dim: int, n_query: int) -> str:
     from source_proj.features.store import FeatureStore, StoreLayout, featurize
 
-    work = Path(tempfile.mkdtemp(prefix="curation-scale-", dir=ROOT))
+    work = Path(tempfile.mkdtemp(prefix="curation-scale-"))
     try:
         store_path = work / "store.zarr"
         layout = StoreLayout(n_rows, dim, "float16", chunk_rows=16384)
@@ -395,7 +411,7 @@ def scale(n_rows: int, dim: int, n_query: int) -> str:
         "",
         f"Store: {n_rows} rows x {dim} features, float16 (built in {build:.0f} s); {n_query} queries. Each method "
         "runs in a fresh process; peak resident memory of that process (including the interpreter, torch and the "
-        "queries; 'above start' subtracts the RSS after the imports and the opening of the store); disk = the score matrix written. Largest difference between the two results, relative to "
+        "queries; resident set sampled every 5 ms during the call; 'above start' subtracts the resident set just before it); disk = the score matrix written. Largest difference between the two results, relative to "
         f"|sum of queries| sqrt(D) + max |value|: {agree:.1e}.",
         "",
         _table(["method", "wall time (s)", "peak RSS (MiB)", "peak RSS above start (MiB)", "disk (MiB)"], rows),
