@@ -31,7 +31,8 @@ from source_proj.curvature.spectra import (
 )
 from source_proj.features.rows import combine, row_dot, segment_features
 from source_proj.gradients.data import Examples, as_examples
-from source_proj.gradients.model import ModelFunction
+from source_proj.gradients.memory import feature_chunk
+from source_proj.gradients.model import ModelFunction, OutputSelector
 from source_proj.gradients.per_example import check_finite
 from source_proj.gradients.tasks import Task, resolve_task
 from source_proj.projection.projected import projected_gn_factors, projected_gradients
@@ -69,7 +70,15 @@ class SourceAttributor:
         task: a :class:`Task`, or "classification" / "regression".
         trajectory: the checkpoints and optimizer settings of the run.
         config: settings; keyword arguments (e.g. ``proj_dim=2048, seed=1``) override fields.
-        param_names: attribute through these parameters only (default: all).
+        param_names: attribute through these parameters only (default: all): parameter
+            names, module names or fnmatch patterns such as ``"transformer.h.*.mlp.*"`` or
+            ``"lm_head"`` (a tied tensor is selected by any of its names).
+        output: which tensor of the model's output the task sees: None (a tensor as is, the
+            ``"logits"`` of a dict or ``ModelOutput``, the first element of a tuple), a key,
+            or a callable on the raw output.
+
+    Raises ``MemoryBudgetError`` (a ValueError) before any work if one example's per-example
+    gradients, or an explicit ``chunk_size``'s, exceed ``max_gradient_memory``.
     """
 
     def __init__(
@@ -80,24 +89,27 @@ class SourceAttributor:
         config: SourceConfig | None = None,
         *,
         param_names: Sequence[str] | None = None,
+        output: OutputSelector = None,
         **settings: Any,
     ) -> None:
         self.config = dataclasses.replace(config or SourceConfig(), **settings)
         self.task = resolve_task(task)
         self.trajectory = trajectory
-        self.model_fn = ModelFunction.build(model.eval(), param_names)
+        self.model_fn = ModelFunction.build(model.eval(), param_names, output)
+        self.curvature = self.config.resolved_curvature(self.task.default_curvature)
+        self.budget = self.config.gradient_budget()
+        self.chunk_size = feature_chunk(self.model_fn.num_params(), self.budget, self.config.chunk_size)
         self.projection = self.config.projection()
         self.query_mode = self.config.resolved_query_mode(len(trajectory.stages))
         self.device = torch.device(self.config.device) if self.config.device else next(model.parameters()).device
         self.segments: tuple[Segment, ...] = trajectory.segments(
             self.config.num_segments, self.config.momentum_factor, self.config.time_scale
         )
-        # Fail early on a checkpoint that does not fit the model; fingerprint the contents.
+        # Fail early on a checkpoint that does not fit the model; fingerprint the contents
+        # (under the model's names: a tied key present or absent gives the same digest).
         self.checkpoint_digests: list[str] = []
-        for i, ckpt in enumerate(trajectory.checkpoints):
-            state = ckpt.load()
-            self.model_fn.check_state(state, f"checkpoint {i}")
-            self.checkpoint_digests.append(state_digest(state))
+        for i in range(len(trajectory.checkpoints)):
+            self.checkpoint_digests.append(state_digest(self._state(i)))
         self.spectra: list[SegmentSpectrum] | None = None
         self.operators: torch.Tensor | None = None
         self.weights: torch.Tensor | None = None
@@ -107,9 +119,11 @@ class SourceAttributor:
         self._self_influence: torch.Tensor | None = None
 
     # ----------------------------------------------------------------- helpers
+    def _state(self, index: int) -> dict:
+        return self.model_fn.canonical_state(self.trajectory.checkpoints[index].load(), f"checkpoint {index}")
+
     def _load(self, index: int) -> tuple[dict, dict]:
-        # Checked against the model once, in __init__.
-        return self.model_fn.split_state(self.trajectory.checkpoints[index].load(), self.device)
+        return self.model_fn.split_state(self._state(index), self.device)
 
     def _projected_sum(
         self,
@@ -125,7 +139,7 @@ class SourceAttributor:
     def _chunks(self, stop: int, desc: str, start: int = 0, show: bool = True) -> tqdm:
         """Starts of ``chunk_size`` row chunks in [start, stop), with a progress bar."""
         return tqdm(
-            range(start, stop, self.config.chunk_size),
+            range(start, stop, self.chunk_size),
             desc=desc, disable=not (show and self.config.progress), leave=False, unit="chunk",
         )
 
@@ -151,12 +165,12 @@ class SourceAttributor:
         noise = torch.Generator().manual_seed((self.config.seed * 1_000_003 + index) % 2**63)
         total = torch.zeros(self.config.proj_dim, self.config.proj_dim, dtype=torch.float64, device=self.device)
         for start in self._chunks(len(chosen), f"curvature @ checkpoint {index}"):
-            inputs, targets = examples.take(chosen[start : start + self.config.chunk_size].tolist(), self.device)
-            factors = projected_gn_factors(
+            inputs, targets = examples.take(chosen[start : start + self.chunk_size].tolist(), self.device)
+            rows, signs = projected_gn_factors(
                 self.model_fn, params, consts, self.task, inputs, targets, self.projection,
-                self.config.curvature, noise, f"checkpoint {index}",
+                self.curvature, noise, f"checkpoint {index}", self.budget,
             )
-            gauss_newton_accumulate(total, factors)
+            gauss_newton_accumulate(total, rows, signs)
         hessian = (total / len(chosen)).cpu()
         check_finite(hessian, f"curvature at checkpoint {index}")
         return hessian
@@ -295,7 +309,7 @@ class SourceAttributor:
 
     def featurize_range(self, examples: Examples, start: int, stop: int, progress: bool = False) -> RowFeatures:
         """Features of training rows [start, stop), computed ``chunk_size`` rows at a time."""
-        step = self.config.chunk_size
+        step = self.chunk_size
         parts = [
             self.featurize_rows(examples, s, min(stop, s + step))
             for s in self._chunks(stop, "features", start, show=progress)
@@ -338,7 +352,7 @@ class SourceAttributor:
             groups = [seg.checkpoints for seg in self.segments]
         parts = []
         for start in self._chunks(len(examples), "queries"):
-            inputs, targets = examples.rows(start, min(len(examples), start + self.config.chunk_size), self.device)
+            inputs, targets = examples.rows(start, min(len(examples), start + self.chunk_size), self.device)
             per_group = [-self._projected_sum(group, measure, inputs, targets) / len(group) for group in groups]
             parts.append(torch.cat(per_group, dim=1).cpu())
         return torch.cat(parts)
@@ -395,7 +409,7 @@ class SourceAttributor:
             ],
             "estimator": {
                 "num_segments": cfg.num_segments,
-                "curvature": cfg.curvature,
+                "curvature": self.curvature,
                 "curvature_examples": cfg.curvature_examples,
                 "momentum_factor": cfg.momentum_factor,
                 "time_scale": cfg.time_scale,

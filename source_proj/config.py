@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from source_proj.gradients.memory import parse_bytes
 from source_proj.projection.jl import ProjectionConfig
 from source_proj.projection.projected import CURVATURE_MODES
 
@@ -23,8 +24,10 @@ class SourceConfig:
         proj_precision: "highest" or "tf32" (faster Triton products of float32 gradients at
             ~4e-4 relative error; see ``ProjectionConfig``).
         num_segments: L, segments per training stage.
-        curvature: "exact" Gauss-Newton (C factor rows per example) or "sampled" (one
-            pseudo-label per example; unbiased, cheaper for many outputs).
+        curvature: "exact" Gauss-Newton (C factor rows per example), "sampled" (one
+            pseudo-label per example, per position for language models; unbiased, cheaper
+            for many outputs), or "auto" (default): the task's ``default_curvature``
+            ("sampled" for ``CausalLMTask``, "exact" otherwise).
         curvature_examples: examples per checkpoint used for the Hessian (None: all of the
             stage's curvature data; otherwise a fixed seeded subset).
         momentum_factor: time scale t = eta K with eta / (1 - beta) under momentum.
@@ -36,10 +39,14 @@ class SourceConfig:
             The LDS benchmark chose this (see README, "Why the defaults").
         keep_segment_features: keep per-segment training features (needed for per-stage
             attribution in "final" mode; always kept in "segment" mode).
-        chunk_size: examples per vmap batch. Bounds memory: per-example gradients are summed
-            over a segment's checkpoints before projection, so two chunk x p float32 buffers
-            (the running sum and one checkpoint's gradients). Larger chunks project faster
-            per row.
+        chunk_size: examples per vmap batch (None: the most that ``max_gradient_memory``
+            allows, at most 64). Per-example gradients are summed over a segment's
+            checkpoints before projection, so two chunk x p float32 buffers (the running sum
+            and one checkpoint's gradients). Larger chunks project faster per row.
+        max_gradient_memory: bytes (or "4GiB"-style text) that per-example gradient buffers
+            may take: 2 x chunk x p x 4 for features, chunk x R x p x 4 for R curvature
+            factor rows per example (see ``gradients.memory``). An explicit ``chunk_size`` over
+            it, or one example over it, is refused before any work.
         device: where gradients are computed (None: the model's device).
         progress: show progress bars.
     """
@@ -50,26 +57,28 @@ class SourceConfig:
     backend: str = "auto"
     proj_precision: str = "highest"
     num_segments: int = 3
-    curvature: str = "exact"
+    curvature: str = "auto"
     curvature_examples: int | None = None
     momentum_factor: bool = True
     time_scale: float = 1.0
     query_mode: str = "auto"
     keep_segment_features: bool = False
-    chunk_size: int = 64
+    chunk_size: int | None = None
+    max_gradient_memory: int | str = "4GiB"
     device: str | None = None
     progress: bool = True
 
     def __post_init__(self) -> None:
         self.projection()  # validates proj_dim, seed, kind, backend, precision
-        if self.curvature not in CURVATURE_MODES:
-            raise ValueError(f"curvature must be one of {CURVATURE_MODES}, got {self.curvature!r}")
+        if self.curvature not in ("auto", *CURVATURE_MODES):
+            raise ValueError(f"curvature must be one of {('auto', *CURVATURE_MODES)}, got {self.curvature!r}")
         if self.query_mode not in QUERY_MODES:
             raise ValueError(f"query_mode must be one of {QUERY_MODES}, got {self.query_mode!r}")
         if not (math.isfinite(self.time_scale) and self.time_scale > 0):
             raise ValueError(f"time_scale must be finite and > 0, got {self.time_scale}")
-        if self.chunk_size < 1:
-            raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size}")
+        if self.chunk_size is not None and (isinstance(self.chunk_size, bool) or self.chunk_size < 1):
+            raise ValueError(f"chunk_size must be >= 1 or None, got {self.chunk_size}")
+        parse_bytes(self.max_gradient_memory)
         if self.curvature_examples is not None and self.curvature_examples < 1:
             raise ValueError(f"curvature_examples must be >= 1 or None, got {self.curvature_examples}")
 
@@ -78,6 +87,14 @@ class SourceConfig:
         if self.query_mode != "auto":
             return self.query_mode
         return "segment" if num_stages == 1 else "final"
+
+    def resolved_curvature(self, default: str) -> str:
+        """"exact" or "sampled": ``curvature`` with "auto" resolved to the task's ``default``."""
+        return default if self.curvature == "auto" else self.curvature
+
+    def gradient_budget(self) -> int:
+        """``max_gradient_memory`` in bytes."""
+        return parse_bytes(self.max_gradient_memory)
 
     def projection(self) -> ProjectionConfig:
         """The projection settings."""

@@ -59,15 +59,18 @@ def phi_values(s: torch.Tensor, t: float) -> torch.Tensor:
     return torch.where(small, series, direct)
 
 
-def gauss_newton_accumulate(total: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """Add sum_r rows_r rows_r^T to ``total`` (k, k) float64, for rows (..., k) of projected
-    Gauss-Newton factors (each example's A^T J P^T).
+def gauss_newton_accumulate(total: torch.Tensor, rows: torch.Tensor, signs: torch.Tensor | None = None) -> torch.Tensor:
+    """Add sum_r signs_r rows_r rows_r^T to ``total`` (k, k) float64, for rows (..., R, k) of
+    projected Gauss-Newton factors (each example's A^T J P^T) and signs (R,) (None: all +1).
 
     A chunk's Gram matrix is formed in float32 (its rows are float32 already; a chunk sums a
     few hundred terms) and accumulated across chunks in float64.
     """
     flat = rows.reshape(-1, rows.shape[-1]).to(torch.float32)
-    return total.add_((flat.T @ flat).to(torch.float64))
+    if signs is None:
+        return total.add_((flat.T @ flat).to(torch.float64))
+    weighted = (rows * signs.to(rows)[:, None]).reshape(-1, rows.shape[-1]).to(torch.float32)
+    return total.add_((weighted.T @ flat).to(torch.float64))
 
 
 def segment_spectrum(hessians: list[torch.Tensor], weight_decay: float, time: float) -> SegmentSpectrum:

@@ -51,15 +51,16 @@ def _source_train(run: ProjectedRun, config: SourceConfig) -> tuple[ProjectedRun
             f"config projects with seed {config.seed} ({config.proj_kind}) but the run was projected "
             f"with seed {run.seed} ({run.kind})"
         )
-    if config.curvature not in run.hessians:
-        raise ValueError(f"the run has no {config.curvature!r} curvature; it has {sorted(run.hessians)}")
+    curvature = config.resolved_curvature(run.default_curvature)
+    if curvature not in run.hessians:
+        raise ValueError(f"the run has no {curvature!r} curvature; it has {sorted(run.hessians)}")
     if config.curvature_examples is not None:
         raise ValueError("cached runs hold Hessians over all rows; set curvature_examples=None")
     if config.proj_dim != run.dim:
         run = run.truncate(config.proj_dim)
     trajectory = run.trajectory
     segments = trajectory.segments(config.num_segments, config.momentum_factor, config.time_scale)
-    spectra = segment_spectra(segments, run.hessians[config.curvature], trajectory.weight_decay)
+    spectra = segment_spectra(segments, run.hessians[curvature], trajectory.weight_decay)
     query_mode = config.resolved_query_mode(len(trajectory.stages))
     operators = transport_operators(spectra, transport=query_mode == "final")
     size = run.stage_sizes[run.attributed_stage]

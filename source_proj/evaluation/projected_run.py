@@ -53,6 +53,7 @@ class ProjectedRun:
             set uses).
         final_output_grads: (N_all, k) float32 projected measurement gradients at the final
             checkpoint of the rows of all stages (TRAK's feature matrix).
+        default_curvature: the task's curvature mode for ``SourceConfig(curvature="auto")``.
     """
 
     trajectory: Trajectory
@@ -65,6 +66,7 @@ class ProjectedRun:
     hessians: Mapping[str, torch.Tensor]
     final_hessian: torch.Tensor
     final_output_grads: torch.Tensor
+    default_curvature: str = "exact"
 
     @property
     def dim(self) -> int:
@@ -97,8 +99,7 @@ class ProjectedRun:
 def _gradients(
     fn: ModelFunction, state: dict, objective, examples: Examples, config: SourceConfig, where: str
 ) -> torch.Tensor:
-    fn.check_state(state, where)
-    params, consts = fn.split_state(state, torch.device("cpu"))
+    params, consts = fn.split_state(fn.canonical_state(state, where), torch.device("cpu"))
     parts = []
     for start in range(0, len(examples), _CHUNK):
         inputs, targets = examples.rows(start, min(len(examples), start + _CHUNK))
@@ -175,4 +176,5 @@ def project_run(
         hessians={mode: torch.stack(h) for mode, h in hessians.items()},
         final_hessian=final_hessian,
         final_output_grads=output_grads,
+        default_curvature=task.default_curvature,
     )

@@ -36,7 +36,7 @@ from source_proj.features.store import (
 from source_proj.gradients.data import Examples, as_examples
 
 # SourceConfig fields that change how, not what, is computed.
-RUNTIME_FIELDS = ("backend", "chunk_size", "device", "progress")
+RUNTIME_FIELDS = ("backend", "chunk_size", "max_gradient_memory", "device", "progress")
 # Metadata known only after the curvature pass (checked then, not before it).
 _AFTER_PREPARE = ("stages", "segment_weights")
 

@@ -2,6 +2,9 @@
 
 Each example is run as a batch of one. Gradients come back as a dict of per-parameter
 blocks, name -> (B, [R,] numel), in the model's parameter order, ready for ``project``.
+A model whose forward cannot run under ``vmap`` (data-dependent control flow, ``.item()``,
+as in Hugging Face's SDPA attention masks) is differentiated one example at a time instead,
+with the same results (see ``ModelFunction.note_no_vmap``).
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from collections.abc import Callable
 import torch
 from torch.func import grad, vmap
 
-from source_proj.gradients.model import Inputs, ModelFunction
+from source_proj.gradients.model import Inputs, ModelFunction, example
 
 
 class NonFiniteError(FloatingPointError):
@@ -19,6 +22,11 @@ class NonFiniteError(FloatingPointError):
 
 
 ExampleFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+
+
+def _vmap_limitation(exc: RuntimeError) -> bool:
+    text = str(exc)
+    return "vmap" in text and ("data-dependent control flow" in text or ".item()" in text)
 
 
 def per_example_gradients(
@@ -30,7 +38,7 @@ def per_example_gradients(
     targets: torch.Tensor,
     extra: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Gradients of the scalar ``objective(outputs (1, C), target (1, ...), extra)`` per example.
+    """Gradients of the scalar ``objective(outputs (1, *O), target (1, ...), extra)`` per example.
 
     Without ``extra`` the blocks are (B, numel). With ``extra`` of shape (B, C, R), the
     objective gets one column (1, C) at a time and the blocks are (B, R, numel): R gradients
@@ -44,7 +52,21 @@ def per_example_gradients(
     per_example = grad(one)
     if extra is not None:
         per_example = vmap(per_example, in_dims=(None, None, None, -1))
-    grads = vmap(per_example, in_dims=(None, 0, 0, None if extra is None else 0))(params, inputs, targets, extra)
+    grads = None
+    if not fn.runtime.get("loop"):
+        try:
+            batched = vmap(per_example, in_dims=(None, 0, 0, None if extra is None else 0))
+            grads = batched(params, inputs, targets, extra)
+        except RuntimeError as exc:
+            if not _vmap_limitation(exc):
+                raise
+            fn.note_no_vmap("data-dependent control flow or .item() in the forward")
+    if grads is None:
+        rows = [
+            per_example(params, example(inputs, i), targets[i], None if extra is None else extra[i])
+            for i in range(int(targets.shape[0]))
+        ]
+        grads = {n: torch.stack([r[n] for r in rows]) for n in params}
     lead = 1 if extra is None else 2
     return {n: g.reshape(*g.shape[:lead], -1) for n, g in grads.items()}
 
@@ -55,8 +77,9 @@ def loss_objective(loss: Callable) -> ExampleFn:
 
 
 def factor_objective(out: torch.Tensor, y: torch.Tensor, column: torch.Tensor) -> torch.Tensor:
-    """a^T outputs for one column a (1, C) of the loss-Hessian factor A; the gradients over
-    A's columns are the rows J^T a whose outer products sum to the Gauss-Newton J^T A A^T J."""
+    """a^T outputs for one column a (1, C) of the loss-Hessian factor A (outputs flattened to
+    C = prod(O) entries, row-major); the gradients over A's columns are the rows J^T a whose
+    outer products sum to the Gauss-Newton J^T A A^T J."""
     return (out.reshape(out.shape[0], -1) * column).sum()
 
 

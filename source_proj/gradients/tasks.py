@@ -2,8 +2,15 @@
 
 A :class:`Task` holds the per-example training loss, the query measurement, and a factor of
 the loss's Hessian with respect to the model outputs, A with A A^T = d^2 loss / d outputs^2,
-from which the Gauss-Newton Hessian J^T A A^T J is built. All functions take a batch:
-``outputs`` (B, C) and ``targets`` (B, ...), and return one value per example.
+from which the Gauss-Newton Hessian J^T A A^T J is built.
+
+Output-shape contract: every function takes a batch of ``outputs`` (B, *O) in the shape the
+model returns them ((B, C) class logits, (B, T, V) token logits, ...) and ``targets``
+(B, ...), the same in the gradient and the curvature passes. Losses and measurements return
+one value per example, (B,). Hessian factors index the outputs flattened row-major,
+C = prod(O): ``hessian_factor`` returns A (B, C, R); ``sampled_hessian_factor`` returns
+``(columns (B, C, R), signs)`` with E[sum_r signs_r a_r a_r^T] = A A^T (``signs`` None
+meaning all +1).
 """
 
 from __future__ import annotations
@@ -11,45 +18,78 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch.func import hessian, vmap
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+SampleFn = Callable[[torch.Tensor, torch.Tensor, torch.Generator], torch.Tensor]
+Factor = tuple[torch.Tensor, torch.Tensor | None]
+
+
+def rademacher(shape: tuple[int, ...], generator: torch.Generator, like: torch.Tensor) -> torch.Tensor:
+    """+-1 entries drawn on the CPU from ``generator`` (reproducible on any device), as ``like``."""
+    signs = torch.randint(0, 2, shape, generator=generator, device="cpu")
+    return (2 * signs - 1).to(like.device, like.dtype)
 
 
 @dataclass(frozen=True)
 class Task:
-    """A training loss and a query measurement, both (B, C), (B, ...) -> (B,).
+    """A training loss and a query measurement, both (B, *O), (B, ...) -> (B,).
 
-    The base class works for any twice-differentiable loss: its Hessian factor comes from
-    ``torch.func.hessian`` and an eigendecomposition. Built-in tasks give closed forms.
+    The base class works for any twice-differentiable loss. Its exact Hessian factor comes
+    from ``torch.func.hessian`` and an eigendecomposition (C x C per example: for few
+    outputs only). Its sampled factor never forms that matrix: with ``sample`` (for a loss
+    that is the negative log-likelihood of its targets), one pseudo-target is drawn from the
+    model's predictive distribution and the factor column is the loss gradient at it (the
+    Fisher identity E[g g^T] = E[d^2 loss]); without, a Hessian-vector form with Rademacher
+    xi, E[xi (H xi)^T] = H, written as two signed columns ((xi + H xi)/2, +1) and
+    ((xi - H xi)/2, -1). Either costs one backward through the loss per example, whatever
+    C is. Built-in tasks give closed forms.
 
     Attributes:
         loss: per-example training loss (the optimizer minimised its batch mean).
         measurement: per-example f(z, theta) that scores explain.
         name: a label recorded in stores.
+        sample: optional ``(outputs, targets, generator) -> pseudo-targets`` drawn from the
+            model's predictive distribution; only valid if ``loss`` is exactly the negative
+            log-likelihood of its targets (unscaled).
     """
 
     loss: LossFn
     measurement: LossFn
     name: str = "custom"
+    sample: SampleFn | None = None
+    # Curvature mode used by SourceConfig(curvature="auto").
+    default_curvature: ClassVar[str] = "exact"
 
     def hessian_factor(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """A (B, C, R) with A A^T = Hessian of the loss w.r.t. the outputs (PSD part)."""
-        hess = vmap(hessian(lambda o, t: self.loss(o[None], t[None])[0]))(outputs.detach(), targets)
+        """A (B, C, R) with A A^T = Hessian of the loss w.r.t. the flattened outputs (PSD part)."""
+        shape = outputs.shape[1:]
+        flat = outputs.detach().reshape(outputs.shape[0], -1)
+        hess = vmap(hessian(lambda o, t: self.loss(o.reshape(1, *shape), t[None])[0]))(flat, targets)
         evals, evecs = torch.linalg.eigh(hess.to(torch.float64))
         return (evecs * evals.clamp_min(0.0).sqrt()[:, None, :]).to(outputs.dtype)
 
     def sampled_hessian_factor(
         self, outputs: torch.Tensor, targets: torch.Tensor, generator: torch.Generator
-    ) -> torch.Tensor:
-        """v (B, C, 1) with E[v v^T] = the Hessian w.r.t. the outputs (one random draw each)."""
-        factor = self.hessian_factor(outputs, targets)
-        signs = torch.randint(0, 2, factor.shape[::2], generator=generator, device="cpu")
-        signs = (2 * signs - 1).to(factor.device, factor.dtype)
-        return torch.einsum("bcr,br->bc", factor, signs)[..., None]
+    ) -> Factor:
+        """One random draw per example: (columns (B, C, R), signs (R,) or None), R = 1 with
+        ``sample``, 2 otherwise (see the class docstring)."""
+        batch = outputs.shape[0]
+        out = outputs.detach().to(torch.float64).requires_grad_(True)
+        with torch.enable_grad():
+            if self.sample is not None:
+                pseudo = self.sample(outputs.detach(), targets, generator)
+                (grad,) = torch.autograd.grad(self.loss(out, pseudo).sum(), out)
+                return grad.reshape(batch, -1, 1).to(outputs.dtype), None
+            xi = rademacher(tuple(outputs.shape), generator, out)
+            (grad,) = torch.autograd.grad(self.loss(out, targets).sum(), out, create_graph=True)
+            (hxi,) = torch.autograd.grad((grad * xi).sum(), out)
+        columns = torch.stack([(xi + hxi) / 2, (xi - hxi) / 2], dim=-1).reshape(batch, -1, 2)
+        return columns.to(outputs.dtype), torch.tensor([1.0, -1.0], dtype=outputs.dtype, device=outputs.device)
 
 
 def _margin(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -63,9 +103,26 @@ def _cross_entropy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor
     return F.cross_entropy(outputs, targets.long(), reduction="none")
 
 
+def softmax_factor(logits: torch.Tensor) -> torch.Tensor:
+    """A (..., C, C) with A A^T = diag(p) - p p^T, p = softmax(logits) over the last axis:
+    A = diag(sqrt p) - p sqrt(p)^T (uses sum(p) = 1); float64."""
+    probs = torch.softmax(logits.detach().to(torch.float64), dim=-1)
+    root = probs.sqrt()
+    return torch.diag_embed(root) - probs[..., :, None] * root[..., None, :]
+
+
+def softmax_pseudo_gradient(logits: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """p - e_y with one label y ~ softmax(logits) per row of the last axis (float64): the
+    cross-entropy gradient at a pseudo-label, E[(p - e_y)(p - e_y)^T] = diag(p) - p p^T."""
+    probs = torch.softmax(logits.detach().to(torch.float64), dim=-1)
+    flat = probs.reshape(-1, probs.shape[-1])
+    labels = torch.multinomial(flat.cpu(), 1, generator=generator)[:, 0].to(probs.device)
+    return (flat - F.one_hot(labels, flat.shape[1])).reshape(probs.shape)
+
+
 @dataclass(frozen=True)
 class ClassificationTask(Task):
-    """Softmax cross-entropy training; the measurement is the margin
+    """Softmax cross-entropy training on (B, C) logits; the measurement is the margin
     ``logit_y - logsumexp(logits without y)``."""
 
     loss: LossFn = _cross_entropy
@@ -73,19 +130,13 @@ class ClassificationTask(Task):
     name: str = "classification"
 
     def hessian_factor(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        # diag(p) - p p^T = A A^T with A = diag(sqrt p) - p sqrt(p)^T (uses sum(p) = 1).
-        probs = torch.softmax(outputs.detach().to(torch.float64), dim=1)
-        root = probs.sqrt()
-        factor = torch.diag_embed(root) - probs[:, :, None] * root[:, None, :]
-        return factor.to(outputs.dtype)
+        return softmax_factor(outputs).to(outputs.dtype)
 
     def sampled_hessian_factor(
         self, outputs: torch.Tensor, targets: torch.Tensor, generator: torch.Generator
-    ) -> torch.Tensor:
+    ) -> Factor:
         # One pseudo-label y ~ p per example: the CE gradient's output part is p - e_y.
-        probs = torch.softmax(outputs.detach().to(torch.float64), dim=1)
-        labels = torch.multinomial(probs.cpu(), 1, generator=generator)[:, 0].to(outputs.device)
-        return (probs - F.one_hot(labels, outputs.shape[1])).to(outputs.dtype)[..., None]
+        return softmax_pseudo_gradient(outputs, generator).to(outputs.dtype)[..., None], None
 
 
 def _flat(outputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -114,12 +165,20 @@ class RegressionTask(Task):
         eye = torch.eye(outputs[0].numel(), dtype=outputs.dtype, device=outputs.device)
         return math.sqrt(2.0) * eye.expand(outputs.shape[0], -1, -1)
 
+    def sampled_hessian_factor(
+        self, outputs: torch.Tensor, targets: torch.Tensor, generator: torch.Generator
+    ) -> Factor:
+        # sqrt(2) xi with Rademacher xi: E[2 xi xi^T] = 2 I.
+        return math.sqrt(2.0) * rademacher((outputs.shape[0], outputs[0].numel(), 1), generator, outputs), None
+
 
 def resolve_task(task: Task | str) -> Task:
-    """A Task from an instance or the names "classification" / "regression"."""
+    """A Task from an instance or the names "classification" / "regression" / "causal_lm"."""
     if isinstance(task, Task):
         return task
-    builtins = {"classification": ClassificationTask, "regression": RegressionTask}
+    from source_proj.gradients.causal_lm import CausalLMTask
+
+    builtins = {"classification": ClassificationTask, "regression": RegressionTask, "causal_lm": CausalLMTask}
     if task in builtins:
         return builtins[task]()
     raise ValueError(f"unknown task {task!r}; pass a Task or one of {sorted(builtins)}")

@@ -11,9 +11,9 @@ from collections.abc import Callable, Iterable
 
 import torch
 
+from source_proj.gradients.memory import curvature_batch
+from source_proj.gradients.model import Inputs, ModelFunction, slice_inputs
 from source_proj.gradients.per_example import (
-    Inputs,
-    ModelFunction,
     check_finite,
     factor_objective,
     loss_objective,
@@ -22,7 +22,7 @@ from source_proj.gradients.per_example import (
 from source_proj.gradients.tasks import Task
 from source_proj.projection.jl import ProjectionConfig, project
 
-CURVATURE_MODES = ("exact", "sampled")
+CURVATURE_MODES = ("exact", "sampled")  # SourceConfig also takes "auto": the task's default
 
 
 def projected_gradients(
@@ -67,25 +67,42 @@ def projected_gn_factors(
     mode: str,
     generator: torch.Generator,
     where: str,
-) -> torch.Tensor:
-    """Rows (B, R, k) whose outer products sum to the projected Gauss-Newton Hessian.
+    budget: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Rows (B, R, k) and signs (R,) or None (all +1) whose signed outer products sum to the
+    projected Gauss-Newton Hessian.
 
     For example i with output Jacobian J_i and loss-Hessian factor A_i (A_i A_i^T = d^2 loss /
-    d outputs^2), the rows are P J_i^T A_i: R = C rows ("exact") or one row J_i^T v_i with
-    E[v v^T] = A A^T ("sampled", a pseudo-label per example for classification).
+    d outputs^2, outputs flattened), the rows are P J_i^T A_i: R = C rows ("exact") or one
+    random draw ("sampled": a pseudo-label per example for classification, per position for
+    language models; see ``Task.sampled_hessian_factor``). With ``budget`` (bytes), the
+    backward passes take as many examples at a time as their factor rows fit in it
+    (``gradients.memory.curvature_batch``; MemoryBudgetError if one example does not).
     """
     if mode not in CURVATURE_MODES:
         raise ValueError(f"curvature mode must be one of {CURVATURE_MODES}, got {mode!r}")
     outputs = fn.forward(params, consts, inputs)
     check_finite(outputs, f"model outputs at {where}")
-    outputs = outputs.reshape(outputs.shape[0], -1)
-    if mode == "exact":
-        factor = task.hessian_factor(outputs, targets)
+    batch, width = outputs.shape[0], outputs[0].numel()
+    if mode == "exact":  # C x C factors (C = width), formed one backward batch at a time
+        signs, rank = None, width
     else:
-        factor = task.sampled_hessian_factor(outputs, targets, generator)
-    grads = per_example_gradients(fn, params, consts, factor_objective, inputs, targets, factor.detach())
-    batch, rank = factor.shape[0], factor.shape[2]
-    flat = {n: g.reshape(batch * rank, -1) for n, g in grads.items()}
-    rows = project(flat, projection).reshape(batch, rank, -1)
+        sampled, signs = task.sampled_hessian_factor(outputs, targets, generator)
+        rank = sampled.shape[2]
+    step = batch if budget is None else curvature_batch(fn.num_params(), width, rank, budget)
+    parts = []
+    for start in range(0, batch, step):
+        stop = min(batch, start + step)
+        if mode == "exact":
+            factor = task.hessian_factor(outputs[start:stop], targets[start:stop])
+        else:
+            factor = sampled[start:stop]
+        grads = per_example_gradients(
+            fn, params, consts, factor_objective, slice_inputs(inputs, start, stop), targets[start:stop],
+            factor.detach(),
+        )
+        flat = {n: g.reshape(-1, g.shape[-1]) for n, g in grads.items()}
+        parts.append(project(flat, projection).reshape(stop - start, factor.shape[2], -1))
+    rows = torch.cat(parts)
     check_finite(rows.reshape(batch, -1), f"curvature factors at {where}")
-    return rows
+    return rows, signs
