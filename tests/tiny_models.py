@@ -98,43 +98,74 @@ def dense_source_scores(
     ``curvature_data[stage]`` (default the training rows)."""
     x, y = train
     xq, yq = queries
-    n = len(y)
-    segs = traj.segments(num_segments)
-    states = [c.load() for c in traj.checkpoints]
-    p = sum(q.numel() for q in model.parameters())
-    proj = torch.eye(p, dtype=torch.float64) if proj is None else proj
-    k = proj.shape[0]
 
     def grads(state, xs, ys, fn):
         return torch.stack([
-            proj @ flat_grad(model, state, lambda m, i=i: fn(m(xs[i : i + 1]), ys[i : i + 1])[0])
+            flat_grad(model, state, lambda m, i=i: fn(m(xs[i : i + 1]), ys[i : i + 1])[0])
             for i in range(len(ys))
         ])
 
+    def hessian(state, stage):
+        cx, cy = (curvature_data or {}).get(stage, train)
+        return dense_gn_hessian(model, state, task, cx, cy)
+
+    return dense_scores_from_parts(
+        traj, num_segments, proj, len(y),
+        train_grads=lambda state: grads(state, x, y, task.loss),
+        query_grads=lambda state: grads(state, xq, yq, task.measurement),
+        hessian=hessian, time_scale=time_scale, attributed_stages=attributed_stages, query_mode=query_mode,
+    )
+
+
+def dense_scores_from_parts(
+    traj: Trajectory,
+    num_segments: int,
+    proj: torch.Tensor | None,
+    n: int,
+    train_grads,
+    query_grads,
+    hessian,
+    time_scale: float = 1.0,
+    attributed_stages: tuple | None = None,
+    query_mode: str = "final",
+) -> np.ndarray:
+    """The segment algebra of ``dense_source_scores`` from unprojected parts at a checkpoint
+    state: ``train_grads(state)`` (N, p) loss gradients, ``query_grads(state)`` (Q, p)
+    measurement gradients, ``hessian(state, stage)`` (p, p) mean Gauss-Newton Hessian."""
+    segs = traj.segments(num_segments)
+    states = [c.load() for c in traj.checkpoints]
     exps, phis, gmeans = [], [], []
     for seg in segs:
-        cx, cy = (curvature_data or {}).get(seg.stage, train)
-        h = sum(proj @ dense_gn_hessian(model, states[c], task, cx, cy) @ proj.T for c in seg.checkpoints)
+        h = sum(_project(proj, hessian(states[c], seg.stage), both=True) for c in seg.checkpoints)
+        k = h.shape[0]
         h = (h / len(seg.checkpoints) + traj.weight_decay * torch.eye(k, dtype=torch.float64)).numpy()
         t = seg.time * time_scale
         e = scipy.linalg.expm(-t * h)
         exps.append(e)
         phis.append((np.eye(k) - e) @ np.linalg.inv(h))
-        gmeans.append(sum(grads(states[c], x, y, task.loss) for c in seg.checkpoints).numpy() / len(seg.checkpoints))
-    scores = np.zeros((len(yq), n))
+        gmeans.append(sum(_project(proj, train_grads(states[c])) for c in seg.checkpoints).numpy() / len(seg.checkpoints))
+    scores = 0.0
     for l, seg in enumerate(segs):
         if attributed_stages is not None and seg.stage not in attributed_stages:
             continue
         if query_mode == "final":
-            q = grads(states[-1], xq, yq, task.measurement).numpy()
+            q = _project(proj, query_grads(states[-1])).numpy()
             op = phis[l]
             for later in exps[l + 1 :]:
                 op = later @ op
         else:
-            q = sum(grads(states[c], xq, yq, task.measurement) for c in seg.checkpoints).numpy() / len(seg.checkpoints)
+            q = sum(_project(proj, query_grads(states[c])) for c in seg.checkpoints).numpy() / len(seg.checkpoints)
             op = phis[l]
-        scores -= q @ op @ gmeans[l].T / n
+        scores = scores - q @ op @ gmeans[l].T / n
     return scores
+
+
+def _project(proj: torch.Tensor | None, value: torch.Tensor, both: bool = False) -> torch.Tensor:
+    """Rows of ``value`` projected (P g), or P H P^T with ``both``; P = I for None."""
+    value = value.to(torch.float64)
+    if proj is None:
+        return value
+    return proj @ value @ proj.T if both else value @ proj.T
 
 
 def identity_projection(grads, config):

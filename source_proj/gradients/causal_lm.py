@@ -133,7 +133,8 @@ class CausalLMTask(Task):
         """(B,) sum over target positions of z_y - logsumexp(z without y)."""
         logits, labels, mask = token_targets(outputs, targets, self.shift, self.ignore_index)
         own = logits.gather(-1, labels[..., None])[..., 0]
-        others = logits.masked_fill(torch.nn.functional.one_hot(labels, logits.shape[-1]).bool(), -math.inf)
+        own_mask = labels[..., None] == torch.arange(logits.shape[-1], device=logits.device)  # vmap-safe one-hot
+        others = logits.masked_fill(own_mask, -math.inf)
         return torch.where(mask, own - torch.logsumexp(others, dim=-1), 0.0).sum(dim=1)
 
     def _positions(self, outputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -163,5 +164,6 @@ class CausalLMTask(Task):
     ) -> Factor:
         """One column (B, T*V, 1): sqrt(s) sum_t (p_t - e_{y_t}), y_t ~ p_t at target positions."""
         logits, weight = self._positions(outputs, targets)
-        column = self._full_length(softmax_pseudo_gradient(logits, generator) * weight[..., None])
+        draws = softmax_pseudo_gradient(logits, generator, where=weight > 0)  # none at padding
+        column = self._full_length(draws * weight[..., None])
         return column.reshape(outputs.shape[0], -1, 1).to(outputs.dtype), None

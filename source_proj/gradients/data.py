@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, default_collate
 
-from source_proj.gradients.model import Inputs
+from source_proj.gradients.model import Inputs, take_rows
 
 IGNORE_INDEX = -100
 TARGET_KEYS = ("labels", "label")
@@ -99,14 +99,6 @@ def _to_device(inputs: Inputs, device: torch.device | str) -> Inputs:
     return inputs.to(device)
 
 
-def _select(inputs: Inputs, idx: torch.Tensor) -> Inputs:
-    if isinstance(inputs, Mapping):
-        return {k: v[idx] for k, v in inputs.items()}
-    if isinstance(inputs, tuple):
-        return tuple(x[idx] for x in inputs)
-    return inputs[idx]
-
-
 def _first_len(inputs: Inputs) -> set[int]:
     values = inputs.values() if isinstance(inputs, Mapping) else inputs if isinstance(inputs, tuple) else (inputs,)
     return {int(x.shape[0]) for x in values}
@@ -163,7 +155,7 @@ class Examples:
         """Rows at ``indices`` as (inputs, targets) on ``device``."""
         if self.dataset is None:
             idx = torch.as_tensor(list(indices), dtype=torch.long)
-            inputs, targets = _select(self.inputs, idx), self.targets[idx]
+            inputs, targets = take_rows(self.inputs, idx), self.targets[idx]
         else:
             batch = self._batch(list(indices))
             if isinstance(batch, Mapping):

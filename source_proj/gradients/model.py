@@ -129,26 +129,27 @@ def _forward_keywords(model: nn.Module) -> frozenset[str] | None:
     return frozenset(named) if named else None
 
 
-def batch_of_one(inputs: Inputs) -> Inputs:
-    """One example's inputs (no batch dimension) as a batch of one."""
+def forward_arguments(model: nn.Module, keywords: frozenset[str] | None, inputs: Inputs) -> tuple[tuple, dict]:
+    """(positional, keyword) arguments of the forward for a batch: a mapping becomes keyword
+    arguments (only the names in ``keywords``, unless None), anything else positional."""
     if isinstance(inputs, Mapping):
-        return {k: v[None] for k, v in inputs.items()}
-    if isinstance(inputs, tuple):
-        return tuple(x[None] for x in inputs)
-    return inputs[None]
+        kwargs = dict(inputs) if keywords is None else {k: v for k, v in inputs.items() if k in keywords}
+        if not kwargs:
+            raise ValueError(f"none of the input keys {sorted(inputs)} is an argument of {type(model).__name__}.forward")
+        return (), kwargs
+    return (inputs if isinstance(inputs, tuple) else (inputs,)), {}
 
 
-def slice_inputs(inputs: Inputs, start: int, stop: int) -> Inputs:
-    """Rows [start, stop) of a batch."""
-    if isinstance(inputs, Mapping):
-        return {k: v[start:stop] for k, v in inputs.items()}
-    if isinstance(inputs, tuple):
-        return tuple(x[start:stop] for x in inputs)
-    return inputs[start:stop]
+def call_module(model: nn.Module, inputs: Inputs, output: OutputSelector = None) -> torch.Tensor:
+    """The selected output of ``model`` called as usual (its own parameters, autograd on) on
+    a batch, with the same input and output conventions as :class:`ModelFunction`."""
+    args, kwargs = forward_arguments(model, _forward_keywords(model), inputs)
+    return select_output(model(*args, **kwargs), output)
 
 
-def example(inputs: Inputs, index: int) -> Inputs:
-    """Example ``index`` of a batch, without its batch dimension."""
+def take_rows(inputs: Inputs, index: Any) -> Inputs:
+    """``x[index]`` for every tensor of a batch (a tensor, tuple or mapping): an int takes one
+    example, a slice or index tensor several, None adds a batch dimension of one."""
     if isinstance(inputs, Mapping):
         return {k: v[index] for k, v in inputs.items()}
     if isinstance(inputs, tuple):
@@ -238,24 +239,14 @@ class ModelFunction:
         consts = {k: v.detach().to(device) for k, v in state.items() if k not in attributed}
         return params, consts
 
-    def _arguments(self, inputs: Inputs) -> tuple[tuple, dict]:
-        if isinstance(inputs, Mapping):
-            kwargs = dict(inputs) if self.keywords is None else {k: v for k, v in inputs.items() if k in self.keywords}
-            if not kwargs:
-                raise ValueError(
-                    f"none of the input keys {sorted(inputs)} is an argument of {type(self.model).__name__}.forward"
-                )
-            return (), kwargs
-        return (inputs if isinstance(inputs, tuple) else (inputs,)), {}
-
     def call(self, params: dict, consts: dict, inputs: Inputs) -> torch.Tensor:
         """The selected output (B, *O) of a batch."""
-        args, kwargs = self._arguments(inputs)
+        args, kwargs = forward_arguments(self.model, self.keywords, inputs)
         return select_output(functional_call(self.model, (params, consts), args, kwargs), self.output)
 
     def forward_one(self, params: dict, consts: dict, inputs: Inputs) -> torch.Tensor:
         """Outputs (1, *O) for a single example (inputs without their batch dimension)."""
-        return self.call(params, consts, batch_of_one(inputs))
+        return self.call(params, consts, take_rows(inputs, None))
 
     def forward(self, params: dict, consts: dict, inputs: Inputs) -> torch.Tensor:
         """Outputs (B, *O) for a batch, without gradients."""

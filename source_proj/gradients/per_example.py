@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 from torch.func import grad, vmap
 
-from source_proj.gradients.model import Inputs, ModelFunction, example
+from source_proj.gradients.model import Inputs, ModelFunction, take_rows
 
 
 class NonFiniteError(FloatingPointError):
@@ -63,7 +63,7 @@ def per_example_gradients(
             fn.note_no_vmap("data-dependent control flow or .item() in the forward")
     if grads is None:
         rows = [
-            per_example(params, example(inputs, i), targets[i], None if extra is None else extra[i])
+            per_example(params, take_rows(inputs, i), targets[i], None if extra is None else extra[i])
             for i in range(int(targets.shape[0]))
         ]
         grads = {n: torch.stack([r[n] for r in rows]) for n in params}

@@ -111,13 +111,25 @@ def softmax_factor(logits: torch.Tensor) -> torch.Tensor:
     return torch.diag_embed(root) - probs[..., :, None] * root[..., None, :]
 
 
-def softmax_pseudo_gradient(logits: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def softmax_pseudo_gradient(
+    logits: torch.Tensor, generator: torch.Generator, where: torch.Tensor | None = None
+) -> torch.Tensor:
     """p - e_y with one label y ~ softmax(logits) per row of the last axis (float64): the
-    cross-entropy gradient at a pseudo-label, E[(p - e_y)(p - e_y)^T] = diag(p) - p p^T."""
+    cross-entropy gradient at a pseudo-label, E[(p - e_y)(p - e_y)^T] = diag(p) - p p^T.
+
+    With ``where`` (bool, the leading shape of ``logits``), labels are drawn only at its True
+    rows, in row-major order (zeros elsewhere), so the draws do not depend on how many other
+    rows (e.g. padding) there are.
+    """
     probs = torch.softmax(logits.detach().to(torch.float64), dim=-1)
-    flat = probs.reshape(-1, probs.shape[-1])
-    labels = torch.multinomial(flat.cpu(), 1, generator=generator)[:, 0].to(probs.device)
-    return (flat - F.one_hot(labels, flat.shape[1])).reshape(probs.shape)
+    chosen = torch.ones(probs.shape[:-1], dtype=torch.bool, device=probs.device) if where is None else where
+    picked = probs[chosen]
+    out = torch.zeros_like(probs)
+    if picked.shape[0] == 0:
+        return out
+    labels = torch.multinomial(picked.cpu(), 1, generator=generator)[:, 0].to(probs.device)
+    out[chosen] = picked - F.one_hot(labels, probs.shape[-1]).to(probs.dtype)
+    return out
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable
 import torch
 
 from source_proj.gradients.memory import curvature_batch
-from source_proj.gradients.model import Inputs, ModelFunction, slice_inputs
+from source_proj.gradients.model import Inputs, ModelFunction, take_rows
 from source_proj.gradients.per_example import (
     check_finite,
     factor_objective,
@@ -98,7 +98,7 @@ def projected_gn_factors(
         else:
             factor = sampled[start:stop]
         grads = per_example_gradients(
-            fn, params, consts, factor_objective, slice_inputs(inputs, start, stop), targets[start:stop],
+            fn, params, consts, factor_objective, take_rows(inputs, slice(start, stop)), targets[start:stop],
             factor.detach(),
         )
         flat = {n: g.reshape(-1, g.shape[-1]) for n, g in grads.items()}

@@ -10,10 +10,12 @@ step count K and mean effective learning rate eta (eta / (1 - beta) under heavy-
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -30,7 +32,10 @@ class Checkpoint:
     """One saved point of training.
 
     Attributes:
-        state: the model's state dict, or a path to a file saved with ``torch.save``.
+        state: the model's state dict, or a path: a file saved with ``torch.save`` (``.pt``,
+            ``pytorch_model.bin``), a ``.safetensors`` file, a sharded checkpoint's
+            ``*.index.json``, or a directory written by ``save_pretrained`` or a Hugging Face
+            ``Trainer`` (``checkpoint-*/``); see :func:`load_state_file`.
         steps: optimizer steps since the previous checkpoint (> 0).
         lr: the learning rate of those steps, or a per-step history of length ``steps``.
         stage: label of the training stage the steps belong to (stages must be contiguous).
@@ -51,10 +56,42 @@ class Checkpoint:
         """The state dict (loaded on the CPU if ``state`` is a path)."""
         if isinstance(self.state, Mapping):
             return self.state
-        try:
-            return torch.load(self.state, map_location="cpu", weights_only=True, mmap=True)
-        except Exception as exc:
-            raise TrajectoryError(f"could not load checkpoint file {os.fspath(self.state)!r}: {exc}") from exc
+        return load_state_file(self.state)
+
+
+# Model weight files of a save_pretrained / Trainer checkpoint directory, in order of preference.
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def load_state_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A state dict (CPU tensors, keys as saved) from a ``torch.save`` file, a
+    ``.safetensors`` file (needs the ``safetensors`` package), a sharded checkpoint's
+    ``*.index.json`` (its shards merged) or a directory holding one of ``WEIGHT_FILES``.
+
+    Raises TrajectoryError naming the path if nothing loadable is there.
+    """
+    path = Path(path)
+    if path.is_dir():
+        for name in WEIGHT_FILES:
+            if (path / name).is_file():
+                return load_state_file(path / name)
+        raise TrajectoryError(f"checkpoint directory {os.fspath(path)!r} holds none of the weight files {list(WEIGHT_FILES)}")
+    try:
+        if path.name.endswith(".index.json"):
+            shards = sorted(set(json.loads(path.read_text())["weight_map"].values()))
+            state: dict[str, torch.Tensor] = {}
+            for shard in shards:
+                state.update(load_state_file(path.parent / shard))
+            return state
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(path, device="cpu")
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except TrajectoryError:
+        raise
+    except Exception as exc:
+        raise TrajectoryError(f"could not load checkpoint file {os.fspath(path)!r}: {exc}") from exc
 
 
 def state_digest(state: Mapping[str, torch.Tensor]) -> str:

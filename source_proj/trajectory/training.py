@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from source_proj.gradients.model import Inputs, call_module, take_rows
 from source_proj.gradients.tasks import Task
 from source_proj.trajectory.checkpoints import Checkpoint, Trajectory
 
@@ -54,7 +55,7 @@ class TrainSettings:
 def train_sgd(
     model: nn.Module,
     task: Task,
-    inputs: torch.Tensor,
+    inputs: Inputs,
     targets: torch.Tensor,
     settings: TrainSettings,
     *,
@@ -65,7 +66,9 @@ def train_sgd(
     """Train ``model`` in place; return the checkpoints saved along the way.
 
     Args:
-        inputs, targets: the training set (N rows).
+        inputs, targets: the training set (N rows); inputs a tensor, a tuple (positional
+            arguments) or a dict of tensors (keyword arguments), outputs selected as in
+            ``gradients.model.select_output``.
         stage: the stage label given to the checkpoints.
         checkpoint_dir: if given, also save each state there as ``ckpt-<stage>-<i>.pt`` and
             reference it by path.
@@ -89,7 +92,7 @@ def train_sgd(
         perm = torch.randperm(n, generator=order_gen)
         for start in range(0, n, settings.batch_size):
             idx = perm[start : start + settings.batch_size]
-            losses = task.loss(model(inputs[idx]), targets[idx])
+            losses = task.loss(call_module(model, take_rows(inputs, idx)), targets[idx])
             if sample_weights is not None:
                 losses = losses * sample_weights[idx]
             opt.zero_grad()
