@@ -83,13 +83,12 @@ _CONFIG_FLAGS = {  # flag destination -> SourceConfig field
 
 
 def _attributor_for_fit(args: argparse.Namespace, spec: Any) -> Any:
-    from source_proj.attributor import SourceAttributor
     from source_proj.config import SourceConfig
 
     settings = dict(spec.config)
     settings.update({field: getattr(args, flag) for flag, field in _CONFIG_FLAGS.items() if getattr(args, flag) is not None})
     settings["progress"] = not args.quiet
-    return SourceAttributor(spec.model, spec.task, spec.trajectory, SourceConfig(**settings))
+    return spec.attributor(SourceConfig(**settings))
 
 
 def _fit(args: argparse.Namespace) -> int:
@@ -114,17 +113,16 @@ def _fit(args: argparse.Namespace) -> int:
 def _store_attributor(args: argparse.Namespace, spec: Any) -> tuple[Any, Any]:
     """(store, attributor): the task's attributor with the settings the store was made with,
     and the store, checked against it."""
-    from source_proj.attributor import SourceAttributor
     from source_proj.features.fit import open_store, store_config
     from source_proj.features.store import FeatureStore
 
     config = store_config(FeatureStore.open(args.store), progress=not args.quiet, **_runtime(args))
-    attributor = SourceAttributor(spec.model, spec.task, spec.trajectory, config)
+    attributor = spec.attributor(config)
     return open_store(attributor, args.store), attributor
 
 
-def _query_setup(args: argparse.Namespace) -> tuple[Any, Any, Any, list[int] | None]:
-    """(store, attributor, query features (n_query, D) float32, segments or None)."""
+def _query_setup(args: argparse.Namespace) -> tuple[Any, Any, Any, list[int] | None, Any]:
+    """(store, attributor, query features (n_query, D) float32, segments or None, the TaskSpec)."""
     from source_proj.cli.task_spec import TaskSpecError, load_task
     from source_proj.features.fit import stage_restriction
 
@@ -136,7 +134,7 @@ def _query_setup(args: argparse.Namespace) -> tuple[Any, Any, Any, list[int] | N
     segments = None
     if args.stage is not None:
         queries, segments = stage_restriction(attributor, store, args.stage, queries)
-    return store, attributor, queries, segments
+    return store, attributor, queries, segments, spec
 
 
 def _runtime(args: argparse.Namespace) -> dict[str, Any]:
@@ -151,7 +149,7 @@ def _runtime(args: argparse.Namespace) -> dict[str, Any]:
 def _score(args: argparse.Namespace) -> int:
     from source_proj.retrieval.bulk import score_matrix
 
-    store, _, queries, segments = _query_setup(args)
+    store, _, queries, segments, _ = _query_setup(args)
     scores = score_matrix(
         store, queries, args.out, segments=segments, query_block=args.query_block, progress=not args.quiet
     )
@@ -223,8 +221,9 @@ def _ivf_index(args: argparse.Namespace, store: Any, queries: Any) -> Any:
 
 
 def _topk(args: argparse.Namespace) -> int:
-    store, _, queries, segments = _query_setup(args)
+    store, _, queries, segments, spec = _query_setup(args)
     results = _topk_results(args, store, queries, segments)
+    query_text, train_text = spec.texts("queries"), spec.texts("train")
     records = [
         {"query": q, "kind": kind, "rank": rank + 1, "train_id": int(found.ids[q, rank]),
          "score": float(found.scores[q, rank])}
@@ -232,7 +231,16 @@ def _topk(args: argparse.Namespace) -> int:
         for q in range(found.ids.shape[0])
         for rank in range(found.ids.shape[1])
     ]
-    _write_records(records, ["query", "kind", "rank", "train_id", "score"], args.format, args.output)
+    columns = ["query", "kind", "rank", "train_id", "score"]
+    if query_text is not None:
+        columns.insert(1, "query_text")
+        for r in records:
+            r["query_text"] = query_text[r["query"]]
+    if train_text is not None:
+        columns.insert(columns.index("train_id") + 1, "train_text")
+        for r in records:
+            r["train_text"] = train_text[r["train_id"]]
+    _write_records(records, columns, args.format, args.output)
     return 0
 
 
@@ -246,7 +254,19 @@ def _self_influence(args: argparse.Namespace) -> int:
     if args.top is not None:
         order = order[: args.top]
     records = [{"rank": r + 1, "train_id": int(m), "self_influence": float(values[m])} for r, m in enumerate(order)]
-    _write_records(records, ["rank", "train_id", "self_influence"], args.format, args.output)
+    columns = ["rank", "train_id", "self_influence"]
+    if args.task is not None:
+        from source_proj.cli.task_spec import TaskSpecError, load_task
+
+        texts = load_task(args.task).texts("train")
+        if texts is None:
+            raise TaskSpecError(f"{args.task} gives no train_text for the text column")
+        if len(texts) != len(values):
+            raise TaskSpecError(f"{args.task} has {len(texts)} training rows but the store {len(values)}")
+        columns.insert(2, "train_text")
+        for r in records:
+            r["train_text"] = texts[r["train_id"]]
+    _write_records(records, columns, args.format, args.output)
     return 0
 
 
@@ -390,7 +410,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         help="the k most helpful (proponents) and most harmful (opponents) training rows per query",
         description="For every query of the task, the k training rows with the largest scores "
         "(proponents) and/or the most negative ones (opponents). One output row per result: query id, "
-        "kind, rank (1 = strongest), train id (row of the training data) and score.",
+        "kind, rank (1 = strongest), train id (row of the training data) and score, with query_text and "
+        "train_text columns when the task gives TaskSpec.query_text / train_text.",
         epilog="example: source-proj topk --task source_proj.cli.digits_task:task --store digits.zarr -k 5 "
         "--format json -o top5.json",
     )
@@ -415,6 +436,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "others, often mislabeled or atypical. Computed by 'fit' and read from the store.",
     )
     self_inf.add_argument("--store", required=True, help=STORE_HELP)
+    self_inf.add_argument("--task", help="a task whose TaskSpec.train_text adds a train_text column")
     self_inf.add_argument("--top", type=int, help="only the first N rows (default all)")
     _output_flags(self_inf)
     self_inf.set_defaults(handler=_reporting_errors(_self_influence))

@@ -21,7 +21,7 @@ import importlib
 import importlib.util
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -30,6 +30,8 @@ from torch import nn
 
 from source_proj.gradients.tasks import Task
 from source_proj.trajectory.checkpoints import Trajectory
+
+TextColumn = str | Sequence[str] | None
 
 
 class TaskSpecError(ValueError):
@@ -55,6 +57,12 @@ class TaskSpec:
             given on the command line take precedence.
         fit_options: keyword arguments of ``SourceAttributor.prepare``: ``stages``,
             ``num_train``, ``curvature_data``.
+        train_text, query_text: a per-row description written beside the ids in ``topk``
+            and ``self-influence`` output (a label, the text of a sequence): one string per
+            row, or the name of a column of the rows (of a ``datasets.Dataset``, a dict of
+            columns or dict items).
+        param_names, output: as for ``SourceAttributor`` (parameter patterns; which tensor of
+            the model's output the task sees).
     """
 
     model: nn.Module
@@ -65,6 +73,10 @@ class TaskSpec:
     query_sets: Mapping[str, Any] = field(default_factory=dict)
     config: Mapping[str, Any] = field(default_factory=dict)
     fit_options: Mapping[str, Any] = field(default_factory=dict)
+    train_text: TextColumn = None
+    query_text: TextColumn = None
+    param_names: Sequence[str] | None = None
+    output: str | Callable[[Any], Any] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, nn.Module):
@@ -80,6 +92,33 @@ class TaskSpec:
         allowed = {"stages", "num_train", "curvature_data"}
         if set(self.fit_options) - allowed:
             raise TaskSpecError(f"TaskSpec.fit_options accepts {sorted(allowed)}, got {sorted(self.fit_options)}")
+
+
+    def attributor(self, config: Any) -> Any:
+        """The ``SourceAttributor`` of this run with ``config`` (a ``SourceConfig``)."""
+        from source_proj.attributor import SourceAttributor
+
+        return SourceAttributor(self.model, self.task, self.trajectory, config, param_names=self.param_names,
+                                output=self.output)
+
+    def texts(self, which: str) -> list[str] | None:
+        """The per-row descriptions of "train" or "queries" rows (None if not given)."""
+        spec, data = (self.train_text, self.train) if which == "train" else (self.query_text, self.queries)
+        if spec is None or data is None:
+            return None
+        if isinstance(spec, str):
+            try:
+                values = data[spec] if hasattr(data, "column_names") or isinstance(data, Mapping) else [
+                    data[i][spec] for i in range(len(data))
+                ]
+            except (KeyError, TypeError, IndexError) as exc:
+                raise TaskSpecError(f"the {which} rows have no column {spec!r} for the text output: {exc}") from exc
+        else:
+            values = spec
+        values = [str(v) for v in values]
+        if len(values) != len(data):
+            raise TaskSpecError(f"{len(values)} {which} texts for {len(data)} {which} rows")
+        return values
 
 
 def _load_function(reference: str) -> Any:
