@@ -32,7 +32,7 @@ def final_losses(attributor: SourceAttributor, data: Any, *, progress: bool = Tr
     final checkpoint (the model the scores explain)."""
     examples = as_examples(data)
     model_fn = attributor.model_fn
-    final = attributor.trajectory.checkpoints[-1].load()
+    final = model_fn.canonical_state(attributor.trajectory.checkpoints[-1].load(), "final checkpoint")
     params, consts = model_fn.split_state(final, attributor.device)
     out = np.empty(len(examples), dtype=np.float64)
     for start in tqdm(range(0, len(examples), _BLOCK), desc="final losses", disable=not progress, leave=False):
