@@ -90,6 +90,8 @@ def measure(size: str, mode: str, dim: int) -> dict:
 
 
 def throughput(out: Path, sizes: list[str]) -> None:
+    """Measure every size and pass in fresh processes; the table is rewritten after each one
+    (an interrupted run keeps what it measured)."""
     results = []
     for size in sizes:
         for mode, dim in [("bare", 0), *(("source", d) for d in DIMS)]:
@@ -97,6 +99,12 @@ def throughput(out: Path, sizes: list[str]) -> None:
             line = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
             results.append(json.loads(line))
             print(results[-1], flush=True)
+            write_throughput_table(results, out)
+    print(out.read_text())
+
+
+def write_throughput_table(results: list[dict], out: Path) -> None:
+    """The markdown table of ``measure`` results (ratios against the same size's bare pass)."""
     lines = [
         f"# LM featurisation throughput (CPU), {datetime.date.today()}",
         "",
@@ -118,7 +126,6 @@ def throughput(out: Path, sizes: list[str]) -> None:
             f"{r['peak_bytes'] / 2**30:.2f} GiB |"
         )
     out.write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
 
 
 # ------------------------------------------------------------------------- LDS
