@@ -32,7 +32,7 @@ from source_proj.curvature.spectra import (
 from source_proj.features.rows import combine, row_dot, segment_features
 from source_proj.gradients.data import Examples, as_examples
 from source_proj.gradients.model import ModelFunction
-from source_proj.gradients.per_example import check_finite
+from source_proj.gradients.per_example import check_finite, dataset_rows
 from source_proj.gradients.tasks import Task, resolve_task
 from source_proj.projection.projected import projected_gn_factors, projected_gradients
 from source_proj.trajectory.checkpoints import (
@@ -151,15 +151,43 @@ class SourceAttributor:
         noise = torch.Generator().manual_seed((self.config.seed * 1_000_003 + index) % 2**63)
         total = torch.zeros(self.config.proj_dim, self.config.proj_dim, dtype=torch.float64, device=self.device)
         for start in self._chunks(len(chosen), f"curvature @ checkpoint {index}"):
-            inputs, targets = examples.take(chosen[start : start + self.config.chunk_size].tolist(), self.device)
-            factors = projected_gn_factors(
-                self.model_fn, params, consts, self.task, inputs, targets, self.projection,
-                self.config.curvature, noise, f"checkpoint {index}",
-            )
+            rows = chosen[start : start + self.config.chunk_size].tolist()
+            inputs, targets = examples.take(rows, self.device)
+            with dataset_rows(rows):
+                factors = projected_gn_factors(
+                    self.model_fn, params, consts, self.task, inputs, targets, self.projection,
+                    self.config.curvature, noise, f"checkpoint {index}",
+                )
             gauss_newton_accumulate(total, factors)
         hessian = (total / len(chosen)).cpu()
         check_finite(hessian, f"curvature at checkpoint {index}")
         return hessian
+
+    def check_training_data(
+        self,
+        examples: Examples,
+        chunk_rows: int = 4096,
+        visit: Callable[[int, int, Any, torch.Tensor], None] | None = None,
+        *,
+        chunks: Collection[int] | None = None,
+    ) -> None:
+        """Validate every row's target for the task before any costly pass (e.g. class
+        labels: integers in [0, C), no ignore index), reading the rows ``chunk_rows`` at a
+        time; ``visit(start, stop, inputs, targets)`` is called with each chunk (the feature
+        store digests them). ``chunks`` limits the pass to those chunk indices. Raises
+        ``ValueError`` naming the offending rows (indices into ``examples``)."""
+        if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1:
+            raise ValueError(f"chunk_rows must be a positive int, got {chunk_rows!r}")
+        first_inputs, _ = examples.rows(0, 1, self.device)
+        params, consts = self._load(len(self.trajectory.checkpoints) - 1)
+        n_outputs = self.model_fn.forward(params, consts, first_inputs).reshape(1, -1).shape[1]
+        chosen = range(-(-len(examples) // chunk_rows)) if chunks is None else sorted(chunks)
+        for index in tqdm(chosen, desc="check training data", disable=not self.config.progress, leave=False, unit="chunk"):
+            start, stop = index * chunk_rows, min((index + 1) * chunk_rows, len(examples))
+            inputs, targets = examples.rows(start, stop)
+            self.task.check_targets(targets, n_outputs, start)
+            if visit is not None:
+                visit(start, stop, inputs, targets)
 
     def prepare(
         self,
@@ -262,9 +290,14 @@ class SourceAttributor:
 
     # ---------------------------------------------------------------- features
     def featurize_rows(self, examples: Examples, start: int, stop: int) -> RowFeatures:
-        """Features of training rows [start, stop) (after :meth:`prepare`)."""
+        """Features of training rows [start, stop) (after :meth:`prepare`); a
+        ``NonFiniteError`` names the offending rows by their index in ``examples``."""
         if self.operators is None:
             raise RuntimeError("call prepare() or fit() before featurize_rows()")
+        with dataset_rows(range(start, stop)):
+            return self._featurize_rows(examples, start, stop)
+
+    def _featurize_rows(self, examples: Examples, start: int, stop: int) -> RowFeatures:
         inputs, targets = examples.rows(start, stop, self.device)
         n, k, final_index = stop - start, self.config.proj_dim, len(self.trajectory.checkpoints) - 1
         sums = torch.zeros(n, self.num_segments, k, dtype=torch.float64, device=self.device)
@@ -315,7 +348,9 @@ class SourceAttributor:
     ) -> SourceAttributor:
         """Compute and keep in memory the features of every training row (see :meth:`prepare`
         for the arguments). For data sets too large for memory, use a feature store."""
-        examples = self.prepare(train_data, stages=stages, num_train=num_train, curvature_data=curvature_data)
+        examples = as_examples(train_data)
+        self.check_training_data(examples)
+        self.prepare(examples, stages=stages, num_train=num_train, curvature_data=curvature_data)
         rows = self.featurize_range(examples, 0, len(examples), progress=True)
         self.train_features = rows.features
         self.train_segment_features = rows.segment_features
@@ -338,8 +373,10 @@ class SourceAttributor:
             groups = [seg.checkpoints for seg in self.segments]
         parts = []
         for start in self._chunks(len(examples), "queries"):
-            inputs, targets = examples.rows(start, min(len(examples), start + self.config.chunk_size), self.device)
-            per_group = [-self._projected_sum(group, measure, inputs, targets) / len(group) for group in groups]
+            stop = min(len(examples), start + self.config.chunk_size)
+            inputs, targets = examples.rows(start, stop, self.device)
+            with dataset_rows(range(start, stop)):
+                per_group = [-self._projected_sum(group, measure, inputs, targets) / len(group) for group in groups]
             parts.append(torch.cat(per_group, dim=1).cpu())
         return torch.cat(parts)
 

@@ -3,8 +3,12 @@
 ``fit_store`` is the store-backed counterpart of ``SourceAttributor.fit``: it runs the
 curvature pass, then featurises the training rows chunk by chunk into a zarr store (with the
 per-segment curvature, the per-row self-influence and, if the attributor keeps them, the
-per-segment features), resuming an interrupted run. ``open_store`` reopens a finished store for
-queries after checking that it was made with the same model, trajectory and settings.
+per-segment features), resuming an interrupted run. Before any costly work it takes the
+store's lock, checks the settings of an existing store, and reads the training rows once:
+their targets are validated for the task and each store chunk's rows are digested
+(``rows_digest``), so that a store is only ever resumed with the data it was made from.
+``open_store`` reopens a finished store for queries after checking that it was made with the
+same model, trajectory and settings; ``check_training_data`` compares data with a store.
 
 The store's metadata is the attributor's ``metadata()`` (with the segment weights w_l = 1/N_l
 and the checkpoints' content digests) plus ``source_config``: the estimator settings
@@ -26,11 +30,14 @@ import torch
 from source_proj.attributor import SourceAttributor
 from source_proj.config import SourceConfig
 from source_proj.curvature.spectra import SegmentSpectrum
+from source_proj.features.ledger import array_digest
+from source_proj.features.lock import hold_lock
 from source_proj.features.store import (
     ChunkFeatures,
     FeatureStore,
     FeaturizeReport,
     StoreLayout,
+    StoreMismatchError,
     featurize,
 )
 from source_proj.gradients.data import Examples, as_examples
@@ -89,6 +96,67 @@ def _compute_chunk(
     return compute
 
 
+def rows_digest(value: Any) -> int:
+    """A non-zero 64-bit digest of a batch of rows as ``Examples.rows`` returns them: tensors
+    (dtype, shape and bytes), tuples, lists and dicts of them, numpy arrays, and plain
+    Python values (by their repr)."""
+    if isinstance(value, torch.Tensor):
+        flat = value.detach().cpu().contiguous().reshape(-1)
+        return _combined(f"tensor {value.dtype} {tuple(value.shape)}", [array_digest(flat.view(torch.uint8).numpy())])
+    if isinstance(value, np.ndarray):
+        return array_digest(value)
+    if isinstance(value, dict):
+        items = sorted(value.items(), key=lambda item: str(item[0]))
+        return _combined("dict", [rows_digest(x) for key, v in items for x in (str(key), v)])
+    if isinstance(value, (tuple, list)):
+        return _combined("sequence", [rows_digest(v) for v in value])
+    return _combined(repr(value), [])
+
+
+def _combined(tag: str, digests: list[int]) -> int:
+    head = array_digest(np.frombuffer(tag.encode(), dtype=np.uint8))
+    return array_digest(np.array([head, *digests], dtype=np.uint64))
+
+
+def training_data_digests(
+    attributor: SourceAttributor, examples: Examples, chunk_rows: int, *, chunks: Sequence[int] | None = None
+) -> list[int]:
+    """Validate the targets of the rows of the given store chunks (default all) for the
+    attributor's task and return each chunk's ``rows_digest`` of (inputs, targets)."""
+    digests: dict[int, int] = {}
+    wanted = None if chunks is None else set(chunks)
+
+    def visit(start: int, stop: int, inputs: Any, targets: torch.Tensor) -> None:
+        digests[start // chunk_rows] = rows_digest((inputs, targets))
+
+    attributor.check_training_data(examples, chunk_rows, visit, chunks=wanted)
+    return [digests[c] for c in sorted(digests)]
+
+
+def check_training_data(
+    attributor: SourceAttributor, store: FeatureStore, train_data: Any, *, chunks: Sequence[int] | None = None
+) -> None:
+    """Raise unless ``train_data`` are the rows ``store`` was made from: the same number of
+    rows (``StoreMismatchError`` on ``layout.n_rows``) and, for the given chunks (default
+    all: a full pass over the data), the same inputs and targets (``DataMismatchError``
+    naming the first differing chunk)."""
+    examples = as_examples(train_data)
+    if len(examples) != store.layout.n_rows:
+        raise StoreMismatchError(store.path, "layout.n_rows", store.layout.n_rows, len(examples))
+    chunks = sorted(set(range(store.layout.n_chunks) if chunks is None else chunks))
+    store.check_data_digests(training_data_digests(attributor, examples, store.layout.chunk_rows, chunks=chunks), chunks)
+
+
+def _check_writable(path: Path) -> None:
+    """Fail before any work if the store cannot be written at ``path``."""
+    parent = path.parent
+    if not parent.is_dir():
+        raise FileNotFoundError(f"cannot write the feature store {path}: folder {parent} does not exist")
+    target = path if path.exists() else parent
+    if not os.access(target, os.W_OK):
+        raise PermissionError(f"cannot write the feature store {path}: {target} is not writable")
+
+
 def fit_store(
     attributor: SourceAttributor,
     train_data: Any,
@@ -112,25 +180,16 @@ def fit_store(
         stages, num_train, curvature_data: as for ``SourceAttributor.prepare``.
 
     Returns:
-        The complete store and what this call computed. A store at ``path`` made with another
-        model, checkpoints, trajectory or settings raises ``StoreMismatchError`` before any
-        work. A resumed run reuses the stored curvature (``curvature_data`` is then unused).
+        The complete store and what this call computed. Before any costly work: the store's
+        lock is taken (``StoreLockedError`` names the writer holding it), the training
+        targets are validated for the task (e.g. class labels in range), and a store at
+        ``path`` made with another model, checkpoints, trajectory, settings or training data
+        raises ``StoreMismatchError`` (``DataMismatchError`` for the data, naming the first
+        differing chunk). A resumed run reuses the stored curvature (``curvature_data`` is
+        then unused), checks the chunks it finds done and recomputes damaged ones.
     """
     path = Path(path)
-    stored = None
-    if path.exists():
-        existing = FeatureStore.open(path)
-        existing.check_metadata(_metadata(attributor), ignore=_AFTER_PREPARE)
-        stored = existing.curvature()
-    if stored is None:
-        examples = attributor.prepare(train_data, stages=stages, num_train=num_train, curvature_data=curvature_data)
-    else:
-        examples = as_examples(train_data)
-        spectra = [
-            SegmentSpectrum(torch.from_numpy(values), torch.from_numpy(vectors), seg.time)
-            for values, vectors, seg in zip(*stored, attributor.segments)
-        ]
-        attributor.set_curvature(spectra, attributor.segment_weights(len(examples), stages, num_train))
+    examples = as_examples(train_data)
     keep_segments = _keeps_segments(attributor)
     layout = StoreLayout(
         n_rows=len(examples),
@@ -141,10 +200,31 @@ def fit_store(
         segment_dim=attributor.config.proj_dim if keep_segments else 0,
         self_influence=True,
     )
-    store = FeatureStore.open_or_create(path, layout, _metadata(attributor))  # checks N, stages, weights
-    if stored is None:
-        store.write_curvature(*_curvature_arrays(attributor))
-    report = featurize(store, _compute_chunk(attributor, examples, keep_segments), progress=attributor.config.progress)
+    _check_writable(path)
+    progress = attributor.config.progress
+    with hold_lock(path):
+        stored = None
+        if path.exists():
+            existing = FeatureStore.open(path)
+            existing.check_metadata(_metadata(attributor), ignore=_AFTER_PREPARE)
+            if existing.layout != layout:
+                FeatureStore.open_or_create(path, layout, existing.metadata)  # names the differing field
+            stored = existing.curvature()
+        digests = training_data_digests(attributor, examples, layout.chunk_rows)
+        if path.exists():
+            existing.check_data_digests(digests)
+        if stored is None:
+            attributor.prepare(examples, stages=stages, num_train=num_train, curvature_data=curvature_data)
+        else:
+            spectra = [
+                SegmentSpectrum(torch.from_numpy(values), torch.from_numpy(vectors), seg.time)
+                for values, vectors, seg in zip(*stored, attributor.segments)
+            ]
+            attributor.set_curvature(spectra, attributor.segment_weights(len(examples), stages, num_train))
+        store = FeatureStore.open_or_create(path, layout, _metadata(attributor), digests)  # checks stages, weights
+        if stored is None:
+            store.write_curvature(*_curvature_arrays(attributor))
+        report = featurize(store, _compute_chunk(attributor, examples, keep_segments), progress=progress)
     return store, report
 
 

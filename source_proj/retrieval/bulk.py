@@ -3,7 +3,8 @@
 Both walk the feature store one chunk of training rows at a time and write their results to
 a zarr v3 group with a completion ledger (``source_proj.features.ledger``), so memory is bounded by a
 block (never n_query x N or N x D) and a run that is interrupted, even by SIGKILL, resumes
-where it stopped when called again with the same arguments.
+where it stopped when called again with the same arguments. Each run holds the lock of its
+output (``source_proj.features.lock``): a second run on the same output is refused.
 
 - ``score_matrix``: ``scores[q, m] = Q[q] . F[m]`` for all queries and training rows,
   float32 (n_query, N), in the group's array ``scores``.
@@ -26,12 +27,8 @@ import torch
 import zarr
 from tqdm.auto import tqdm
 
-from source_proj.features.ledger import (
-    ChunkLedger,
-    chunk_digest,
-    create_group_atomically,
-    remove_partial_writes,
-)
+from source_proj.features.ledger import ChunkLedger, chunk_digest, create_group_atomically
+from source_proj.features.lock import hold_lock
 from source_proj.features.store import FeatureStore, StoreLayout, StoreMismatchError
 from source_proj.retrieval.exact import check_queries
 
@@ -44,7 +41,8 @@ def _open_output(
     chunks: tuple[int, ...], n_chunks: int,
 ) -> tuple[zarr.Array, ChunkLedger]:
     """Open the output group at ``path`` if it exists and was made for ``description``,
-    else create it with the array ``name`` and a ledger of ``n_chunks`` row chunks."""
+    else create it with the array ``name`` and a ledger of ``n_chunks`` row chunks. The
+    caller holds the lock of ``path``."""
     if not path.exists():
 
         def build(group: zarr.Group) -> None:
@@ -59,8 +57,7 @@ def _open_output(
     for key in sorted(set(stored) | set(description)):
         if stored.get(key) != description.get(key):
             raise StoreMismatchError(path, key, stored.get(key), description.get(key))
-    remove_partial_writes(path)
-    return group[name], ChunkLedger.open(group, "chunk_digest")
+    return group[name], ChunkLedger.open(group, "chunk_digest", path)
 
 
 def _pending_rows(ledger: ChunkLedger, layout: StoreLayout, desc: str, progress: bool) -> Iterator[tuple[int, int, int]]:
@@ -111,22 +108,32 @@ def score_matrix(
         "query_block": block,
     }
 
-    scores, ledger = _open_output(
-        Path(out), description, "scores", (q.shape[0], layout.n_rows), "float32", (block, layout.chunk_rows),
-        layout.n_chunks,
-    )
+    with hold_lock(out):
+        scores, ledger = _open_output(
+            Path(out), description, "scores", (q.shape[0], layout.n_rows), "float32", (block, layout.chunk_rows),
+            layout.n_chunks,
+        )
+        _write_scores(store, q, segments, block, scores, ledger, progress)
+    return scores
+
+
+def _write_scores(
+    store: FeatureStore, q: np.ndarray, segments: Sequence[int] | None, block: int, scores: zarr.Array,
+    ledger: ChunkLedger, progress: bool,
+) -> None:
+    """The pending row chunks of ``score_matrix``'s output."""
     q_t = torch.from_numpy(q)
 
     def write(index: int, start: int, stop: int, q0: int, values: np.ndarray, last: bool) -> None:
         scores[q0 : q0 + block, start:stop] = values
         if last:
-            ledger.mark(index, chunk_digest(np.array([index, start, stop])))
+            ledger.mark(index, [chunk_digest(np.array([index, start, stop]))])
 
     # Blocks are written by a background thread while the next one is computed; at most one
     # write is pending, so memory holds two score blocks.
     with ThreadPoolExecutor(max_workers=1) as writer:
         pending = None
-        for index, start, stop in _pending_rows(ledger, layout, "score matrix", progress):
+        for index, start, stop in _pending_rows(ledger, store.layout, "score matrix", progress):
             features_t = torch.from_numpy(store.read_rows(start, stop, segments)).T
             for q0 in range(0, q.shape[0], block):
                 values = (q_t[q0 : q0 + block] @ features_t).numpy()
@@ -136,7 +143,6 @@ def score_matrix(
                 pending = writer.submit(write, index, start, stop, q0, values, last)
         if pending is not None:
             pending.result()
-    return scores
 
 
 def self_influence(
@@ -170,17 +176,19 @@ def self_influence(
         "segments": None if segments is None else sorted(int(s) for s in segments),
     }
 
-    values, ledger = _open_output(
-        Path(out), description, "self_influence", (layout.n_rows,), "float64", (layout.chunk_rows,), layout.n_chunks
-    )
-    for index, start, stop in _pending_rows(ledger, layout, "self-influence", progress):
-        q = np.asarray(self_query_chunk(start, stop))
-        if q.shape != (stop - start, dim):
-            raise ValueError(
-                f"self_query_chunk({start}, {stop}) returned shape {q.shape}; expected {(stop - start, dim)}"
-            )
-        q = check_queries(q, dim).astype(np.float64)
-        row_scores = np.einsum("ij,ij->i", q, store.read_rows(start, stop, segments).astype(np.float64))
-        values[start:stop] = row_scores
-        ledger.mark(index, chunk_digest(row_scores))
-    return np.asarray(values[:])
+    with hold_lock(out):
+        values, ledger = _open_output(
+            Path(out), description, "self_influence", (layout.n_rows,), "float64", (layout.chunk_rows,),
+            layout.n_chunks,
+        )
+        for index, start, stop in _pending_rows(ledger, layout, "self-influence", progress):
+            q = np.asarray(self_query_chunk(start, stop))
+            if q.shape != (stop - start, dim):
+                raise ValueError(
+                    f"self_query_chunk({start}, {stop}) returned shape {q.shape}; expected {(stop - start, dim)}"
+                )
+            q = check_queries(q, dim).astype(np.float64)
+            row_scores = np.einsum("ij,ij->i", q, store.read_rows(start, stop, segments).astype(np.float64))
+            values[start:stop] = row_scores
+            ledger.mark(index, [chunk_digest(row_scores)])
+        return np.asarray(values[:])
