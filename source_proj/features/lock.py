@@ -8,14 +8,15 @@ writer that finds the lock taken raises ``StoreLockedError`` saying who holds it
 finds a record left by a dead holder (a stale lock: the kernel lock is gone but the file is
 there) takes it over and reports the dead holder in ``StoreLock.replaced``.
 
-A lock is held by one process for one run id. ``hold_lock`` is re-entrant within a process:
+A lock is held by one process for one run id. ``hold_lock`` is re-entrant within a thread:
 nested calls for the same path share the outermost lock, so a function that locks its output
 can be called by one that already holds it (``fit_store`` holds the lock of its store over
-the whole fit, and ``featurize`` inside it finds it held). For cooperating processes (one
-holds the lock for a group of writers that share its run id), ``check_holder`` verifies that
-the lock is held for a given run id before a member of the group writes.
+the whole fit, and ``featurize`` inside it finds it held); another thread, like another
+process, is refused. For cooperating processes (one holds the lock for a group of writers
+that share its run id), ``check_holder`` verifies that the lock is held for a given run id
+before a member of the group writes.
 
-The first acquisition in a process also removes what dead writers left in the output
+The outermost acquisition also removes what dead writers left in the output
 (temporary files of interrupted writes, half-created folders): only the lock holder may.
 """
 
@@ -154,28 +155,28 @@ class StoreLock:
         self.release()
 
 
-_held: dict[Path, tuple[StoreLock, int]] = {}
+_held: dict[tuple[int, Path], tuple[StoreLock, int]] = {}
 _held_guard = threading.Lock()
 
 
 @contextmanager
 def hold_lock(path: str | os.PathLike, run_id: str | None = None) -> Iterator[StoreLock]:
-    """Hold the lock of ``path`` for the ``with`` block; re-entrant within this process (a
+    """Hold the lock of ``path`` for the ``with`` block; re-entrant within a thread (a
     nested call yields the outer lock). The outermost acquisition removes the leftovers of
     dead writers of ``path`` (``remove_leftovers``)."""
-    key = Path(os.path.abspath(path))
+    key = (threading.get_ident(), Path(os.path.abspath(path)))
     with _held_guard:
         if key in _held:
             lock, depth = _held[key]
             _held[key] = (lock, depth + 1)
             outer = False
         else:
-            lock = StoreLock(key, run_id).acquire()
+            lock = StoreLock(key[1], run_id).acquire()
             _held[key] = (lock, 1)
             outer = True
     try:
         if outer:
-            remove_leftovers(key)
+            remove_leftovers(key[1])
         yield lock
     finally:
         with _held_guard:
@@ -194,10 +195,17 @@ def check_holder(path: str | os.PathLike, run_id: str) -> LockHolder:
     if holder is None or holder.run_id != run_id:
         who = holder.describe() if holder is not None else "nobody"
         raise StoreError(f"{path} is not locked for run {run_id}: its lock is held by {who}")
-    probe = StoreLock(path)
     try:
-        probe.acquire()
-    except StoreLockedError:
-        return holder  # held by a live process, as recorded
-    probe.release()
+        fd = os.open(lock_path(path), os.O_RDONLY)
+    except FileNotFoundError:
+        fd = None
+    if fd is not None:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # fails while the holder lives
+        except OSError as exc:
+            if exc.errno in (errno.EAGAIN, errno.EACCES):
+                return holder
+            raise
+        finally:
+            os.close(fd)  # (also drops the probe's own lock, leaving the record as it was)
     raise StoreError(f"{path} is not locked for run {run_id}: its holder {holder.describe()} has ended")
