@@ -460,3 +460,131 @@ def test_kill_at_every_write_boundary_then_resume_equals_an_uninterrupted_run(tm
                 np.testing.assert_array_equal(got["arrays"][name], array, err_msg=f"{name} @ {boundary} {after}")
             leftovers = [p.name for p in tmp_path.glob(f".{path.name}.*")] + [p.name for p in path.rglob("*.partial")]
             assert leftovers == [] and not lock_path(path).exists(), (boundary, after, leftovers)
+
+
+# ------------------------------------------------------------------------- command line
+TASK_FILE = """
+import sys
+sys.path.insert(0, {tests!r})
+import torch
+from tiny_models import blobs, trained_classifier
+from source_proj.cli.task_spec import TaskSpec
+
+def _spec(n=60, change=None):
+    model, trajectory, (x, y) = trained_classifier(n=n, epochs=2)
+    if change is not None:
+        x, y = change(x.clone(), y.clone())
+    return TaskSpec(model=model, task="classification", trajectory=trajectory, train=(x, y),
+                    queries=blobs(7, 4, 3, seed=9), config={{"num_segments": 2, "proj_dim": 8}})
+
+def task():
+    return _spec()
+
+def relabelled():  # rows 3 and 40 get another class
+    def change(x, y):
+        y[[3, 40]] = (y[[3, 40]] + 1) % 3
+        return x, y
+    return _spec(change=change)
+
+def ignore_index():
+    def change(x, y):
+        y[41] = -100
+        return x, y
+    return _spec(change=change)
+
+def nan_input():
+    def change(x, y):
+        x[23, 0] = float("nan")
+        return x, y
+    return _spec(change=change)
+
+def larger():
+    return _spec(n=400)
+"""
+
+
+@pytest.fixture(scope="module")
+def task_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("task") / "integrity_task.py"
+    path.write_text(TASK_FILE.format(tests=str(Path(__file__).parent)))
+    return path
+
+
+def _cli(capsys, *argv: str) -> tuple[int, str, str]:
+    from source_proj.cli.main import main
+
+    code = main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_cli_errors_are_one_line_with_exit_code_2_and_verify_finds_and_fit_repairs_damage(task_file, tmp_path, capsys):
+    store = tmp_path / "feats.zarr"
+    orphan = tmp_path / ".feats.zarr.creating-0123abcd"  # what a kill during creation leaves
+    orphan.mkdir()
+    fit = ["fit", "--store", str(store), "--chunk-rows", "16", "--quiet"]
+    code, _, err = _cli(capsys, *fit, "--task", f"{task_file}:task")
+    assert code == 0, err
+    assert not orphan.exists()
+    code, _, err = _cli(capsys, "verify", "--store", str(store), "--task", f"{task_file}:task", "--quiet")
+    assert code == 0 and "no problem found" in err, err
+
+    # Changed data: topk refuses (spot check of the first chunk), verify names the chunk.
+    code, out, err = _cli(capsys, "topk", "--task", f"{task_file}:relabelled", "--store", str(store), "--quiet")
+    assert code == 2 and out == "" and "of chunk 0 (rows 0-15) changed, the first of 1 differing chunks among the 2 checked" in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    code, _, err = _cli(capsys, "verify", "--store", str(store), "--task", f"{task_file}:relabelled", "--quiet")
+    assert code == 1 and "chunk 0 (rows 0-15) changed, the first of 2 differing chunks among the 4" in err
+    assert "1 problems found" in err
+
+    # Damage: topk refuses in one line (or shows the traceback with --debug); verify lists it;
+    # fit recomputes it.
+    (store / "features" / "c" / "2" / "0").unlink()
+    topk = ["topk", "--task", f"{task_file}:task", "--store", str(store), "-k", "3", "--quiet"]
+    code, out, err = _cli(capsys, *topk)
+    assert code == 2 and out == "" and "chunk 2 of 'features'" in err and len(err.strip().splitlines()) == 1
+    with pytest.raises(StoreCorruptError):
+        _cli(capsys, *topk, "--debug")
+    code, _, err = _cli(capsys, "verify", "--store", str(store), "--quiet")
+    assert code == 1 and "chunk 2 of 'features'" in err
+    code, _, err = _cli(capsys, *fit, "--task", f"{task_file}:task")
+    assert code == 0 and "1 chunks computed now (1 of them found damaged and recomputed), 3 found done" in err
+    code, _, err = _cli(capsys, "verify", "--store", str(store), "--quiet")
+    assert code == 0, err
+
+    # Bad labels and NaN inputs: exit code 2 before any curvature, rows named in the data.
+    code, _, err = _cli(capsys, *fit[:2], str(tmp_path / "l.zarr"), *fit[3:], "--task", f"{task_file}:ignore_index")
+    assert code == 2 and "rows [41]" in err and "-100" in err and not (tmp_path / "l.zarr").exists()
+    code, _, err = _cli(capsys, *fit[:2], str(tmp_path / "n.zarr"), *fit[3:], "--task", f"{task_file}:nan_input")
+    assert code == 2 and "first bad rows [23] of the data" in err
+    code, _, err = _cli(capsys, *topk, "-o", str(tmp_path / "no" / "such" / "dir.csv"))
+    assert code == 2 and "does not exist" in err
+
+
+def test_cli_stale_ivf_index_is_retuned_and_no_missing_ids_are_written(task_file, tmp_path, capsys, monkeypatch):
+    import csv
+    import io
+
+    from source_proj.retrieval.ivf import ApproxIndex
+
+    store = str(tmp_path / "big.zarr")
+    ref = f"{task_file}:larger"
+    code, _, err = _cli(capsys, "fit", "--task", ref, "--store", store, "--chunk-rows", "64", "--quiet")
+    assert code == 0, err
+    base = ["topk", "--task", ref, "--store", store, "--quiet"]
+    code, _, err = _cli(capsys, *base, "-k", "5", "--index", "ivf", "--ivf-recall", "0.5")
+    assert code == 0 and "saved to" in err, err
+
+    monkeypatch.setattr(ApproxIndex, "save", lambda self, store: (_ for _ in ()).throw(PermissionError("read-only")))
+    code, out, err = _cli(capsys, *base, "-k", "60", "--index", "ivf", "--ivf-recall", "0.99")
+    assert code == 0, err
+    assert "tuned for k = 5, recall 0.5: retuning it for k = 60, recall 0.99" in err
+    assert "kept in memory for this run" in err
+    found = list(csv.DictReader(io.StringIO(out)))
+    code, out, err = _cli(capsys, *base, "-k", "60")
+    exact = list(csv.DictReader(io.StringIO(out)))
+    assert len(found) == len(exact) == 2 * 7 * 60
+    assert all(int(r["train_id"]) >= 0 and float(r["score"]) > -1e30 for r in found)
+    for kind in ("proponents", "opponents"):
+        ids = [np.array([int(r["train_id"]) for r in rows if r["kind"] == kind]).reshape(7, 60) for rows in (found, exact)]
+        assert recall_at_k(*ids) >= 0.99

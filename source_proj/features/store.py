@@ -101,12 +101,13 @@ class DataMismatchError(StoreError, ValueError):
         rows: its rows ``(start, stop)``.
     """
 
-    def __init__(self, path: Path, chunk: int, rows: tuple[int, int], n_differing: int) -> None:
+    def __init__(self, path: Path, chunk: int, rows: tuple[int, int], n_differing: int, n_checked: int) -> None:
         self.chunk, self.rows = chunk, rows
         super().__init__(
-            f"the training data differ from those feature store {path} was made from: chunk {chunk} "
-            f"(rows {rows[0]}-{rows[1] - 1}) is the first of {n_differing} chunks whose inputs or targets "
-            "changed (rows reordered, relabelled or replaced?); its features belong to the old data. Use "
+            f"the training data differ from those feature store {path} was made from: the inputs or targets "
+            f"of chunk {chunk} (rows {rows[0]}-{rows[1] - 1}) changed, the first of {n_differing} differing "
+            f"chunks among the {n_checked} checked (rows reordered, relabelled or replaced?); the store's "
+            "features belong to the old data. Use "
             "the original data, or another store path (or delete this store) to attribute the new data"
         )
 
@@ -468,7 +469,9 @@ class FeatureStore:
             raise ValueError(f"expected {len(chunks)} data digests, got {given.shape}")
         differing = [c for c, d in zip(chunks, given) if recorded[c] != d]
         if differing:
-            raise DataMismatchError(self.path, differing[0], self.layout.chunk_range(differing[0]), len(differing))
+            raise DataMismatchError(
+                self.path, differing[0], self.layout.chunk_range(differing[0]), len(differing), len(chunks)
+            )
 
     # ----------------------------------------------------------------------------- progress
     def pending_chunks(self) -> list[int]:
