@@ -377,11 +377,11 @@ def _verify_against_task(args: argparse.Namespace, store: Any) -> list[str]:
     """What differs between the store and the task: settings, model, checkpoints, data."""
     from source_proj.attributor import SourceAttributor
     from source_proj.cli.task_spec import load_task
-    from source_proj.features.fit import _AFTER_PREPARE, _metadata, check_training_data, store_config
+    from source_proj.features.fit import check_store_settings, check_training_data, store_config
     spec = load_task(args.task)
     attributor = SourceAttributor(spec.model, spec.task, spec.trajectory, store_config(store, progress=not args.quiet))
     try:
-        store.check_metadata(_metadata(attributor), ignore=_AFTER_PREPARE)
+        check_store_settings(attributor, store)
         check_training_data(attributor, store, spec.train)
     except ValueError as exc:  # StoreMismatchError, DataMismatchError, invalid labels
         return [str(exc)]

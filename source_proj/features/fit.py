@@ -203,16 +203,15 @@ def fit_store(
     _check_writable(path)
     progress = attributor.config.progress
     with hold_lock(path):
-        stored = None
-        if path.exists():
-            existing = FeatureStore.open(path)
-            existing.check_metadata(_metadata(attributor), ignore=_AFTER_PREPARE)
-            if existing.layout != layout:
-                FeatureStore.open_or_create(path, layout, existing.metadata)  # names the differing field
-            stored = existing.curvature()
+        existing = FeatureStore.open(path) if path.exists() else None
+        if existing is not None:  # refuse other settings before reading the data
+            check_store_settings(attributor, existing)
+            existing.check_layout(layout)
         digests = training_data_digests(attributor, examples, layout.chunk_rows)
-        if path.exists():
+        stored = None
+        if existing is not None:  # and other data before the curvature pass
             existing.check_data_digests(digests)
+            stored = existing.curvature()
         if stored is None:
             attributor.prepare(examples, stages=stages, num_train=num_train, curvature_data=curvature_data)
         else:
@@ -228,11 +227,17 @@ def fit_store(
     return store, report
 
 
+def check_store_settings(attributor: SourceAttributor, store: FeatureStore) -> None:
+    """Raise ``StoreMismatchError`` unless ``store`` was made with ``attributor``'s model,
+    checkpoints, trajectory and settings."""
+    store.check_metadata(_metadata(attributor), ignore=_AFTER_PREPARE)
+
+
 def open_store(attributor: SourceAttributor, path: str | os.PathLike) -> FeatureStore:
     """Open the complete store at ``path`` for ``attributor``'s queries, checking that it was
     made with the same model, trajectory and settings (``StoreMismatchError`` otherwise)."""
     store = FeatureStore.open(path)
-    store.check_metadata(_metadata(attributor), ignore=_AFTER_PREPARE)
+    check_store_settings(attributor, store)
     store.require_complete()
     return store
 

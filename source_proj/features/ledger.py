@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Callable, Sequence
@@ -31,15 +32,21 @@ from typing import Any
 import numpy as np
 import xxhash
 import zarr
-from packaging.version import Version
 
 # zarr writes files atomically (temporary file + rename) from this version on; older 3.0.x
 # versions write chunks in place, and a kill can leave a truncated ledger row.
-MIN_ZARR = "3.1.3"
-if Version(zarr.__version__) < Version(MIN_ZARR):  # pragma: no cover - guarded by pyproject
+MIN_ZARR = (3, 1, 3)
+
+
+def zarr_version_ok(version: str) -> bool:
+    """Whether a zarr version string is at least ``MIN_ZARR`` (pre-releases count as it)."""
+    return tuple(int(p) for p in re.findall(r"\d+", version)[:3]) >= MIN_ZARR
+
+
+if not zarr_version_ok(zarr.__version__):  # pragma: no cover - guarded by pyproject
     raise ImportError(
-        f"source_proj needs zarr >= {MIN_ZARR} (atomic file writes; crash safety relies on them), "
-        f"found zarr {zarr.__version__}: pip install 'zarr>={MIN_ZARR},<4'"
+        f"source_proj needs zarr >= {'.'.join(map(str, MIN_ZARR))} (atomic file writes; crash safety relies "
+        f"on them), found zarr {zarr.__version__}: pip install 'zarr>=3.1.3,<4'"
     )
 
 

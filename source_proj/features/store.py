@@ -427,12 +427,16 @@ class FeatureStore:
         if not path.exists():
             return cls.create(path, layout, metadata, data_digests)
         store = cls.open(path, expected_metadata=metadata, writable=True)
-        diff = _first_difference(asdict(store.layout), asdict(layout), "layout")
-        if diff is not None:
-            raise StoreMismatchError(path, *diff)
+        store.check_layout(layout)
         if data_digests is not None:
             store.check_data_digests(data_digests)
         return store
+
+    def check_layout(self, expected: StoreLayout) -> None:
+        """Raise ``StoreMismatchError`` naming the first layout field that differs."""
+        diff = _first_difference(asdict(self.layout), asdict(expected), "layout")
+        if diff is not None:
+            raise StoreMismatchError(self.path, *diff)
 
     def check_metadata(self, expected: dict[str, Any], *, ignore: Collection[str] = ()) -> None:
         """Raise ``StoreMismatchError`` naming the first field where ``expected`` differs,
