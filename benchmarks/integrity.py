@@ -36,7 +36,7 @@ import numpy as np
 import xxhash
 
 sys.path.insert(0, str(Path(__file__).parent))
-from retrieval import FULL, QUICK, SyntheticFeatures, machine, race  # noqa: E402
+from retrieval import FULL, QUICK, SyntheticFeatures, machine, race, write_results  # noqa: E402
 
 from source_proj.features.store import FeatureStore, StoreLayout, featurize  # noqa: E402
 from source_proj.retrieval.exact import SearchSettings, exact_topk  # noqa: E402
@@ -136,11 +136,7 @@ def main() -> None:
         "",
         f"Top-k ids identical under every reader: {same}.",
     ]) + "\n"
-    print(text)
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"integrity-{today}{'-quick' if args.quick else ''}.md"
-    path.write_text(text)
-    print(f"written to {path}")
+    write_results(text, args.out, f"integrity-{today}{'-quick' if args.quick else ''}")
 
 
 if __name__ == "__main__":
