@@ -9,6 +9,14 @@
 averaged and eigendecomposed per segment) and features (per example, the projected loss
 gradients at every checkpoint, averaged per segment and preconditioned). Both are pure
 functions of the inputs; see ``curvature``, ``features`` and ``projected``.
+
+Adam / AdamW trajectories: every gradient taken at checkpoint c (training rows, queries,
+Gauss-Newton factor rows, self-influence) is rescaled by that checkpoint's D_c^{1/2} before
+projection (``trajectory.optimizer_state``), which turns the SGD formulas into the
+preconditioned ones (math note, section 4). Approximations: D may differ between
+checkpoints, and the cross terms D_l^{-1/2} D_l'^{1/2} between segments are dropped (each
+gradient is rescaled by its own checkpoint's D, the rescaled-space formulas are then those of
+SGD); Adam's coupled L2 decay lambda D is replaced by lambda c I (see ``optimizer_state``).
 """
 
 from __future__ import annotations
@@ -41,6 +49,7 @@ from source_proj.trajectory.checkpoints import (
     TrajectoryError,
     state_digest,
 )
+from source_proj.trajectory.optimizer_state import Preconditioner
 
 FORMAT_VERSION = 1
 
@@ -98,6 +107,8 @@ class SourceAttributor:
             state = ckpt.load()
             self.model_fn.check_state(state, f"checkpoint {i}")
             self.checkpoint_digests.append(state_digest(state))
+        # Adam's preconditioner: every checkpoint's optimizer state checked once here.
+        self.preconditioner = Preconditioner.build(trajectory, model, self.model_fn.names)
         self.spectra: list[SegmentSpectrum] | None = None
         self.operators: torch.Tensor | None = None
         self.weights: torch.Tensor | None = None
@@ -118,8 +129,9 @@ class SourceAttributor:
         inputs: Any,
         targets: torch.Tensor,
     ) -> torch.Tensor:
-        """P sum_c grad objective at ``checkpoints`` per example, (B, k) float32, one projection."""
-        states = ((*self._load(c), f"checkpoint {c}") for c in checkpoints)
+        """P sum_c D_c^{1/2} grad objective at ``checkpoints`` per example, (B, k) float32, one
+        projection (D = I without a preconditioner)."""
+        states = ((*self._load(c), f"checkpoint {c}", self.preconditioner.sqrt_scale(c, self.device)) for c in checkpoints)
         return projected_gradients(self.model_fn, states, objective, inputs, targets, self.projection)
 
     def _chunks(self, stop: int, desc: str, start: int = 0, show: bool = True) -> tqdm:
@@ -141,8 +153,10 @@ class SourceAttributor:
 
     # --------------------------------------------------------------- curvature
     def checkpoint_hessian(self, index: int, examples: Examples) -> torch.Tensor:
-        """Projected Gauss-Newton Hessian of the mean loss at checkpoint ``index``, (k, k) float64."""
+        """Projected Gauss-Newton Hessian of the mean loss at checkpoint ``index``, (k, k)
+        float64 (of the rescaled gradients, P D^{1/2} G D^{1/2} P^T, for Adam runs)."""
         params, consts = self._load(index)
+        scale = self.preconditioner.sqrt_scale(index, self.device)
         rows = len(examples)
         chosen = torch.arange(rows)
         if self.config.curvature_examples is not None and self.config.curvature_examples < rows:
@@ -156,7 +170,7 @@ class SourceAttributor:
             with dataset_rows(rows):
                 factors = projected_gn_factors(
                     self.model_fn, params, consts, self.task, inputs, targets, self.projection,
-                    self.config.curvature, noise, f"checkpoint {index}",
+                    self.config.curvature, noise, f"checkpoint {index}", scale,
                 )
             gauss_newton_accumulate(total, factors)
         hessian = (total / len(chosen)).cpu()
@@ -228,7 +242,7 @@ class SourceAttributor:
             desc="curvature", disable=not self.config.progress, unit="checkpoint",
         ):
             hessians[index] = self.checkpoint_hessian(index, per_stage[self.trajectory.checkpoints[index].stage])
-        self.set_curvature(segment_spectra(self.segments, hessians, self.trajectory.weight_decay, used), weights)
+        self.set_curvature(segment_spectra(self.segments, hessians, self.preconditioner.decays, used), weights)
         return examples
 
     def set_curvature(self, spectra: Sequence[SegmentSpectrum], weights: Sequence[float]) -> None:
@@ -426,6 +440,7 @@ class SourceAttributor:
             "task": self.task.name,
             "trajectory": self.trajectory.summary(),
             "checkpoint_digests": self.checkpoint_digests,
+            **({"optimizer_state_digests": list(self.preconditioner.digests)} if self.trajectory.preconditioned else {}),
             "segments": [
                 {"stage": str(s.stage), "checkpoints": list(s.checkpoints), "steps": s.steps, "lr": s.lr, "time": s.time}
                 for s in self.segments

@@ -24,7 +24,7 @@ from torch import nn
 
 from source_proj.gradients.tasks import ClassificationTask, RegressionTask, Task
 from source_proj.trajectory.checkpoints import Checkpoint, Trajectory
-from source_proj.trajectory.training import TrainSettings, train_sgd
+from source_proj.trajectory.training import AdamWSettings, TrainSettings, train
 
 SCENARIOS = ("digits", "digits-noisy", "digits-two-stage", "friedman")
 
@@ -109,7 +109,7 @@ def coarsen(checkpoints: list[Checkpoint], stride: int) -> list[Checkpoint]:
         if (i + 1) % stride == 0 or i == len(checkpoints) - 1:
             rates = np.concatenate([np.broadcast_to(np.asarray(c.lr, float), (c.steps,)) for c in pending])
             lr = float(rates[0]) if np.all(rates == rates[0]) else tuple(rates.tolist())
-            kept.append(Checkpoint(ckpt.state, steps=int(rates.size), lr=lr, stage=ckpt.stage))
+            kept.append(dataclasses.replace(ckpt, steps=int(rates.size), lr=lr))
             pending = []
     return kept
 
@@ -127,7 +127,7 @@ def train_run(scenario: Scenario, indices: np.ndarray, seed: int) -> tuple[nn.Mo
     for s, stage in enumerate(scenario.stages):
         rows = np.asarray(indices) if s == scenario.attributed_stage else np.arange(stage.targets.shape[0])
         settings = dataclasses.replace(stage.settings, seed=seed * len(scenario.stages) + s)
-        raw = train_sgd(
+        raw = train(
             model,
             task,
             torch.from_numpy(stage.inputs[rows]),
