@@ -89,13 +89,19 @@ def dense_source_scores(
     attributed_stages: tuple | None = None,
     curvature_data: dict | None = None,
     query_mode: str = "final",
+    precond: list[torch.Tensor] | None = None,
+    decays: list[float] | None = None,
 ) -> np.ndarray:
     """The math note's formula evaluated densely: per-example autograd loops, scipy's expm and
     an explicit inverse. ``proj`` None means no projection (P = I). ``query_mode`` "final":
     the final query gradient carried through later exp(-tH); "segment": each segment's mean
     query gradient against its own phi, no carrying. Only segments of
     ``attributed_stages`` (default all) contribute terms; each stage's Hessian comes from
-    ``curvature_data[stage]`` (default the training rows)."""
+    ``curvature_data[stage]`` (default the training rows).
+
+    Preconditioned runs (section 4): ``precond[c]`` is the diagonal D of checkpoint c, (p,)
+    in parameter order: gradients at c become P D^{1/2} g and the Hessian
+    P D^{1/2} G D^{1/2} P^T, with ``decays[c]`` (default the weight decay) on the diagonal."""
     x, y = train
     xq, yq = queries
     n = len(y)
@@ -105,33 +111,40 @@ def dense_source_scores(
     proj = torch.eye(p, dtype=torch.float64) if proj is None else proj
     k = proj.shape[0]
 
-    def grads(state, xs, ys, fn):
+    root = [torch.ones(p, dtype=torch.float64) if precond is None else precond[c].double().sqrt() for c in range(len(states))]
+    decays = decays or [traj.weight_decay] * len(states)
+
+    def grads(c, xs, ys, fn):
         return torch.stack([
-            proj @ flat_grad(model, state, lambda m, i=i: fn(m(xs[i : i + 1]), ys[i : i + 1])[0])
+            proj @ (root[c] * flat_grad(model, states[c], lambda m, i=i: fn(m(xs[i : i + 1]), ys[i : i + 1])[0]))
             for i in range(len(ys))
         ])
 
     exps, phis, gmeans = [], [], []
     for seg in segs:
         cx, cy = (curvature_data or {}).get(seg.stage, train)
-        h = sum(proj @ dense_gn_hessian(model, states[c], task, cx, cy) @ proj.T for c in seg.checkpoints)
-        h = (h / len(seg.checkpoints) + traj.weight_decay * torch.eye(k, dtype=torch.float64)).numpy()
+        h = sum(
+            proj @ (root[c][:, None] * dense_gn_hessian(model, states[c], task, cx, cy) * root[c][None, :]) @ proj.T
+            for c in seg.checkpoints
+        )
+        decay = float(np.mean([decays[c] for c in seg.checkpoints]))
+        h = (h / len(seg.checkpoints) + decay * torch.eye(k, dtype=torch.float64)).numpy()
         t = seg.time * time_scale
         e = scipy.linalg.expm(-t * h)
         exps.append(e)
         phis.append((np.eye(k) - e) @ np.linalg.inv(h))
-        gmeans.append(sum(grads(states[c], x, y, task.loss) for c in seg.checkpoints).numpy() / len(seg.checkpoints))
+        gmeans.append(sum(grads(c, x, y, task.loss) for c in seg.checkpoints).numpy() / len(seg.checkpoints))
     scores = np.zeros((len(yq), n))
     for l, seg in enumerate(segs):
         if attributed_stages is not None and seg.stage not in attributed_stages:
             continue
         if query_mode == "final":
-            q = grads(states[-1], xq, yq, task.measurement).numpy()
+            q = grads(len(states) - 1, xq, yq, task.measurement).numpy()
             op = phis[l]
             for later in exps[l + 1 :]:
                 op = later @ op
         else:
-            q = sum(grads(states[c], xq, yq, task.measurement) for c in seg.checkpoints).numpy() / len(seg.checkpoints)
+            q = sum(grads(c, xq, yq, task.measurement) for c in seg.checkpoints).numpy() / len(seg.checkpoints)
             op = phis[l]
         scores -= q @ op @ gmeans[l].T / n
     return scores
