@@ -10,6 +10,9 @@ and the task, and knows how to train a run from scratch on a subset of its attri
 * ``digits-two-stage``: stage 1 on upright digits, stage 2 on digits rotated by 90 degrees;
   attribution targets stage-1 rows, queries are upright test digits.
 * ``friedman``: regression on ``make_friedman1``, absolute error as the measurement.
+* ``digits-adamw``: the digits MLP trained with AdamW, linear warm-up and cosine decay, to
+  (near) convergence.
+* ``digits-adamw-noisy``: 30% noisy labels, AdamW with warm-up + cosine over 3 epochs only.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from source_proj.gradients.tasks import ClassificationTask, RegressionTask, Task
 from source_proj.trajectory.checkpoints import Checkpoint, Trajectory
 from source_proj.trajectory.training import AdamWSettings, TrainSettings, train
 
-SCENARIOS = ("digits", "digits-noisy", "digits-two-stage", "friedman")
+SCENARIOS = ("digits", "digits-noisy", "digits-two-stage", "friedman", "digits-adamw", "digits-adamw-noisy")
 
 
 @dataclass(frozen=True)
@@ -37,8 +40,8 @@ class Stage:
         label: the stage label recorded in the checkpoints.
         inputs: (n, d) float32 features.
         targets: (n,) int64 classes or (n, 1) float32 regression targets.
-        settings: SGD settings (epochs, batch size, learning rate, momentum, weight decay,
-            checkpoints per epoch); ``seed`` is replaced per run.
+        settings: SGD or AdamW settings (epochs, batch size, learning rate, momentum or
+            betas, weight decay, checkpoints per epoch); ``seed`` is replaced per run.
         checkpoint_stride: keep every j-th checkpoint for attribution (the dropped ones'
             steps are merged into the next kept one); 1 keeps all.
     """
@@ -46,7 +49,7 @@ class Stage:
     label: int
     inputs: np.ndarray
     targets: np.ndarray
-    settings: TrainSettings
+    settings: TrainSettings | AdamWSettings
     checkpoint_stride: int = 1
 
 
@@ -172,6 +175,15 @@ def _rotate(images: np.ndarray) -> np.ndarray:
     return np.rot90(images.reshape(-1, 8, 8), k=1, axes=(1, 2)).reshape(-1, 64).copy()
 
 
+def _noisy_labels(labels: np.ndarray, noise: float, seed: int) -> np.ndarray:
+    """``labels`` with a fraction ``noise`` of them re-drawn uniformly from the 10 classes."""
+    rng = np.random.default_rng([seed, 1])
+    out = labels.copy()
+    redraw = rng.random(len(out)) < noise
+    out[redraw] = rng.integers(0, 10, size=int(redraw.sum()))
+    return out
+
+
 _CONVERGED = TrainSettings(epochs=30, batch_size=32, lr=0.05, momentum=0.9, weight_decay=1e-3)
 
 
@@ -186,10 +198,7 @@ def digits(num_train: int = 800, num_queries: int = 100, seed: int = 0) -> Scena
 def digits_noisy(num_train: int = 800, num_queries: int = 100, noise: float = 0.3, seed: int = 0) -> Scenario:
     """(b) ``noise`` of the training labels re-drawn uniformly, 3 epochs (not converged)."""
     x, y = _digits(seed)
-    rng = np.random.default_rng([seed, 1])
-    labels = y[:num_train].copy()
-    redraw = rng.random(num_train) < noise
-    labels[redraw] = rng.integers(0, 10, size=int(redraw.sum()))
+    labels = _noisy_labels(y[:num_train], noise, seed)
     settings = dataclasses.replace(_CONVERGED, epochs=3, checkpoints_per_epoch=4)
     stage = Stage(0, x[:num_train], labels, settings)
     q = slice(num_train, num_train + num_queries)
@@ -219,9 +228,36 @@ def friedman(num_train: int = 600, num_queries: int = 100, seed: int = 0) -> Sce
     return Scenario("friedman", "regression", (stage,), 0, x[num_train:], y[num_train:])
 
 
+_ADAMW = AdamWSettings(epochs=30, batch_size=32, lr=3e-3, weight_decay=1e-2, warmup_fraction=0.1)
+
+
+def digits_adamw(num_train: int = 800, num_queries: int = 100, seed: int = 0) -> Scenario:
+    """(e) the digits MLP trained with AdamW (warm-up + cosine) to near convergence."""
+    x, y = _digits(seed)
+    stage = Stage(0, x[:num_train], y[:num_train], _ADAMW, checkpoint_stride=2)
+    q = slice(num_train, num_train + num_queries)
+    return Scenario("digits-adamw", "classification", (stage,), 0, x[q], y[q])
+
+
+def digits_adamw_noisy(num_train: int = 800, num_queries: int = 100, noise: float = 0.3, seed: int = 0) -> Scenario:
+    """(f) ``noise`` of the labels re-drawn, AdamW (warm-up + cosine) over 3 epochs."""
+    x, y = _digits(seed)
+    labels = _noisy_labels(y[:num_train], noise, seed)
+    stage = Stage(0, x[:num_train], labels, dataclasses.replace(_ADAMW, epochs=3, checkpoints_per_epoch=4))
+    q = slice(num_train, num_train + num_queries)
+    return Scenario("digits-adamw-noisy", "classification", (stage,), 0, x[q], y[q])
+
+
 def build(name: str) -> Scenario:
     """The scenario called ``name`` (one of :data:`SCENARIOS`) with its default sizes."""
-    makers = {"digits": digits, "digits-noisy": digits_noisy, "digits-two-stage": digits_two_stage, "friedman": friedman}
+    makers = {
+        "digits": digits,
+        "digits-noisy": digits_noisy,
+        "digits-two-stage": digits_two_stage,
+        "friedman": friedman,
+        "digits-adamw": digits_adamw,
+        "digits-adamw-noisy": digits_adamw_noisy,
+    }
     if name not in makers:
         raise ValueError(f"unknown scenario {name!r}; expected one of {SCENARIOS}")
     return makers[name]()

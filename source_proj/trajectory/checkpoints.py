@@ -38,7 +38,8 @@ class Checkpoint:
     Attributes:
         state: the model's state dict, or a path to a file saved with ``torch.save``.
         steps: optimizer steps since the previous checkpoint (> 0).
-        lr: the learning rate of those steps, or a per-step history of length ``steps``.
+        lr: the learning rate of those steps, or a per-step history of length ``steps``
+            (``lr_history.LearningRateRecorder`` records one; single steps may have rate 0).
         stage: label of the training stage the steps belong to (stages must be contiguous).
         optimizer_state: the optimizer's state at this checkpoint, required for "adam" /
             "adamw" trajectories (and refused for others): a ``torch.optim`` optimizer
@@ -86,16 +87,21 @@ def _check_checkpoint(index: int, ckpt: Checkpoint) -> None:
     if isinstance(ckpt.steps, bool) or not isinstance(ckpt.steps, (int, np.integer)) or ckpt.steps <= 0:
         raise TrajectoryError(f"checkpoint {index}: steps must be a positive int, got {ckpt.steps!r}")
     if isinstance(ckpt.lr, (int, float)):
-        rates = np.asarray([ckpt.lr], dtype=np.float64)
-    else:
-        rates = np.asarray(ckpt.lr, dtype=np.float64)
-        if rates.shape != (ckpt.steps,):
-            raise TrajectoryError(
-                f"checkpoint {index}: a learning-rate history must have one rate per step "
-                f"({ckpt.steps}), got shape {rates.shape}"
-            )
-    if not np.all(np.isfinite(rates)) or np.any(rates <= 0):
-        raise TrajectoryError(f"checkpoint {index}: learning rates must be finite and > 0, got {ckpt.lr!r}")
+        if not (math.isfinite(ckpt.lr) and ckpt.lr > 0):
+            raise TrajectoryError(f"checkpoint {index}: learning rates must be finite and > 0, got {ckpt.lr!r}")
+        return
+    rates = np.asarray(ckpt.lr, dtype=np.float64)
+    if rates.shape != (ckpt.steps,):
+        raise TrajectoryError(
+            f"checkpoint {index}: a learning-rate history must have one rate per step "
+            f"({ckpt.steps}), got shape {rates.shape}"
+        )
+    # Zero-rate steps occur (a warm-up that starts at 0); a checkpoint's steps must move, though.
+    if not np.all(np.isfinite(rates)) or np.any(rates < 0) or rates.sum() <= 0:
+        raise TrajectoryError(
+            f"checkpoint {index}: learning rates must be finite and > 0 (single steps of a history "
+            f"may be 0), got {ckpt.lr!r}"
+        )
 
 
 @dataclass(frozen=True)
