@@ -10,10 +10,11 @@ their targets are validated for the task and each store chunk's rows are digeste
 ``open_store`` reopens a finished store for queries after checking that it was made with the
 same model, trajectory and settings; ``check_training_data`` compares data with a store.
 
-The store's metadata is the attributor's ``metadata()`` (with the segment weights w_l = 1/N_l
-and the checkpoints' content digests) plus ``source_config``: the estimator settings
-(``SourceConfig`` without the run-time fields), from which ``store_config`` rebuilds the
-configuration for querying.
+The store's metadata is the attributor's ``metadata()`` (with the segment weights w_l = 1/N_l,
+the checkpoints' content digests and, for Adam runs, the optimizer's betas and eps and a digest
+of each checkpoint's optimizer state, so that a store built with other states is refused) plus
+``source_config``: the estimator settings (``SourceConfig`` without the run-time fields), from
+which ``store_config`` rebuilds the configuration for querying.
 """
 
 from __future__ import annotations
