@@ -13,14 +13,20 @@ import copy
 import numpy as np
 import pytest
 import torch
-from tiny_models import blobs, dense_source_scores, identity_projection, mlp, projection_matrix
+from tiny_models import (
+    blobs,
+    dense_source_scores,
+    identity_projection,
+    mlp,
+    projection_matrix,
+    unrolled_linear_regression,
+)
 from torch import nn
-from torch.func import functional_call
 
 from source_proj.attributor import SourceAttributor
 from source_proj.features.fit import fit_store, open_store
 from source_proj.features.store import StoreMismatchError
-from source_proj.gradients.tasks import ClassificationTask, RegressionTask
+from source_proj.gradients.tasks import ClassificationTask
 from source_proj.trajectory.checkpoints import Checkpoint, Trajectory, TrajectoryError
 from source_proj.trajectory.optimizer_state import Preconditioner, optimizer_param_order
 from source_proj.trajectory.training import AdamWSettings, train_adamw
@@ -126,44 +132,12 @@ def test_b_projected_scores_equal_dense_formula_in_projected_space():
     assert rel_err(att.score(queries).numpy(), dense) < 1e-4
 
 
-def _preconditioned_descent(lr: float, steps: int, weight_decay: float, d: torch.Tensor, eps: float = 1e-8):
-    """Full-batch theta <- theta - lr (D grad + lambda theta) on linear regression with a fixed D;
-    returns the model, its trajectory (D given as exp_avg_sq mappings), data, queries and the
-    exact d f / d w by backpropagation through the steps."""
-    gen = torch.Generator().manual_seed(3)
-    x = torch.randn(12, 3, generator=gen)
-    y = x @ torch.tensor([1.0, -2.0, 0.5]) + 0.3 * torch.randn(12, generator=gen)
-    xq, yq = torch.randn(3, 3, generator=gen), torch.randn(3, generator=gen)
-    model = nn.Linear(3, 1)
-    with torch.no_grad():
-        model.weight.copy_(torch.tensor([[0.2, 0.1, -0.3]]))
-        model.bias.fill_(0.1)
-    task = RegressionTask()
-    d_of = {"weight": d[:3].reshape(1, 3).double(), "bias": d[3:].double()}
-    weights = torch.ones(12, dtype=torch.float64, requires_grad=True)
-    params = {k: v.detach().clone().double().requires_grad_(True) for k, v in model.state_dict().items()}
-    model64 = copy.deepcopy(model).double()
-    beta2 = 0.999
-    ckpts = []
-    for step in range(1, steps + 1):
-        loss = (weights * task.loss(functional_call(model64, params, (x.double(),)), y.double())).mean()
-        grads = torch.autograd.grad(loss, list(params.values()), create_graph=True)
-        params = {k: v - lr * (d_of[k] * g + weight_decay * v) for (k, v), g in zip(params.items(), grads)}
-        # exp_avg_sq whose bias-corrected D at this cumulative step is exactly d.
-        v = {k: (1 - beta2**step) * (1 / dk.float() - eps) ** 2 for k, dk in d_of.items()}
-        ckpts.append(Checkpoint({k: t.detach().float() for k, t in params.items()}, steps=1, lr=lr, optimizer_state=v))
-    f = task.measurement(functional_call(model64, params, (xq.double(),)), yq.double())
-    exact = torch.stack([torch.autograd.grad(f[j], weights, retain_graph=True)[0] for j in range(3)])
-    traj = Trajectory(tuple(ckpts), optimizer="adamw", weight_decay=weight_decay, betas=(0.9, beta2), eps=eps)
-    return model, traj, (x, y), (xq, yq), exact.detach().numpy()
-
-
 def test_c_matches_unrolled_preconditioned_descent_as_steps_shrink(monkeypatch):
     monkeypatch.setattr("source_proj.projection.projected.project", identity_projection)
     d = torch.tensor([0.5, 2.0, 1.0, 1.5])
     errors = []
     for lr, steps in [(0.1, 5), (0.025, 20), (0.00625, 80)]:  # total time eta * K = 0.5
-        model, traj, train, queries, exact = _preconditioned_descent(lr, steps, 0.05, d)
+        model, traj, train, queries, exact = unrolled_linear_regression(lr, steps, 0.05, precond=d)
         att = SourceAttributor(model, "regression", traj, proj_dim=4, num_segments=steps, query_mode="final",
                                progress=False, chunk_size=64).fit(train)
         errors.append(rel_err(att.score(queries).numpy(), exact))

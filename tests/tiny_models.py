@@ -9,9 +9,10 @@ import scipy.linalg
 import torch
 from source_proj.kernels.reference import matrix_block
 from torch import nn
+from torch.func import functional_call
 
-from source_proj.gradients.tasks import ClassificationTask, Task
-from source_proj.trajectory.checkpoints import Trajectory
+from source_proj.gradients.tasks import ClassificationTask, RegressionTask, Task
+from source_proj.trajectory.checkpoints import Checkpoint, Trajectory
 from source_proj.trajectory.training import TrainSettings, train_sgd
 
 
@@ -154,3 +155,45 @@ def identity_projection(grads, config):
     """Stand-in for ``project`` that does not project (k = p), for exact oracles."""
     blocks = list(grads.values()) if isinstance(grads, dict) else [grads]
     return torch.cat([b.to(torch.float32) for b in blocks], dim=1)
+
+
+def unrolled_linear_regression(lr: float, steps: int, weight_decay: float, precond: torch.Tensor | None = None):
+    """Full-batch gradient descent on a small linear regression, differentiated exactly.
+
+    Steps theta <- theta - lr (D grad + lambda theta), with D = I (``precond`` None: plain GD,
+    an "sgd" trajectory) or the fixed diagonal ``precond`` (4,) over (weight (3), bias): an
+    "adamw" trajectory whose checkpoints carry name -> exp_avg_sq mappings from which the
+    library's bias-corrected D is exactly ``precond``. Returns (model, trajectory, data,
+    queries, exact d f(query) / d w (3, 12) by backpropagation through the steps).
+    """
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(12, 3, generator=gen)
+    y = x @ torch.tensor([1.0, -2.0, 0.5]) + 0.3 * torch.randn(12, generator=gen)
+    xq, yq = torch.randn(3, 3, generator=gen), torch.randn(3, generator=gen)
+    model = nn.Linear(3, 1)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[0.2, 0.1, -0.3]]))
+        model.bias.fill_(0.1)
+    task = RegressionTask()
+    d_of = None if precond is None else {"weight": precond[:3].reshape(1, 3).double(), "bias": precond[3:].double()}
+    beta2, eps = 0.999, 1e-8
+    weights = torch.ones(12, dtype=torch.float64, requires_grad=True)
+    params = {k: v.detach().clone().double().requires_grad_(True) for k, v in model.state_dict().items()}
+    ckpts = []
+    model64 = copy.deepcopy(model).double()
+    for step in range(1, steps + 1):
+        loss = (weights * task.loss(functional_call(model64, params, (x.double(),)), y.double())).mean()
+        grads = torch.autograd.grad(loss, list(params.values()), create_graph=True)
+        params = {
+            k: v - lr * ((g if d_of is None else d_of[k] * g) + weight_decay * v) for (k, v), g in zip(params.items(), grads)
+        }
+        # exp_avg_sq whose bias-corrected D at this cumulative step is exactly precond.
+        state = None if d_of is None else {k: (1 - beta2**step) * (1 / d.float() - eps) ** 2 for k, d in d_of.items()}
+        ckpts.append(Checkpoint({k: v.detach().float() for k, v in params.items()}, steps=1, lr=lr, optimizer_state=state))
+    f = task.measurement(functional_call(model64, params, (xq.double(),)), yq.double())
+    exact = torch.stack([torch.autograd.grad(f[j], weights, retain_graph=True)[0] for j in range(3)])
+    if d_of is None:
+        traj = Trajectory(tuple(ckpts), weight_decay=weight_decay)
+    else:
+        traj = Trajectory(tuple(ckpts), optimizer="adamw", weight_decay=weight_decay, betas=(0.9, beta2), eps=eps)
+    return model, traj, (x, y), (xq, yq), exact.detach().numpy()

@@ -187,22 +187,28 @@ def _noisy_labels(labels: np.ndarray, noise: float, seed: int) -> np.ndarray:
 _CONVERGED = TrainSettings(epochs=30, batch_size=32, lr=0.05, momentum=0.9, weight_decay=1e-3)
 
 
+def _one_stage_digits(
+    name: str, settings: TrainSettings | AdamWSettings, num_train: int, num_queries: int, seed: int,
+    noise: float = 0.0, checkpoint_stride: int = 1,
+) -> Scenario:
+    """A single-stage digits scenario: the first ``num_train`` rows (a fraction ``noise`` of
+    their labels re-drawn) trained with ``settings``, the next ``num_queries`` as queries."""
+    x, y = _digits(seed)
+    labels = _noisy_labels(y[:num_train], noise, seed) if noise > 0 else y[:num_train]
+    stage = Stage(0, x[:num_train], labels, settings, checkpoint_stride=checkpoint_stride)
+    q = slice(num_train, num_train + num_queries)
+    return Scenario(name, "classification", (stage,), 0, x[q], y[q])
+
+
 def digits(num_train: int = 800, num_queries: int = 100, seed: int = 0) -> Scenario:
     """(a) MLP on digits trained to near convergence."""
-    x, y = _digits(seed)
-    stage = Stage(0, x[:num_train], y[:num_train], _CONVERGED, checkpoint_stride=2)
-    q = slice(num_train, num_train + num_queries)
-    return Scenario("digits", "classification", (stage,), 0, x[q], y[q])
+    return _one_stage_digits("digits", _CONVERGED, num_train, num_queries, seed, checkpoint_stride=2)
 
 
 def digits_noisy(num_train: int = 800, num_queries: int = 100, noise: float = 0.3, seed: int = 0) -> Scenario:
     """(b) ``noise`` of the training labels re-drawn uniformly, 3 epochs (not converged)."""
-    x, y = _digits(seed)
-    labels = _noisy_labels(y[:num_train], noise, seed)
     settings = dataclasses.replace(_CONVERGED, epochs=3, checkpoints_per_epoch=4)
-    stage = Stage(0, x[:num_train], labels, settings)
-    q = slice(num_train, num_train + num_queries)
-    return Scenario("digits-noisy", "classification", (stage,), 0, x[q], y[q])
+    return _one_stage_digits("digits-noisy", settings, num_train, num_queries, seed, noise=noise)
 
 
 def digits_two_stage(
@@ -233,19 +239,13 @@ _ADAMW = AdamWSettings(epochs=30, batch_size=32, lr=3e-3, weight_decay=1e-2, war
 
 def digits_adamw(num_train: int = 800, num_queries: int = 100, seed: int = 0) -> Scenario:
     """(e) the digits MLP trained with AdamW (warm-up + cosine) to near convergence."""
-    x, y = _digits(seed)
-    stage = Stage(0, x[:num_train], y[:num_train], _ADAMW, checkpoint_stride=2)
-    q = slice(num_train, num_train + num_queries)
-    return Scenario("digits-adamw", "classification", (stage,), 0, x[q], y[q])
+    return _one_stage_digits("digits-adamw", _ADAMW, num_train, num_queries, seed, checkpoint_stride=2)
 
 
 def digits_adamw_noisy(num_train: int = 800, num_queries: int = 100, noise: float = 0.3, seed: int = 0) -> Scenario:
     """(f) ``noise`` of the labels re-drawn, AdamW (warm-up + cosine) over 3 epochs."""
-    x, y = _digits(seed)
-    labels = _noisy_labels(y[:num_train], noise, seed)
-    stage = Stage(0, x[:num_train], labels, dataclasses.replace(_ADAMW, epochs=3, checkpoints_per_epoch=4))
-    q = slice(num_train, num_train + num_queries)
-    return Scenario("digits-adamw-noisy", "classification", (stage,), 0, x[q], y[q])
+    settings = dataclasses.replace(_ADAMW, epochs=3, checkpoints_per_epoch=4)
+    return _one_stage_digits("digits-adamw-noisy", settings, num_train, num_queries, seed, noise=noise)
 
 
 def build(name: str) -> Scenario:
