@@ -2,7 +2,7 @@
 
 (a) the preconditioner D read from a state equals the one torch's Adam step applies;
 (b) a dense evaluation of the preconditioned formulas (explicit D, explicit matrices);
-(c) exact unrolled differentiation of full-batch preconditioned gradient descent;
+(c) exact unrolled differentiation of preconditioned descent: in test_source_oracles.py;
 (d) the three forms of optimizer state (state_dict, optimizer.pt path, exp_avg_sq mapping),
     parameter orders and param groups, and the errors for states that do not fit;
 (e) both projection paths (CPU, Triton) and the feature store's record of the states.
@@ -19,7 +19,6 @@ from tiny_models import (
     identity_projection,
     mlp,
     projection_matrix,
-    unrolled_linear_regression,
 )
 from torch import nn
 
@@ -130,25 +129,6 @@ def test_b_projected_scores_equal_dense_formula_in_projected_space():
     dense = dense_source_scores(model, ClassificationTask(), traj, train, queries, projection_matrix(seed, p, k), 3,
                                 precond=ds)
     assert rel_err(att.score(queries).numpy(), dense) < 1e-4
-
-
-def test_c_matches_unrolled_preconditioned_descent_as_steps_shrink(monkeypatch):
-    monkeypatch.setattr("source_proj.projection.projected.project", identity_projection)
-    d = torch.tensor([0.5, 2.0, 1.0, 1.5])
-    errors = []
-    for lr, steps in [(0.1, 5), (0.025, 20), (0.00625, 80)]:  # total time eta * K = 0.5
-        model, traj, train, queries, exact = unrolled_linear_regression(lr, steps, 0.05, precond=d)
-        att = SourceAttributor(model, "regression", traj, proj_dim=4, num_segments=steps, query_mode="final",
-                               progress=False, chunk_size=64).fit(train)
-        errors.append(rel_err(att.score(queries).numpy(), exact))
-    assert errors[0] > errors[1] > errors[2]
-    assert errors[2] < 0.03
-    assert errors[0] / errors[2] > 10
-    # Without D (the same run described as SGD) the limit is wrong.
-    plain = Trajectory(tuple(Checkpoint(c.state, 1, c.lr) for c in traj.checkpoints), weight_decay=0.05)
-    sgd = SourceAttributor(model, "regression", plain, proj_dim=4, num_segments=80, query_mode="final",
-                           progress=False, chunk_size=64).fit(train)
-    assert rel_err(sgd.score(queries).numpy(), exact) > 0.2
 
 
 def test_d_state_dict_path_and_mapping_give_the_same_scores(tmp_path):

@@ -2,7 +2,8 @@
 
 (a) a dense evaluation of the math note's formulas (autograd loops, scipy expm, inverse);
 (b) one segment with t -> infinity equals influence functions (H + lambda I)^-1;
-(c) full-batch gradient descent on linear regression: exact unrolled differentiation;
+(c) full-batch gradient descent on linear regression, plain and with a fixed diagonal
+    preconditioner (Adam's D): exact unrolled differentiation;
 (d) projected scores converge to unprojected ones as proj_dim grows.
 """
 
@@ -81,11 +82,15 @@ def test_b_infinite_time_single_segment_is_influence_functions(monkeypatch):
     assert rel_err(att.score(queries).numpy(), influence.numpy()) < 1e-4
 
 
-def test_c_matches_unrolled_differentiation_as_steps_shrink(monkeypatch):
+@pytest.mark.parametrize("precond", [None, (0.5, 2.0, 1.0, 1.5)], ids=["gd", "preconditioned-gd"])
+def test_c_matches_unrolled_differentiation_as_steps_shrink(monkeypatch, precond):
+    # precond: full-batch preconditioned descent with a fixed diagonal D (an "adamw" trajectory
+    # whose optimizer states give exactly that D), the exact oracle of section 4.
     monkeypatch.setattr("source_proj.projection.projected.project", identity_projection)
+    d = None if precond is None else torch.tensor(precond)
     errors = []
     for lr, steps in [(0.2, 5), (0.05, 20), (0.0125, 80)]:  # total time eta * K = 1
-        model, traj, train, queries, exact = unrolled_linear_regression(lr, steps, weight_decay=0.05)
+        model, traj, train, queries, exact = unrolled_linear_regression(lr, steps, weight_decay=0.05, precond=d)
         att = SourceAttributor(model, "regression", traj, proj_dim=4, num_segments=steps, query_mode="final",
                                progress=False, chunk_size=64).fit(train)
         errors.append(rel_err(att.score(queries).numpy(), exact))
@@ -93,6 +98,11 @@ def test_c_matches_unrolled_differentiation_as_steps_shrink(monkeypatch):
     assert errors[0] > errors[1] > errors[2]
     assert errors[2] < 0.03
     assert errors[0] / errors[2] > 10
+    if d is not None:  # the same run described as SGD (no D) has the wrong limit
+        plain = Trajectory(tuple(Checkpoint(c.state, 1, c.lr) for c in traj.checkpoints), weight_decay=0.05)
+        sgd = SourceAttributor(model, "regression", plain, proj_dim=4, num_segments=steps, query_mode="final",
+                               progress=False, chunk_size=64).fit(train)
+        assert rel_err(sgd.score(queries).numpy(), exact) > 0.2
 
 
 def test_d_projected_scores_converge_to_unprojected(monkeypatch):
