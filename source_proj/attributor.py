@@ -131,7 +131,9 @@ class SourceAttributor:
     ) -> torch.Tensor:
         """P sum_c D_c^{1/2} grad objective at ``checkpoints`` per example, (B, k) float32, one
         projection (D = I without a preconditioner)."""
-        states = ((*self._load(c), f"checkpoint {c}", self.preconditioner.sqrt_scale(c, self.device)) for c in checkpoints)
+        states = (
+            (*self._load(c), f"checkpoint {c}", self.preconditioner.sqrt_scale(c, self.device)) for c in checkpoints
+        )
         return projected_gradients(self.model_fn, states, objective, inputs, targets, self.projection)
 
     def _chunks(self, stop: int, desc: str, start: int = 0, show: bool = True) -> tqdm:
@@ -440,6 +442,7 @@ class SourceAttributor:
             "task": self.task.name,
             "trajectory": self.trajectory.summary(),
             "checkpoint_digests": self.checkpoint_digests,
+            # Adam runs: what the preconditioner was read from (a store built with other states is refused).
             **({"optimizer_state_digests": list(self.preconditioner.digests)} if self.trajectory.preconditioned else {}),
             "segments": [
                 {"stage": str(s.stage), "checkpoints": list(s.checkpoints), "steps": s.steps, "lr": s.lr, "time": s.time}

@@ -30,7 +30,9 @@ from source_proj.trajectory.checkpoints import Checkpoint, Trajectory, Trajector
 from source_proj.trajectory.optimizer_state import Preconditioner, optimizer_param_order
 from source_proj.trajectory.training import AdamWSettings, train_adamw
 
-SETTINGS = AdamWSettings(epochs=3, batch_size=8, lr=0.02, weight_decay=0.05, warmup_fraction=0.2, checkpoints_per_epoch=1)
+SETTINGS = AdamWSettings(
+    epochs=3, batch_size=8, lr=0.02, weight_decay=0.05, warmup_fraction=0.2, checkpoints_per_epoch=1
+)
 
 
 def rel_err(a, b) -> float:
@@ -59,10 +61,16 @@ def mapping_trajectory(model, traj, **kwargs) -> Trajectory:
     """The same run with each state given as a name -> exp_avg_sq mapping."""
     names = [n for n, _ in model.named_parameters()]
     ckpts = [
-        Checkpoint(c.state, c.steps, c.lr, c.stage, {n: c.optimizer_state["state"][i]["exp_avg_sq"] for i, n in enumerate(names)})
-        for c in traj.checkpoints
+        Checkpoint(c.state, c.steps, c.lr, c.stage, exp_avg_sq(c.optimizer_state, names)) for c in traj.checkpoints
     ]
-    return Trajectory(tuple(ckpts), optimizer=traj.optimizer, weight_decay=traj.weight_decay, betas=traj.betas, eps=traj.eps, **kwargs)
+    return Trajectory(
+        tuple(ckpts), optimizer=traj.optimizer, weight_decay=traj.weight_decay, betas=traj.betas, eps=traj.eps, **kwargs
+    )
+
+
+def exp_avg_sq(state_dict: dict, names: list[str]) -> dict:
+    """name -> exp_avg_sq of a state_dict whose parameter i is ``names[i]``."""
+    return {n: state_dict["state"][i]["exp_avg_sq"] for i, n in enumerate(names)}
 
 
 def test_a_preconditioner_is_the_one_torch_adam_steps_with():
@@ -78,7 +86,8 @@ def test_a_preconditioner_is_the_one_torch_adam_steps_with():
         before = [p.detach().clone() for p in model.parameters()]
         opt.step()
     grads = torch.cat([p.grad.reshape(-1) for p in model.parameters()]).double()
-    step_d = -torch.cat([(p.detach() - b).reshape(-1) for p, b in zip(model.parameters(), before)]).double() / (1e-2 * grads)
+    moved = torch.cat([(p.detach() - b).reshape(-1) for p, b in zip(model.parameters(), before)]).double()
+    step_d = -moved / (1e-2 * grads)
     traj = Trajectory((Checkpoint(model.state_dict(), 4, 1e-2, optimizer_state=opt.state_dict()),),
                       optimizer="adam", betas=(0.0, 0.99), eps=1e-6)
     pre = Preconditioner.build(traj, model, [n for n, _ in model.named_parameters()])
@@ -135,7 +144,10 @@ def test_d_state_dict_path_and_mapping_give_the_same_scores(tmp_path):
     model, traj, train = adamw_run(checkpoint_dir=tmp_path)
     assert all(isinstance(c.optimizer_state, str) for c in traj.checkpoints)  # saved optimizer-*.pt files
     loaded = Trajectory(
-        tuple(Checkpoint(c.state, c.steps, c.lr, c.stage, torch.load(c.optimizer_state, weights_only=True)) for c in traj.checkpoints),
+        tuple(
+            Checkpoint(c.state, c.steps, c.lr, c.stage, torch.load(c.optimizer_state, weights_only=True))
+            for c in traj.checkpoints
+        ),
         optimizer="adamw", weight_decay=traj.weight_decay, betas=traj.betas, eps=traj.eps,
     )
     queries = blobs(5, 4, 3, seed=4)
@@ -158,7 +170,8 @@ def _hand_adamw(model, x, y, groups, steps=6):
         opt.zero_grad()
         ClassificationTask().loss(model(x), y).mean().backward()
         opt.step()
-    return opt, [Checkpoint(copy.deepcopy(model.state_dict()), steps, 0.01, optimizer_state=copy.deepcopy(opt.state_dict()))]
+    state, opt_state = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+    return opt, [Checkpoint(state, steps, 0.01, optimizer_state=opt_state)]
 
 
 def test_d_permuted_parameter_order_is_refused_or_mapped_by_param_order():
@@ -172,12 +185,15 @@ def test_d_permuted_parameter_order_is_refused_or_mapped_by_param_order():
         SourceAttributor(model, "classification", wrong, proj_dim=8, num_segments=1, progress=False)
     right = Trajectory(tuple(ckpts), optimizer="adamw", weight_decay=0.01, param_order=order)
     assert optimizer_param_order(model, opt) == (tuple(order),)
-    mapped = Trajectory(tuple(
-        Checkpoint(c.state, c.steps, c.lr, optimizer_state={n: c.optimizer_state["state"][i]["exp_avg_sq"] for i, n in enumerate(order)})
-        for c in ckpts), optimizer="adamw", weight_decay=0.01)
+    mapped = Trajectory(
+        tuple(Checkpoint(c.state, c.steps, c.lr, optimizer_state=exp_avg_sq(c.optimizer_state, order)) for c in ckpts),
+        optimizer="adamw", weight_decay=0.01,
+    )
     queries = blobs(3, 4, 3, seed=2)
-    a = SourceAttributor(model, "classification", right, proj_dim=16, num_segments=1, progress=False).fit((x, y)).score(queries)
-    b = SourceAttributor(model, "classification", mapped, proj_dim=16, num_segments=1, progress=False).fit((x, y)).score(queries)
+    a, b = (
+        SourceAttributor(model, "classification", t, proj_dim=16, num_segments=1, progress=False).fit((x, y)).score(queries)
+        for t in (right, mapped)
+    )
     np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-6, atol=1e-9)
 
 
@@ -186,7 +202,8 @@ def test_d_param_groups_map_by_group_and_frozen_parameters_are_named():
     model = mlp((4, 6, 3), 0)
     p = dict(model.named_parameters())
     groups = [["0.weight", "2.weight"], ["0.bias", "2.bias"]]
-    opt, ckpts = _hand_adamw(model, x, y, [{"params": [p[n] for n in g], "weight_decay": wd} for g, wd in zip(groups, (0.01, 0.0))])
+    param_groups = [{"params": [p[n] for n in g], "weight_decay": wd} for g, wd in zip(groups, (0.01, 0.0))]
+    opt, ckpts = _hand_adamw(model, x, y, param_groups)
     grouped = Trajectory(tuple(ckpts), optimizer="adamw", weight_decay=0.01, param_order=groups)
     assert optimizer_param_order(model, opt) == tuple(tuple(g) for g in groups)
     pre = Preconditioner.build(grouped, model, list(p))
@@ -195,7 +212,8 @@ def test_d_param_groups_map_by_group_and_frozen_parameters_are_named():
     expected = 1 / ((v[1]["exp_avg_sq"] / (1 - 0.999**6)).sqrt() + 1e-8)  # id 1 = "2.weight"
     torch.testing.assert_close(d["2.weight"] ** 2, expected.reshape(-1), rtol=1e-5, atol=0)
     with pytest.raises(TrajectoryError, match=r"groups of sizes \[2, 2\].*\[3, 1\]"):
-        Preconditioner.build(Trajectory(tuple(ckpts), optimizer="adamw", param_order=[groups[0] + ["0.bias"], ["2.bias"]]), model, list(p))
+        regrouped = Trajectory(tuple(ckpts), optimizer="adamw", param_order=[groups[0] + ["0.bias"], ["2.bias"]])
+        Preconditioner.build(regrouped, model, list(p))
     # Biases frozen (not given to the optimizer) but attributed: named; attributing weights only works.
     model = mlp((4, 6, 3), 0)
     p = dict(model.named_parameters())
@@ -203,9 +221,11 @@ def test_d_param_groups_map_by_group_and_frozen_parameters_are_named():
     frozen = Trajectory(tuple(ckpts), optimizer="adamw", param_order=["0.weight", "2.weight"])
     with pytest.raises(TrajectoryError, match="'0.bias' is attributed but was not trained by the optimizer"):
         SourceAttributor(model, "classification", frozen, proj_dim=8, num_segments=1, progress=False)
-    SourceAttributor(model, "classification", frozen, proj_dim=8, num_segments=1, progress=False, param_names=["0.weight", "2.weight"])
+    SourceAttributor(model, "classification", frozen, proj_dim=8, num_segments=1, progress=False,
+                     param_names=["0.weight", "2.weight"])
     with pytest.raises(TrajectoryError, match="holds 2 parameters .* lists 4"):  # default order: all four
-        SourceAttributor(model, "classification", Trajectory(tuple(ckpts), optimizer="adamw"), proj_dim=8, num_segments=1, progress=False)
+        default_order = Trajectory(tuple(ckpts), optimizer="adamw")
+        SourceAttributor(model, "classification", default_order, proj_dim=8, num_segments=1, progress=False)
 
 
 def test_d_bad_states_raise_clear_errors():
@@ -232,7 +252,7 @@ def test_d_bad_states_raise_clear_errors():
     with pytest.raises(TrajectoryError, match=r"exp_avg_sq of '0.weight' has shape \(6,\) but the parameter has shape \(6, 4\)"):
         build({n: torch.ones(6) for n in names})
     with pytest.raises(TrajectoryError, match=r"no exp_avg_sq for attributed parameters \['2.bias'\]"):
-        build({n: ckpt.optimizer_state["state"][i]["exp_avg_sq"] for i, n in enumerate(names[:3])})
+        build(exp_avg_sq(ckpt.optimizer_state, names[:3]))
     with pytest.raises(TrajectoryError, match="betas=.0.9, 0.999.*trajectory says betas=.0.9, 0.99."):
         build(ckpt.optimizer_state, betas=(0.9, 0.99))
     with pytest.raises(TrajectoryError, match="trained by AdamW .* optimizer='adam'"):

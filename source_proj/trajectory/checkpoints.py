@@ -197,7 +197,8 @@ class Trajectory:
         preconditioned = self.preconditioned
         if preconditioned and self.momentum != 0.0:
             raise TrajectoryError(
-                f"momentum must be 0 for {self.optimizer!r} (Adam's first-moment decay is betas[0]), got {self.momentum}"
+                f"momentum must be 0 for {self.optimizer!r} (Adam's first-moment decay is betas[0]), "
+                f"got {self.momentum}"
             )
         for i, ckpt in enumerate(self.checkpoints):
             if preconditioned and ckpt.optimizer_state is None:

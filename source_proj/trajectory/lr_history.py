@@ -38,7 +38,8 @@ class LearningRateRecorder:
 
     def __init__(self, optimizer: torch.optim.Optimizer, group: int | None = None) -> None:
         if group is not None and not 0 <= group < len(optimizer.param_groups):
-            raise ValueError(f"group {group} out of range: the optimizer has {len(optimizer.param_groups)} param groups")
+            groups = len(optimizer.param_groups)
+            raise ValueError(f"group {group} out of range: the optimizer has {groups} param groups")
         self.optimizer = optimizer
         self.group = group
         self._rates: list[float] = []
@@ -48,7 +49,8 @@ class LearningRateRecorder:
 
     def _record(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
         rates = [float(g["lr"]) for g in optimizer.param_groups]
-        if self.group is None and self._mismatch is None and any(not math.isclose(r, rates[0]) for r in rates):
+        differ = any(not math.isclose(r, rates[0]) for r in rates)
+        if self.group is None and self._mismatch is None and differ:
             self._mismatch = (self._steps, rates)
         self._rates.append(rates[self.group or 0])
         self._steps += 1

@@ -78,7 +78,10 @@ def optimizer_param_order(model: nn.Module, optimizer: torch.optim.Optimizer) ->
     for g, group in enumerate(optimizer.param_groups):
         unknown = [i for i, p in enumerate(group["params"]) if id(p) not in names]
         if unknown:
-            raise TrajectoryError(f"param group {g} of the optimizer holds tensors that are not parameters of the model (positions {unknown})")
+            raise TrajectoryError(
+                f"param group {g} of the optimizer holds tensors that are not parameters of the model "
+                f"(positions {unknown})"
+            )
         groups.append(tuple(names[id(p)] for p in group["params"]))
     return tuple(groups)
 
@@ -96,19 +99,27 @@ def _step_count(value: Any, name: str, where: str) -> float:
 def _check_groups(groups: Sequence[Mapping[str, Any]], trajectory: Trajectory, where: str) -> None:
     """Settings recorded in the state's param groups must agree with the trajectory's."""
     for g, group in enumerate(groups):
-        if "betas" in group and not all(math.isclose(float(a), b, rel_tol=1e-6) for a, b in zip(group["betas"], trajectory.betas)):
+        betas = group.get("betas", trajectory.betas)
+        if not all(math.isclose(float(a), b, rel_tol=1e-6) for a, b in zip(betas, trajectory.betas)):
             raise TrajectoryError(
                 f"{where}: param group {g} was trained with betas={tuple(group['betas'])}, but the "
                 f"trajectory says betas={trajectory.betas}"
             )
         if "eps" in group and not math.isclose(float(group["eps"]), trajectory.eps, rel_tol=1e-6):
-            raise TrajectoryError(f"{where}: param group {g} was trained with eps={group['eps']}, but the trajectory says eps={trajectory.eps}")
+            raise TrajectoryError(
+                f"{where}: param group {g} was trained with eps={group['eps']}, but the trajectory says "
+                f"eps={trajectory.eps}"
+            )
         if group.get("maximize", False):
-            raise TrajectoryError(f"{where}: param group {g} maximised its objective (maximize=True), which is not supported")
+            raise TrajectoryError(f"{where}: param group {g} maximised its objective (maximize=True): not supported")
         decoupled = group.get("decoupled_weight_decay")
-        if decoupled is not None and float(group.get("weight_decay", 0.0)) > 0 and bool(decoupled) != (trajectory.optimizer == "adamw"):
+        decays = float(group.get("weight_decay", 0.0)) > 0
+        if decoupled is not None and decays and bool(decoupled) != (trajectory.optimizer == "adamw"):
             kind = "AdamW (decoupled weight decay)" if decoupled else "Adam (L2 weight decay added to the gradient)"
-            raise TrajectoryError(f"{where}: param group {g} was trained by {kind}, but the trajectory says optimizer={trajectory.optimizer!r}")
+            raise TrajectoryError(
+                f"{where}: param group {g} was trained by {kind}, but the trajectory says "
+                f"optimizer={trajectory.optimizer!r}"
+            )
 
 
 def _from_state_dict(
@@ -120,7 +131,10 @@ def _from_state_dict(
     ids = [list(group["params"]) for group in groups]
     grouped = bool(order) and not isinstance(order[0], str)
     sizes = [len(i) for i in ids]
-    hint = "pass Trajectory(param_order=...) with the names in the order they were given to the optimizer (one list per param group)"
+    hint = (
+        "pass Trajectory(param_order=...) with the names in the order they were given to the "
+        "optimizer (one list per param group)"
+    )
     if grouped:
         if [len(g) for g in order] != sizes:
             raise TrajectoryError(
@@ -163,7 +177,9 @@ def _from_state_dict(
     return moments
 
 
-def _from_mapping(state: Mapping[str, Any], step: int, names: Sequence[str], known: Sequence[str], where: str) -> Moments:
+def _from_mapping(
+    state: Mapping[str, Any], step: int, names: Sequence[str], known: Sequence[str], where: str
+) -> Moments:
     unknown = sorted(set(state) - set(known))
     if unknown:
         raise TrajectoryError(f"{where}: the exp_avg_sq mapping names unknown parameters {unknown}")
@@ -269,11 +285,12 @@ class Preconditioner:
         partial = cls(trajectory, tuple(names), shapes, tuple(order), (), ())
         decays, digests = [], []
         beta2, eps = trajectory.betas[1], trajectory.eps
+        coupled = trajectory.optimizer == "adam" and trajectory.weight_decay > 0
         for index in range(count):
             moments = partial.moments(index)
             digests.append(moments_digest(moments))
-            coupled = trajectory.optimizer == "adam" and trajectory.weight_decay > 0
-            decays.append(trajectory.weight_decay * coupled_decay_factor(moments, beta2, eps) if coupled else trajectory.weight_decay)
+            factor = coupled_decay_factor(moments, beta2, eps) if coupled else 1.0
+            decays.append(trajectory.weight_decay * factor)
         return cls(trajectory, tuple(names), shapes, tuple(order), tuple(decays), tuple(digests))
 
     def moments(self, index: int) -> Moments:

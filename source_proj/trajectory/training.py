@@ -134,7 +134,9 @@ def _train(
                     scheduler.step()
                 step += 1
                 if step in save_at:
-                    checkpoints.append(_save(model, optimizer, recorder.take(), stage, len(checkpoints), checkpoint_dir, keep_optimizer_state))
+                    index, rates = len(checkpoints), recorder.take()
+                    saved = _save(model, optimizer, rates, stage, index, checkpoint_dir, keep_optimizer_state)
+                    checkpoints.append(saved)
     finally:
         recorder.close()
     model.eval()
