@@ -116,7 +116,8 @@ def run_demo(
     print(f"  {len(run.trajectory.checkpoints)} checkpoints, test accuracy {accuracy:.3f}")
     attributor = SourceAttributor(run.model, "classification", run.trajectory, proj_dim=proj_dim, seed=0)
     print(f"SOURCE: {attributor.num_segments} segments, projection to k={proj_dim} (Rademacher, seed 0)")
-    path = Path(workdir) / (f"features-k{proj_dim}.zarr" if optimizer == "sgd" else f"features-{optimizer}-k{proj_dim}.zarr")
+    tag = "" if optimizer == "sgd" else f"-{optimizer}"  # the SGD demo keeps its original file names
+    path = Path(workdir) / f"features{tag}-k{proj_dim}.zarr"
     if path.exists() and FeatureStore.open(path).is_complete:
         store = open_store(attributor, path)
         print(f"  reusing the feature store {path}")
@@ -139,7 +140,7 @@ def run_demo(
     values, ids = torch.topk(self_inf, top)
     print("\nMost self-influential training rows (candidates for mislabeled or atypical data):")
     print("  " + ", ".join(f"#{int(i)} (label {int(y_train[i])}, {float(v):.4f})" for v, i in zip(values, ids)))
-    _save_grid(Path(workdir) / "proponents-opponents.png", x_test[0], int(y_test[0]), run.train, proponents, opponents)
+    _save_grid(Path(workdir) / f"proponents-opponents{tag}.png", x_test[0], int(y_test[0]), run.train, proponents, opponents)
 
 
 def _save_grid(path: Path, image: torch.Tensor, label: int, train: tuple, proponents, opponents) -> None:
