@@ -18,7 +18,12 @@ from source_proj.trajectory.checkpoints import (
     TrajectoryError,
 )
 from source_proj.trajectory.lr_history import LearningRateRecorder, scheduled_rates
-from source_proj.trajectory.training import AdamWSettings, TrainSettings, train_adamw, train_sgd
+from source_proj.trajectory.training import (
+    AdamWSettings,
+    TrainSettings,
+    train_adamw,
+    train_sgd,
+)
 
 __version__ = "0.1.0"
 

@@ -22,10 +22,11 @@ SGD); Adam's coupled L2 decay lambda D is replaced by lambda c I (see ``optimize
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Collection, Hashable, Mapping, Sequence
+from collections.abc import Callable, Collection, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -33,10 +34,13 @@ from tqdm.auto import tqdm
 from source_proj.config import SourceConfig
 from source_proj.curvature.spectra import (
     SegmentSpectrum,
-    gauss_newton_accumulate,
+    gauss_newton_gram,
     segment_spectra,
     transport_operators,
 )
+from source_proj.distributed.failures import together
+from source_proj.distributed.group import ProcessGroup
+from source_proj.distributed.reduce import TreeSum, tree_total
 from source_proj.features.rows import combine, row_dot, segment_features
 from source_proj.gradients.data import Examples, as_examples
 from source_proj.gradients.model import ModelFunction
@@ -96,6 +100,7 @@ class SourceAttributor:
         self.trajectory = trajectory
         self.model_fn = ModelFunction.build(model.eval(), param_names)
         self.projection = self.config.projection()
+        self.group = ProcessGroup.current()
         self.query_mode = self.config.resolved_query_mode(len(trajectory.stages))
         self.device = torch.device(self.config.device) if self.config.device else next(model.parameters()).device
         self.segments: tuple[Segment, ...] = trajectory.segments(
@@ -136,12 +141,16 @@ class SourceAttributor:
         )
         return projected_gradients(self.model_fn, states, objective, inputs, targets, self.projection)
 
+    def _progress(self, items: Iterable[int], desc: str, show: bool = True) -> tqdm:
+        """``items`` with a progress bar (on rank 0 only, when progress is on and ``show``)."""
+        return tqdm(
+            items, desc=desc, disable=not (show and self.config.progress and self.group.is_main), leave=False,
+            unit="chunk",
+        )
+
     def _chunks(self, stop: int, desc: str, start: int = 0, show: bool = True) -> tqdm:
         """Starts of ``chunk_size`` row chunks in [start, stop), with a progress bar."""
-        return tqdm(
-            range(start, stop, self.config.chunk_size),
-            desc=desc, disable=not (show and self.config.progress), leave=False, unit="chunk",
-        )
+        return self._progress(range(start, stop, self.config.chunk_size), desc, show)
 
     @property
     def num_segments(self) -> int:
@@ -156,7 +165,13 @@ class SourceAttributor:
     # --------------------------------------------------------------- curvature
     def checkpoint_hessian(self, index: int, examples: Examples) -> torch.Tensor:
         """Projected Gauss-Newton Hessian of the mean loss at checkpoint ``index``, (k, k)
-        float64 (of the rescaled gradients, P D^{1/2} G D^{1/2} P^T, for Adam runs)."""
+        float64 (of the rescaled gradients, P D^{1/2} G D^{1/2} P^T, for Adam runs).
+
+        The curvature examples are taken ``chunk_size`` at a time; under ``torch.distributed``
+        each rank computes a contiguous share of the chunks and the chunks' Gram matrices are
+        summed in a fixed tree (``TreeSum``), so the result is bit-identical for any number of
+        processes (with the same ``chunk_size``).
+        """
         params, consts = self._load(index)
         scale = self.preconditioner.sqrt_scale(index, self.device)
         rows = len(examples)
@@ -164,20 +179,28 @@ class SourceAttributor:
         if self.config.curvature_examples is not None and self.config.curvature_examples < rows:
             pick = torch.Generator().manual_seed(self.config.seed % 2**63)
             chosen = torch.randperm(rows, generator=pick)[: self.config.curvature_examples].sort().values
-        noise = torch.Generator().manual_seed((self.config.seed * 1_000_003 + index) % 2**63)
-        total = torch.zeros(self.config.proj_dim, self.config.proj_dim, dtype=torch.float64, device=self.device)
-        for start in self._chunks(len(chosen), f"curvature @ checkpoint {index}"):
-            rows = chosen[start : start + self.config.chunk_size].tolist()
-            inputs, targets = examples.take(rows, self.device)
-            with dataset_rows(rows):
-                factors = projected_gn_factors(
-                    self.model_fn, params, consts, self.task, inputs, targets, self.projection,
-                    self.config.curvature, noise, f"checkpoint {index}", scale,
-                )
-            gauss_newton_accumulate(total, factors)
+        step, tree = self.config.chunk_size, TreeSum()
+        with together(self.group, f"curvature at checkpoint {index}"):
+            for leaf in self._progress(self.group.span(-(-len(chosen) // step)), f"curvature @ checkpoint {index}"):
+                rows = chosen[leaf * step : (leaf + 1) * step].tolist()
+                inputs, targets = examples.take(rows, self.device)
+                with dataset_rows(rows):
+                    factors = projected_gn_factors(
+                        self.model_fn, params, consts, self.task, inputs, targets, self.projection,
+                        self.config.curvature, self._noise(index, leaf), f"checkpoint {index}", scale,
+                    )
+                tree.add(leaf, gauss_newton_gram(factors))
+        k = self.config.proj_dim
+        total = tree_total(self.group, tree, torch.zeros(k, k, dtype=torch.float64, device=self.device))
         hessian = (total / len(chosen)).cpu()
         check_finite(hessian, f"curvature at checkpoint {index}")
         return hessian
+
+    def _noise(self, checkpoint: int, chunk: int) -> torch.Generator:
+        """The generator of the sampled curvature's pseudo-labels for one chunk of curvature
+        examples at one checkpoint (its own seed, so any process can draw any chunk's)."""
+        state = np.random.SeedSequence([self.config.seed, checkpoint, chunk]).generate_state(2, np.uint32)
+        return torch.Generator().manual_seed(int(state[0]) << 31 | int(state[1]) >> 1)
 
     def check_training_data(
         self,
@@ -241,7 +264,7 @@ class SourceAttributor:
         hessians = {}
         for index in tqdm(
             [c for l in sorted(used) for c in self.segments[l].checkpoints],
-            desc="curvature", disable=not self.config.progress, unit="checkpoint",
+            desc="curvature", disable=not (self.config.progress and self.group.is_main), unit="checkpoint",
         ):
             hessians[index] = self.checkpoint_hessian(index, per_stage[self.trajectory.checkpoints[index].stage])
         self.set_curvature(segment_spectra(self.segments, hessians, self.preconditioner.decays, used), weights)

@@ -377,7 +377,11 @@ def _verify_against_task(args: argparse.Namespace, store: Any) -> list[str]:
     """What differs between the store and the task: settings, model, checkpoints, data."""
     from source_proj.attributor import SourceAttributor
     from source_proj.cli.task_spec import load_task
-    from source_proj.features.fit import check_store_settings, check_training_data, store_config
+    from source_proj.features.fit import (
+        check_store_settings,
+        check_training_data,
+        store_config,
+    )
     spec = load_task(args.task)
     attributor = SourceAttributor(spec.model, spec.task, spec.trajectory, store_config(store, progress=not args.quiet))
     try:

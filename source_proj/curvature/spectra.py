@@ -60,15 +60,15 @@ def phi_values(s: torch.Tensor, t: float) -> torch.Tensor:
     return torch.where(small, series, direct)
 
 
-def gauss_newton_accumulate(total: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """Add sum_r rows_r rows_r^T to ``total`` (k, k) float64, for rows (..., k) of projected
-    Gauss-Newton factors (each example's A^T J P^T).
+def gauss_newton_gram(rows: torch.Tensor) -> torch.Tensor:
+    """sum_r rows_r rows_r^T, (k, k) float64, for rows (..., k) of projected Gauss-Newton
+    factors (each example's A^T J P^T): one chunk's contribution to a Hessian.
 
-    A chunk's Gram matrix is formed in float32 (its rows are float32 already; a chunk sums a
-    few hundred terms) and accumulated across chunks in float64.
+    The Gram matrix is formed in float32 (the rows are float32 already; a chunk sums a few
+    hundred terms); chunks are summed in float64 (``distributed.reduce.TreeSum``).
     """
     flat = rows.reshape(-1, rows.shape[-1]).to(torch.float32)
-    return total.add_((flat.T @ flat).to(torch.float64))
+    return (flat.T @ flat).to(torch.float64)
 
 
 def segment_spectrum(hessians: list[torch.Tensor], weight_decay: float, time: float) -> SegmentSpectrum:

@@ -27,7 +27,11 @@ import torch
 import zarr
 from tqdm.auto import tqdm
 
-from source_proj.features.ledger import ChunkLedger, chunk_digest, create_group_atomically
+from source_proj.features.ledger import (
+    ChunkLedger,
+    chunk_digest,
+    create_group_atomically,
+)
 from source_proj.features.lock import hold_lock
 from source_proj.features.store import FeatureStore, StoreLayout, StoreMismatchError
 from source_proj.retrieval.exact import check_queries
