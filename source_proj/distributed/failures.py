@@ -19,10 +19,13 @@ class DistributedRunError(RuntimeError):
     """
 
     def __init__(self, what: str, failures: list[tuple[int, str]]) -> None:
-        self.failures = failures
+        self.what, self.failures = what, failures
         detail = "; ".join(f"rank {rank}: {message}" for rank, message in failures)
         super().__init__(f"{what} failed on rank{'s' if len(failures) > 1 else ''} "
                          f"{', '.join(str(r) for r, _ in failures)}: {detail}")
+
+    def __reduce__(self) -> tuple:
+        return type(self), (self.what, self.failures)
 
 
 @contextmanager
