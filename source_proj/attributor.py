@@ -39,6 +39,7 @@ from source_proj.curvature.spectra import (
     transport_operators,
 )
 from source_proj.distributed.failures import together
+from source_proj.distributed.gather import gather_rows
 from source_proj.distributed.group import ProcessGroup
 from source_proj.distributed.reduce import TreeSum, tree_total
 from source_proj.features.rows import combine, row_dot, segment_features
@@ -372,10 +373,21 @@ class SourceAttributor:
             self.featurize_rows(examples, s, min(stop, s + step))
             for s in self._chunks(stop, "features", start, show=progress)
         ]
+        if not parts:
+            k, n_seg = self.config.proj_dim, self.num_segments
+            width = k if self.query_mode == "final" else n_seg * k
+            segments = torch.zeros(0, n_seg, k) if self.keeps_segment_features else None
+            return RowFeatures(torch.zeros(0, width), segments, torch.zeros(0, dtype=torch.float64))
         segments = torch.cat([p.segment_features for p in parts]) if self.keeps_segment_features else None
         return RowFeatures(
             torch.cat([p.features for p in parts]), segments, torch.cat([p.self_influence for p in parts])
         )
+
+    def _rank_rows(self, n: int) -> tuple[int, int]:
+        """This rank's rows [start, stop) of ``n``: a contiguous share of the ``chunk_size``
+        chunks (all of them in a single process)."""
+        chunks, step = self.group.span(-(-n // self.config.chunk_size)), self.config.chunk_size
+        return min(n, chunks.start * step), min(n, chunks.stop * step)
 
     def fit(
         self,
@@ -386,14 +398,20 @@ class SourceAttributor:
         curvature_data: Any = None,
     ) -> SourceAttributor:
         """Compute and keep in memory the features of every training row (see :meth:`prepare`
-        for the arguments). For data sets too large for memory, use a feature store."""
+        for the arguments). For data sets too large for memory, use a feature store.
+
+        Under ``torch.distributed`` each rank featurises a contiguous share of the rows and
+        every rank ends with all of them (the same as one process would compute)."""
         examples = as_examples(train_data)
         self.check_training_data(examples)
         self.prepare(examples, stages=stages, num_train=num_train, curvature_data=curvature_data)
-        rows = self.featurize_range(examples, 0, len(examples), progress=True)
-        self.train_features = rows.features
-        self.train_segment_features = rows.segment_features
-        self._self_influence = rows.self_influence
+        with together(self.group, "featurisation"):
+            rows = self.featurize_range(examples, *self._rank_rows(len(examples)), progress=True)
+        self.train_features = gather_rows(self.group, rows.features)
+        self.train_segment_features = (
+            None if rows.segment_features is None else gather_rows(self.group, rows.segment_features)
+        )
+        self._self_influence = gather_rows(self.group, rows.self_influence)
         return self
 
     # ----------------------------------------------------------------- queries
@@ -403,6 +421,7 @@ class SourceAttributor:
         """Q, (n_query, D) float32, such that score = Q @ F^T.
 
         ``measurement`` overrides the task's (e.g. the task's loss): (B, C), (B, ...) -> (B,).
+        Under ``torch.distributed`` the ranks share the queries and every rank gets all of Q.
         """
         examples = as_examples(queries, "queries")
         measure = measurement or self.task.measurement
@@ -410,14 +429,16 @@ class SourceAttributor:
             groups = [(len(self.trajectory.checkpoints) - 1,)]
         else:
             groups = [seg.checkpoints for seg in self.segments]
-        parts = []
-        for start in self._chunks(len(examples), "queries"):
-            stop = min(len(examples), start + self.config.chunk_size)
-            inputs, targets = examples.rows(start, stop, self.device)
-            with dataset_rows(range(start, stop)):
-                per_group = [-self._projected_sum(group, measure, inputs, targets) / len(group) for group in groups]
-            parts.append(torch.cat(per_group, dim=1).cpu())
-        return torch.cat(parts)
+        start, stop = self._rank_rows(len(examples))
+        parts = [torch.zeros(0, len(groups) * self.config.proj_dim)]
+        with together(self.group, "query features"):
+            for s in self._chunks(stop, "queries", start):
+                end = min(stop, s + self.config.chunk_size)
+                inputs, targets = examples.rows(s, end, self.device)
+                with dataset_rows(range(s, end)):
+                    per_group = [-self._projected_sum(group, measure, inputs, targets) / len(group) for group in groups]
+                parts.append(torch.cat(per_group, dim=1).cpu())
+        return gather_rows(self.group, torch.cat(parts))
 
     def _features_for(self, stage: Hashable | None) -> torch.Tensor:
         if self.train_features is None:

@@ -50,28 +50,37 @@ def test_process_group_spans_cover_range_once():
         assert max(map(len, spans)) - min(map(len, spans)) <= 1
 
 
-def _hessians(mode: str) -> list[torch.Tensor]:
-    model, trajectory, data = trained_classifier(n=44)
-    attributor = SourceAttributor(
-        model, "classification", trajectory, proj_dim=16, chunk_size=6, curvature=mode, progress=False
-    )
-    examples = as_examples(data)
-    return [attributor.checkpoint_hessian(i, examples) for i in (0, len(trajectory.checkpoints) - 1)]
+def _everything() -> dict[str, torch.Tensor]:
+    """Curvature (exact and sampled), in-memory features, self-influence and query features."""
+    model, trajectory, (x, y) = trained_classifier(n=44)
+    out = {}
+    for mode in ("exact", "sampled"):
+        attributor = SourceAttributor(
+            model, "classification", trajectory, proj_dim=16, chunk_size=6, curvature=mode,
+            keep_segment_features=True, query_mode="final", progress=False,
+        )
+        attributor.fit((x, y))
+        out[f"{mode}/hessian"] = attributor.checkpoint_hessian(1, as_examples((x, y)))
+        out[f"{mode}/eigenvectors"] = torch.stack([s.eigenvectors for s in attributor.spectra])
+        out[f"{mode}/features"] = attributor.train_features
+        out[f"{mode}/segment_features"] = attributor.train_segment_features
+        out[f"{mode}/self_influence"] = attributor.self_influence()
+        out[f"{mode}/queries"] = attributor.query_features((x[:13], y[:13]))
+    return out
 
 
-@pytest.mark.parametrize("mode", ["exact", "sampled"])
-def test_curvature_bit_identical_for_any_world_size(tmp_path, mode):
-    torch.set_num_threads(1)  # the ranks run one thread each: same BLAS code paths
+def test_in_memory_fit_bit_identical_for_any_world_size(tmp_path):
+    torch.set_num_threads(1)  # the ranks run one thread each: the same BLAS code paths
     try:
-        single = _hessians(mode)
+        single = _everything()
     finally:
         torch.set_num_threads(2)
+    assert not torch.equal(single["exact/features"], single["sampled/features"])
     for world in (2, 3):
-        results = run_ranks(world, _hessians, (mode,), tmp_path)
-        for rank, result in enumerate(results):
+        for rank, result in enumerate(run_ranks(world, _everything, (), tmp_path)):
             assert "ok" in result, result.get("traceback")
-            for mine, ref in zip(result["ok"], single):
-                assert torch.equal(mine, ref), (world, rank)
+            for name, ref in single.items():
+                assert torch.equal(result["ok"][name], ref), (world, rank, name)
 
 
 def _fail_on_rank_one() -> None:

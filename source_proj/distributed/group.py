@@ -42,6 +42,14 @@ class ProcessGroup:
         """Whether this is rank 0 (the one that creates outputs and shows progress)."""
         return self.rank == 0
 
+    @property
+    def collective_device(self) -> torch.device:
+        """Where tensors must be for this group's collectives: this rank's GPU under NCCL,
+        else the CPU."""
+        if self.distributed and dist.get_backend() == "nccl":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
     def span(self, n: int) -> range:
         """This rank's contiguous share of ``range(n)``: ranks get [r n / W, (r + 1) n / W),
         sizes differing by at most one, in rank order."""

@@ -66,15 +66,16 @@ def tree_total(group: ProcessGroup, tree: TreeSum, like: torch.Tensor) -> torch.
     """
     if not group.distributed:
         return tree.total()
+    device = group.collective_device
     mine = tree.nodes()
-    counts = [torch.zeros(1, dtype=torch.int64, device=like.device) for _ in range(group.world_size)]
-    dist.all_gather(counts, torch.tensor([len(mine)], dtype=torch.int64, device=like.device))
+    counts = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(group.world_size)]
+    dist.all_gather(counts, torch.tensor([len(mine)], dtype=torch.int64, device=device))
     combined = TreeSum()
     for src in range(group.world_size):
         for j in range(int(counts[src].item())):
-            span = torch.tensor(mine[j][:2] if src == group.rank else (0, 0), dtype=torch.int64, device=like.device)
-            value = mine[j][2].contiguous() if src == group.rank else torch.empty_like(like)
+            span = torch.tensor(mine[j][:2] if src == group.rank else (0, 0), dtype=torch.int64, device=device)
+            value = mine[j][2].to(device) if src == group.rank else torch.empty_like(like, device=device)
             dist.broadcast(span, src)
             dist.broadcast(value, src)
-            combined.add_node(int(span[0]), int(span[1]), value)
+            combined.add_node(int(span[0]), int(span[1]), value.to(like.device))
     return combined.total()
