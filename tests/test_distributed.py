@@ -105,3 +105,37 @@ def test_together_reraises_unchanged_in_one_process():
     with pytest.raises(KeyError):
         with together(ProcessGroup(), "work"):
             raise KeyError("x")
+
+
+def _search(path: str, queries, k: int, shard_rows: int):
+    from source_proj.features.store import FeatureStore
+    from source_proj.retrieval.exact import SearchSettings, exact_proponents_opponents
+
+    settings = SearchSettings(shard_rows=shard_rows, block_rows=32, screen_bf16=False)
+    found = exact_proponents_opponents(FeatureStore.open(path), queries, k, settings=settings, progress=False)
+    return [(t.scores, t.ids) for t in found]
+
+
+def test_distributed_exact_topk_equals_one_process(tmp_path):
+    import numpy as np
+    from store_helpers import chunk_features, dense_store
+
+    features = chunk_features(0, 700, 24)
+    dense_store(tmp_path / "s.zarr", features, chunk_rows=50)
+    queries = np.random.default_rng(0).standard_normal((9, 24)).astype(np.float32)
+    # 100-row shards: 7 shards dealt to 3 ranks unevenly; k larger than one shard's rows.
+    args = (str(tmp_path / "s.zarr"), queries, 130, 100)
+    torch.set_num_threads(1)  # the ranks run one thread each: the same BLAS code paths
+    try:
+        single = _search(*args)
+    finally:
+        torch.set_num_threads(2)
+    for world in (2, 3):
+        for rank, result in enumerate(run_ranks(world, _search, args, tmp_path)):
+            assert "ok" in result, result.get("traceback")
+            for (scores, ids), (ref_scores, ref_ids) in zip(result["ok"], single):
+                np.testing.assert_array_equal(ids, ref_ids, err_msg=f"world {world} rank {rank}")
+                np.testing.assert_array_equal(scores, ref_scores)
+    # And the one-process search is the true top-k (float64 oracle).
+    dense = queries.astype(np.float64) @ features.astype(np.float64).T
+    np.testing.assert_array_equal(single[0][1], np.argsort(-dense, axis=1)[:, :130])

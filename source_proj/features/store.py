@@ -729,9 +729,12 @@ class FeatureStore:
         *,
         prefetch: bool = True,
         reuse_buffers: bool = False,
+        select: Callable[[list[int]], list[int]] | None = None,
     ) -> Iterator[tuple[int, np.ndarray]]:
         """Yield ``(start, rows)`` over the whole (complete) store in blocks of about
         ``block_rows`` rows (rounded up to whole chunks), float32 (n, D) or (n, k).
+        ``select`` picks, from the list of all block starts, the ones to yield (e.g. one
+        process's share), in order.
 
         With ``prefetch`` the next block is read in a background thread while the caller
         works on the current one (at most two blocks in memory). With ``reuse_buffers`` the
@@ -741,7 +744,9 @@ class FeatureStore:
         """
         self.require_complete()
         step = max(1, -(-block_rows // self.layout.chunk_rows)) * self.layout.chunk_rows
-        starts = range(0, self.layout.n_rows, step)
+        starts = list(range(0, self.layout.n_rows, step))
+        if select is not None:
+            starts = select(starts)
         width = self.feature_dim(segments)
         buffers = [np.empty((min(step, self.layout.n_rows), width), np.float32) for _ in range(1 + prefetch)] if reuse_buffers else []
 
@@ -751,7 +756,7 @@ class FeatureStore:
             out = buffers[i % len(buffers)][: stop - start] if buffers else None
             return self.read_rows(start, stop, segments, out=out)
 
-        if not prefetch:
+        if not prefetch or not starts:
             for i, start in enumerate(starts):
                 yield start, read(i)
             return
