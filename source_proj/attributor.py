@@ -222,7 +222,7 @@ class SourceAttributor:
         params, consts = self._load(len(self.trajectory.checkpoints) - 1)
         n_outputs = self.model_fn.forward(params, consts, first_inputs).reshape(1, -1).shape[1]
         chosen = range(-(-len(examples) // chunk_rows)) if chunks is None else sorted(chunks)
-        for index in tqdm(chosen, desc="check training data", disable=not self.config.progress, leave=False, unit="chunk"):
+        for index in self._progress(chosen, "check training data"):
             start, stop = index * chunk_rows, min((index + 1) * chunk_rows, len(examples))
             inputs, targets = examples.rows(start, stop)
             self.task.check_targets(targets, n_outputs, start)

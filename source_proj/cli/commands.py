@@ -30,7 +30,15 @@ STORE_HELP = "the feature store directory written by 'source-proj fit'"
 
 
 def _log(message: str) -> None:
-    print(message, file=sys.stderr)
+    from source_proj.distributed.group import ProcessGroup
+
+    if ProcessGroup.current().is_main:  # under torchrun, one voice
+        print(message, file=sys.stderr)
+
+
+# Commands that run under torchrun (the others are refused there: they write outputs that
+# several processes would race for, and run fast in one process).
+_DISTRIBUTED = ("fit", "score", "topk", "self-influence")
 
 
 def _reporting_errors(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
@@ -39,17 +47,31 @@ def _reporting_errors(handler: Callable[[argparse.Namespace], int]) -> Callable[
     asks for the traceback; anything else keeps its traceback."""
 
     def run(args: argparse.Namespace) -> int:
+        import torch
+
+        from source_proj.distributed.failures import DistributedRunError
+        from source_proj.distributed.group import init_from_environment, rank_device
         from source_proj.features.ledger import StoreError
         from source_proj.gradients.per_example import NonFiniteError
         from source_proj.trajectory.checkpoints import TrajectoryError
 
+        joined_here = not torch.distributed.is_initialized()
         try:
+            group = init_from_environment(getattr(args, "device", None))
+            if group.distributed:
+                if args.command not in _DISTRIBUTED:
+                    raise ValueError(f"'{args.command}' runs in one process; under torchrun use one of {list(_DISTRIBUTED)}")
+                if getattr(args, "device", None) is not None:
+                    args.device = rank_device(args.device)
             return handler(args)
-        except (ValueError, OSError, StoreError, NonFiniteError, TrajectoryError) as exc:
+        except (ValueError, OSError, StoreError, NonFiniteError, TrajectoryError, DistributedRunError) as exc:
             if args.debug:
                 raise
             _log(f"source-proj {args.command}: error: {exc}")
             return 2
+        finally:
+            if joined_here and torch.distributed.is_initialized():
+                torch.distributed.destroy_process_group()
 
     return run
 
@@ -65,6 +87,10 @@ def _output(path: str | None) -> Iterator[TextIO]:
 
 
 def _write_records(records: list[dict[str, Any]], columns: list[str], fmt: str, path: str | None) -> None:
+    from source_proj.distributed.group import ProcessGroup
+
+    if not ProcessGroup.current().is_main:  # under torchrun every rank has the results; one writes them
+        return
     with _output(path) as out:
         if fmt == "json":
             json.dump(records, out, indent=1)
@@ -175,8 +201,12 @@ def _score(args: argparse.Namespace) -> int:
 
 
 def _topk_results(args: argparse.Namespace, store: Any, queries: Any, segments: list[int] | None) -> dict[str, Any]:
+    from source_proj.distributed.group import ProcessGroup
+
     kinds = ["proponents", "opponents"] if args.kind == "both" else [args.kind]
     if args.index == "ivf":
+        if ProcessGroup.current().distributed:
+            raise ValueError("--index ivf runs in one process; under torchrun the exact search is shared by the ranks")
         if segments is not None:
             raise ValueError("--index ivf searches the full features; it cannot be combined with --stage")
         index = _ivf_index(args, store, queries)

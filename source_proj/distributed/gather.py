@@ -23,3 +23,13 @@ def gather_rows(group: ProcessGroup, local: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(padded) for _ in counts]
     dist.all_gather(parts, padded)
     return torch.cat([part[:n] for part, n in zip(parts, counts)]).to(local.device)
+
+
+def merge_mappings(group: ProcessGroup, found: dict) -> dict:
+    """The union of every rank's ``found`` (picklable keys and values; keys disjoint across
+    ranks), on every rank."""
+    if not group.distributed:
+        return found
+    everyone: list[dict | None] = [None] * group.world_size
+    dist.all_gather_object(everyone, found)
+    return {key: value for part in everyone for key, value in part.items()}

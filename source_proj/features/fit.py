@@ -31,8 +31,10 @@ import torch
 from source_proj.attributor import SourceAttributor
 from source_proj.config import SourceConfig
 from source_proj.curvature.spectra import SegmentSpectrum
+from source_proj.distributed.failures import together
+from source_proj.distributed.gather import merge_mappings
+from source_proj.distributed.locking import group_lock
 from source_proj.features.ledger import array_digest
-from source_proj.features.lock import hold_lock
 from source_proj.features.store import (
     ChunkFeatures,
     FeatureStore,
@@ -202,17 +204,19 @@ def fit_store(
         self_influence=True,
     )
     _check_writable(path)
-    progress = attributor.config.progress
-    with hold_lock(path):
-        existing = FeatureStore.open(path) if path.exists() else None
-        if existing is not None:  # refuse other settings before reading the data
-            check_store_settings(attributor, existing)
-            existing.check_layout(layout)
-        digests = training_data_digests(attributor, examples, layout.chunk_rows)
+    group = attributor.group
+    with group_lock(group, path):
+        with together(group, "checking the existing store"):
+            existing = FeatureStore.open(path) if path.exists() else None
+            if existing is not None:  # refuse other settings before reading the data
+                check_store_settings(attributor, existing)
+                existing.check_layout(layout)
+        digests = _shared_digests(attributor, examples, layout)
         stored = None
-        if existing is not None:  # and other data before the curvature pass
-            existing.check_data_digests(digests)
-            stored = existing.curvature()
+        with together(group, "checking the training data against the store"):
+            if existing is not None:  # and other data before the curvature pass
+                existing.check_data_digests(digests)
+                stored = existing.curvature()
         if stored is None:
             attributor.prepare(examples, stages=stages, num_train=num_train, curvature_data=curvature_data)
         else:
@@ -221,11 +225,28 @@ def fit_store(
                 for values, vectors, seg in zip(*stored, attributor.segments)
             ]
             attributor.set_curvature(spectra, attributor.segment_weights(len(examples), stages, num_train))
-        store = FeatureStore.open_or_create(path, layout, _metadata(attributor), digests)  # checks stages, weights
-        if stored is None:
-            store.write_curvature(*_curvature_arrays(attributor))
-        report = featurize(store, _compute_chunk(attributor, examples, keep_segments), progress=progress)
+        with together(group, "creating the store"):  # rank 0 alone creates it and writes metadata
+            if group.is_main:
+                store = FeatureStore.open_or_create(path, layout, _metadata(attributor), digests)  # checks stages, weights
+                if stored is None:
+                    store.write_curvature(*_curvature_arrays(attributor))
+        if not group.is_main:
+            store = FeatureStore.open(path, expected_metadata=_metadata(attributor), writable=True)
+        report = featurize(
+            store, _compute_chunk(attributor, examples, keep_segments), progress=attributor.config.progress, group=group
+        )
     return store, report
+
+
+def _shared_digests(attributor: SourceAttributor, examples: Examples, layout: StoreLayout) -> list[int]:
+    """``training_data_digests`` of every store chunk, each rank digesting its round-robin
+    share (the whole list on every rank)."""
+    group = attributor.group
+    with together(group, "reading the training data"):
+        mine = group.strided(list(range(layout.n_chunks)))
+        found = dict(zip(mine, training_data_digests(attributor, examples, layout.chunk_rows, chunks=mine)))
+    found = merge_mappings(group, found)
+    return [found[c] for c in range(layout.n_chunks)]
 
 
 def check_store_settings(attributor: SourceAttributor, store: FeatureStore) -> None:

@@ -53,6 +53,11 @@ import torch
 import zarr
 from tqdm.auto import tqdm
 
+from source_proj.distributed.failures import together
+from source_proj.distributed.gather import merge_mappings
+from source_proj.distributed.group import ProcessGroup
+from source_proj.distributed.locking import group_lock
+from source_proj.distributed.work import agreed, each_chunk
 from source_proj.features.ledger import (
     ChunkLedger,
     StoreCorruptError,
@@ -61,7 +66,6 @@ from source_proj.features.ledger import (
     chunk_digest,
     create_group_atomically,
 )
-from source_proj.features.lock import hold_lock
 
 FORMAT_VERSION = 2
 STORE_DTYPES = ("float32", "float16")
@@ -533,12 +537,17 @@ class FeatureStore:
             out.append(data)
         return out
 
-    def damaged_chunks(self, *, progress: bool = False) -> dict[int, str]:
-        """Check every written chunk of every array against its digests: ``{chunk: what is
-        wrong}`` for the damaged ones (empty when all are intact). Reads the whole store."""
+    def written_chunks(self) -> list[int]:
+        """Indices of the chunks marked written in the ledger."""
+        return np.nonzero(self._ledger.digests()[:, 0] != 0)[0].tolist()
+
+    def damaged_chunks(self, chunks: Collection[int] | None = None, *, progress: bool = False) -> dict[int, str]:
+        """Check every written chunk (or the written ones among ``chunks``) of every array
+        against its digests: ``{chunk: what is wrong}`` for the damaged ones (empty when all
+        are intact). Reads what it checks."""
         digests = self._ledger.digests()
         damaged = {}
-        done = np.nonzero(digests[:, 0] != 0)[0].tolist()
+        done = self.written_chunks() if chunks is None else sorted(c for c in chunks if digests[c, 0] != 0)
         for index in tqdm(done, desc="verify store", unit="chunk", disable=not progress):
             try:
                 self._read_chunk(index, self._ledger.parts, digests[index])
@@ -769,7 +778,9 @@ class FeatureStore:
                 yield start, block
 
 
-def featurize(store: FeatureStore, compute_chunk: ComputeChunk, *, progress: bool = True) -> FeaturizeReport:
+def featurize(
+    store: FeatureStore, compute_chunk: ComputeChunk, *, progress: bool = True, group: ProcessGroup | None = None
+) -> FeaturizeReport:
     """Compute and write every pending chunk of ``store``, in order.
 
     ``compute_chunk(start, stop)`` returns the features of training rows [start, stop):
@@ -785,26 +796,45 @@ def featurize(store: FeatureStore, compute_chunk: ComputeChunk, *, progress: boo
     background thread while the next one is computed; memory use is bounded by two chunks.
     A chunk is marked complete only once written, and on an exception the chunk being
     written is finished first.
+
+    With a distributed ``group`` (``torch.distributed``; default: the current one) every rank
+    calls this on the same store: rank 0 holds the lock for the group, the ranks share the
+    digest checks and deal the pending chunks round-robin (``distributed.work.each_chunk``),
+    so a rerun with any number of processes computes exactly the chunks still pending. The
+    report lists the chunks computed by all ranks.
     """
-    with hold_lock(store.path):
-        damaged = store.damaged_chunks(progress=progress)
-        store.reset_chunks(damaged)
-        pending = store.pending_chunks()
-        layout = store.layout
+    group = ProcessGroup.current() if group is None else group
+    layout = store.layout
+    show = progress and group.is_main
+    with group_lock(group, store.path):
+        with together(group, "checking the store's written chunks"):
+            mine = store.damaged_chunks(group.strided(store.written_chunks()), progress=show)
+        damaged = merge_mappings(group, mine)
+        if group.is_main:
+            store.reset_chunks(damaged)
+        pending = agreed(group, store.pending_chunks)
         done_rows = layout.n_rows - sum(stop - start for start, stop in map(layout.chunk_range, pending))
-        computed: list[int] = []
         with (
-            tqdm(total=layout.n_rows, initial=done_rows, unit="row", desc="featurize", disable=not progress) as bar,
+            tqdm(total=layout.n_rows, initial=done_rows, unit="row", desc="featurize", disable=not show) as bar,
             ThreadPoolExecutor(max_workers=1) as writer,
         ):
-            writing: Future | None = None
-            for index in pending:
-                start, stop = layout.chunk_range(index)
-                chunk = store.check_chunk(index, compute_chunk(start, stop))
-                if writing is not None:
-                    bar.update(writing.result())
-                writing = writer.submit(store._write_checked, index, chunk)
-                computed.append(index)
-            if writing is not None:
-                bar.update(writing.result())
-    return FeaturizeReport(tuple(computed), layout.n_chunks - len(pending), tuple(sorted(damaged)))
+            writing: list[Future] = []
+
+            def work(index: int) -> None:
+                chunk = store.check_chunk(index, compute_chunk(*layout.chunk_range(index)))
+                if writing:
+                    writing.pop().result()
+                writing.append(writer.submit(store._write_checked, index, chunk))
+
+            def finish() -> None:
+                if writing:
+                    writing.pop().result()
+
+            def advance(batch: Sequence[int]) -> None:
+                bar.update(sum(stop - start for start, stop in map(layout.chunk_range, batch)))
+
+            each_chunk(group, pending, work, "featurisation", advance)
+            with together(group, "featurisation"):
+                finish()
+    return FeaturizeReport(tuple(pending), layout.n_chunks - len(pending), tuple(sorted(damaged)))
+
