@@ -349,26 +349,36 @@ def test_lock_admits_one_writer_names_it_and_replaces_stale_locks(tmp_path):
             check_holder(path, "other")
 
 
-def _racing_fit(path: str, barrier, results) -> None:
+def _racing_fit(path: str, barrier, refused, results) -> None:
     torch.set_num_threads(1)
     model, trajectory, train = trained_classifier(n=60, epochs=2)
     attributor = _attributor(model, trajectory)
     started = []
     original = attributor.checkpoint_hessian
-    attributor.checkpoint_hessian = lambda *a: started.append(1) or original(*a)
+
+    def hessian(*args):
+        # Only the lock holder gets here; it keeps the lock until the other one was refused,
+        # so that a loaded machine cannot let the first fit finish before the second starts.
+        if not started and not refused.wait(timeout=120):
+            raise TimeoutError("the other fit was never refused")
+        started.append(1)
+        return original(*args)
+
+    attributor.checkpoint_hessian = hessian
     barrier.wait()
     try:
         fit_store(attributor, train, path, chunk_rows=CHUNK)
         results.put(("done", len(started)))
     except StoreLockedError as exc:
+        refused.set()
         results.put(("locked", len(started), exc.holder.pid))
 
 
 def test_two_racing_fits_one_computes_the_other_is_refused_before_any_work(run, tmp_path):
     context = multiprocessing.get_context("fork")
-    barrier, results = context.Barrier(2), context.Queue()
+    barrier, refused, results = context.Barrier(2), context.Event(), context.Queue()
     path = str(tmp_path / "race.zarr")
-    procs = [context.Process(target=_racing_fit, args=(path, barrier, results)) for _ in range(2)]
+    procs = [context.Process(target=_racing_fit, args=(path, barrier, refused, results)) for _ in range(2)]
     for p in procs:
         p.start()
     outcomes = sorted([results.get(timeout=300) for _ in procs], key=lambda r: r[0])
