@@ -31,3 +31,4 @@ bench: install
 	$(PY) benchmarks/featurize.py
 	$(PY) benchmarks/retrieval.py
 	$(PY) benchmarks/curation.py
+	$(PY) benchmarks/integrity.py

@@ -45,6 +45,7 @@ from sklearn.metrics import roc_auc_score
 
 from source_proj.config import SourceConfig
 from source_proj.curation import CurationConfig, curate
+from source_proj.curation.figures import pruning_figure, score_histogram
 from source_proj.evaluation.baselines import (
     influence_self_influence,
     source_scores,
@@ -52,7 +53,6 @@ from source_proj.evaluation.baselines import (
     tracin_self_influence,
 )
 from source_proj.evaluation.projected_run import project_run
-from source_proj.curation.figures import pruning_figure, score_histogram
 from source_proj.evaluation.pruning import PruningConfig, PruningResult, pruning_curve
 from source_proj.evaluation.scenarios import Scenario, Stage, train_run
 from source_proj.gradients.tasks import ClassificationTask

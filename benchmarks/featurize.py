@@ -34,7 +34,8 @@ def segment_means_per_checkpoint(att: SourceAttributor, inputs: torch.Tensor, ta
         for c in seg.checkpoints:
             params, consts = att._load(c)
             total = total + projected_gradients(
-                att.model_fn, [(params, consts, f"checkpoint {c}")], att.task.loss, inputs, targets, att.projection
+                att.model_fn, [(params, consts, f"checkpoint {c}", att.preconditioner.sqrt_scale(c))],
+                att.task.loss, inputs, targets, att.projection,
             ).double()
         means.append(total / len(seg.checkpoints))
     return torch.stack(means, dim=1)

@@ -11,11 +11,21 @@ projected once (``project_run``) and every estimator is evaluated on those same 
 gradients and Hessians: single-model (run 0) and ensembles (mean over runs). TRAK's own
 package (``traker``, CPU BasicProjector) runs on (a) as an external reference when installed.
 Ablations of SOURCE's settings and the counterfactual curves for (a) and (b) follow.
+
+AdamW scenarios (e) ``digits-adamw`` (warm-up + cosine, to convergence) and (f)
+``digits-adamw-noisy`` (30% noisy labels, 3 epochs) compare preconditioned SOURCE (both query
+forms, a time-scale sweep, with and without a beta1 time factor 1 / (1 - beta1)) with the
+same checkpoints described as SGD (what the library offered before Adam support: no
+preconditioner, the same per-step learning rates), TracIn with and without the Adam
+preconditioner, influence functions and TRAK (both unpreconditioned, as they are used).
+
+    python benchmarks/lds.py --scenarios digits-adamw,digits-adamw-noisy --out results/lds-adamw.md
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import tempfile
 import time
@@ -53,6 +63,7 @@ from source_proj.evaluation.scenarios import (
     build,
     train_run,
 )
+from source_proj.trajectory.checkpoints import Trajectory
 
 ROOT = Path(__file__).resolve().parent
 RUN_SEED = 10_000  # training seeds of the attributed runs (disjoint from the LDS seeds)
@@ -73,19 +84,22 @@ class BenchSettings:
         segment_counts: L values of the ablation.
         time_scales: multipliers of t = eta K / (1 - beta) in the ablation.
         dampings: relative damping values of influence functions.
+        sgd_time_scales: multipliers of t in the sweep of the SGD description of Adam runs
+            (Adam's steps are D times larger than the learning rate says, so large ones).
         cf_ks, cf_queries, cf_seeds: counterfactual removal sizes, queries, seeds.
         bootstrap: bootstrap replicates of each LDS interval.
     """
 
     num_subsets: int = 100
     repeats: int = 8
-    extra_repeats: tuple[tuple[str, int], ...] = (("digits-two-stage", 16), ("friedman", 16))
+    extra_repeats: tuple[tuple[str, int], ...] = (("digits-two-stage", 16), ("friedman", 16), ("digits-adamw-noisy", 16))
     ensemble_runs: int = 3
     proj_dim: int = 1024
     ablation_dims: tuple[int, ...] = (128, 256, 512, 1024)
     segment_counts: tuple[int, ...] = (1, 2, 3, 5)
     time_scales: tuple[float, ...] = (0.1, 0.3, 1.0, 3.0)
     dampings: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
+    sgd_time_scales: tuple[float, ...] = (1.0, 10.0, 100.0, 1000.0)
     cf_ks: tuple[int, ...] = (8, 16, 32)
     cf_queries: int = 30
     cf_seeds: int = 2
@@ -111,6 +125,7 @@ QUICK = BenchSettings(
     segment_counts=(1, 3),
     time_scales=(1.0,),
     dampings=(1e-3, 1.0),
+    sgd_time_scales=(1.0, 100.0),
     cf_ks=(16,),
     cf_queries=4,
     cf_seeds=1,
@@ -126,12 +141,22 @@ _ESTIMATOR_FIELDS = tuple(PAPER_FORM)
 
 @dataclass(frozen=True)
 class Trained:
-    """One attributed run: its projected quantities, final state and penultimate features."""
+    """One attributed run: its projected quantities, final state and penultimate features.
+
+    For an Adam run, ``run`` is in the preconditioned coordinates and ``sgd`` holds the same
+    checkpoints described as SGD (unpreconditioned gradients and Hessians); None otherwise.
+    """
 
     run: ProjectedRun
     final_state: dict
     train_repr: torch.Tensor
     query_repr: torch.Tensor
+    sgd: ProjectedRun | None = None
+
+    @property
+    def plain(self) -> ProjectedRun:
+        """The unpreconditioned run (what IF and TRAK use)."""
+        return self.run if self.sgd is None else self.sgd
 
 
 Method = Callable[[Trained], torch.Tensor]
@@ -149,11 +174,18 @@ class ScenarioReport:
     cf_queries: int = 0
     seconds: dict[str, float] = field(default_factory=dict)
     notes: dict[str, str] = field(default_factory=dict)
+    preconditioned: bool = False
 
 
-def source(k: int, **settings) -> Method:
-    """SOURCE with the library's defaults except ``settings``, at projection dim ``k``."""
-    return lambda t: source_scores(t.run, SourceConfig(proj_dim=k, seed=t.run.seed, progress=False, **settings))
+def source(k: int, described_as_sgd: bool = False, **settings) -> Method:
+    """SOURCE with the library's defaults except ``settings``, at projection dim ``k`` (on the
+    SGD description of an Adam run with ``described_as_sgd``)."""
+
+    def scores(t: Trained) -> torch.Tensor:
+        run = t.sgd if described_as_sgd else t.run
+        return source_scores(run, SourceConfig(proj_dim=k, seed=run.seed, progress=False, **settings))
+
+    return scores
 
 
 def _is_default(settings: dict) -> bool:
@@ -161,13 +193,19 @@ def _is_default(settings: dict) -> bool:
     return all(settings.get(f, getattr(default, f)) == getattr(default, f) for f in _ESTIMATOR_FIELDS)
 
 
-def source_variants() -> dict[str, dict]:
+def source_variants(preconditioned: bool = False) -> dict[str, dict]:
     """The SOURCE rows of the main table; the one equal to the library's defaults says so."""
-    variants = {
-        "SOURCE L=1 (paper form)": {**PAPER_FORM, "num_segments": 1},
-        "SOURCE L=3 (paper form)": PAPER_FORM,
-        "SOURCE L=3, query per segment": SEGMENT_FORM,
-    }
+    if preconditioned:
+        variants = {
+            "SOURCE preconditioned, paper form (final query)": PAPER_FORM,
+            "SOURCE preconditioned, query per segment": SEGMENT_FORM,
+        }
+    else:
+        variants = {
+            "SOURCE L=1 (paper form)": {**PAPER_FORM, "num_segments": 1},
+            "SOURCE L=3 (paper form)": PAPER_FORM,
+            "SOURCE L=3, query per segment": SEGMENT_FORM,
+        }
     named = {f"{name} = defaults" if _is_default(cfg) else name: cfg for name, cfg in variants.items()}
     if not any(_is_default(cfg) for cfg in variants.values()):
         named["SOURCE (library defaults)"] = {}
@@ -184,6 +222,51 @@ def main_methods(k: int) -> dict[str, Method]:
     }
     for name, settings in source_variants().items():
         methods[name] = source(k, **settings)
+    return methods
+
+
+def adam_main_methods(k: int) -> dict[str, Method]:
+    """The main table of an Adam scenario, all at projection dim ``k``: preconditioned SOURCE,
+    the SGD description of the run, TracIn with and without the preconditioner, IF and TRAK."""
+    methods: dict[str, Method] = {
+        "RepSim": lambda t: representation_similarity(t.query_repr, t.train_repr),
+        "TracIn (Adam preconditioner)": lambda t: tracin_scores(t.run.truncate(k)),
+        "TracIn (no preconditioner)": lambda t: tracin_scores(t.plain.truncate(k)),
+        "IF (damping 1e-3)": lambda t: influence_scores(t.plain.truncate(k), 1e-3),
+        "TRAK": lambda t: trak_scores(t.plain.truncate(k)),
+    }
+    for name, settings in source_variants(preconditioned=True).items():
+        methods[name] = source(k, **settings)
+    methods[SGD_DESCRIPTION] = source(k, described_as_sgd=True)
+    methods["SGD description: SOURCE paper form"] = source(k, described_as_sgd=True, **PAPER_FORM)
+    return methods
+
+
+# The Adam run described as SGD with the library's defaults: what users could do before.
+SGD_DESCRIPTION = "SGD description of the run: SOURCE (library defaults for SGD)"
+
+
+def adam_ablation_methods(settings: BenchSettings) -> dict[str, Method]:
+    """Preconditioned SOURCE's settings one at a time (both query forms; the beta1 time factor
+    1 / (1 - beta1) is the time scale 1 / (1 - 0.9) = 10), the SGD description's time scale,
+    projection dims, IF damping and TRAK's k on the unpreconditioned run."""
+    k = settings.proj_dim
+    methods: dict[str, Method] = {}
+    for label, form in (("final query", PAPER_FORM), ("query per segment", SEGMENT_FORM)):
+        for L in settings.segment_counts:
+            methods[f"SOURCE preconditioned {label}, L={L}"] = source(k, **{**form, "num_segments": L})
+        for scale in settings.time_scales:
+            methods[f"SOURCE preconditioned {label}, t x {scale:g}"] = source(k, **{**form, "time_scale": scale})
+        methods[f"SOURCE preconditioned {label}, beta1 time factor (t x 1/(1 - beta1))"] = lambda t, form=form: source(
+            k, **{**form, "time_scale": 1.0 / (1.0 - t.run.trajectory.betas[0])}
+        )(t)
+        for scale in settings.sgd_time_scales:
+            methods[f"SGD description {label}, t x {scale:g}"] = source(k, described_as_sgd=True, **{**form, "time_scale": scale})
+    for dim in settings.ablation_dims:
+        methods[f"SOURCE (defaults) k={dim}"] = source(dim)
+        methods[f"TRAK k={dim}"] = lambda t, dim=dim: trak_scores(t.plain.truncate(dim))
+    for damping in settings.dampings:
+        methods[f"IF damping {damping:g}"] = lambda t, d=damping: influence_scores(t.plain.truncate(k), d)
     return methods
 
 
@@ -211,20 +294,35 @@ def _tensors(inputs: np.ndarray, targets: np.ndarray) -> tuple[torch.Tensor, tor
     return torch.from_numpy(inputs), torch.from_numpy(targets)
 
 
+def described_as_sgd(trajectory: Trajectory) -> Trajectory:
+    """The checkpoints of an Adam run described as plain SGD: same steps and per-step learning
+    rates, same weight decay, no optimizer states (no preconditioner)."""
+    checkpoints = tuple(dataclasses.replace(c, optimizer_state=None) for c in trajectory.checkpoints)
+    return Trajectory(checkpoints, optimizer="sgd", weight_decay=trajectory.weight_decay)
+
+
 def train_and_project(scenario: Scenario, seed: int, dim: int) -> Trained:
-    """Train on all attributed rows with ``seed`` and project the run to ``dim``."""
+    """Train on all attributed rows with ``seed`` and project the run to ``dim`` (an Adam run
+    also as its SGD description; exact curvature only)."""
     model, trajectory = train_run(scenario, np.arange(scenario.num_train), RUN_SEED + seed)
     data = {s.label: _tensors(s.inputs, s.targets) for s in scenario.stages}
     queries = _tensors(scenario.query_inputs, scenario.query_targets)
-    run = project_run(
-        model, scenario.task(), trajectory, data, scenario.attributed.label, queries, dim, seed=seed, progress=False
-    )
+
+    def project(traj: Trajectory, modes: tuple[str, ...]) -> ProjectedRun:
+        return project_run(
+            model, scenario.task(), traj, data, scenario.attributed.label, queries, dim,
+            seed=seed, curvature_modes=modes, progress=False,
+        )
+
+    adam = trajectory.preconditioned
+    run = project(trajectory, ("exact",) if adam else ("exact", "sampled"))
     state = trajectory.checkpoints[-1].load()
     return Trained(
         run,
         dict(state),
         penultimate_features(model, state, data[scenario.attributed.label][0]),
         penultimate_features(model, state, queries[0]),
+        project(described_as_sgd(trajectory), ("exact",)) if adam else None,
     )
 
 
@@ -279,11 +377,13 @@ def evaluate_scenario(name: str, settings: BenchSettings, cache_dir: Path, worke
         cache_path=cache_dir / f"lds-{name}-M{settings.num_subsets}-R{repeats}.npz",
         workers=workers,
     )
-    report = ScenarioReport(name, truth)
-    report.seconds["ground truth"] = time.perf_counter() - clock
+    clock_truth = time.perf_counter() - clock
 
     clock = time.perf_counter()
     trained = [train_and_project(scenario, seed, settings.max_dim) for seed in range(settings.ensemble_runs)]
+    adam = trained[0].sgd is not None
+    report = ScenarioReport(name, truth, preconditioned=adam)
+    report.seconds["ground truth"] = clock_truth
     report.seconds["train + project runs"] = time.perf_counter() - clock
 
     def lds(scores) -> LDSResult:
@@ -297,14 +397,17 @@ def evaluate_scenario(name: str, settings: BenchSettings, cache_dir: Path, worke
         report.main[method] = (lds(per_run[0]), lds(ensembles[method]))
 
     ensembles: dict[str, np.ndarray] = {}
-    main = main_methods(settings.proj_dim)
+    main = adam_main_methods(settings.proj_dim) if adam else main_methods(settings.proj_dim)
     for method, fn in main.items():
         add_main(method, fn)
-    ablations = ablation_methods(settings)
+    ablations = adam_ablation_methods(settings) if adam else ablation_methods(settings)
     for method, fn in ablations.items():
         report.ablations[method] = lds(fn(trained[0]))
     # Baselines at the setting that scores best on this very LDS (an optimistic tuning).
-    for prefix, label in (("IF damping", "IF (damping tuned on this LDS)"), ("TRAK k=", "TRAK (k tuned on this LDS)")):
+    tuned = [("IF damping", "IF (damping tuned on this LDS)"), ("TRAK k=", "TRAK (k tuned on this LDS)")]
+    if adam:
+        tuned.append(("SGD description", "SGD description, form and t tuned on this LDS"))
+    for prefix, label in tuned:
         best = _best(report.ablations, prefix)
         add_main(label, ablations[best])
         report.notes[label] = best
@@ -348,17 +451,26 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-BASELINES = ("TracIn", "IF (damping 1e-3)", "IF (damping tuned on this LDS)", "TRAK", "TRAK (k tuned on this LDS)")
+BASELINES = (
+    "TracIn", "TracIn (Adam preconditioner)", "TracIn (no preconditioner)", "IF (damping 1e-3)",
+    "IF (damping tuned on this LDS)", "TRAK", "TRAK (k tuned on this LDS)",
+)
 
 
 def summary_rows(report: ScenarioReport) -> list[str]:
-    """Single-model LDS of the library's default SOURCE against the best gradient baseline."""
+    """Single-model LDS of the library's default SOURCE against the best gradient baseline
+    (and, for an Adam scenario, against the run's SGD description, default and tuned)."""
     (default,) = [m for m in report.main if m.startswith("SOURCE") and ("defaults" in m)]
-    best = max((b for b in BASELINES if b in report.main), key=lambda b: report.main[b][0].score)
-    ours, theirs = report.main[default][0], report.main[best][0]
-    disjoint = ours.ci_low > theirs.ci_high
-    return [report.name, _cell(ours), f"{best}: {_cell(theirs, report.notes.get(best, ''))}",
-            f"{ours.score - theirs.score:+.3f}", "yes" if disjoint else "no"]
+    ours = report.main[default][0]
+    row = [report.name, _cell(ours)]
+    rivals = [max((b for b in BASELINES if b in report.main), key=lambda b: report.main[b][0].score)]
+    if report.preconditioned:
+        rivals += [SGD_DESCRIPTION, "SGD description, form and t tuned on this LDS"]
+    for rival in rivals:
+        theirs = report.main[rival][0]
+        row += [f"{rival}: {_cell(theirs, report.notes.get(rival, ''))}", f"{ours.score - theirs.score:+.3f}",
+                "yes" if ours.ci_low > theirs.ci_high else "no"]
+    return row
 
 
 def render(reports: list[ScenarioReport], settings: BenchSettings, total_seconds: float, mode: str) -> str:
@@ -375,8 +487,22 @@ def render(reports: list[ScenarioReport], settings: BenchSettings, total_seconds
         "",
         "## Summary: SOURCE with the library's defaults against the best gradient baseline (single model)",
         "",
-        _table(["scenario", "SOURCE (defaults)", "best baseline", "margin", "intervals disjoint"], [summary_rows(r) for r in reports]),
-        "",
+    ]
+    plain = [summary_rows(r) for r in reports if not r.preconditioned]
+    adam = [summary_rows(r) for r in reports if r.preconditioned]
+    if plain:
+        out += [_table(["scenario", "SOURCE (defaults)", "best baseline", "margin", "intervals disjoint"], plain), ""]
+    if adam:
+        rival = ["margin", "intervals disjoint"]
+        out += [
+            "AdamW scenarios: preconditioned SOURCE (defaults) against the best baseline and against the same "
+            "run described as SGD (library defaults, and with the query form and time scale tuned on this LDS).",
+            "",
+            _table(["scenario", "SOURCE (defaults)", "best baseline", *rival, "SGD description", *rival,
+                    "SGD description, tuned", *rival], adam),
+            "",
+        ]
+    out += [
         "## Ground-truth noise",
         "",
         _table(

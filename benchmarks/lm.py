@@ -177,8 +177,17 @@ def lds_retrain(indices: np.ndarray, seed: int) -> np.ndarray:
 
 def lds(out: Path, quick: bool) -> None:
     from source_proj.config import SourceConfig
-    from source_proj.evaluation import LDSConfig, compute_ground_truth, linear_datamodeling_score
-    from source_proj.evaluation.baselines import influence_scores, source_scores, tracin_scores, trak_scores
+    from source_proj.evaluation import (
+        LDSConfig,
+        compute_ground_truth,
+        linear_datamodeling_score,
+    )
+    from source_proj.evaluation.baselines import (
+        influence_scores,
+        source_scores,
+        tracin_scores,
+        trak_scores,
+    )
     from source_proj.evaluation.projected_run import project_run
 
     config = LDSConfig(num_subsets=12 if quick else 60, repeats=2 if quick else 3)

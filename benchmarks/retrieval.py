@@ -304,6 +304,15 @@ def machine() -> str:
             f"({faiss.omp_get_max_threads()} threads), zarr {zarr.__version__}, numpy {np.__version__}")
 
 
+def write_results(text: str, out: Path, stem: str) -> None:
+    """Print a results table and write it to ``out/<stem>.md``."""
+    print(text)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{stem}.md"
+    path.write_text(text)
+    print(f"written to {path}")
+
+
 def _proc_meminfo_gib() -> float:
     for line in Path("/proc/meminfo").read_text().splitlines():
         if line.startswith("MemTotal:"):
@@ -343,12 +352,7 @@ def main() -> None:
         "|---|---|---|---|",
         *(f"| {' | '.join(row)} |" for row in table),
     ]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"retrieval-{today}{'-quick' if args.quick else ''}.md"
-    path.write_text(text)
-    print(f"written to {path}")
+    write_results("\n".join(lines) + "\n", args.out, f"retrieval-{today}{'-quick' if args.quick else ''}")
 
 
 if __name__ == "__main__":

@@ -17,11 +17,18 @@ from source_proj.trajectory.checkpoints import (
     Trajectory,
     TrajectoryError,
 )
-from source_proj.trajectory.training import TrainSettings, train_sgd
+from source_proj.trajectory.lr_history import LearningRateRecorder, scheduled_rates
+from source_proj.trajectory.training import (
+    AdamWSettings,
+    TrainSettings,
+    train_adamw,
+    train_sgd,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdamWSettings",
     "Checkpoint",
     "ClassificationTask",
     "NonFiniteError",
@@ -34,8 +41,11 @@ __all__ = [
     "Task",
     "TaskSpec",
     "TrainSettings",
+    "LearningRateRecorder",
     "Trajectory",
     "TrajectoryError",
     "project",
+    "scheduled_rates",
+    "train_adamw",
     "train_sgd",
 ]

@@ -9,15 +9,24 @@
 averaged and eigendecomposed per segment) and features (per example, the projected loss
 gradients at every checkpoint, averaged per segment and preconditioned). Both are pure
 functions of the inputs; see ``curvature``, ``features`` and ``projected``.
+
+Adam / AdamW trajectories: every gradient taken at checkpoint c (training rows, queries,
+Gauss-Newton factor rows, self-influence) is rescaled by that checkpoint's D_c^{1/2} before
+projection (``trajectory.optimizer_state``), which turns the SGD formulas into the
+preconditioned ones (math note, section 4). Approximations: D may differ between
+checkpoints, and the cross terms D_l^{-1/2} D_l'^{1/2} between segments are dropped (each
+gradient is rescaled by its own checkpoint's D, the rescaled-space formulas are then those of
+SGD); Adam's coupled L2 decay lambda D is replaced by lambda c I (see ``optimizer_state``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Collection, Hashable, Mapping, Sequence
+from collections.abc import Callable, Collection, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -25,15 +34,19 @@ from tqdm.auto import tqdm
 from source_proj.config import SourceConfig
 from source_proj.curvature.spectra import (
     SegmentSpectrum,
-    gauss_newton_accumulate,
+    gauss_newton_gram,
     segment_spectra,
     transport_operators,
 )
+from source_proj.distributed.failures import together
+from source_proj.distributed.gather import gather_rows
+from source_proj.distributed.group import ProcessGroup
+from source_proj.distributed.reduce import TreeSum, tree_total
 from source_proj.features.rows import combine, row_dot, segment_features
 from source_proj.gradients.data import Examples, as_examples
 from source_proj.gradients.memory import feature_chunk
 from source_proj.gradients.model import ModelFunction, OutputSelector
-from source_proj.gradients.per_example import check_finite
+from source_proj.gradients.per_example import check_finite, dataset_rows
 from source_proj.gradients.tasks import Task, resolve_task
 from source_proj.projection.projected import projected_gn_factors, projected_gradients
 from source_proj.trajectory.checkpoints import (
@@ -42,6 +55,7 @@ from source_proj.trajectory.checkpoints import (
     TrajectoryError,
     state_digest,
 )
+from source_proj.trajectory.optimizer_state import Preconditioner
 
 FORMAT_VERSION = 1
 
@@ -100,6 +114,7 @@ class SourceAttributor:
         self.budget = self.config.gradient_budget()
         self.chunk_size = feature_chunk(self.model_fn.num_params(), self.budget, self.config.chunk_size)
         self.projection = self.config.projection()
+        self.group = ProcessGroup.current()
         self.query_mode = self.config.resolved_query_mode(len(trajectory.stages))
         self.device = torch.device(self.config.device) if self.config.device else next(model.parameters()).device
         self.segments: tuple[Segment, ...] = trajectory.segments(
@@ -110,6 +125,8 @@ class SourceAttributor:
         self.checkpoint_digests: list[str] = []
         for i in range(len(trajectory.checkpoints)):
             self.checkpoint_digests.append(state_digest(self._state(i)))
+        # Adam's preconditioner: every checkpoint's optimizer state checked once here.
+        self.preconditioner = Preconditioner.build(trajectory, model, self.model_fn.names)
         self.spectra: list[SegmentSpectrum] | None = None
         self.operators: torch.Tensor | None = None
         self.weights: torch.Tensor | None = None
@@ -132,16 +149,23 @@ class SourceAttributor:
         inputs: Any,
         targets: torch.Tensor,
     ) -> torch.Tensor:
-        """P sum_c grad objective at ``checkpoints`` per example, (B, k) float32, one projection."""
-        states = ((*self._load(c), f"checkpoint {c}") for c in checkpoints)
+        """P sum_c D_c^{1/2} grad objective at ``checkpoints`` per example, (B, k) float32, one
+        projection (D = I without a preconditioner)."""
+        states = (
+            (*self._load(c), f"checkpoint {c}", self.preconditioner.sqrt_scale(c, self.device)) for c in checkpoints
+        )
         return projected_gradients(self.model_fn, states, objective, inputs, targets, self.projection)
+
+    def _progress(self, items: Iterable[int], desc: str, show: bool = True) -> tqdm:
+        """``items`` with a progress bar (on rank 0 only, when progress is on and ``show``)."""
+        return tqdm(
+            items, desc=desc, disable=not (show and self.config.progress and self.group.is_main), leave=False,
+            unit="chunk",
+        )
 
     def _chunks(self, stop: int, desc: str, start: int = 0, show: bool = True) -> tqdm:
         """Starts of ``chunk_size`` row chunks in [start, stop), with a progress bar."""
-        return tqdm(
-            range(start, stop, self.chunk_size),
-            desc=desc, disable=not (show and self.config.progress), leave=False, unit="chunk",
-        )
+        return self._progress(range(start, stop, self.chunk_size), desc, show)
 
     @property
     def num_segments(self) -> int:
@@ -155,25 +179,69 @@ class SourceAttributor:
 
     # --------------------------------------------------------------- curvature
     def checkpoint_hessian(self, index: int, examples: Examples) -> torch.Tensor:
-        """Projected Gauss-Newton Hessian of the mean loss at checkpoint ``index``, (k, k) float64."""
+        """Projected Gauss-Newton Hessian of the mean loss at checkpoint ``index``, (k, k)
+        float64 (of the rescaled gradients, P D^{1/2} G D^{1/2} P^T, for Adam runs).
+
+        The curvature examples are taken ``chunk_size`` at a time; under ``torch.distributed``
+        each rank computes a contiguous share of the chunks and the chunks' Gram matrices are
+        summed in a fixed tree (``TreeSum``), so the result is bit-identical for any number of
+        processes (with the same ``chunk_size``).
+        """
         params, consts = self._load(index)
+        scale = self.preconditioner.sqrt_scale(index, self.device)
         rows = len(examples)
         chosen = torch.arange(rows)
         if self.config.curvature_examples is not None and self.config.curvature_examples < rows:
             pick = torch.Generator().manual_seed(self.config.seed % 2**63)
             chosen = torch.randperm(rows, generator=pick)[: self.config.curvature_examples].sort().values
-        noise = torch.Generator().manual_seed((self.config.seed * 1_000_003 + index) % 2**63)
-        total = torch.zeros(self.config.proj_dim, self.config.proj_dim, dtype=torch.float64, device=self.device)
-        for start in self._chunks(len(chosen), f"curvature @ checkpoint {index}"):
-            inputs, targets = examples.take(chosen[start : start + self.chunk_size].tolist(), self.device)
-            rows, signs = projected_gn_factors(
-                self.model_fn, params, consts, self.task, inputs, targets, self.projection,
-                self.curvature, noise, f"checkpoint {index}", self.budget,
-            )
-            gauss_newton_accumulate(total, rows, signs)
+        step, tree = self.chunk_size, TreeSum()
+        with together(self.group, f"curvature at checkpoint {index}"):
+            for leaf in self._progress(self.group.span(-(-len(chosen) // step)), f"curvature @ checkpoint {index}"):
+                rows = chosen[leaf * step : (leaf + 1) * step].tolist()
+                inputs, targets = examples.take(rows, self.device)
+                with dataset_rows(rows):
+                    factors, signs = projected_gn_factors(
+                        self.model_fn, params, consts, self.task, inputs, targets, self.projection,
+                        self.curvature, self._noise(index, leaf), f"checkpoint {index}", self.budget, scale,
+                    )
+                tree.add(leaf, gauss_newton_gram(factors, signs))
+        k = self.config.proj_dim
+        total = tree_total(self.group, tree, torch.zeros(k, k, dtype=torch.float64, device=self.device))
         hessian = (total / len(chosen)).cpu()
         check_finite(hessian, f"curvature at checkpoint {index}")
         return hessian
+
+    def _noise(self, checkpoint: int, chunk: int) -> torch.Generator:
+        """The generator of the sampled curvature's pseudo-labels for one chunk of curvature
+        examples at one checkpoint (its own seed, so any process can draw any chunk's)."""
+        state = np.random.SeedSequence([self.config.seed, checkpoint, chunk]).generate_state(2, np.uint32)
+        return torch.Generator().manual_seed(int(state[0]) << 31 | int(state[1]) >> 1)
+
+    def check_training_data(
+        self,
+        examples: Examples,
+        chunk_rows: int = 4096,
+        visit: Callable[[int, int, Any, torch.Tensor], None] | None = None,
+        *,
+        chunks: Collection[int] | None = None,
+    ) -> None:
+        """Validate every row's target for the task before any costly pass (e.g. class
+        labels: integers in [0, C), no ignore index), reading the rows ``chunk_rows`` at a
+        time; ``visit(start, stop, inputs, targets)`` is called with each chunk (the feature
+        store digests them). ``chunks`` limits the pass to those chunk indices. Raises
+        ``ValueError`` naming the offending rows (indices into ``examples``)."""
+        if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1:
+            raise ValueError(f"chunk_rows must be a positive int, got {chunk_rows!r}")
+        first_inputs, _ = examples.rows(0, 1, self.device)
+        params, consts = self._load(len(self.trajectory.checkpoints) - 1)
+        n_outputs = self.model_fn.forward(params, consts, first_inputs).reshape(1, -1).shape[1]
+        chosen = range(-(-len(examples) // chunk_rows)) if chunks is None else sorted(chunks)
+        for index in self._progress(chosen, "check training data"):
+            start, stop = index * chunk_rows, min((index + 1) * chunk_rows, len(examples))
+            inputs, targets = examples.rows(start, stop)
+            self.task.check_targets(targets, n_outputs, start)
+            if visit is not None:
+                visit(start, stop, inputs, targets)
 
     def prepare(
         self,
@@ -211,10 +279,10 @@ class SourceAttributor:
         hessians = {}
         for index in tqdm(
             [c for l in sorted(used) for c in self.segments[l].checkpoints],
-            desc="curvature", disable=not self.config.progress, unit="checkpoint",
+            desc="curvature", disable=not (self.config.progress and self.group.is_main), unit="checkpoint",
         ):
             hessians[index] = self.checkpoint_hessian(index, per_stage[self.trajectory.checkpoints[index].stage])
-        self.set_curvature(segment_spectra(self.segments, hessians, self.trajectory.weight_decay, used), weights)
+        self.set_curvature(segment_spectra(self.segments, hessians, self.preconditioner.decays, used), weights)
         return examples
 
     def set_curvature(self, spectra: Sequence[SegmentSpectrum], weights: Sequence[float]) -> None:
@@ -276,9 +344,14 @@ class SourceAttributor:
 
     # ---------------------------------------------------------------- features
     def featurize_rows(self, examples: Examples, start: int, stop: int) -> RowFeatures:
-        """Features of training rows [start, stop) (after :meth:`prepare`)."""
+        """Features of training rows [start, stop) (after :meth:`prepare`); a
+        ``NonFiniteError`` names the offending rows by their index in ``examples``."""
         if self.operators is None:
             raise RuntimeError("call prepare() or fit() before featurize_rows()")
+        with dataset_rows(range(start, stop)):
+            return self._featurize_rows(examples, start, stop)
+
+    def _featurize_rows(self, examples: Examples, start: int, stop: int) -> RowFeatures:
         inputs, targets = examples.rows(start, stop, self.device)
         n, k, final_index = stop - start, self.config.proj_dim, len(self.trajectory.checkpoints) - 1
         sums = torch.zeros(n, self.num_segments, k, dtype=torch.float64, device=self.device)
@@ -314,10 +387,21 @@ class SourceAttributor:
             self.featurize_rows(examples, s, min(stop, s + step))
             for s in self._chunks(stop, "features", start, show=progress)
         ]
+        if not parts:
+            k, n_seg = self.config.proj_dim, self.num_segments
+            width = k if self.query_mode == "final" else n_seg * k
+            segments = torch.zeros(0, n_seg, k) if self.keeps_segment_features else None
+            return RowFeatures(torch.zeros(0, width), segments, torch.zeros(0, dtype=torch.float64))
         segments = torch.cat([p.segment_features for p in parts]) if self.keeps_segment_features else None
         return RowFeatures(
             torch.cat([p.features for p in parts]), segments, torch.cat([p.self_influence for p in parts])
         )
+
+    def _rank_rows(self, n: int) -> tuple[int, int]:
+        """This rank's rows [start, stop) of ``n``: a contiguous share of the ``chunk_size``
+        chunks (all of them in a single process)."""
+        chunks, step = self.group.span(-(-n // self.chunk_size)), self.chunk_size
+        return min(n, chunks.start * step), min(n, chunks.stop * step)
 
     def fit(
         self,
@@ -328,12 +412,20 @@ class SourceAttributor:
         curvature_data: Any = None,
     ) -> SourceAttributor:
         """Compute and keep in memory the features of every training row (see :meth:`prepare`
-        for the arguments). For data sets too large for memory, use a feature store."""
-        examples = self.prepare(train_data, stages=stages, num_train=num_train, curvature_data=curvature_data)
-        rows = self.featurize_range(examples, 0, len(examples), progress=True)
-        self.train_features = rows.features
-        self.train_segment_features = rows.segment_features
-        self._self_influence = rows.self_influence
+        for the arguments). For data sets too large for memory, use a feature store.
+
+        Under ``torch.distributed`` each rank featurises a contiguous share of the rows and
+        every rank ends with all of them (the same as one process would compute)."""
+        examples = as_examples(train_data)
+        self.check_training_data(examples)
+        self.prepare(examples, stages=stages, num_train=num_train, curvature_data=curvature_data)
+        with together(self.group, "featurisation"):
+            rows = self.featurize_range(examples, *self._rank_rows(len(examples)), progress=True)
+        self.train_features = gather_rows(self.group, rows.features)
+        self.train_segment_features = (
+            None if rows.segment_features is None else gather_rows(self.group, rows.segment_features)
+        )
+        self._self_influence = gather_rows(self.group, rows.self_influence)
         return self
 
     # ----------------------------------------------------------------- queries
@@ -343,6 +435,7 @@ class SourceAttributor:
         """Q, (n_query, D) float32, such that score = Q @ F^T.
 
         ``measurement`` overrides the task's (e.g. the task's loss): (B, C), (B, ...) -> (B,).
+        Under ``torch.distributed`` the ranks share the queries and every rank gets all of Q.
         """
         examples = as_examples(queries, "queries")
         measure = measurement or self.task.measurement
@@ -350,12 +443,16 @@ class SourceAttributor:
             groups = [(len(self.trajectory.checkpoints) - 1,)]
         else:
             groups = [seg.checkpoints for seg in self.segments]
-        parts = []
-        for start in self._chunks(len(examples), "queries"):
-            inputs, targets = examples.rows(start, min(len(examples), start + self.chunk_size), self.device)
-            per_group = [-self._projected_sum(group, measure, inputs, targets) / len(group) for group in groups]
-            parts.append(torch.cat(per_group, dim=1).cpu())
-        return torch.cat(parts)
+        start, stop = self._rank_rows(len(examples))
+        parts = [torch.zeros(0, len(groups) * self.config.proj_dim)]
+        with together(self.group, "query features"):
+            for s in self._chunks(stop, "queries", start):
+                end = min(stop, s + self.chunk_size)
+                inputs, targets = examples.rows(s, end, self.device)
+                with dataset_rows(range(s, end)):
+                    per_group = [-self._projected_sum(group, measure, inputs, targets) / len(group) for group in groups]
+                parts.append(torch.cat(per_group, dim=1).cpu())
+        return gather_rows(self.group, torch.cat(parts))
 
     def _features_for(self, stage: Hashable | None) -> torch.Tensor:
         if self.train_features is None:
@@ -403,6 +500,8 @@ class SourceAttributor:
             "task": self.task.name,
             "trajectory": self.trajectory.summary(),
             "checkpoint_digests": self.checkpoint_digests,
+            # Adam runs: what the preconditioner was read from (a store built with other states is refused).
+            **({"optimizer_state_digests": list(self.preconditioner.digests)} if self.trajectory.preconditioned else {}),
             "segments": [
                 {"stage": str(s.stage), "checkpoints": list(s.checkpoints), "steps": s.steps, "lr": s.lr, "time": s.time}
                 for s in self.segments

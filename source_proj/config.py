@@ -30,7 +30,10 @@ class SourceConfig:
             ("sampled" for ``CausalLMTask``, "exact" otherwise).
         curvature_examples: examples per checkpoint used for the Hessian (None: all of the
             stage's curvature data; otherwise a fixed seeded subset).
-        momentum_factor: time scale t = eta K with eta / (1 - beta) under momentum.
+        momentum_factor: time scale t = eta K with eta / (1 - beta) under heavy-ball
+            momentum. Adam's beta1 is not a time factor (its bias-corrected first moment
+            weights past gradients by weights summing to 1; measured: multiplying t by
+            1 / (1 - beta1) lowers the LDS, see README), so Adam runs use t = eta K.
         time_scale: multiplies every segment's t (1.0 is the paper's value).
         query_mode: "final" (the paper's form: the query gradient at the final checkpoint,
             transported through later segments), "segment" (query gradients averaged over

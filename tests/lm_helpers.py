@@ -121,14 +121,16 @@ def dense_lm_scores(model, traj: Trajectory, train: list[dict], queries: list[di
                     reduction: str, measure: str) -> np.ndarray:
     """SOURCE scores (Q, N) evaluated densely, without projection, rows unpadded."""
 
-    def grads(state, rows, fn):
-        m = _with_state(model, state)
+    states = [c.load() for c in traj.checkpoints]
+
+    def grads(c, rows, fn):
+        m = _with_state(model, states[c])
         return torch.stack([_grad(m, fn(_logits(m, r), r)) for r in rows])
 
     return dense_scores_from_parts(
         traj, num_segments, None, len(train),
-        train_grads=lambda state: grads(state, train, lambda z, r: oracle_token_loss(z, r, reduction)),
-        query_grads=lambda state: grads(state, queries, lambda z, r: oracle_measure(z, r, measure, reduction)),
-        hessian=lambda state, _stage: oracle_gn_hessian(_with_state(model, state), train, reduction),
+        train_grads=lambda c: grads(c, train, lambda z, r: oracle_token_loss(z, r, reduction)),
+        query_grads=lambda c: grads(c, queries, lambda z, r: oracle_measure(z, r, measure, reduction)),
+        hessian=lambda c, _stage: oracle_gn_hessian(_with_state(model, states[c]), train, reduction),
         query_mode="segment",
     )

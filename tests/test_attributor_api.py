@@ -271,5 +271,5 @@ def test_check_finite_fast_path_neither_misses_nor_invents():
     for bad in (math.nan, math.inf, -math.inf):
         values = torch.ones(3, 4)
         values[1, 2] = bad
-        with pytest.raises(NonFiniteError, match=r"in values \(first bad rows \[1\]\)"):
+        with pytest.raises(NonFiniteError, match=r"in values \(first bad rows \[1\] of the batch\)"):
             check_finite(values, "values")

@@ -8,7 +8,11 @@ from lm_helpers import as_columns, dense_lm_scores, random_rows, tiny_gpt2, trai
 from tiny_models import identity_projection
 
 from source_proj.attributor import SourceAttributor
-from source_proj.gradients.causal_lm import CausalLMTask, mask_prompt, target_token_labels
+from source_proj.gradients.causal_lm import (
+    CausalLMTask,
+    mask_prompt,
+    target_token_labels,
+)
 from source_proj.gradients.data import as_examples
 
 pytest.importorskip("transformers")
@@ -88,8 +92,12 @@ def test_padding_invariance_same_sequence_padded_to_two_lengths():
         data = {"input_ids": ids, "attention_mask": mask, "labels": labels}
         att = SourceAttributor(model, "causal_lm", traj, proj_dim=32, num_segments=2, progress=False).fit(data)
         features.append((att.train_features, att.self_influence()))
-    torch.testing.assert_close(features[0][0], features[1][0], rtol=1e-5, atol=1e-8)
-    torch.testing.assert_close(features[0][1], features[1][1], rtol=1e-5, atol=1e-10)
+    # float32 features: padded shapes change the rounding of the forward and of the projected
+    # Gram matrices, a few ulps of the largest feature (ulp = 2^-23 of it); padding leaking into
+    # the loss would change them by orders of magnitude more.
+    for padded, unpadded in zip(features[1], features[0]):
+        scale = unpadded.abs().max().item()
+        torch.testing.assert_close(padded, unpadded, rtol=1e-5, atol=2e-6 * scale)
 
 
 def test_completion_and_target_token_measurements():

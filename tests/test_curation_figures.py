@@ -9,7 +9,11 @@ import pytest
 
 pytest.importorskip("matplotlib")
 
-from source_proj.curation.figures import attribution_grid, pruning_figure, score_histogram  # noqa: E402
+from source_proj.curation.figures import (  # noqa: E402
+    attribution_grid,
+    pruning_figure,
+    score_histogram,
+)
 from source_proj.evaluation.pruning import PruningConfig, pruning_curve  # noqa: E402
 
 

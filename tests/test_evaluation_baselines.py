@@ -29,8 +29,8 @@ from source_proj.evaluation.baselines import (
     tracin_self_influence,
     trak_scores,
 )
-from source_proj.gradients.tasks import ClassificationTask
 from source_proj.evaluation.projected_run import project_run
+from source_proj.gradients.tasks import ClassificationTask
 from source_proj.projection.jl import ProjectionConfig, project
 
 DIM = 24
@@ -68,6 +68,11 @@ def _fixture(scenario: scenarios.Scenario) -> Fixture:
 @pytest.fixture(scope="module")
 def one_stage() -> Fixture:
     return _fixture(_shrink(scenarios.digits(num_train=50, num_queries=4)))
+
+
+@pytest.fixture(scope="module")
+def adamw() -> Fixture:
+    return _fixture(_shrink(scenarios.digits_adamw(num_train=50, num_queries=4)))
 
 
 @pytest.fixture(scope="module")
@@ -109,6 +114,32 @@ def test_source_on_a_cached_run_equals_the_attributor(one_stage: Fixture, settin
     attributor = SourceAttributor(one_stage.model, "classification", one_stage.trajectory, config)
     expected = attributor.fit(one_stage.data[0]).score(one_stage.queries)
     _assert_scores_close(source_scores(one_stage.run, config), expected)
+
+
+@pytest.mark.parametrize("settings", [{}, {"query_mode": "final", "time_scale": 0.3}])
+def test_source_on_a_cached_adamw_run_equals_the_preconditioned_attributor(adamw: Fixture, settings: dict) -> None:
+    config = SourceConfig(**{"proj_dim": DIM, "seed": SEED, "progress": False, **settings})
+    attributor = SourceAttributor(adamw.model, "classification", adamw.trajectory, config)
+    expected = attributor.fit(adamw.data[0]).score(adamw.queries)
+    _assert_scores_close(source_scores(adamw.run, config), expected)
+
+
+def test_tracin_on_an_adamw_run_uses_each_checkpoints_preconditioner(adamw: Fixture) -> None:
+    # -sum_c (eta-sum_c / N) g_q(c)^T P^T P D_c g_m(c), D_c from the state torch's AdamW saved.
+    f = adamw
+    task, (_, beta2), eps = f.scenario.task(), f.trajectory.betas, f.trajectory.eps
+    proj = _projection_matrix(sum(p.numel() for p in f.model.parameters()))
+    expected = torch.zeros(4, f.scenario.num_train, dtype=torch.float64)
+    for ckpt in f.trajectory.checkpoints:
+        state = ckpt.optimizer_state["state"]
+        d = torch.cat([
+            1 / ((state[i]["exp_avg_sq"].double() / (1 - beta2 ** float(state[i]["step"]))).sqrt() + eps).reshape(-1)
+            for i in sorted(state)
+        ])
+        train = _oracle_gradients(f.model, ckpt.state, task.loss, *f.data[0]) * d.sqrt() @ proj
+        query = _oracle_gradients(f.model, ckpt.state, task.measurement, *f.queries) * d.sqrt() @ proj
+        expected -= ckpt.lr_sum() / f.scenario.num_train * query @ train.T
+    _assert_scores_close(tracin_scores(f.run), expected)
 
 
 @pytest.mark.parametrize("query_mode", ["final", "segment"])

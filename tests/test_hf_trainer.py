@@ -9,7 +9,11 @@ from lm_helpers import random_rows, tiny_gpt2
 
 from source_proj.attributor import SourceAttributor
 from source_proj.trajectory.checkpoints import Checkpoint, Trajectory, TrajectoryError
-from source_proj.trajectory.hf_trainer import step_learning_rates, trainer_param_order, trainer_trajectory
+from source_proj.trajectory.hf_trainer import (
+    step_learning_rates,
+    trainer_param_order,
+    trainer_trajectory,
+)
 
 pytest.importorskip("transformers")
 LR, STEPS, SAVE = 0.3, 6, 2

@@ -11,7 +11,12 @@ import torch
 from scipy.stats import t as student_t
 from tiny_models import mlp
 
-from source_proj.evaluation.pruning import RANDOM, PruningConfig, mean_interval, pruning_curve
+from source_proj.evaluation.pruning import (
+    RANDOM,
+    PruningConfig,
+    mean_interval,
+    pruning_curve,
+)
 from source_proj.gradients.tasks import ClassificationTask
 from source_proj.trajectory.training import TrainSettings, train_sgd
 

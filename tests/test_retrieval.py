@@ -335,7 +335,7 @@ def test_ivf_tune_save_load_and_staleness(clustered_store, tmp_path: Path) -> No
             assert recall_at_k(fewer, truth.ids) < 0.9
 
     # Probing at most one cell of 32 cannot give perfect recall here: the index says so.
-    capped = ApproxIndex(index.index, settings, index.store_token, {}, {}).tune(
+    capped = ApproxIndex(index.index, store, settings, index.store_token, {}, {}).tune(
         queries, *exact, target=1.0, max_fraction=1 / 32
     )
     for kind in ("proponents", "opponents"):

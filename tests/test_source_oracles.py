@@ -2,11 +2,10 @@
 
 (a) a dense evaluation of the math note's formulas (autograd loops, scipy expm, inverse);
 (b) one segment with t -> infinity equals influence functions (H + lambda I)^-1;
-(c) full-batch gradient descent on linear regression: exact unrolled differentiation;
+(c) full-batch gradient descent on linear regression, plain and with a fixed diagonal
+    preconditioner (Adam's D): exact unrolled differentiation;
 (d) projected scores converge to unprojected ones as proj_dim grows.
 """
-
-import copy
 
 import numpy as np
 import pytest
@@ -19,13 +18,13 @@ from tiny_models import (
     identity_projection,
     projection_matrix,
     trained_classifier,
+    unrolled_linear_regression,
 )
 from torch import nn
-from torch.func import functional_call
 
 from source_proj.attributor import SourceAttributor
 from source_proj.gradients.data import as_examples
-from source_proj.gradients.tasks import ClassificationTask, RegressionTask
+from source_proj.gradients.tasks import ClassificationTask
 from source_proj.trajectory.checkpoints import Checkpoint, Trajectory
 from source_proj.trajectory.training import TrainSettings, train_sgd
 
@@ -83,38 +82,15 @@ def test_b_infinite_time_single_segment_is_influence_functions(monkeypatch):
     assert rel_err(att.score(queries).numpy(), influence.numpy()) < 1e-4
 
 
-def _unrolled_linear_regression(lr: float, steps: int, weight_decay: float):
-    """Full-batch GD on linear regression; returns (model, trajectory, data, queries, exact d f/d w)."""
-    gen = torch.Generator().manual_seed(3)
-    x = torch.randn(12, 3, generator=gen)
-    y = x @ torch.tensor([1.0, -2.0, 0.5]) + 0.3 * torch.randn(12, generator=gen)
-    xq, yq = torch.randn(3, 3, generator=gen), torch.randn(3, generator=gen)
-    model = nn.Linear(3, 1)
-    with torch.no_grad():
-        model.weight.copy_(torch.tensor([[0.2, 0.1, -0.3]]))
-        model.bias.fill_(0.1)
-    task = RegressionTask()
-    init = {k: v.detach().clone().double().requires_grad_(True) for k, v in model.state_dict().items()}
-    weights = torch.ones(12, dtype=torch.float64, requires_grad=True)
-    params = dict(init)
-    ckpts = []
-    model64 = copy.deepcopy(model).double()
-    for _ in range(steps):
-        loss = (weights * task.loss(functional_call(model64, params, (x.double(),)), y.double())).mean()
-        grads = torch.autograd.grad(loss, list(params.values()), create_graph=True)
-        params = {k: v - lr * (g + weight_decay * v) for (k, v), g in zip(params.items(), grads)}
-        ckpts.append(Checkpoint({k: v.detach().float() for k, v in params.items()}, steps=1, lr=lr))
-    f = task.measurement(functional_call(model64, params, (xq.double(),)), yq.double())
-    exact = torch.stack([torch.autograd.grad(f[j], weights, retain_graph=True)[0] for j in range(3)])
-    traj = Trajectory(tuple(ckpts), weight_decay=weight_decay)
-    return model, traj, (x, y), (xq, yq), exact.detach().numpy()
-
-
-def test_c_matches_unrolled_differentiation_as_steps_shrink(monkeypatch):
+@pytest.mark.parametrize("precond", [None, (0.5, 2.0, 1.0, 1.5)], ids=["gd", "preconditioned-gd"])
+def test_c_matches_unrolled_differentiation_as_steps_shrink(monkeypatch, precond):
+    # precond: full-batch preconditioned descent with a fixed diagonal D (an "adamw" trajectory
+    # whose optimizer states give exactly that D), the exact oracle of section 4.
     monkeypatch.setattr("source_proj.projection.projected.project", identity_projection)
+    d = None if precond is None else torch.tensor(precond)
     errors = []
     for lr, steps in [(0.2, 5), (0.05, 20), (0.0125, 80)]:  # total time eta * K = 1
-        model, traj, train, queries, exact = _unrolled_linear_regression(lr, steps, weight_decay=0.05)
+        model, traj, train, queries, exact = unrolled_linear_regression(lr, steps, weight_decay=0.05, precond=d)
         att = SourceAttributor(model, "regression", traj, proj_dim=4, num_segments=steps, query_mode="final",
                                progress=False, chunk_size=64).fit(train)
         errors.append(rel_err(att.score(queries).numpy(), exact))
@@ -122,6 +98,11 @@ def test_c_matches_unrolled_differentiation_as_steps_shrink(monkeypatch):
     assert errors[0] > errors[1] > errors[2]
     assert errors[2] < 0.03
     assert errors[0] / errors[2] > 10
+    if d is not None:  # the same run described as SGD (no D) has the wrong limit
+        plain = Trajectory(tuple(Checkpoint(c.state, 1, c.lr) for c in traj.checkpoints), weight_decay=0.05)
+        sgd = SourceAttributor(model, "regression", plain, proj_dim=4, num_segments=steps, query_mode="final",
+                               progress=False, chunk_size=64).fit(train)
+        assert rel_err(sgd.score(queries).numpy(), exact) > 0.2
 
 
 def test_d_projected_scores_converge_to_unprojected(monkeypatch):

@@ -9,9 +9,10 @@ import scipy.linalg
 import torch
 from source_proj.kernels.reference import matrix_block
 from torch import nn
+from torch.func import functional_call
 
-from source_proj.gradients.tasks import ClassificationTask, Task
-from source_proj.trajectory.checkpoints import Trajectory
+from source_proj.gradients.tasks import ClassificationTask, RegressionTask, Task
+from source_proj.trajectory.checkpoints import Checkpoint, Trajectory
 from source_proj.trajectory.training import TrainSettings, train_sgd
 
 
@@ -89,31 +90,41 @@ def dense_source_scores(
     attributed_stages: tuple | None = None,
     curvature_data: dict | None = None,
     query_mode: str = "final",
+    precond: list[torch.Tensor] | None = None,
+    decays: list[float] | None = None,
 ) -> np.ndarray:
     """The math note's formula evaluated densely: per-example autograd loops, scipy's expm and
     an explicit inverse. ``proj`` None means no projection (P = I). ``query_mode`` "final":
     the final query gradient carried through later exp(-tH); "segment": each segment's mean
     query gradient against its own phi, no carrying. Only segments of
     ``attributed_stages`` (default all) contribute terms; each stage's Hessian comes from
-    ``curvature_data[stage]`` (default the training rows)."""
+    ``curvature_data[stage]`` (default the training rows).
+
+    Preconditioned runs (section 4): ``precond[c]`` is the diagonal D of checkpoint c, (p,)
+    in parameter order: gradients at c become P D^{1/2} g and the Hessian
+    P D^{1/2} G D^{1/2} P^T, with ``decays[c]`` (default the weight decay) on the diagonal."""
     x, y = train
     xq, yq = queries
+    states = [c.load() for c in traj.checkpoints]
+    p = sum(q.numel() for q in model.parameters())
+    root = [torch.ones(p, dtype=torch.float64) if precond is None else precond[c].double().sqrt() for c in range(len(states))]
 
-    def grads(state, xs, ys, fn):
+    def grads(c, xs, ys, fn):
         return torch.stack([
-            flat_grad(model, state, lambda m, i=i: fn(m(xs[i : i + 1]), ys[i : i + 1])[0])
+            root[c] * flat_grad(model, states[c], lambda m, i=i: fn(m(xs[i : i + 1]), ys[i : i + 1])[0])
             for i in range(len(ys))
         ])
 
-    def hessian(state, stage):
+    def hessian(c, stage):
         cx, cy = (curvature_data or {}).get(stage, train)
-        return dense_gn_hessian(model, state, task, cx, cy)
+        return root[c][:, None] * dense_gn_hessian(model, states[c], task, cx, cy) * root[c][None, :]
 
     return dense_scores_from_parts(
         traj, num_segments, proj, len(y),
-        train_grads=lambda state: grads(state, x, y, task.loss),
-        query_grads=lambda state: grads(state, xq, yq, task.measurement),
+        train_grads=lambda c: grads(c, x, y, task.loss),
+        query_grads=lambda c: grads(c, xq, yq, task.measurement),
         hessian=hessian, time_scale=time_scale, attributed_stages=attributed_stages, query_mode=query_mode,
+        decays=decays,
     )
 
 
@@ -128,33 +139,37 @@ def dense_scores_from_parts(
     time_scale: float = 1.0,
     attributed_stages: tuple | None = None,
     query_mode: str = "final",
+    decays: list[float] | None = None,
 ) -> np.ndarray:
-    """The segment algebra of ``dense_source_scores`` from unprojected parts at a checkpoint
-    state: ``train_grads(state)`` (N, p) loss gradients, ``query_grads(state)`` (Q, p)
-    measurement gradients, ``hessian(state, stage)`` (p, p) mean Gauss-Newton Hessian."""
+    """The segment algebra of ``dense_source_scores`` from unprojected parts at checkpoint c:
+    ``train_grads(c)`` (N, p) loss gradients, ``query_grads(c)`` (Q, p) measurement gradients,
+    ``hessian(c, stage)`` (p, p) mean Gauss-Newton Hessian; ``decays[c]`` (default the weight
+    decay) is added to each checkpoint's Hessian diagonal."""
     segs = traj.segments(num_segments)
-    states = [c.load() for c in traj.checkpoints]
+    final = len(traj.checkpoints) - 1
+    decays = decays or [traj.weight_decay] * len(traj.checkpoints)
     exps, phis, gmeans = [], [], []
     for seg in segs:
-        h = sum(_project(proj, hessian(states[c], seg.stage), both=True) for c in seg.checkpoints)
+        h = sum(_project(proj, hessian(c, seg.stage), both=True) for c in seg.checkpoints)
         k = h.shape[0]
-        h = (h / len(seg.checkpoints) + traj.weight_decay * torch.eye(k, dtype=torch.float64)).numpy()
+        decay = float(np.mean([decays[c] for c in seg.checkpoints]))
+        h = (h / len(seg.checkpoints) + decay * torch.eye(k, dtype=torch.float64)).numpy()
         t = seg.time * time_scale
         e = scipy.linalg.expm(-t * h)
         exps.append(e)
         phis.append((np.eye(k) - e) @ np.linalg.inv(h))
-        gmeans.append(sum(_project(proj, train_grads(states[c])) for c in seg.checkpoints).numpy() / len(seg.checkpoints))
+        gmeans.append(sum(_project(proj, train_grads(c)) for c in seg.checkpoints).numpy() / len(seg.checkpoints))
     scores = 0.0
     for l, seg in enumerate(segs):
         if attributed_stages is not None and seg.stage not in attributed_stages:
             continue
         if query_mode == "final":
-            q = _project(proj, query_grads(states[-1])).numpy()
+            q = _project(proj, query_grads(final)).numpy()
             op = phis[l]
             for later in exps[l + 1 :]:
                 op = later @ op
         else:
-            q = sum(_project(proj, query_grads(states[c])) for c in seg.checkpoints).numpy() / len(seg.checkpoints)
+            q = sum(_project(proj, query_grads(c)) for c in seg.checkpoints).numpy() / len(seg.checkpoints)
             op = phis[l]
         scores = scores - q @ op @ gmeans[l].T / n
     return scores
@@ -172,3 +187,45 @@ def identity_projection(grads, config):
     """Stand-in for ``project`` that does not project (k = p), for exact oracles."""
     blocks = list(grads.values()) if isinstance(grads, dict) else [grads]
     return torch.cat([b.to(torch.float32) for b in blocks], dim=1)
+
+
+def unrolled_linear_regression(lr: float, steps: int, weight_decay: float, precond: torch.Tensor | None = None):
+    """Full-batch gradient descent on a small linear regression, differentiated exactly.
+
+    Steps theta <- theta - lr (D grad + lambda theta), with D = I (``precond`` None: plain GD,
+    an "sgd" trajectory) or the fixed diagonal ``precond`` (4,) over (weight (3), bias): an
+    "adamw" trajectory whose checkpoints carry name -> exp_avg_sq mappings from which the
+    library's bias-corrected D is exactly ``precond``. Returns (model, trajectory, data,
+    queries, exact d f(query) / d w (3, 12) by backpropagation through the steps).
+    """
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(12, 3, generator=gen)
+    y = x @ torch.tensor([1.0, -2.0, 0.5]) + 0.3 * torch.randn(12, generator=gen)
+    xq, yq = torch.randn(3, 3, generator=gen), torch.randn(3, generator=gen)
+    model = nn.Linear(3, 1)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[0.2, 0.1, -0.3]]))
+        model.bias.fill_(0.1)
+    task = RegressionTask()
+    d_of = None if precond is None else {"weight": precond[:3].reshape(1, 3).double(), "bias": precond[3:].double()}
+    beta2, eps = 0.999, 1e-8
+    weights = torch.ones(12, dtype=torch.float64, requires_grad=True)
+    params = {k: v.detach().clone().double().requires_grad_(True) for k, v in model.state_dict().items()}
+    ckpts = []
+    model64 = copy.deepcopy(model).double()
+    for step in range(1, steps + 1):
+        loss = (weights * task.loss(functional_call(model64, params, (x.double(),)), y.double())).mean()
+        grads = torch.autograd.grad(loss, list(params.values()), create_graph=True)
+        params = {
+            k: v - lr * ((g if d_of is None else d_of[k] * g) + weight_decay * v) for (k, v), g in zip(params.items(), grads)
+        }
+        # exp_avg_sq whose bias-corrected D at this cumulative step is exactly precond.
+        state = None if d_of is None else {k: (1 - beta2**step) * (1 / d.float() - eps) ** 2 for k, d in d_of.items()}
+        ckpts.append(Checkpoint({k: v.detach().float() for k, v in params.items()}, steps=1, lr=lr, optimizer_state=state))
+    f = task.measurement(functional_call(model64, params, (xq.double(),)), yq.double())
+    exact = torch.stack([torch.autograd.grad(f[j], weights, retain_graph=True)[0] for j in range(3)])
+    if d_of is None:
+        traj = Trajectory(tuple(ckpts), weight_decay=weight_decay)
+    else:
+        traj = Trajectory(tuple(ckpts), optimizer="adamw", weight_decay=weight_decay, betas=(0.9, beta2), eps=eps)
+    return model, traj, (x, y), (xq, yq), exact.detach().numpy()

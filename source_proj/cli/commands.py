@@ -1,10 +1,13 @@
-"""The ``fit``, ``score``, ``topk``, ``self-influence`` and ``curate`` subcommands of ``source-proj``.
+"""The ``fit``, ``score``, ``topk``, ``self-influence``, ``curate`` and ``verify`` subcommands of
+``source-proj``.
 
 A run is described by a Python function named with ``--task file.py:function`` (or
 ``module:function``) returning a ``source_proj.cli.task_spec.TaskSpec``: model, task, trajectory,
 training rows and query rows. ``fit`` featurises the training rows into a feature store once;
 the other commands read it. Results go to standard output (or ``--output``), progress bars
-and messages to standard error.
+and messages to standard error. Errors a user can cause or fix (bad input, NaN/inf, a
+mismatched, damaged or locked store) end the command with one line on standard error and
+exit code 2 (``--debug`` shows the traceback instead).
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -26,21 +30,48 @@ STORE_HELP = "the feature store directory written by 'source-proj fit'"
 
 
 def _log(message: str) -> None:
-    print(message, file=sys.stderr)
+    from source_proj.distributed.group import ProcessGroup
+
+    if ProcessGroup.current().is_main:  # under torchrun, one voice
+        print(message, file=sys.stderr)
+
+
+# Commands that run under torchrun (the others are refused there: they write outputs that
+# several processes would race for, and run fast in one process).
+_DISTRIBUTED = ("fit", "score", "topk", "self-influence")
 
 
 def _reporting_errors(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    """Turn the errors a user can cause (bad input, mismatched or missing store, bad task)
-    into a one-line message and exit code 2; anything else keeps its traceback."""
+    """Turn the errors a user can cause (bad input, NaN/inf, a mismatched, damaged, locked or
+    missing store, a bad task) into a one-line message and exit code 2, unless ``--debug``
+    asks for the traceback; anything else keeps its traceback."""
 
     def run(args: argparse.Namespace) -> int:
-        from source_proj.features.store import StoreError
+        import torch
 
+        from source_proj.distributed.failures import DistributedRunError
+        from source_proj.distributed.group import init_from_environment, rank_device
+        from source_proj.features.ledger import StoreError
+        from source_proj.gradients.per_example import NonFiniteError
+        from source_proj.trajectory.checkpoints import TrajectoryError
+
+        joined_here = not torch.distributed.is_initialized()
         try:
+            group = init_from_environment(getattr(args, "device", None))
+            if group.distributed:
+                if args.command not in _DISTRIBUTED:
+                    raise ValueError(f"'{args.command}' runs in one process; under torchrun use one of {list(_DISTRIBUTED)}")
+                if getattr(args, "device", None) is not None:
+                    args.device = rank_device(args.device)
             return handler(args)
-        except (ValueError, OSError, StoreError) as exc:
+        except (ValueError, OSError, StoreError, NonFiniteError, TrajectoryError, DistributedRunError) as exc:
+            if args.debug:
+                raise
             _log(f"source-proj {args.command}: error: {exc}")
             return 2
+        finally:
+            if joined_here and torch.distributed.is_initialized():
+                torch.distributed.destroy_process_group()
 
     return run
 
@@ -56,6 +87,10 @@ def _output(path: str | None) -> Iterator[TextIO]:
 
 
 def _write_records(records: list[dict[str, Any]], columns: list[str], fmt: str, path: str | None) -> None:
+    from source_proj.distributed.group import ProcessGroup
+
+    if not ProcessGroup.current().is_main:  # under torchrun every rank has the results; one writes them
+        return
     with _output(path) as out:
         if fmt == "json":
             json.dump(records, out, indent=1)
@@ -101,10 +136,11 @@ def _fit(args: argparse.Namespace) -> int:
         attributor, spec.train, args.store, dtype=args.dtype, chunk_rows=args.chunk_rows, **spec.fit_options
     )
     layout = store.layout
+    repaired = f" ({len(report.repaired_chunks)} of them found damaged and recomputed)" if report.repaired_chunks else ""
     _log(
         f"feature store {store.path}: {layout.n_rows} training rows x {layout.dim} features "
         f"({layout.dtype}), {attributor.num_segments} segments, k = {attributor.config.proj_dim}; "
-        f"{len(report.computed_chunks)} chunks computed now, {report.skipped_chunks} found done"
+        f"{len(report.computed_chunks)} chunks computed now{repaired}, {report.skipped_chunks} found done"
     )
     return 0
 
@@ -113,12 +149,16 @@ def _fit(args: argparse.Namespace) -> int:
 def _store_attributor(args: argparse.Namespace, spec: Any) -> tuple[Any, Any]:
     """(store, attributor): the task's attributor with the settings the store was made with,
     and the store, checked against it."""
-    from source_proj.features.fit import open_store, store_config
+    from source_proj.features.fit import check_training_data, open_store, store_config
     from source_proj.features.store import FeatureStore
 
     config = store_config(FeatureStore.open(args.store), progress=not args.quiet, **_runtime(args))
     attributor = spec.attributor(config)
-    return open_store(attributor, args.store), attributor
+    store = open_store(attributor, args.store)
+    # Train ids are rows of the task's training data: it must be the data the store holds.
+    # A spot check (first and last chunk); 'source-proj verify --task' checks every chunk.
+    check_training_data(attributor, store, spec.train, chunks=[0, store.layout.n_chunks - 1])
+    return store, attributor
 
 
 def _query_setup(args: argparse.Namespace) -> tuple[Any, Any, Any, list[int] | None, Any]:
@@ -149,6 +189,7 @@ def _runtime(args: argparse.Namespace) -> dict[str, Any]:
 def _score(args: argparse.Namespace) -> int:
     from source_proj.retrieval.bulk import score_matrix
 
+    _check_output(args.out)
     store, _, queries, segments, _ = _query_setup(args)
     scores = score_matrix(
         store, queries, args.out, segments=segments, query_block=args.query_block, progress=not args.quiet
@@ -158,15 +199,25 @@ def _score(args: argparse.Namespace) -> int:
 
 
 def _topk_results(args: argparse.Namespace, store: Any, queries: Any, segments: list[int] | None) -> dict[str, Any]:
+    from source_proj.distributed.group import ProcessGroup
+
     kinds = ["proponents", "opponents"] if args.kind == "both" else [args.kind]
     if args.index == "ivf":
+        if ProcessGroup.current().distributed:
+            raise ValueError("--index ivf runs in one process; under torchrun the exact search is shared by the ranks")
         if segments is not None:
             raise ValueError("--index ivf searches the full features; it cannot be combined with --stage")
         index = _ivf_index(args, store, queries)
         exact = [kind for kind in kinds if not index.worth_using(kind == "opponents")]
         if exact:
             _log(f"the IVF index does not reach recall {index.recall['target']} for {exact}: searching them exactly")
-        results = {kind: index.search(queries, args.k, opponents=kind == "opponents") for kind in kinds if kind not in exact}
+        results = {}
+        for kind in kinds:
+            if kind not in exact:
+                results[kind] = index.search(queries, args.k, opponents=kind == "opponents")
+                if index.exact_fallbacks:
+                    _log(f"{index.exact_fallbacks} queries had fewer than {args.k} {kind} in the probed IVF cells: "
+                         "searched exactly")
         if exact:
             results.update(_exact_results(args, store, queries, None, exact))
         return {kind: results[kind] for kind in kinds}
@@ -196,8 +247,9 @@ def _exact_results(
 
 
 def _ivf_index(args: argparse.Namespace, store: Any, queries: Any) -> Any:
-    """The saved IVF index of the store if it is current, else a new one, tuned on (up to)
-    the first 100 queries to the requested recall and saved beside the store."""
+    """The saved IVF index of the store if it is current, else a new one; tuned on (up to)
+    the first 100 queries to the requested k and recall unless it was tuned for them, and
+    saved beside the store (kept in memory for this run where that is not writable)."""
     from source_proj.retrieval.exact import exact_proponents_opponents
     from source_proj.retrieval.ivf import (
         ApproxIndex,
@@ -208,19 +260,27 @@ def _ivf_index(args: argparse.Namespace, store: Any, queries: Any) -> Any:
 
     try:
         index = ApproxIndex.load(store)
-        _log(f"using the IVF index saved beside the store (measured recall {index.recall})")
-        return index
+        if index.tuned_for(args.k, args.ivf_recall):
+            _log(f"using the IVF index saved beside the store (measured recall {index.recall})")
+            return index
+        _log(f"the IVF index saved beside the store was tuned for k = {index.recall.get('k')}, recall "
+             f"{index.recall.get('target')}: retuning it for k = {args.k}, recall {args.ivf_recall}")
     except (FileNotFoundError, StaleIndexError) as exc:
         _log(f"building an IVF index ({exc})")
-    index = build_ivf(store, IVFSettings(), progress=not args.quiet)
+        index = build_ivf(store, IVFSettings(), progress=not args.quiet)
     tune = queries[:100]
     exact = exact_proponents_opponents(store, tune, args.k, progress=not args.quiet)
     recall = index.tune(tune, *exact, target=args.ivf_recall)
-    _log(f"IVF recall@{args.k} on {len(tune)} queries: {recall}; saved to {index.save(store)}")
+    try:
+        where = f"saved to {index.save(store)}"
+    except OSError as exc:
+        where = f"not saved ({exc}): kept in memory for this run"
+    _log(f"IVF recall@{args.k} on {len(tune)} queries: {recall}; {where}")
     return index
 
 
 def _topk(args: argparse.Namespace) -> int:
+    _check_output(args.output)
     store, _, queries, segments, spec = _query_setup(args)
     results = _topk_results(args, store, queries, segments)
     query_text, train_text = spec.texts("queries"), spec.texts("train")
@@ -249,6 +309,7 @@ def _self_influence(args: argparse.Namespace) -> int:
 
     from source_proj.features.store import FeatureStore
 
+    _check_output(args.output)
     values = FeatureStore.open(args.store).self_influence()
     order = np.argsort(-values, kind="stable")
     if args.top is not None:
@@ -335,16 +396,66 @@ def _curate(args: argparse.Namespace) -> int:
     )
     return 0
 
+# ----------------------------------------------------------------------------- verify
+def _verify(args: argparse.Namespace) -> int:
+    from source_proj.features.ledger import StoreCorruptError
+    from source_proj.features.store import FeatureStore
+
+    store = FeatureStore.open(args.store)  # checks the settings' checksum
+    problems = []
+    try:
+        store.verify_curvature()
+    except StoreCorruptError as exc:
+        problems.append(str(exc))
+    damaged = store.damaged_chunks(progress=not args.quiet)
+    problems += damaged.values()
+    pending = store.pending_chunks()
+    if args.task is not None:
+        problems += _verify_against_task(args, store)
+    for problem in problems:
+        _log(f"problem: {problem}")
+    layout = store.layout
+    state = "complete" if not pending else f"incomplete ({len(pending)} of {layout.n_chunks} chunks pending)"
+    checked = " and against the task's model, trajectory and training data" if args.task else ""
+    verdict = f"{len(problems)} problems found" if problems else "no problem found"
+    _log(f"feature store {store.path}: {layout.n_rows} rows in {layout.n_chunks} chunks, {state}; every written "
+         f"chunk checked against its digests{checked}: {verdict}")
+    return 1 if problems else 0
+
+
+def _verify_against_task(args: argparse.Namespace, store: Any) -> list[str]:
+    """What differs between the store and the task: settings, model, checkpoints, data."""
+    from source_proj.cli.task_spec import load_task
+    from source_proj.features.fit import (
+        check_store_settings,
+        check_training_data,
+        store_config,
+    )
+
+    spec = load_task(args.task)
+    attributor = spec.attributor(store_config(store, progress=not args.quiet))
+    try:
+        check_store_settings(attributor, store)
+        check_training_data(attributor, store, spec.train)
+    except ValueError as exc:  # StoreMismatchError, DataMismatchError, invalid labels
+        return [str(exc)]
+    return []
+
 
 # ----------------------------------------------------------------------------- parsers
-def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--task", required=True, help=TASK_HELP)
+def _common(parser: argparse.ArgumentParser, task_required: bool = True) -> None:
+    parser.add_argument("--task", required=task_required, help=TASK_HELP)
     parser.add_argument("--store", required=True, help=STORE_HELP)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    _debug_flag(parser)
+
+
+def _debug_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--debug", action="store_true", help="on an error, show the full traceback")
 
 
 def _runtime_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--batch-size", type=int, help="examples per gradient batch (memory vs speed; default 64)")
+    parser.add_argument("--batch-size", type=_positive_int, help="examples per gradient batch (memory vs speed; default 64)")
     parser.add_argument("--device", help="where gradients are computed, e.g. cpu or cuda (default: the model's)")
 
 
@@ -353,6 +464,30 @@ def _query_flags(parser: argparse.ArgumentParser) -> None:
     _runtime_flags(parser)
     parser.add_argument("--stage", help="only the segments of this training stage (in the 'final' query mode, "
                         "needs a store fitted with --keep-segments)")
+
+
+def _positive_int(text: str) -> int:
+    """argparse type: an int >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _check_output(path: str | None) -> None:
+    """Fail before any work if the output file ``path`` cannot be written."""
+    if path is None or path == "-":
+        return
+    from pathlib import Path
+
+    folder = Path(path).parent
+    if not folder.is_dir():
+        raise FileNotFoundError(f"cannot write {path}: folder {folder} does not exist")
+    if not os.access(path if Path(path).exists() else folder, os.W_OK):
+        raise PermissionError(f"cannot write {path}: permission denied")
 
 
 def _output_flags(parser: argparse.ArgumentParser) -> None:
@@ -375,19 +510,19 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     _common(fit)
     fit.add_argument("--dtype", choices=["float32", "float16"], default="float32",
                      help="feature precision on disk; float16 halves the size, scores within 2^-11 relative")
-    fit.add_argument("--chunk-rows", type=int, default=4096, help="training rows per store chunk (default 4096)")
-    fit.add_argument("--proj-dim", type=int, help="projection dimension k (default 1024)")
+    fit.add_argument("--chunk-rows", type=_positive_int, default=4096, help="training rows per store chunk (default 4096)")
+    fit.add_argument("--proj-dim", type=_positive_int, help="projection dimension k (default 1024)")
     fit.add_argument("--seed", type=int, help="seed of the random projection (default 0)")
     fit.add_argument("--proj-kind", choices=["rademacher", "gaussian"], help="projection entries (default rademacher)")
     fit.add_argument("--proj-precision", choices=["highest", "tf32"],
                      help="GPU products of float32 gradients: highest (default) or tf32 (faster, ~4e-4 relative)")
-    fit.add_argument("--num-segments", type=int, help="segments per training stage, L (default 3)")
+    fit.add_argument("--num-segments", type=_positive_int, help="segments per training stage, L (default 3)")
     fit.add_argument("--query-mode", choices=["auto", "final", "segment"], help="query gradients at the final "
                      "checkpoint, transported (the paper's form), or averaged per segment; auto (default): per "
                      "segment for one training stage, final for several")
     fit.add_argument("--curvature", choices=["exact", "sampled"], help="Gauss-Newton Hessian: exact or with "
                      "sampled labels (cheaper for many classes)")
-    fit.add_argument("--curvature-examples", type=int, help="training rows per checkpoint for the Hessian (default all)")
+    fit.add_argument("--curvature-examples", type=_positive_int, help="training rows per checkpoint for the Hessian (default all)")
     fit.add_argument("--keep-segments", action="store_true", default=None,
                      help="also store per-segment features (for --stage in score and topk)")
     _runtime_flags(fit)
@@ -402,7 +537,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     )
     _query_flags(score)
     score.add_argument("--out", required=True, help="output zarr directory")
-    score.add_argument("--query-block", type=int, default=1024, help="queries per written block (default 1024)")
+    score.add_argument("--query-block", type=_positive_int, default=1024, help="queries per written block (default 1024)")
     score.set_defaults(handler=_reporting_errors(_score))
 
     topk = sub.add_parser(
@@ -416,14 +551,14 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "--format json -o top5.json",
     )
     _query_flags(topk)
-    topk.add_argument("-k", type=int, default=10, help="results per query (default 10)")
+    topk.add_argument("-k", type=_positive_int, default=10, help="results per query (default 10)")
     topk.add_argument("--kind", choices=["proponents", "opponents", "both"], default="both",
                       help="which results (default both)")
     topk.add_argument("--index", choices=["exact", "ivf"], default="exact",
                       help="exact search (default) or an approximate IVF index, built and saved beside the store "
                       "on first use and tuned on the first 100 queries")
     topk.add_argument("--ivf-recall", type=float, default=0.95, help="recall@k the IVF index is tuned to (default 0.95)")
-    topk.add_argument("--shard-rows", type=int, default=65536,
+    topk.add_argument("--shard-rows", type=_positive_int, default=65536,
                       help="training rows searched at a time by the exact search (memory bound; default 65536)")
     _output_flags(topk)
     topk.set_defaults(handler=_reporting_errors(_topk))
@@ -437,7 +572,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     )
     self_inf.add_argument("--store", required=True, help=STORE_HELP)
     self_inf.add_argument("--task", help="a task whose TaskSpec.train_text adds a train_text column")
-    self_inf.add_argument("--top", type=int, help="only the first N rows (default all)")
+    self_inf.add_argument("--top", type=_positive_int, help="only the first N rows (default all)")
+    _debug_flag(self_inf)
     _output_flags(self_inf)
     self_inf.set_defaults(handler=_reporting_errors(_self_influence))
 
@@ -473,6 +609,20 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     cur.add_argument("--format", choices=["csv", "parquet"], default="csv",
                      help="table format (default csv; parquet needs pyarrow)")
     cur.add_argument("--explain", type=int, metavar="ROW", help="print the queries this training row helps and hurts most")
-    cur.add_argument("-k", type=int, default=10, help="queries listed per direction with --explain (default 10)")
+    cur.add_argument("-k", type=_positive_int, default=10, help="queries listed per direction with --explain (default 10)")
     cur.add_argument("--output", "-o", help="with --explain: output file (default: standard output)")
     cur.set_defaults(handler=_reporting_errors(_curate))
+
+    verify = sub.add_parser(
+        "verify",
+        help="check a feature store for damage and, with --task, against the task's model and training data",
+        description="Reads every written chunk of the store and checks it against the digests recorded when it "
+        "was written (damaged, truncated or missing chunk files), and the stored curvature. With --task, also "
+        "checks that the store was made with the task's model, checkpoints and settings, and reads the whole "
+        "training set to check that every chunk's rows (inputs and targets) are the ones it was made from. "
+        "Exit code 0: no problem; 1: problems found (listed); 2: the store cannot be opened.",
+        epilog="a damaged store is repaired by running the same 'source-proj fit' again: it recomputes the "
+        "damaged chunks",
+    )
+    _common(verify, task_required=False)
+    verify.set_defaults(handler=_reporting_errors(_verify))

@@ -1,4 +1,5 @@
-"""The digits demo: train a small MLP with SGD + momentum, then attribute test predictions.
+"""The digits demo: train a small MLP with SGD + momentum (or AdamW with warm-up + cosine),
+then attribute test predictions.
 
 ``digits_run`` trains (or reloads) the model and returns everything attribution needs;
 ``run_demo`` prints, for a few test digits, the most helpful (proponent) and most harmful
@@ -17,11 +18,19 @@ from torch import nn
 
 from source_proj.gradients.tasks import ClassificationTask
 from source_proj.trajectory.checkpoints import Checkpoint, Trajectory
-from source_proj.trajectory.training import TrainSettings, train_sgd
+from source_proj.trajectory.training import AdamWSettings, TrainSettings, train
 
 DIGITS_SETTINGS = TrainSettings(
     epochs=12, batch_size=32, lr=0.05, momentum=0.9, weight_decay=5e-4, checkpoints_per_epoch=1, seed=0
 )
+DIGITS_ADAMW_SETTINGS = AdamWSettings(
+    epochs=12, batch_size=32, lr=3e-3, weight_decay=1e-2, warmup_fraction=0.1, checkpoints_per_epoch=1, seed=0
+)
+# --optimizer of the demo: (settings, checkpoint folder, description).
+DEMO_OPTIMIZERS = {
+    "sgd": (DIGITS_SETTINGS, "checkpoints", "SGD, momentum 0.9"),
+    "adamw": (DIGITS_ADAMW_SETTINGS, "checkpoints-adamw", "AdamW, warm-up + cosine schedule"),
+}
 
 
 @dataclass(frozen=True)
@@ -51,43 +60,64 @@ def digits_data(test_size: int = 297, seed: int = 0) -> tuple[tuple[torch.Tensor
     return (x[test_size:], y[test_size:]), (x[:test_size], y[:test_size])
 
 
-def digits_run(checkpoint_dir: str | os.PathLike, settings: TrainSettings = DIGITS_SETTINGS) -> DigitsRun:
-    """Train the demo model, saving checkpoints under ``checkpoint_dir``, or reload them if a
-    previous run with the same settings left them there."""
-    train, test = digits_data()
+def digits_run(checkpoint_dir: str | os.PathLike, settings: TrainSettings | AdamWSettings = DIGITS_SETTINGS) -> DigitsRun:
+    """Train the demo model, saving checkpoints (and, for AdamW, optimizer states) under
+    ``checkpoint_dir``, or reload them if a previous run with the same settings left them there."""
+    train_rows, test_rows = digits_data()
     model = digits_model(seed=settings.seed)
     folder = Path(checkpoint_dir)
     manifest = folder / "trajectory.json"
     wanted = repr(settings)
     if manifest.exists() and json.loads(manifest.read_text()).get("settings") == wanted:
         entries = json.loads(manifest.read_text())["checkpoints"]
-        ckpts = [Checkpoint(str(folder / e["file"]), e["steps"], e["lr"], e["stage"]) for e in entries]
+        ckpts = [
+            Checkpoint(str(folder / e["file"]), e["steps"], e["lr"], e["stage"],
+                       str(folder / e["optimizer_state"]) if e.get("optimizer_state") else None)
+            for e in entries
+        ]
         model.load_state_dict(torch.load(ckpts[-1].state, weights_only=True))
     else:
-        ckpts = train_sgd(model, ClassificationTask(), *train, settings, checkpoint_dir=folder)
-        entries = [{"file": Path(c.state).name, "steps": c.steps, "lr": c.lr, "stage": c.stage} for c in ckpts]
+        ckpts = train(model, ClassificationTask(), *train_rows, settings, checkpoint_dir=folder)
+        entries = [
+            {"file": Path(c.state).name, "steps": c.steps, "lr": c.lr, "stage": c.stage,
+             "optimizer_state": Path(c.optimizer_state).name if c.optimizer_state else None}
+            for c in ckpts
+        ]
         manifest.write_text(json.dumps({"settings": wanted, "checkpoints": entries}, indent=1))
-    return DigitsRun(model.eval(), settings.trajectory(ckpts), train, test)
+    return DigitsRun(model.eval(), settings.trajectory(ckpts), train_rows, test_rows)
 
 
-def run_demo(workdir: str | os.PathLike = "source-proj-demo", num_queries: int = 4, top: int = 5, proj_dim: int = 512) -> None:
+def run_demo(
+    workdir: str | os.PathLike = "source-proj-demo",
+    num_queries: int = 4,
+    top: int = 5,
+    proj_dim: int = 512,
+    optimizer: str = "sgd",
+) -> None:
     """Train on digits, featurise the training set into a feature store under ``workdir``
     (resumed or reused on later runs), and print proponents/opponents of ``num_queries`` test
-    digits found with the faiss index, and the most self-influential training rows."""
+    digits found with the faiss index, and the most self-influential training rows.
+
+    ``optimizer``: "sgd" (SGD + momentum) or "adamw" (AdamW with warm-up + cosine; SOURCE
+    then uses Adam's preconditioner from the saved optimizer states)."""
     from source_proj.attributor import SourceAttributor
     from source_proj.features.fit import fit_store, open_store
     from source_proj.features.store import FeatureStore
     from source_proj.retrieval.exact import exact_proponents_opponents
 
-    print(f"Training a 64-32-10 MLP on scikit-learn digits (SGD, momentum 0.9); checkpoints in {workdir}/")
-    run = digits_run(Path(workdir) / "checkpoints")
+    if optimizer not in DEMO_OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {sorted(DEMO_OPTIMIZERS)}, got {optimizer!r}")
+    settings, folder, description = DEMO_OPTIMIZERS[optimizer]
+    print(f"Training a 64-32-10 MLP on scikit-learn digits ({description}); checkpoints in {workdir}/{folder}/")
+    run = digits_run(Path(workdir) / folder, settings)
     x_test, y_test = run.test
     with torch.no_grad():
         accuracy = (run.model(x_test).argmax(1) == y_test).float().mean().item()
     print(f"  {len(run.trajectory.checkpoints)} checkpoints, test accuracy {accuracy:.3f}")
     attributor = SourceAttributor(run.model, "classification", run.trajectory, proj_dim=proj_dim, seed=0)
     print(f"SOURCE: {attributor.num_segments} segments, projection to k={proj_dim} (Rademacher, seed 0)")
-    path = Path(workdir) / f"features-k{proj_dim}.zarr"
+    tag = "" if optimizer == "sgd" else f"-{optimizer}"  # the SGD demo keeps its original file names
+    path = Path(workdir) / f"features{tag}-k{proj_dim}.zarr"
     if path.exists() and FeatureStore.open(path).is_complete:
         store = open_store(attributor, path)
         print(f"  reusing the feature store {path}")
@@ -110,7 +140,7 @@ def run_demo(workdir: str | os.PathLike = "source-proj-demo", num_queries: int =
     values, ids = torch.topk(self_inf, top)
     print("\nMost self-influential training rows (candidates for mislabeled or atypical data):")
     print("  " + ", ".join(f"#{int(i)} (label {int(y_train[i])}, {float(v):.4f})" for v, i in zip(values, ids)))
-    _save_grid(Path(workdir) / "proponents-opponents.png", x_test[0], int(y_test[0]), run.train, proponents, opponents)
+    _save_grid(Path(workdir) / f"proponents-opponents{tag}.png", x_test[0], int(y_test[0]), run.train, proponents, opponents)
 
 
 def _save_grid(path: Path, image: torch.Tensor, label: int, train: tuple, proponents, opponents) -> None:

@@ -21,7 +21,8 @@ def _demo(args: argparse.Namespace) -> int:
         return 0
     from source_proj.cli.demo import run_demo
 
-    run_demo(args.workdir or "source-proj-demo", num_queries=args.queries, top=args.top or 5, proj_dim=args.proj_dim or 512)
+    run_demo(args.workdir or "source-proj-demo", num_queries=args.queries, top=args.top or 5,
+             proj_dim=args.proj_dim or 512, optimizer=args.optimizer)
     return 0
 
 
@@ -36,12 +37,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser(
         "demo",
         help="train a small MLP on scikit-learn's digits (or, with --lm, a tiny GPT-2) and attribute a few predictions",
-        description="Trains a 64-32-10 MLP on the digits data with SGD + momentum (checkpoints saved "
-        "under --workdir and reused on later runs), runs SOURCE and prints, for a few test digits, "
-        "the training digits that most helped (proponents) and hurt (opponents) their prediction. "
-        "With --lm: trains a character-level GPT-2 with transformers.Trainer on the Python docs that "
-        "ship with CPython and prints the training sequences that most raised and lowered the "
-        "log-probability of a few held-out sequences (needs pip install 'source-proj[hf]').",
+        description="Trains a 64-32-10 MLP on the digits data with SGD + momentum, or AdamW with a "
+        "warm-up + cosine schedule (checkpoints and optimizer states saved under --workdir and "
+        "reused on later runs), runs SOURCE and prints, for a few test digits, the training digits "
+        "that most helped (proponents) and hurt (opponents) their prediction. With --lm: trains a "
+        "character-level GPT-2 with transformers.Trainer on the Python docs that ship with CPython "
+        "and prints the training sequences that most raised and lowered the log-probability of a "
+        "few held-out sequences (needs pip install 'source-proj[hf]').",
     )
     demo.add_argument("--lm", action="store_true", help="the language-model demo (a few minutes on 2 cores)")
     demo.add_argument("--workdir", help="folder for checkpoints and outputs (default source-proj-demo, "
@@ -49,6 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--queries", type=int, default=4, help="test digits / held-out sequences to explain (default 4)")
     demo.add_argument("--top", type=int, help="proponents/opponents shown per query (default 5, 3 with --lm)")
     demo.add_argument("--proj-dim", type=int, help="projection dimension k (default 512, 256 with --lm)")
+    demo.add_argument(
+        "--optimizer", choices=("sgd", "adamw"), default="sgd",
+        help="train with SGD + momentum (default) or AdamW with warm-up + cosine; for AdamW, SOURCE "
+        "uses Adam's preconditioner read from the saved optimizer states (the digits demo)",
+    )
     demo.set_defaults(handler=_demo)
     add_commands(sub)
     return parser

@@ -20,7 +20,13 @@ optional). ``source_proj.evaluation.pruning`` checks by retraining that acting o
 helps.
 """
 
-from source_proj.curation.ranking import curate, percentile_ranks, ranks, row_weights, suspicion_scores
+from source_proj.curation.ranking import (
+    curate,
+    percentile_ranks,
+    ranks,
+    row_weights,
+    suspicion_scores,
+)
 from source_proj.curation.settings import RANKINGS, CurationConfig
 from source_proj.curation.signals import (
     RowEffects,

@@ -1,7 +1,8 @@
 """Segment curvature in the projected space and its two matrix functions.
 
 Per segment l the projected Hessian H_l (k x k: the mean over the segment's checkpoints of the
-projected Gauss-Newton Hessian of the mean training loss, plus weight decay lambda * I) is
+projected Gauss-Newton Hessian of the mean training loss, plus the mean decay rate of those
+checkpoints times I: lambda for SGD and AdamW, see ``trajectory.optimizer_state`` for Adam) is
 eigendecomposed in float64, H_l = V diag(s) V^T, and with t_l = eta_l K_l
 
     S_l   = exp(-t_l H_l)                 = V diag(exp(-t s)) V^T
@@ -59,22 +60,24 @@ def phi_values(s: torch.Tensor, t: float) -> torch.Tensor:
     return torch.where(small, series, direct)
 
 
-def gauss_newton_accumulate(total: torch.Tensor, rows: torch.Tensor, signs: torch.Tensor | None = None) -> torch.Tensor:
-    """Add sum_r signs_r rows_r rows_r^T to ``total`` (k, k) float64, for rows (..., R, k) of
-    projected Gauss-Newton factors (each example's A^T J P^T) and signs (R,) (None: all +1).
+def gauss_newton_gram(rows: torch.Tensor, signs: torch.Tensor | None = None) -> torch.Tensor:
+    """sum_r signs_r rows_r rows_r^T, (k, k) float64, for rows (..., R, k) of projected
+    Gauss-Newton factors (each example's A^T J P^T) and signs (R,) (None: all +1): one
+    chunk's contribution to a Hessian.
 
-    A chunk's Gram matrix is formed in float32 (its rows are float32 already; a chunk sums a
-    few hundred terms) and accumulated across chunks in float64.
+    The Gram matrix is formed in float32 (the rows are float32 already; a chunk sums a few
+    hundred terms); chunks are summed in float64 (``distributed.reduce.TreeSum``).
     """
     flat = rows.reshape(-1, rows.shape[-1]).to(torch.float32)
     if signs is None:
-        return total.add_((flat.T @ flat).to(torch.float64))
+        return (flat.T @ flat).to(torch.float64)
     weighted = (rows * signs.to(rows)[:, None]).reshape(-1, rows.shape[-1]).to(torch.float32)
-    return total.add_((weighted.T @ flat).to(torch.float64))
+    return (weighted.T @ flat).to(torch.float64)
 
 
 def segment_spectrum(hessians: list[torch.Tensor], weight_decay: float, time: float) -> SegmentSpectrum:
-    """Eigendecompose the mean of the checkpoints' projected Hessians (k, k) plus weight decay.
+    """Eigendecompose the mean of the checkpoints' projected Hessians (k, k) plus
+    ``weight_decay`` times I.
 
     Negative eigenvalues (round-off of a PSD matrix) are clamped to 0.
     """
@@ -88,10 +91,13 @@ def segment_spectrum(hessians: list[torch.Tensor], weight_decay: float, time: fl
 def segment_spectra(
     segments: Sequence[Segment],
     hessians: Mapping[int, torch.Tensor],
-    weight_decay: float,
+    decay: float | Sequence[float],
     used: Collection[int] | None = None,
 ) -> list[SegmentSpectrum]:
     """Each segment's spectrum from the projected Hessians (k, k) of its checkpoints.
+
+    ``decay`` is the rate added to the diagonal: one number (the weight decay lambda), or one
+    per checkpoint (``Preconditioner.decays``), averaged over each segment's checkpoints.
 
     Segments not in ``used`` (indices; default: all) need no Hessians: they get a
     zero-curvature placeholder (S = I, phi = t I), for segments whose curvature cannot change
@@ -101,11 +107,19 @@ def segment_spectra(
         k = hessians[segments[min(used)].checkpoints[0]].shape[0]
         flat = torch.zeros(k, dtype=torch.float64), torch.eye(k, dtype=torch.float64)
     return [
-        segment_spectrum([hessians[c] for c in seg.checkpoints], weight_decay, seg.time)
+        segment_spectrum([hessians[c] for c in seg.checkpoints], _segment_decay(decay, seg), seg.time)
         if used is None or index in used
         else SegmentSpectrum(*flat, seg.time)
         for index, seg in enumerate(segments)
     ]
+
+
+def _segment_decay(decay: float | Sequence[float], segment: Segment) -> float:
+    """The decay rate of ``segment``: ``decay`` itself, or the mean of its checkpoints' rates."""
+    if isinstance(decay, (int, float)):
+        return float(decay)
+    rates = [float(decay[c]) for c in segment.checkpoints]
+    return rates[0] if len(set(rates)) == 1 else sum(rates) / len(rates)
 
 
 def transport_operators(spectra: list[SegmentSpectrum], transport: bool = True) -> torch.Tensor:

@@ -60,7 +60,7 @@ def _source_train(run: ProjectedRun, config: SourceConfig) -> tuple[ProjectedRun
         run = run.truncate(config.proj_dim)
     trajectory = run.trajectory
     segments = trajectory.segments(config.num_segments, config.momentum_factor, config.time_scale)
-    spectra = segment_spectra(segments, run.hessians[curvature], trajectory.weight_decay)
+    spectra = segment_spectra(segments, run.hessians[curvature], run.decays)
     query_mode = config.resolved_query_mode(len(trajectory.stages))
     operators = transport_operators(spectra, transport=query_mode == "final")
     size = run.stage_sizes[run.attributed_stage]
@@ -119,7 +119,7 @@ def _damped_inverse(run: ProjectedRun, damping: float) -> torch.Tensor:
     """(H_T + (lambda + delta) I)^{-1}, (k, k) float64, delta = damping x mean eigenvalue."""
     if not damping >= 0:
         raise ValueError(f"damping must be >= 0, got {damping!r}")
-    hessian = run.final_hessian.double() + run.trajectory.weight_decay * torch.eye(run.dim, dtype=torch.float64)
+    hessian = run.final_hessian.double() + run.decays[-1] * torch.eye(run.dim, dtype=torch.float64)
     evals, evecs = torch.linalg.eigh(0.5 * (hessian + hessian.T))
     evals = evals.clamp_min(0.0)
     return (evecs / (evals + damping * evals.mean())) @ evecs.T

@@ -4,7 +4,9 @@ SOURCE (any number of segments, either query mode, any time scale), TracIn, infl
 functions and TRAK are all functions of the same per-checkpoint projected gradients and
 Gauss-Newton Hessians; :func:`project_run` computes them once, with the core's own routines
 (``projected_gradients`` and ``SourceAttributor.checkpoint_hessian``), so every estimator
-sees identical numbers and the comparison is about the estimator, not the plumbing.
+sees identical numbers and the comparison is about the estimator, not the plumbing. For an
+Adam trajectory every quantity is taken in the D^{1/2}-rescaled coordinates, as the core
+does (describe the same checkpoints as "sgd" for the unpreconditioned quantities).
 
 Projections nest: entry (i, j) of the random matrix R does not depend on k, so the projection
 to k' < k is ``v[:, :k'] * sqrt(k / k')`` (and a Hessian's leading k' x k' block times k / k').
@@ -53,6 +55,8 @@ class ProjectedRun:
             set uses).
         final_output_grads: (N_all, k) float32 projected measurement gradients at the final
             checkpoint of the rows of all stages (TRAK's feature matrix).
+        decays: (C,) the rate added to each checkpoint's Hessian diagonal (the weight decay,
+            or Adam's coupled-L2 stand-in; ``Preconditioner.decays``).
         default_curvature: the task's curvature mode for ``SourceConfig(curvature="auto")``.
     """
 
@@ -66,6 +70,7 @@ class ProjectedRun:
     hessians: Mapping[str, torch.Tensor]
     final_hessian: torch.Tensor
     final_output_grads: torch.Tensor
+    decays: tuple[float, ...]
     default_curvature: str = "exact"
 
     @property
@@ -97,13 +102,15 @@ class ProjectedRun:
 
 
 def _gradients(
-    fn: ModelFunction, state: dict, objective, examples: Examples, config: SourceConfig, where: str
+    fn: ModelFunction, state: dict, objective, examples: Examples, config: SourceConfig, where: str, scale
 ) -> torch.Tensor:
     params, consts = fn.split_state(fn.canonical_state(state, where), torch.device("cpu"))
     parts = []
     for start in range(0, len(examples), _CHUNK):
         inputs, targets = examples.rows(start, min(len(examples), start + _CHUNK))
-        parts.append(projected_gradients(fn, [(params, consts, where)], objective, inputs, targets, config.projection()))
+        parts.append(
+            projected_gradients(fn, [(params, consts, where, scale)], objective, inputs, targets, config.projection())
+        )
     return torch.cat(parts)
 
 
@@ -147,13 +154,15 @@ def project_run(
     last = len(trajectory.checkpoints) - 1
     train_grads, query_grads = [], []
     hessians: dict[str, list[torch.Tensor]] = {mode: [] for mode in curvature_modes}
+    exact = engines.get("exact") or SourceAttributor(model, task, trajectory, config, curvature="exact")
+    preconditioner = exact.preconditioner
     for c, ckpt in enumerate(tqdm(trajectory.checkpoints, desc="projected run", disable=not progress, leave=False)):
         state = ckpt.load()
-        train_grads.append(_gradients(fn, state, task.loss, attributed, config, f"checkpoint {c}"))
-        query_grads.append(_gradients(fn, state, task.measurement, query_examples, config, f"checkpoint {c}"))
+        scale = preconditioner.sqrt_scale(c)
+        train_grads.append(_gradients(fn, state, task.loss, attributed, config, f"checkpoint {c}", scale))
+        query_grads.append(_gradients(fn, state, task.measurement, query_examples, config, f"checkpoint {c}", scale))
         for mode, engine in engines.items():
             hessians[mode].append(engine.checkpoint_hessian(c, data[ckpt.stage]))
-    exact = engines.get("exact") or SourceAttributor(model, task, trajectory, config, curvature="exact")
     sizes = {s: len(d) for s, d in data.items()}
     final_stage = trajectory.checkpoints[last].stage
     at_final = {
@@ -162,8 +171,9 @@ def project_run(
     }
     final_hessian = sum(sizes[s] * h for s, h in at_final.items()) / sum(sizes.values())
     final_state = trajectory.checkpoints[last].load()
+    final_scale = preconditioner.sqrt_scale(last)
     output_grads = torch.cat(
-        [_gradients(fn, final_state, task.measurement, d, config, "final checkpoint") for d in data.values()]
+        [_gradients(fn, final_state, task.measurement, d, config, "final checkpoint", final_scale) for d in data.values()]
     )
     return ProjectedRun(
         trajectory=trajectory,
@@ -176,5 +186,6 @@ def project_run(
         hessians={mode: torch.stack(h) for mode, h in hessians.items()},
         final_hessian=final_hessian,
         final_output_grads=output_grads,
+        decays=preconditioner.decays,
         default_curvature=task.default_curvature,
     )

@@ -10,6 +10,9 @@ and the task, and knows how to train a run from scratch on a subset of its attri
 * ``digits-two-stage``: stage 1 on upright digits, stage 2 on digits rotated by 90 degrees;
   attribution targets stage-1 rows, queries are upright test digits.
 * ``friedman``: regression on ``make_friedman1``, absolute error as the measurement.
+* ``digits-adamw``: the digits MLP trained with AdamW, linear warm-up and cosine decay, to
+  (near) convergence.
+* ``digits-adamw-noisy``: 30% noisy labels, AdamW with warm-up + cosine over 3 epochs only.
 """
 
 from __future__ import annotations
@@ -24,9 +27,9 @@ from torch import nn
 
 from source_proj.gradients.tasks import ClassificationTask, RegressionTask, Task
 from source_proj.trajectory.checkpoints import Checkpoint, Trajectory
-from source_proj.trajectory.training import TrainSettings, train_sgd
+from source_proj.trajectory.training import AdamWSettings, TrainSettings, train
 
-SCENARIOS = ("digits", "digits-noisy", "digits-two-stage", "friedman")
+SCENARIOS = ("digits", "digits-noisy", "digits-two-stage", "friedman", "digits-adamw", "digits-adamw-noisy")
 
 
 @dataclass(frozen=True)
@@ -37,8 +40,8 @@ class Stage:
         label: the stage label recorded in the checkpoints.
         inputs: (n, d) float32 features.
         targets: (n,) int64 classes or (n, 1) float32 regression targets.
-        settings: SGD settings (epochs, batch size, learning rate, momentum, weight decay,
-            checkpoints per epoch); ``seed`` is replaced per run.
+        settings: SGD or AdamW settings (epochs, batch size, learning rate, momentum or
+            betas, weight decay, checkpoints per epoch); ``seed`` is replaced per run.
         checkpoint_stride: keep every j-th checkpoint for attribution (the dropped ones'
             steps are merged into the next kept one); 1 keeps all.
     """
@@ -46,7 +49,7 @@ class Stage:
     label: int
     inputs: np.ndarray
     targets: np.ndarray
-    settings: TrainSettings
+    settings: TrainSettings | AdamWSettings
     checkpoint_stride: int = 1
 
 
@@ -109,7 +112,7 @@ def coarsen(checkpoints: list[Checkpoint], stride: int) -> list[Checkpoint]:
         if (i + 1) % stride == 0 or i == len(checkpoints) - 1:
             rates = np.concatenate([np.broadcast_to(np.asarray(c.lr, float), (c.steps,)) for c in pending])
             lr = float(rates[0]) if np.all(rates == rates[0]) else tuple(rates.tolist())
-            kept.append(Checkpoint(ckpt.state, steps=int(rates.size), lr=lr, stage=ckpt.stage))
+            kept.append(dataclasses.replace(ckpt, steps=int(rates.size), lr=lr))
             pending = []
     return kept
 
@@ -127,7 +130,7 @@ def train_run(scenario: Scenario, indices: np.ndarray, seed: int) -> tuple[nn.Mo
     for s, stage in enumerate(scenario.stages):
         rows = np.asarray(indices) if s == scenario.attributed_stage else np.arange(stage.targets.shape[0])
         settings = dataclasses.replace(stage.settings, seed=seed * len(scenario.stages) + s)
-        raw = train_sgd(
+        raw = train(
             model,
             task,
             torch.from_numpy(stage.inputs[rows]),
@@ -172,28 +175,40 @@ def _rotate(images: np.ndarray) -> np.ndarray:
     return np.rot90(images.reshape(-1, 8, 8), k=1, axes=(1, 2)).reshape(-1, 64).copy()
 
 
+def _noisy_labels(labels: np.ndarray, noise: float, seed: int) -> np.ndarray:
+    """``labels`` with a fraction ``noise`` of them re-drawn uniformly from the 10 classes."""
+    rng = np.random.default_rng([seed, 1])
+    out = labels.copy()
+    redraw = rng.random(len(out)) < noise
+    out[redraw] = rng.integers(0, 10, size=int(redraw.sum()))
+    return out
+
+
 _CONVERGED = TrainSettings(epochs=30, batch_size=32, lr=0.05, momentum=0.9, weight_decay=1e-3)
+
+
+def _one_stage_digits(
+    name: str, settings: TrainSettings | AdamWSettings, num_train: int, num_queries: int, seed: int,
+    noise: float = 0.0, checkpoint_stride: int = 1,
+) -> Scenario:
+    """A single-stage digits scenario: the first ``num_train`` rows (a fraction ``noise`` of
+    their labels re-drawn) trained with ``settings``, the next ``num_queries`` as queries."""
+    x, y = _digits(seed)
+    labels = _noisy_labels(y[:num_train], noise, seed) if noise > 0 else y[:num_train]
+    stage = Stage(0, x[:num_train], labels, settings, checkpoint_stride=checkpoint_stride)
+    q = slice(num_train, num_train + num_queries)
+    return Scenario(name, "classification", (stage,), 0, x[q], y[q])
 
 
 def digits(num_train: int = 800, num_queries: int = 100, seed: int = 0) -> Scenario:
     """(a) MLP on digits trained to near convergence."""
-    x, y = _digits(seed)
-    stage = Stage(0, x[:num_train], y[:num_train], _CONVERGED, checkpoint_stride=2)
-    q = slice(num_train, num_train + num_queries)
-    return Scenario("digits", "classification", (stage,), 0, x[q], y[q])
+    return _one_stage_digits("digits", _CONVERGED, num_train, num_queries, seed, checkpoint_stride=2)
 
 
 def digits_noisy(num_train: int = 800, num_queries: int = 100, noise: float = 0.3, seed: int = 0) -> Scenario:
     """(b) ``noise`` of the training labels re-drawn uniformly, 3 epochs (not converged)."""
-    x, y = _digits(seed)
-    rng = np.random.default_rng([seed, 1])
-    labels = y[:num_train].copy()
-    redraw = rng.random(num_train) < noise
-    labels[redraw] = rng.integers(0, 10, size=int(redraw.sum()))
     settings = dataclasses.replace(_CONVERGED, epochs=3, checkpoints_per_epoch=4)
-    stage = Stage(0, x[:num_train], labels, settings)
-    q = slice(num_train, num_train + num_queries)
-    return Scenario("digits-noisy", "classification", (stage,), 0, x[q], y[q])
+    return _one_stage_digits("digits-noisy", settings, num_train, num_queries, seed, noise=noise)
 
 
 def digits_two_stage(
@@ -219,9 +234,30 @@ def friedman(num_train: int = 600, num_queries: int = 100, seed: int = 0) -> Sce
     return Scenario("friedman", "regression", (stage,), 0, x[num_train:], y[num_train:])
 
 
+_ADAMW = AdamWSettings(epochs=30, batch_size=32, lr=3e-3, weight_decay=1e-2, warmup_fraction=0.1)
+
+
+def digits_adamw(num_train: int = 800, num_queries: int = 100, seed: int = 0) -> Scenario:
+    """(e) the digits MLP trained with AdamW (warm-up + cosine) to near convergence."""
+    return _one_stage_digits("digits-adamw", _ADAMW, num_train, num_queries, seed, checkpoint_stride=2)
+
+
+def digits_adamw_noisy(num_train: int = 800, num_queries: int = 100, noise: float = 0.3, seed: int = 0) -> Scenario:
+    """(f) ``noise`` of the labels re-drawn, AdamW (warm-up + cosine) over 3 epochs."""
+    settings = dataclasses.replace(_ADAMW, epochs=3, checkpoints_per_epoch=4)
+    return _one_stage_digits("digits-adamw-noisy", settings, num_train, num_queries, seed, noise=noise)
+
+
 def build(name: str) -> Scenario:
     """The scenario called ``name`` (one of :data:`SCENARIOS`) with its default sizes."""
-    makers = {"digits": digits, "digits-noisy": digits_noisy, "digits-two-stage": digits_two_stage, "friedman": friedman}
+    makers = {
+        "digits": digits,
+        "digits-noisy": digits_noisy,
+        "digits-two-stage": digits_two_stage,
+        "friedman": friedman,
+        "digits-adamw": digits_adamw,
+        "digits-adamw-noisy": digits_adamw_noisy,
+    }
     if name not in makers:
         raise ValueError(f"unknown scenario {name!r}; expected one of {SCENARIOS}")
     return makers[name]()

@@ -3,13 +3,18 @@
 ``fit_store`` is the store-backed counterpart of ``SourceAttributor.fit``: it runs the
 curvature pass, then featurises the training rows chunk by chunk into a zarr store (with the
 per-segment curvature, the per-row self-influence and, if the attributor keeps them, the
-per-segment features), resuming an interrupted run. ``open_store`` reopens a finished store for
-queries after checking that it was made with the same model, trajectory and settings.
+per-segment features), resuming an interrupted run. Before any costly work it takes the
+store's lock, checks the settings of an existing store, and reads the training rows once:
+their targets are validated for the task and each store chunk's rows are digested
+(``rows_digest``), so that a store is only ever resumed with the data it was made from.
+``open_store`` reopens a finished store for queries after checking that it was made with the
+same model, trajectory and settings; ``check_training_data`` compares data with a store.
 
-The store's metadata is the attributor's ``metadata()`` (with the segment weights w_l = 1/N_l
-and the checkpoints' content digests) plus ``source_config``: the estimator settings
-(``SourceConfig`` without the run-time fields), from which ``store_config`` rebuilds the
-configuration for querying.
+The store's metadata is the attributor's ``metadata()`` (with the segment weights w_l = 1/N_l,
+the checkpoints' content digests and, for Adam runs, the optimizer's betas and eps and a digest
+of each checkpoint's optimizer state, so that a store built with other states is refused) plus
+``source_config``: the estimator settings (``SourceConfig`` without the run-time fields), from
+which ``store_config`` rebuilds the configuration for querying.
 """
 
 from __future__ import annotations
@@ -26,11 +31,16 @@ import torch
 from source_proj.attributor import SourceAttributor
 from source_proj.config import SourceConfig
 from source_proj.curvature.spectra import SegmentSpectrum
+from source_proj.distributed.failures import together
+from source_proj.distributed.gather import merge_mappings
+from source_proj.distributed.locking import group_lock
+from source_proj.features.ledger import array_digest
 from source_proj.features.store import (
     ChunkFeatures,
     FeatureStore,
     FeaturizeReport,
     StoreLayout,
+    StoreMismatchError,
     featurize,
 )
 from source_proj.gradients.data import Examples, as_examples
@@ -89,6 +99,67 @@ def _compute_chunk(
     return compute
 
 
+def rows_digest(value: Any) -> int:
+    """A non-zero 64-bit digest of a batch of rows as ``Examples.rows`` returns them: tensors
+    (dtype, shape and bytes), tuples, lists and dicts of them, numpy arrays, and plain
+    Python values (by their repr)."""
+    if isinstance(value, torch.Tensor):
+        flat = value.detach().cpu().contiguous().reshape(-1)
+        return _combined(f"tensor {value.dtype} {tuple(value.shape)}", [array_digest(flat.view(torch.uint8).numpy())])
+    if isinstance(value, np.ndarray):
+        return array_digest(value)
+    if isinstance(value, dict):
+        items = sorted(value.items(), key=lambda item: str(item[0]))
+        return _combined("dict", [rows_digest(x) for key, v in items for x in (str(key), v)])
+    if isinstance(value, (tuple, list)):
+        return _combined("sequence", [rows_digest(v) for v in value])
+    return _combined(repr(value), [])
+
+
+def _combined(tag: str, digests: list[int]) -> int:
+    head = array_digest(np.frombuffer(tag.encode(), dtype=np.uint8))
+    return array_digest(np.array([head, *digests], dtype=np.uint64))
+
+
+def training_data_digests(
+    attributor: SourceAttributor, examples: Examples, chunk_rows: int, *, chunks: Sequence[int] | None = None
+) -> list[int]:
+    """Validate the targets of the rows of the given store chunks (default all) for the
+    attributor's task and return each chunk's ``rows_digest`` of (inputs, targets)."""
+    digests: dict[int, int] = {}
+    wanted = None if chunks is None else set(chunks)
+
+    def visit(start: int, stop: int, inputs: Any, targets: torch.Tensor) -> None:
+        digests[start // chunk_rows] = rows_digest((inputs, targets))
+
+    attributor.check_training_data(examples, chunk_rows, visit, chunks=wanted)
+    return [digests[c] for c in sorted(digests)]
+
+
+def check_training_data(
+    attributor: SourceAttributor, store: FeatureStore, train_data: Any, *, chunks: Sequence[int] | None = None
+) -> None:
+    """Raise unless ``train_data`` are the rows ``store`` was made from: the same number of
+    rows (``StoreMismatchError`` on ``layout.n_rows``) and, for the given chunks (default
+    all: a full pass over the data), the same inputs and targets (``DataMismatchError``
+    naming the first differing chunk)."""
+    examples = as_examples(train_data)
+    if len(examples) != store.layout.n_rows:
+        raise StoreMismatchError(store.path, "layout.n_rows", store.layout.n_rows, len(examples))
+    chunks = sorted(set(range(store.layout.n_chunks) if chunks is None else chunks))
+    store.check_data_digests(training_data_digests(attributor, examples, store.layout.chunk_rows, chunks=chunks), chunks)
+
+
+def _check_writable(path: Path) -> None:
+    """Fail before any work if the store cannot be written at ``path``."""
+    parent = path.parent
+    if not parent.is_dir():
+        raise FileNotFoundError(f"cannot write the feature store {path}: folder {parent} does not exist")
+    target = path if path.exists() else parent
+    if not os.access(target, os.W_OK):
+        raise PermissionError(f"cannot write the feature store {path}: {target} is not writable")
+
+
 def fit_store(
     attributor: SourceAttributor,
     train_data: Any,
@@ -112,25 +183,16 @@ def fit_store(
         stages, num_train, curvature_data: as for ``SourceAttributor.prepare``.
 
     Returns:
-        The complete store and what this call computed. A store at ``path`` made with another
-        model, checkpoints, trajectory or settings raises ``StoreMismatchError`` before any
-        work. A resumed run reuses the stored curvature (``curvature_data`` is then unused).
+        The complete store and what this call computed. Before any costly work: the store's
+        lock is taken (``StoreLockedError`` names the writer holding it), the training
+        targets are validated for the task (e.g. class labels in range), and a store at
+        ``path`` made with another model, checkpoints, trajectory, settings or training data
+        raises ``StoreMismatchError`` (``DataMismatchError`` for the data, naming the first
+        differing chunk). A resumed run reuses the stored curvature (``curvature_data`` is
+        then unused), checks the chunks it finds done and recomputes damaged ones.
     """
     path = Path(path)
-    stored = None
-    if path.exists():
-        existing = FeatureStore.open(path)
-        existing.check_metadata(_metadata(attributor), ignore=_AFTER_PREPARE)
-        stored = existing.curvature()
-    if stored is None:
-        examples = attributor.prepare(train_data, stages=stages, num_train=num_train, curvature_data=curvature_data)
-    else:
-        examples = as_examples(train_data)
-        spectra = [
-            SegmentSpectrum(torch.from_numpy(values), torch.from_numpy(vectors), seg.time)
-            for values, vectors, seg in zip(*stored, attributor.segments)
-        ]
-        attributor.set_curvature(spectra, attributor.segment_weights(len(examples), stages, num_train))
+    examples = as_examples(train_data)
     keep_segments = _keeps_segments(attributor)
     layout = StoreLayout(
         n_rows=len(examples),
@@ -141,18 +203,63 @@ def fit_store(
         segment_dim=attributor.config.proj_dim if keep_segments else 0,
         self_influence=True,
     )
-    store = FeatureStore.open_or_create(path, layout, _metadata(attributor))  # checks N, stages, weights
-    if stored is None:
-        store.write_curvature(*_curvature_arrays(attributor))
-    report = featurize(store, _compute_chunk(attributor, examples, keep_segments), progress=attributor.config.progress)
+    _check_writable(path)
+    group = attributor.group
+    with group_lock(group, path):
+        with together(group, "checking the existing store"):
+            existing = FeatureStore.open(path) if path.exists() else None
+            if existing is not None:  # refuse other settings before reading the data
+                check_store_settings(attributor, existing)
+                existing.check_layout(layout)
+        digests = _shared_digests(attributor, examples, layout)
+        stored = None
+        with together(group, "checking the training data against the store"):
+            if existing is not None:  # and other data before the curvature pass
+                existing.check_data_digests(digests)
+                stored = existing.curvature()
+        if stored is None:
+            attributor.prepare(examples, stages=stages, num_train=num_train, curvature_data=curvature_data)
+        else:
+            spectra = [
+                SegmentSpectrum(torch.from_numpy(values), torch.from_numpy(vectors), seg.time)
+                for values, vectors, seg in zip(*stored, attributor.segments)
+            ]
+            attributor.set_curvature(spectra, attributor.segment_weights(len(examples), stages, num_train))
+        with together(group, "creating the store"):  # rank 0 alone creates it and writes metadata
+            if group.is_main:
+                store = FeatureStore.open_or_create(path, layout, _metadata(attributor), digests)  # checks stages, weights
+                if stored is None:
+                    store.write_curvature(*_curvature_arrays(attributor))
+        if not group.is_main:
+            store = FeatureStore.open(path, expected_metadata=_metadata(attributor), writable=True)
+        report = featurize(
+            store, _compute_chunk(attributor, examples, keep_segments), progress=attributor.config.progress, group=group
+        )
     return store, report
+
+
+def _shared_digests(attributor: SourceAttributor, examples: Examples, layout: StoreLayout) -> list[int]:
+    """``training_data_digests`` of every store chunk, each rank digesting its round-robin
+    share (the whole list on every rank)."""
+    group = attributor.group
+    with together(group, "reading the training data"):
+        mine = group.strided(list(range(layout.n_chunks)))
+        found = dict(zip(mine, training_data_digests(attributor, examples, layout.chunk_rows, chunks=mine)))
+    found = merge_mappings(group, found)
+    return [found[c] for c in range(layout.n_chunks)]
+
+
+def check_store_settings(attributor: SourceAttributor, store: FeatureStore) -> None:
+    """Raise ``StoreMismatchError`` unless ``store`` was made with ``attributor``'s model,
+    checkpoints, trajectory and settings."""
+    store.check_metadata(_metadata(attributor), ignore=_AFTER_PREPARE)
 
 
 def open_store(attributor: SourceAttributor, path: str | os.PathLike) -> FeatureStore:
     """Open the complete store at ``path`` for ``attributor``'s queries, checking that it was
     made with the same model, trajectory and settings (``StoreMismatchError`` otherwise)."""
     store = FeatureStore.open(path)
-    store.check_metadata(_metadata(attributor), ignore=_AFTER_PREPARE)
+    check_store_settings(attributor, store)
     store.require_complete()
     return store
 

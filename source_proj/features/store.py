@@ -15,12 +15,22 @@ Layout of a store directory (a zarr v3 group):
   (scale (N, L)), same encoding, for per-stage attribution.
 - ``self_influence``: optional (N,) float64, each row's self-influence when the feature
   computation yields it as a by-product (see ``ChunkFeatures``).
-- ``chunk_digest``: the completion ledger (``source_proj.features.ledger``), one entry per row chunk.
+- ``chunk_digest``: the completion ledger (``source_proj.features.ledger``), one row per row
+  chunk holding a digest of each array's chunk. Every read checks the chunks it reads against
+  it (a damaged, truncated or deleted chunk file raises ``StoreCorruptError`` instead of
+  returning wrong or zero rows); ``featurize`` re-checks the chunks it finds done and
+  recomputes the damaged ones.
+- ``data_digest``: optional (n_chunks,) uint64, a digest of each chunk's training rows (inputs
+  and targets), recorded at creation: ``check_data`` compares training data with it, so a
+  changed data set (permuted rows, relabelled rows) is refused rather than mixed with old
+  features.
 - ``curvature_eigenvalues`` (L, k) and ``curvature_eigenvectors`` (L, k, k), float64,
   optional, validated by a digest kept in the attributes.
 - attributes under ``source_proj_store``: format version, a random store id, the layout
-  (N, D, dtype, chunk rows, L, k, self-influence kept) and the caller's JSON metadata (projection seed, kind and
-  dimension, model fingerprint, trajectory summary, ...).
+  (N, D, dtype, chunk rows, L, k, self-influence kept), the caller's JSON metadata (projection
+  seed, kind and dimension, model fingerprint, trajectory summary, ...), the digests of the
+  curvature and of ``data_digest``, and a checksum of all of these: an edited or damaged
+  block raises ``StoreCorruptError`` when the store is opened.
 
 Scores are ``score(q, m) = Q[q] . F[m]``; this module only stores and returns F (float32).
 Memory use of every operation here is bounded by a chunk (or a requested block) of rows.
@@ -43,22 +53,25 @@ import torch
 import zarr
 from tqdm.auto import tqdm
 
+from source_proj.distributed.failures import together
+from source_proj.distributed.gather import merge_mappings
+from source_proj.distributed.group import ProcessGroup
+from source_proj.distributed.locking import group_lock
+from source_proj.distributed.work import agreed, each_chunk
 from source_proj.features.ledger import (
     ChunkLedger,
+    StoreCorruptError,
+    StoreError,
+    array_digest,
     chunk_digest,
     create_group_atomically,
-    remove_partial_writes,
 )
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 STORE_DTYPES = ("float32", "float16")
 ATTRS_KEY = "source_proj_store"
 # float16 rows are scaled so that their largest magnitude is at most 2^_F16_MAX_EXPONENT.
 _F16_MAX_EXPONENT = 15
-
-
-class StoreError(Exception):
-    """Base class of the feature store's errors."""
 
 
 class StoreMismatchError(StoreError, ValueError):
@@ -82,6 +95,25 @@ class StoreMismatchError(StoreError, ValueError):
 
 class StoreIncompleteError(StoreError, RuntimeError):
     """Features were read from a store whose featurisation has not finished."""
+
+
+class DataMismatchError(StoreError, ValueError):
+    """The training data differ from those a store was made from.
+
+    Attributes:
+        chunk: the first store chunk whose rows differ.
+        rows: its rows ``(start, stop)``.
+    """
+
+    def __init__(self, path: Path, chunk: int, rows: tuple[int, int], n_differing: int, n_checked: int) -> None:
+        self.chunk, self.rows = chunk, rows
+        super().__init__(
+            f"the training data differ from those feature store {path} was made from: the inputs or targets "
+            f"of chunk {chunk} (rows {rows[0]}-{rows[1] - 1}) changed, the first of {n_differing} differing "
+            f"chunks among the {n_checked} checked (rows reordered, relabelled or replaced?); the store's "
+            "features belong to the old data. Use "
+            "the original data, or another store path (or delete this store) to attribute the new data"
+        )
 
 
 @dataclass(frozen=True)
@@ -127,6 +159,16 @@ class StoreLayout:
     def n_chunks(self) -> int:
         return -(-self.n_rows // self.chunk_rows)
 
+    def parts(self) -> tuple[str, ...]:
+        """The row-chunked arrays of a store with this layout (the ledger's parts)."""
+        f16 = self.dtype == "float16"
+        names = ["features", *(["row_scale"] if f16 else [])]
+        if self.n_segments:
+            names += ["segment_features", *(["segment_scale"] if f16 else [])]
+        if self.self_influence:
+            names.append("self_influence")
+        return tuple(names)
+
     def chunk_range(self, index: int) -> tuple[int, int]:
         """Rows [start, stop) of chunk ``index``."""
         start = index * self.chunk_rows
@@ -159,11 +201,14 @@ class FeaturizeReport:
 
     Attributes:
         computed_chunks: indices of the chunks computed and written by this call.
-        skipped_chunks: number of chunks found complete and left untouched.
+        skipped_chunks: number of chunks found complete (and intact) and left untouched.
+        repaired_chunks: indices of the chunks found written but damaged (failing their
+            digests), which this call recomputed (they are also in ``computed_chunks``).
     """
 
     computed_chunks: tuple[int, ...]
     skipped_chunks: int
+    repaired_chunks: tuple[int, ...] = ()
 
 
 def _json_roundtrip(value: Any) -> Any:
@@ -234,6 +279,12 @@ def _check_block(name: str, block: Any, shape: tuple[int, ...], rows: tuple[int,
     return array
 
 
+def _checksum(attrs: dict[str, Any]) -> str:
+    """Checksum of a store's attribute block (all of it but the checksum itself)."""
+    payload = json.dumps({k: v for k, v in attrs.items() if k != "checksum"}, sort_keys=True)
+    return hashlib.blake2b(payload.encode(), digest_size=16).hexdigest()
+
+
 class FeatureStore:
     """A feature store directory; create with ``create``/``open_or_create``, or ``open`` it.
 
@@ -251,7 +302,13 @@ class FeatureStore:
         if attrs.get("format_version") != FORMAT_VERSION:
             raise StoreError(
                 f"{path} has store format version {attrs.get('format_version')!r}; this version "
-                f"of source_proj reads version {FORMAT_VERSION}"
+                f"of source_proj reads version {FORMAT_VERSION}: fit the features again into a new store"
+            )
+        if attrs.get("checksum") != _checksum(attrs):
+            raise StoreCorruptError(
+                f"{path} is damaged: the checksum of its settings ({ATTRS_KEY} in {path / 'zarr.json'}) "
+                "does not match them (edited by hand, or damaged?); its features cannot be trusted. Delete "
+                "the store and fit it again"
             )
         self.path = path
         self.layout = StoreLayout(**attrs["layout"])
@@ -259,36 +316,60 @@ class FeatureStore:
         self.store_id: str = attrs["store_id"]
         self._group = group
         self._attrs = attrs
-        self._ledger = ChunkLedger.open(group, "chunk_digest")
+        self._ledger = ChunkLedger.open(group, "chunk_digest", path)
         self._arrays: dict[str, zarr.Array] = {}
 
     def _array(self, name: str) -> zarr.Array:
         """The row-chunked array ``name``, opened once (each lookup reads its metadata)."""
         if name not in self._arrays:
-            self._arrays[name] = self._group[name]
+            try:
+                self._arrays[name] = self._group[name]
+            except KeyError:
+                raise StoreCorruptError(
+                    f"{self.path} is damaged: the array {name!r} ({self.path / name / 'zarr.json'}) is missing"
+                ) from None
         return self._arrays[name]
+
+    def _write_attrs(self, **changes: Any) -> None:
+        """Rewrite the attribute block with ``changes`` and a fresh checksum (one atomic write)."""
+        attrs = {**self._attrs, **changes}
+        attrs["checksum"] = _checksum(attrs)
+        self._group.attrs.update({ATTRS_KEY: attrs})
+        self._attrs = attrs
 
     # ----------------------------------------------------------------- creation and opening
     @classmethod
-    def create(cls, path: str | os.PathLike, layout: StoreLayout, metadata: dict[str, Any]) -> FeatureStore:
+    def create(
+        cls, path: str | os.PathLike, layout: StoreLayout, metadata: dict[str, Any],
+        data_digests: Sequence[int] | None = None,
+    ) -> FeatureStore:
         """Create an empty store (all chunks pending) at ``path``, which must not exist.
 
-        Creation is atomic: a crash leaves either no store or a complete empty one.
+        ``data_digests``: one digest of the training rows per chunk (``chunk_data_digest``),
+        recorded for ``check_data``. Creation is atomic: a crash leaves either no store or a
+        complete empty one.
         """
         path = Path(path)
         if path.exists():
             raise FileExistsError(f"{path} exists; open it with FeatureStore.open or open_or_create")
+        digests = None
+        if data_digests is not None:
+            digests = np.array([int(d) for d in data_digests], dtype=np.uint64)
+            if digests.shape != (layout.n_chunks,):
+                raise ValueError(f"data_digests must hold one digest per chunk ({layout.n_chunks}), got {digests.shape}")
         attrs = {
             "format_version": FORMAT_VERSION,
             "store_id": uuid.uuid4().hex,
             "layout": asdict(layout),
             "metadata": _json_roundtrip(metadata),
+            "data_digest": None if digests is None else f"{array_digest(digests):016x}",
         }
-        create_group_atomically(path, {ATTRS_KEY: attrs}, lambda group: cls._create_arrays(group, layout))
+        attrs["checksum"] = _checksum(attrs)
+        create_group_atomically(path, {ATTRS_KEY: attrs}, lambda group: cls._create_arrays(group, layout, digests))
         return cls.open(path, writable=True)
 
     @staticmethod
-    def _create_arrays(group: zarr.Group, layout: StoreLayout) -> None:
+    def _create_arrays(group: zarr.Group, layout: StoreLayout, data_digests: np.ndarray | None) -> None:
         rows = layout.chunk_rows
 
         def array(name: str, shape: tuple[int, ...], dtype: str) -> None:
@@ -305,7 +386,12 @@ class FeatureStore:
                 array("segment_scale", (layout.n_rows, layout.n_segments), "float32")
         if layout.self_influence:
             array("self_influence", (layout.n_rows,), "float64")
-        ChunkLedger.create(group, "chunk_digest", layout.n_chunks)
+        ChunkLedger.create(group, "chunk_digest", layout.n_chunks, layout.parts())
+        if data_digests is not None:
+            group.create_array(
+                "data_digest", shape=data_digests.shape, dtype="uint64", chunks=data_digests.shape,
+                compressors=None, fill_value=0,
+            )[...] = data_digests
 
     @classmethod
     def open(
@@ -325,6 +411,8 @@ class FeatureStore:
         """
         path = Path(path)
         if not (path / "zarr.json").is_file():
+            if path.is_dir() and (path / "chunk_digest").is_dir():
+                raise StoreCorruptError(f"{path} is damaged: its settings file {path / 'zarr.json'} is missing")
             raise FileNotFoundError(f"no feature store at {path}")
         store = cls(path, zarr.open_group(path, mode="r+" if writable else "r", zarr_format=3))
         if expected_metadata is not None:
@@ -333,19 +421,26 @@ class FeatureStore:
 
     @classmethod
     def open_or_create(
-        cls, path: str | os.PathLike, layout: StoreLayout, metadata: dict[str, Any]
+        cls, path: str | os.PathLike, layout: StoreLayout, metadata: dict[str, Any],
+        data_digests: Sequence[int] | None = None,
     ) -> FeatureStore:
         """Open the store at ``path`` for writing if it exists (checking that its layout and
-        metadata equal the given ones), else create it. The way to start or resume a run."""
+        metadata equal the given ones, and its training data digests ``data_digests`` if
+        given), else create it. The way to start or resume a run."""
         path = Path(path)
         if not path.exists():
-            return cls.create(path, layout, metadata)
+            return cls.create(path, layout, metadata, data_digests)
         store = cls.open(path, expected_metadata=metadata, writable=True)
-        diff = _first_difference(asdict(store.layout), asdict(layout), "layout")
-        if diff is not None:
-            raise StoreMismatchError(path, *diff)
-        remove_partial_writes(path)
+        store.check_layout(layout)
+        if data_digests is not None:
+            store.check_data_digests(data_digests)
         return store
+
+    def check_layout(self, expected: StoreLayout) -> None:
+        """Raise ``StoreMismatchError`` naming the first layout field that differs."""
+        diff = _first_difference(asdict(self.layout), asdict(expected), "layout")
+        if diff is not None:
+            raise StoreMismatchError(self.path, *diff)
 
     def check_metadata(self, expected: dict[str, Any], *, ignore: Collection[str] = ()) -> None:
         """Raise ``StoreMismatchError`` naming the first field where ``expected`` differs,
@@ -355,6 +450,36 @@ class FeatureStore:
         diff = _first_difference(stored, wanted, "metadata")
         if diff is not None:
             raise StoreMismatchError(self.path, *diff)
+
+    # ------------------------------------------------------------------- training data
+    def data_digests(self) -> np.ndarray | None:
+        """The recorded digests of each chunk's training rows, uint64 (n_chunks,), or None."""
+        recorded = self._attrs.get("data_digest")
+        if recorded is None:
+            return None
+        try:
+            digests = np.asarray(self._group["data_digest"][...], dtype=np.uint64)
+        except (KeyError, ValueError):
+            digests = None
+        if digests is None or f"{array_digest(digests):016x}" != recorded:
+            raise StoreCorruptError(f"{self.path} is damaged: its training-data digests (data_digest) are unreadable")
+        return digests
+
+    def check_data_digests(self, digests: Sequence[int], chunks: Sequence[int] | None = None) -> None:
+        """Raise ``DataMismatchError`` naming the first chunk whose training rows' digest (in
+        ``digests``, aligned with ``chunks``, default all chunks) differs from the recorded one."""
+        recorded = self.data_digests()
+        if recorded is None:
+            raise StoreError(f"feature store {self.path} records no digests of its training data")
+        chunks = range(self.layout.n_chunks) if chunks is None else list(chunks)
+        given = np.array([int(d) for d in digests], dtype=np.uint64)
+        if given.shape != (len(chunks),):
+            raise ValueError(f"expected {len(chunks)} data digests, got {given.shape}")
+        differing = [c for c, d in zip(chunks, given) if recorded[c] != d]
+        if differing:
+            raise DataMismatchError(
+                self.path, differing[0], self.layout.chunk_range(differing[0]), len(differing), len(chunks)
+            )
 
     # ----------------------------------------------------------------------------- progress
     def pending_chunks(self) -> list[int]:
@@ -381,6 +506,58 @@ class FeatureStore:
         h = hashlib.blake2b(payload.encode(), digest_size=16)
         h.update(self._ledger.content_digest().encode())
         return h.hexdigest()
+
+    # ------------------------------------------------------------------------- integrity
+    def _chunk_file(self, name: str, index: int) -> Path:
+        array = self._array(name)
+        return self.path / name / "c" / str(index) / Path(*("0" * (array.ndim - 1)))
+
+    def _read_chunk(self, index: int, names: Sequence[str], expected: np.ndarray) -> list[np.ndarray]:
+        """The stored arrays ``names`` of chunk ``index`` (all its rows), each checked
+        against the chunk's ledger row ``expected``; raises ``StoreCorruptError`` naming the
+        chunk and file when one is missing, unreadable or fails its digest."""
+        start, stop = self.layout.chunk_range(index)
+        parts = self._ledger.parts
+        out = []
+        for name in names:
+            try:
+                data = self._array(name)[start:stop]
+            except ValueError as exc:  # zarr: a truncated chunk file does not reshape
+                raise StoreCorruptError(
+                    f"{self.path} is damaged: chunk {index} of {name!r} ({self._chunk_file(name, index)}) is "
+                    f"unreadable ({exc}); run 'source-proj fit' again to recompute damaged chunks"
+                ) from None
+            if array_digest(data) != int(expected[parts.index(name)]):
+                file = self._chunk_file(name, index)
+                problem = "is missing (it would read as zeros)" if not file.exists() else "fails its digest check"
+                raise StoreCorruptError(
+                    f"{self.path} is damaged: chunk {index} of {name!r} ({file}) {problem}; run 'source-proj "
+                    "fit' again to recompute damaged chunks, or 'source-proj verify' to list them"
+                )
+            out.append(data)
+        return out
+
+    def written_chunks(self) -> list[int]:
+        """Indices of the chunks marked written in the ledger."""
+        return np.nonzero(self._ledger.digests()[:, 0] != 0)[0].tolist()
+
+    def damaged_chunks(self, chunks: Collection[int] | None = None, *, progress: bool = False) -> dict[int, str]:
+        """Check every written chunk (or the written ones among ``chunks``) of every array
+        against its digests: ``{chunk: what is wrong}`` for the damaged ones (empty when all
+        are intact). Reads what it checks."""
+        digests = self._ledger.digests()
+        damaged = {}
+        done = self.written_chunks() if chunks is None else sorted(c for c in chunks if digests[c, 0] != 0)
+        for index in tqdm(done, desc="verify store", unit="chunk", disable=not progress):
+            try:
+                self._read_chunk(index, self._ledger.parts, digests[index])
+            except StoreCorruptError as exc:
+                damaged[index] = str(exc)
+        return damaged
+
+    def verify_curvature(self) -> None:
+        """Raise ``StoreCorruptError`` if the stored curvature fails its digest check."""
+        self.curvature()
 
     # ------------------------------------------------------------------------------ writing
     def check_chunk(self, index: int, chunk: np.ndarray | ChunkFeatures) -> ChunkFeatures:
@@ -415,24 +592,27 @@ class FeatureStore:
     def _write_checked(self, index: int, chunk: ChunkFeatures) -> int:
         """Encode and write a checked chunk, then mark it complete; returns its row count."""
         start, stop = self.layout.chunk_range(index)
-        written = []
+        written = {}
         for name, scale_name, block in (
             ("features", "row_scale", chunk.features),
             ("segment_features", "segment_scale", chunk.segment_features),
         ):
             if block is None:
                 continue
-            stored, scale = _encode(block, self.layout.dtype)
-            self._array(name)[start:stop] = stored
-            written.append(stored)
+            written[name], scale = _encode(block, self.layout.dtype)
             if scale is not None:
-                self._array(scale_name)[start:stop] = scale
-                written.append(scale)
+                written[scale_name] = scale
         if chunk.self_influence is not None:
-            self._array("self_influence")[start:stop] = chunk.self_influence
-            written.append(chunk.self_influence)
-        self._ledger.mark(index, chunk_digest(*written))
+            written["self_influence"] = chunk.self_influence
+        for name, data in written.items():
+            self._array(name)[start:stop] = data
+        self._ledger.mark(index, [array_digest(written[name]) for name in self._ledger.parts])
         return stop - start
+
+    def reset_chunks(self, indices: Collection[int]) -> None:
+        """Mark chunks pending again, e.g. damaged ones, so that ``featurize`` rewrites them."""
+        for index in indices:
+            self._ledger.reset(index)
 
     def write_curvature(self, eigenvalues: np.ndarray, eigenvectors: np.ndarray) -> None:
         """Store the per-segment curvature: eigenvalues (L, k) and eigenvectors (L, k, k),
@@ -453,8 +633,7 @@ class FeatureStore:
             )
             self._group[name][...] = data
         # The digest goes in last (one atomic rewrite of zarr.json): it certifies both arrays.
-        self._attrs = {**self._attrs, "curvature_digest": chunk_digest(values, vectors)}
-        self._group.attrs.update({ATTRS_KEY: self._attrs})
+        self._write_attrs(curvature_digest=chunk_digest(values, vectors))
 
     # ------------------------------------------------------------------------------ reading
     def curvature(self) -> tuple[np.ndarray, np.ndarray] | None:
@@ -462,18 +641,28 @@ class FeatureStore:
         digest = self._attrs.get("curvature_digest")
         if digest is None:
             return None
-        values = np.asarray(self._group["curvature_eigenvalues"][...])
-        vectors = np.asarray(self._group["curvature_eigenvectors"][...])
-        if chunk_digest(values, vectors) != digest:
-            raise StoreError(f"feature store {self.path}: stored curvature fails its digest check")
+        try:
+            values = np.asarray(self._group["curvature_eigenvalues"][...])
+            vectors = np.asarray(self._group["curvature_eigenvectors"][...])
+        except (KeyError, ValueError):
+            values = vectors = None
+        if values is None or chunk_digest(values, vectors) != digest:
+            raise StoreCorruptError(
+                f"{self.path} is damaged: its stored curvature (curvature_eigenvalues, curvature_eigenvectors) "
+                "is missing or fails its digest check; delete the store and fit it again"
+            )
         return values, vectors
 
     def self_influence(self) -> np.ndarray:
-        """The stored self-influence column, (N,) float64 (complete stores only)."""
-        if "self_influence" not in self._group:
+        """The stored self-influence column, (N,) float64 (complete stores only), each chunk
+        checked against its digest."""
+        if not self.layout.self_influence:
             raise ValueError(f"feature store {self.path} keeps no self-influence column")
         self.require_complete()
-        return np.asarray(self._group["self_influence"][:], dtype=np.float64)
+        digests = self._ledger.digests()
+        return np.concatenate([
+            self._read_chunk(i, ["self_influence"], digests[i])[0] for i in range(self.layout.n_chunks)
+        ]).astype(np.float64)
 
     def read_rows(
         self,
@@ -489,13 +678,16 @@ class FeatureStore:
         shape (stop - start, k): the features of an attribution restricted to those segments.
         The rows must lie in completed chunks. ``out`` (a C-contiguous float32 array of that
         shape) receives them when given: rows are read and decoded one store chunk at a
-        time into it, so no temporary is larger than a chunk.
+        time into it, so no temporary is larger than a chunk. Each chunk read is checked
+        against its digests (``StoreCorruptError`` if it fails); the chunks at either end are
+        read whole for that.
         """
         layout = self.layout
         if not 0 <= start <= stop <= layout.n_rows:
             raise IndexError(f"rows [{start}, {stop}) out of range for a store of {layout.n_rows} rows")
         first, last = start // layout.chunk_rows, -(-stop // layout.chunk_rows)
-        if not self._ledger.done(first, last).all():
+        digests = self._ledger.digests(first, last)
+        if not (digests[:, 0] != 0).all():
             raise StoreIncompleteError(
                 f"rows [{start}, {stop}) of feature store {self.path} are not all written yet"
             )
@@ -507,18 +699,20 @@ class FeatureStore:
         elif out.shape != shape or out.dtype != np.float32 or not out.flags.c_contiguous:
             raise ValueError(f"out must be a C-contiguous float32 array of shape {shape}")
         f16 = layout.dtype == "float16"
-        row = start
-        while row < stop:
-            end = min(stop, (row // layout.chunk_rows + 1) * layout.chunk_rows)
-            target = torch.from_numpy(out[row - start : end - start])
+        for index in range(first, last):
+            c0, c1 = layout.chunk_range(index)
+            lo, hi = max(start, c0), min(stop, c1)
+            target = torch.from_numpy(out[lo - start : hi - start])
+            name = "features" if segments is None else "segment_features"
+            names = [name, *(["row_scale" if segments is None else "segment_scale"] if f16 else [])]
+            stored, *scale = self._read_chunk(index, names, digests[index - first])
+            stored, scale = stored[lo - c0 : hi - c0], scale[0][lo - c0 : hi - c0] if f16 else None
             if segments is None:
-                scale = self._array("row_scale")[row:end] if f16 else None
-                _decode(self._array("features")[row:end], scale, target)
+                _decode(stored, scale, target)
             else:
-                stored = self._array("segment_features")[row:end][:, segments]
-                scale = self._array("segment_scale")[row:end][:, segments] if f16 else None
+                stored = stored[:, segments]
+                scale = None if scale is None else scale[:, segments]
                 target.copy_(torch.from_numpy(_decode(stored, scale)).sum(dim=1))
-            row = end
         return out
 
     def _check_segments(self, segments: Sequence[int]) -> list[int]:
@@ -544,9 +738,12 @@ class FeatureStore:
         *,
         prefetch: bool = True,
         reuse_buffers: bool = False,
+        select: Callable[[list[int]], list[int]] | None = None,
     ) -> Iterator[tuple[int, np.ndarray]]:
         """Yield ``(start, rows)`` over the whole (complete) store in blocks of about
         ``block_rows`` rows (rounded up to whole chunks), float32 (n, D) or (n, k).
+        ``select`` picks, from the list of all block starts, the ones to yield (e.g. one
+        process's share), in order.
 
         With ``prefetch`` the next block is read in a background thread while the caller
         works on the current one (at most two blocks in memory). With ``reuse_buffers`` the
@@ -556,7 +753,9 @@ class FeatureStore:
         """
         self.require_complete()
         step = max(1, -(-block_rows // self.layout.chunk_rows)) * self.layout.chunk_rows
-        starts = range(0, self.layout.n_rows, step)
+        starts = list(range(0, self.layout.n_rows, step))
+        if select is not None:
+            starts = select(starts)
         width = self.feature_dim(segments)
         buffers = [np.empty((min(step, self.layout.n_rows), width), np.float32) for _ in range(1 + prefetch)] if reuse_buffers else []
 
@@ -566,7 +765,7 @@ class FeatureStore:
             out = buffers[i % len(buffers)][: stop - start] if buffers else None
             return self.read_rows(start, stop, segments, out=out)
 
-        if not prefetch:
+        if not prefetch or not starts:
             for i, start in enumerate(starts):
                 yield start, read(i)
             return
@@ -579,36 +778,63 @@ class FeatureStore:
                 yield start, block
 
 
-def featurize(store: FeatureStore, compute_chunk: ComputeChunk, *, progress: bool = True) -> FeaturizeReport:
+def featurize(
+    store: FeatureStore, compute_chunk: ComputeChunk, *, progress: bool = True, group: ProcessGroup | None = None
+) -> FeaturizeReport:
     """Compute and write every pending chunk of ``store``, in order.
 
     ``compute_chunk(start, stop)`` returns the features of training rows [start, stop):
     an array (stop - start, D), or a ``ChunkFeatures`` when the store also keeps
-    per-segment features or self-influence. Chunks already complete are skipped without
-    calling it, so calling ``featurize`` again after an interruption (even SIGKILL) resumes
-    where the earlier run stopped and, for a deterministic ``compute_chunk``, ends with the
-    same store as an uninterrupted run.
+    per-segment features or self-influence. Chunks already complete are checked against
+    their digests and skipped without calling it (damaged ones are recomputed), so calling
+    ``featurize`` again after an interruption (even SIGKILL) resumes where the earlier run
+    stopped and, for a deterministic ``compute_chunk``, ends with the same store as an
+    uninterrupted run.
 
-    Each chunk is encoded and written by a background thread while the next one is
-    computed; memory use is bounded by two chunks. A chunk is marked complete only once
-    written, and on an exception the chunk being written is finished first.
+    The store's lock (``source_proj.features.lock``) is held throughout: a second writer
+    raises ``StoreLockedError`` naming this one. Each chunk is encoded and written by a
+    background thread while the next one is computed; memory use is bounded by two chunks.
+    A chunk is marked complete only once written, and on an exception the chunk being
+    written is finished first.
+
+    With a distributed ``group`` (``torch.distributed``; default: the current one) every rank
+    calls this on the same store: rank 0 holds the lock for the group, the ranks share the
+    digest checks and deal the pending chunks round-robin (``distributed.work.each_chunk``),
+    so a rerun with any number of processes computes exactly the chunks still pending. The
+    report lists the chunks computed by all ranks.
     """
-    pending = store.pending_chunks()
+    group = ProcessGroup.current() if group is None else group
     layout = store.layout
-    done_rows = layout.n_rows - sum(stop - start for start, stop in map(layout.chunk_range, pending))
-    computed: list[int] = []
-    with (
-        tqdm(total=layout.n_rows, initial=done_rows, unit="row", desc="featurize", disable=not progress) as bar,
-        ThreadPoolExecutor(max_workers=1) as writer,
-    ):
-        writing: Future | None = None
-        for index in pending:
-            start, stop = layout.chunk_range(index)
-            chunk = store.check_chunk(index, compute_chunk(start, stop))
-            if writing is not None:
-                bar.update(writing.result())
-            writing = writer.submit(store._write_checked, index, chunk)
-            computed.append(index)
-        if writing is not None:
-            bar.update(writing.result())
-    return FeaturizeReport(tuple(computed), layout.n_chunks - len(pending))
+    show = progress and group.is_main
+    with group_lock(group, store.path):
+        with together(group, "checking the store's written chunks"):
+            mine = store.damaged_chunks(group.strided(store.written_chunks()), progress=show)
+        damaged = merge_mappings(group, mine)
+        if group.is_main:
+            store.reset_chunks(damaged)
+        pending = agreed(group, store.pending_chunks)
+        done_rows = layout.n_rows - sum(stop - start for start, stop in map(layout.chunk_range, pending))
+        with (
+            tqdm(total=layout.n_rows, initial=done_rows, unit="row", desc="featurize", disable=not show) as bar,
+            ThreadPoolExecutor(max_workers=1) as writer,
+        ):
+            writing: list[Future] = []
+
+            def work(index: int) -> None:
+                chunk = store.check_chunk(index, compute_chunk(*layout.chunk_range(index)))
+                if writing:
+                    writing.pop().result()
+                writing.append(writer.submit(store._write_checked, index, chunk))
+
+            def finish() -> None:
+                if writing:
+                    writing.pop().result()
+
+            def advance(batch: Sequence[int]) -> None:
+                bar.update(sum(stop - start for start, stop in map(layout.chunk_range, batch)))
+
+            each_chunk(group, pending, work, "featurisation", advance)
+            with together(group, "featurisation"):
+                finish()
+    return FeaturizeReport(tuple(pending), layout.n_chunks - len(pending), tuple(sorted(damaged)))
+

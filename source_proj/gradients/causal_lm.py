@@ -38,7 +38,13 @@ from typing import ClassVar
 import torch
 
 from source_proj.gradients.data import IGNORE_INDEX
-from source_proj.gradients.tasks import Factor, LossFn, Task, softmax_factor, softmax_pseudo_gradient
+from source_proj.gradients.tasks import (
+    Factor,
+    LossFn,
+    Task,
+    softmax_factor,
+    softmax_pseudo_gradient,
+)
 
 MEASUREMENTS = ("log_prob", "loss", "margin")
 

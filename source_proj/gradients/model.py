@@ -193,9 +193,37 @@ class ModelFunction:
         return sum(shapes[n].numel() for n in self.names)
 
     def fingerprint(self) -> str:
-        """SHA-256 of the attributed parameter names and shapes and the model's class name."""
-        shapes = {n: list(p.shape) for n, p in self.model.named_parameters()}
-        payload = {"class": type(self.model).__name__, "params": [[n, shapes[n]] for n in self.names]}
+        """SHA-256 of what the model computes besides its checkpointed state: its module
+        structure (``repr``: layers, activations, their settings), the names, shapes and
+        dtypes of all parameters (and which are attributed) and buffers, the values of the
+        non-persistent buffers (not in checkpoints, so taken from the model), and the source
+        code of the ``forward`` of every module class not from torch itself (where Python can
+        find it). Stable across processes and machines; changes when any of these change."""
+        forwards = {}
+        for module in self.model.modules():
+            cls = type(module)
+            if not cls.__module__.startswith("torch.") and f"{cls.__module__}.{cls.__qualname__}" not in forwards:
+                try:
+                    source = inspect.getsource(cls.forward)
+                except (OSError, TypeError):  # defined where Python keeps no source
+                    source = None
+                forwards[f"{cls.__module__}.{cls.__qualname__}"] = source
+        persistent = set(self.model.state_dict())
+        buffers = []
+        for name, buffer in self.model.named_buffers():
+            entry = [name, list(buffer.shape), str(buffer.dtype)]
+            if name not in persistent:
+                data = buffer.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+                entry.append(hashlib.sha256(data.tobytes()).hexdigest())
+            buffers.append(entry)
+        payload = {
+            "class": type(self.model).__name__,
+            "repr": repr(self.model),
+            "params": [[n, list(p.shape), str(p.dtype)] for n, p in self.model.named_parameters()],
+            "attributed": list(self.names),
+            "buffers": buffers,
+            "forward": forwards,
+        }
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
     def canonical_state(self, state: Mapping[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]:

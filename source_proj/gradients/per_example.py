@@ -9,7 +9,8 @@ with the same results (see ``ModelFunction.note_no_vmap``).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from torch.func import grad, vmap
@@ -18,7 +19,30 @@ from source_proj.gradients.model import Inputs, ModelFunction, take_rows
 
 
 class NonFiniteError(FloatingPointError):
-    """NaN or inf met in gradients or curvature."""
+    """NaN or inf met in gradients or curvature.
+
+    Attributes:
+        what: where they were met.
+        rows: the first offending rows: positions in the batch, or, once the error has left
+            a ``dataset_rows`` block, row indices of the data set (``in_dataset``).
+    """
+
+    def __init__(self, what: str, rows: Sequence[int] | None = None, *, in_dataset: bool = False) -> None:
+        self.what, self.rows, self.in_dataset = what, None if rows is None else list(rows), in_dataset
+        where = "" if rows is None else f" (first bad rows {self.rows}{' of the data' if in_dataset else ' of the batch'})"
+        super().__init__(f"non-finite values in {what}{where}")
+
+
+@contextmanager
+def dataset_rows(indices: Sequence[int]) -> Iterator[None]:
+    """Translate the batch positions of a ``NonFiniteError`` raised inside into the data
+    set's row indices: ``indices[i]`` is the data set row of the batch's row i."""
+    try:
+        yield
+    except NonFiniteError as exc:
+        if exc.rows is None or exc.in_dataset:
+            raise
+        raise NonFiniteError(exc.what, [int(indices[i]) for i in exc.rows], in_dataset=True) from None
 
 
 ExampleFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
@@ -89,4 +113,4 @@ def check_finite(values: torch.Tensor, what: str) -> None:
         return
     if not torch.isfinite(values).all():  # a sum can also overflow with finite values
         bad = (~torch.isfinite(values)).reshape(values.shape[0], -1).any(dim=1).nonzero()[:5, 0].tolist()
-        raise NonFiniteError(f"non-finite values in {what} (first bad rows {bad})")
+        raise NonFiniteError(what, bad)

@@ -73,6 +73,11 @@ class Task:
         evals, evecs = torch.linalg.eigh(hess.to(torch.float64))
         return (evecs * evals.clamp_min(0.0).sqrt()[:, None, :]).to(outputs.dtype)
 
+    def check_targets(self, targets: torch.Tensor, n_outputs: int, first_row: int = 0) -> None:
+        """Raise ``ValueError`` for targets this task cannot train on, naming their rows
+        (``first_row`` + position in the batch); ``n_outputs`` is C, the model's outputs per
+        example. The generic task accepts any targets; built-in tasks override this."""
+
     def sampled_hessian_factor(
         self, outputs: torch.Tensor, targets: torch.Tensor, generator: torch.Generator
     ) -> Factor:
@@ -140,6 +145,29 @@ class ClassificationTask(Task):
     loss: LossFn = _cross_entropy
     measurement: LossFn = _margin
     name: str = "classification"
+
+    def check_targets(self, targets: torch.Tensor, n_outputs: int, first_row: int = 0) -> None:
+        """Labels must be integer class indices in [0, C), one per example. PyTorch's ignore
+        index -100 is refused: cross-entropy would give such a row zero loss, hence zero
+        features and self-influence, and it would silently rank as irrelevant."""
+        targets = torch.as_tensor(targets)
+        if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
+            raise ValueError(
+                f"classification labels must be integer class indices, got dtype {targets.dtype} (rows "
+                f"{first_row}-{first_row + len(targets) - 1}); convert whole-number labels with .long(), "
+                "soft labels need a custom Task"
+            )
+        if targets.ndim != 1:
+            raise ValueError(f"classification labels must be one class index per row, got shape {tuple(targets.shape)}")
+        for bad, problem in (
+            (targets == -100, "-100, PyTorch's ignore index: a row without a label has no loss to attribute; "
+             "drop those rows"),
+            ((targets < 0) | (targets >= n_outputs), f"outside [0, {n_outputs}) (the model has {n_outputs} outputs)"),
+        ):
+            if bad.any():
+                rows = (bad.nonzero()[:, 0][:10] + first_row).tolist()
+                values = targets[bad][:10].tolist()
+                raise ValueError(f"classification labels of rows {rows} (values {values}) are {problem}")
 
     def hessian_factor(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return softmax_factor(outputs).to(outputs.dtype)

@@ -3,7 +3,8 @@
 Both walk the feature store one chunk of training rows at a time and write their results to
 a zarr v3 group with a completion ledger (``source_proj.features.ledger``), so memory is bounded by a
 block (never n_query x N or N x D) and a run that is interrupted, even by SIGKILL, resumes
-where it stopped when called again with the same arguments.
+where it stopped when called again with the same arguments. Each run holds the lock of its
+output (``source_proj.features.lock``): a second run on the same output is refused.
 
 - ``score_matrix``: ``scores[q, m] = Q[q] . F[m]`` for all queries and training rows,
   float32 (n_query, N), in the group's array ``scores``.
@@ -16,8 +17,8 @@ where it stopped when called again with the same arguments.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -26,13 +27,16 @@ import torch
 import zarr
 from tqdm.auto import tqdm
 
+from source_proj.distributed.failures import together
+from source_proj.distributed.group import ProcessGroup
+from source_proj.distributed.locking import group_lock
+from source_proj.distributed.work import agreed, each_chunk
 from source_proj.features.ledger import (
     ChunkLedger,
     chunk_digest,
     create_group_atomically,
-    remove_partial_writes,
 )
-from source_proj.features.store import FeatureStore, StoreLayout, StoreMismatchError
+from source_proj.features.store import FeatureStore, StoreMismatchError
 from source_proj.retrieval.exact import check_queries
 
 ATTRS_KEY = "source_proj_bulk"
@@ -44,7 +48,8 @@ def _open_output(
     chunks: tuple[int, ...], n_chunks: int,
 ) -> tuple[zarr.Array, ChunkLedger]:
     """Open the output group at ``path`` if it exists and was made for ``description``,
-    else create it with the array ``name`` and a ledger of ``n_chunks`` row chunks."""
+    else create it with the array ``name`` and a ledger of ``n_chunks`` row chunks. The
+    caller holds the lock of ``path``."""
     if not path.exists():
 
         def build(group: zarr.Group) -> None:
@@ -59,17 +64,16 @@ def _open_output(
     for key in sorted(set(stored) | set(description)):
         if stored.get(key) != description.get(key):
             raise StoreMismatchError(path, key, stored.get(key), description.get(key))
-    remove_partial_writes(path)
-    return group[name], ChunkLedger.open(group, "chunk_digest")
+    return group[name], ChunkLedger.open(group, "chunk_digest", path)
 
 
-def _pending_rows(ledger: ChunkLedger, layout: StoreLayout, desc: str, progress: bool) -> Iterator[tuple[int, int, int]]:
-    """Yield (chunk index, start, stop) of each unfinished chunk, with a progress bar."""
-    pending = ledger.pending()
-    with tqdm(total=len(pending), unit="chunk", desc=desc, disable=not progress) as bar:
-        for index in pending:
-            yield index, *layout.chunk_range(index)
-            bar.update()
+def _open_shared(group: ProcessGroup, path: Path, *args: Any) -> tuple[zarr.Array, ChunkLedger]:
+    """``_open_output(path, *args)`` for every rank of ``group``, rank 0 first (it alone
+    creates the output)."""
+    with together(group, f"opening {path}"):
+        if group.is_main:
+            opened = _open_output(path, *args)
+    return opened if group.is_main else _open_output(path, *args)
 
 
 def score_matrix(
@@ -111,32 +115,51 @@ def score_matrix(
         "query_block": block,
     }
 
-    scores, ledger = _open_output(
-        Path(out), description, "scores", (q.shape[0], layout.n_rows), "float32", (block, layout.chunk_rows),
-        layout.n_chunks,
-    )
+    group = ProcessGroup.current()
+    with group_lock(group, out):
+        scores, ledger = _open_shared(
+            group, Path(out), description, "scores", (q.shape[0], layout.n_rows), "float32",
+            (block, layout.chunk_rows), layout.n_chunks,
+        )
+        _write_scores(store, q, segments, block, scores, ledger, progress and group.is_main, group)
+    return scores
+
+
+def _write_scores(
+    store: FeatureStore, q: np.ndarray, segments: Sequence[int] | None, block: int, scores: zarr.Array,
+    ledger: ChunkLedger, progress: bool, group: ProcessGroup,
+) -> None:
+    """The pending row chunks of ``score_matrix``'s output, dealt to the ranks of ``group``."""
     q_t = torch.from_numpy(q)
+    layout = store.layout
 
     def write(index: int, start: int, stop: int, q0: int, values: np.ndarray, last: bool) -> None:
         scores[q0 : q0 + block, start:stop] = values
         if last:
-            ledger.mark(index, chunk_digest(np.array([index, start, stop])))
+            ledger.mark(index, [chunk_digest(np.array([index, start, stop]))])
 
     # Blocks are written by a background thread while the next one is computed; at most one
     # write is pending, so memory holds two score blocks.
-    with ThreadPoolExecutor(max_workers=1) as writer:
-        pending = None
-        for index, start, stop in _pending_rows(ledger, layout, "score matrix", progress):
+    pending = agreed(group, ledger.pending)
+    with (
+        tqdm(total=len(pending), unit="chunk", desc="score matrix", disable=not progress) as bar,
+        ThreadPoolExecutor(max_workers=1) as writer,
+    ):
+        writing: list[Future] = []
+
+        def work(index: int) -> None:
+            start, stop = layout.chunk_range(index)
             features_t = torch.from_numpy(store.read_rows(start, stop, segments)).T
             for q0 in range(0, q.shape[0], block):
                 values = (q_t[q0 : q0 + block] @ features_t).numpy()
-                if pending is not None:
-                    pending.result()
-                last = q0 + block >= q.shape[0]
-                pending = writer.submit(write, index, start, stop, q0, values, last)
-        if pending is not None:
-            pending.result()
-    return scores
+                if writing:
+                    writing.pop().result()
+                writing.append(writer.submit(write, index, start, stop, q0, values, q0 + block >= q.shape[0]))
+
+        each_chunk(group, pending, work, "the score matrix", lambda batch: bar.update(len(batch)))
+        with together(group, "the score matrix"):
+            if writing:
+                writing.pop().result()
 
 
 def self_influence(
@@ -170,17 +193,26 @@ def self_influence(
         "segments": None if segments is None else sorted(int(s) for s in segments),
     }
 
-    values, ledger = _open_output(
-        Path(out), description, "self_influence", (layout.n_rows,), "float64", (layout.chunk_rows,), layout.n_chunks
-    )
-    for index, start, stop in _pending_rows(ledger, layout, "self-influence", progress):
-        q = np.asarray(self_query_chunk(start, stop))
-        if q.shape != (stop - start, dim):
-            raise ValueError(
-                f"self_query_chunk({start}, {stop}) returned shape {q.shape}; expected {(stop - start, dim)}"
-            )
-        q = check_queries(q, dim).astype(np.float64)
-        row_scores = np.einsum("ij,ij->i", q, store.read_rows(start, stop, segments).astype(np.float64))
-        values[start:stop] = row_scores
-        ledger.mark(index, chunk_digest(row_scores))
+    group = ProcessGroup.current()
+    with group_lock(group, out):
+        values, ledger = _open_shared(
+            group, Path(out), description, "self_influence", (layout.n_rows,), "float64", (layout.chunk_rows,),
+            layout.n_chunks,
+        )
+
+        def work(index: int) -> None:
+            start, stop = layout.chunk_range(index)
+            q = np.asarray(self_query_chunk(start, stop))
+            if q.shape != (stop - start, dim):
+                raise ValueError(
+                    f"self_query_chunk({start}, {stop}) returned shape {q.shape}; expected {(stop - start, dim)}"
+                )
+            q = check_queries(q, dim).astype(np.float64)
+            row_scores = np.einsum("ij,ij->i", q, store.read_rows(start, stop, segments).astype(np.float64))
+            values[start:stop] = row_scores
+            ledger.mark(index, [chunk_digest(row_scores)])
+
+        pending = agreed(group, ledger.pending)
+        with tqdm(total=len(pending), unit="chunk", desc="self-influence", disable=not (progress and group.is_main)) as bar:
+            each_chunk(group, pending, work, "self-influence", lambda batch: bar.update(len(batch)))
     return np.asarray(values[:])

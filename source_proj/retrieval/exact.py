@@ -82,6 +82,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from source_proj.distributed.gather import gather_rows
+from source_proj.distributed.group import ProcessGroup
 from source_proj.features.store import FeatureStore
 
 # Queries multiplied at once (as faiss does in its own searches).
@@ -308,13 +310,22 @@ def _search(
     progress: bool,
 ) -> list[TopK]:
     """For each sign s, the k largest ``s * (queries @ F.T)`` per query, as a ``TopK`` of the
-    unsigned scores; one pass over the store, one product per block for all signs."""
+    unsigned scores; one pass over the store, one product per block for all signs.
+
+    Under ``torch.distributed`` the shards are dealt round-robin to the ranks, each rank
+    searches its own, and the ranks' heaps are merged exactly (``merge_topk``) on every rank:
+    each score is the same float32 product as in one process (same shard and block shapes).
+    """
+    group = ProcessGroup.current()
     n_query = queries.shape[0]
     heaps = [faiss.ResultHeap(n_query, k, keep_max=True) for _ in signs]
     q = torch.from_numpy(queries)
     screen = _Bf16Screen(q, signs, settings.block_rows) if _uses_screen(settings, queries) else None
-    blocks = store.iter_blocks(settings.shard_rows, segments, prefetch=settings.prefetch, reuse_buffers=True)
-    with tqdm(total=store.layout.n_rows, unit="row", desc="top-k search", disable=not progress) as bar:
+    blocks = store.iter_blocks(
+        settings.shard_rows, segments, prefetch=settings.prefetch, reuse_buffers=True, select=group.strided
+    )
+    rows_here = store.layout.n_rows if not group.distributed else None
+    with tqdm(total=rows_here, unit="row", desc="top-k search", disable=not (progress and group.is_main)) as bar:
         for start, shard in blocks:
             for r0 in range(0, shard.shape[0], settings.block_rows):
                 rows = torch.from_numpy(shard[r0 : r0 + settings.block_rows])
@@ -329,7 +340,24 @@ def _search(
             bar.update(shard.shape[0])
     for heap in heaps:
         heap.finalize()
-    return [TopK(sign * heap.D, heap.I) for sign, heap in zip(signs, heaps)]
+    return [TopK(sign * scores, ids) for sign, (scores, ids) in zip(signs, (merge_topk(group, h.D, h.I) for h in heaps))]
+
+
+def merge_topk(group: ProcessGroup, scores: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The k best of every rank's top-k ``(scores, ids)`` (n_query, k), best (largest score)
+    first, ties by smaller id; on every rank. Empty heap slots (id -1) never win while any
+    rank has a real row. A single process gets its own arrays back."""
+    if not group.distributed:
+        return scores, ids
+    k = scores.shape[1]
+    every_score = gather_rows(group, torch.from_numpy(np.ascontiguousarray(scores))[None])
+    every_id = gather_rows(group, torch.from_numpy(np.ascontiguousarray(ids))[None])
+    all_scores = every_score.permute(1, 0, 2).reshape(scores.shape[0], -1).numpy()
+    all_ids = every_id.permute(1, 0, 2).reshape(ids.shape[0], -1).numpy()
+    missing = all_ids < 0
+    # Sort by (empty slot last, score descending, id ascending).
+    order = np.lexsort((all_ids, -all_scores.astype(np.float64), missing), axis=1)[:, :k]
+    return np.take_along_axis(all_scores, order, 1), np.take_along_axis(all_ids, order, 1)
 
 
 def exact_topk(

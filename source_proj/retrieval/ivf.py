@@ -8,6 +8,9 @@ index holds all N rows in memory (4, 2 or 1 bytes per value for codecs flat, fp1
 
 It is saved beside the store, in the directory ``<store>.ivf``, with the store's content
 token; loading it for a store whose content or settings changed raises ``StaleIndexError``.
+The measured recall holds for the k and target it was tuned for (``tuned_for``): retune for
+others. A query whose probed cells hold fewer than k rows is searched exactly instead, so
+results never contain missing ids.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from source_proj.features.store import FeatureStore
-from source_proj.retrieval.exact import TopK, check_k, check_queries
+from source_proj.retrieval.exact import TopK, check_k, check_queries, exact_topk
 
 _FACTORY_CODECS = {"flat": "Flat", "fp16": "SQfp16", "sq8": "SQ8"}
 _INDEX_FILE = "index.faiss"
@@ -114,6 +117,7 @@ class ApproxIndex:
 
     Attributes:
         index: the faiss ``IndexIVF`` (inner-product metric, ids = store rows).
+        store: the feature store it indexes (searched exactly where the index falls short).
         settings: the ``IVFSettings`` it was built with.
         store_token: ``content_token()`` of the store it indexes.
         n_probe: cells searched per query, ``{"proponents": int, "opponents": int}``.
@@ -121,13 +125,17 @@ class ApproxIndex:
             "target": 0.95, "proponents": {"n_probe": 8, "recall": 0.97, "reached": True},
             "opponents": ...}``;
             empty until measured.
+        exact_fallbacks: how many queries of the last ``search`` had fewer than k rows in
+            their probed cells and were searched exactly.
     """
 
     def __init__(
-        self, index: faiss.Index, settings: IVFSettings, store_token: str, n_probe: dict[str, int],
-        recall: dict[str, Any],
+        self, index: faiss.Index, store: FeatureStore, settings: IVFSettings, store_token: str,
+        n_probe: dict[str, int], recall: dict[str, Any],
     ) -> None:
         self.index = index
+        self.store = store
+        self.exact_fallbacks = 0
         self.settings = settings
         self.store_token = store_token
         self.n_probe = dict(n_probe)
@@ -137,9 +145,14 @@ class ApproxIndex:
     def n_lists(self) -> int:
         return int(faiss.extract_index_ivf(self.index).nlist)
 
-    def search(self, queries: np.ndarray, k: int, *, opponents: bool = False, n_probe: int | None = None) -> TopK:
+    def search(
+        self, queries: np.ndarray, k: int, *, opponents: bool = False, n_probe: int | None = None,
+        fallback: bool = True,
+    ) -> TopK:
         """Approximate top-k proponents (or opponents) of queries (n_query, D); see ``TopK``.
-        ``n_probe`` overrides the kind's cells per query for this call."""
+        ``n_probe`` overrides the kind's cells per query for this call. A query whose probed
+        cells hold fewer than k rows is searched exactly over the store (with ``fallback``;
+        without, its missing results have id -1 and score -+FLT_MAX, as faiss returns them)."""
         q = check_queries(queries, self.index.d)
         k = check_k(k, self.index.ntotal)
         probes = self.n_probe[_kind(opponents)] if n_probe is None else n_probe
@@ -147,7 +160,18 @@ class ApproxIndex:
             raise ValueError(f"n_probe must be in [1, {self.n_lists}], got {probes}")
         sign = -1.0 if opponents else 1.0
         scores, ids = self.index.search(sign * q, k, params=faiss.SearchParametersIVF(nprobe=probes))
-        return TopK(sign * scores, ids)
+        scores *= sign
+        short = np.nonzero((ids < 0).any(axis=1))[0]
+        self.exact_fallbacks = len(short) if fallback else 0
+        if fallback and len(short):
+            exact = exact_topk(self.store, q[short], k, opponents=opponents, progress=False)
+            scores[short], ids[short] = exact.scores, exact.ids
+        return TopK(scores, ids)
+
+    def tuned_for(self, k: int, target: float) -> bool:
+        """Whether the last ``tune`` measured recall@``k`` against a target of at least
+        ``target`` (then its n_probe, or its "not reached" verdict, holds for ``target``)."""
+        return self.recall.get("k") == k and self.recall.get("target", -1.0) >= target
 
     def tune(
         self, queries: np.ndarray, proponents: TopK, opponents: TopK, target: float, *, max_fraction: float = 0.25
@@ -168,8 +192,9 @@ class ApproxIndex:
         k = proponents.ids.shape[1]
         self.recall = {"k": k, "n_queries": int(np.asarray(queries).shape[0]), "target": target}
         for exact, opp in ((proponents, False), (opponents, True)):
-            for n_probe in candidates:
-                recall = recall_at_k(self.search(queries, k, opponents=opp, n_probe=n_probe).ids, exact.ids)
+            for n_probe in candidates:  # missing ids (cells with fewer than k rows) count as misses
+                found = self.search(queries, k, opponents=opp, n_probe=n_probe, fallback=False)
+                recall = recall_at_k(found.ids, exact.ids)
                 if recall >= target:
                     break
             self.n_probe[_kind(opp)] = n_probe
@@ -225,7 +250,7 @@ class ApproxIndex:
             raise StaleIndexError(f"the IVF index at {where} was built with {built}, not {settings}")
         flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mmap else 0
         index = faiss.read_index(str(where / _INDEX_FILE), flags)
-        return cls(index, built, info["store_token"], info["n_probe"], info["recall"])
+        return cls(index, store, built, info["store_token"], info["n_probe"], info["recall"])
 
 
 def build_ivf(store: FeatureStore, settings: IVFSettings = IVFSettings(), *, progress: bool = True) -> ApproxIndex:
@@ -247,4 +272,4 @@ def build_ivf(store: FeatureStore, settings: IVFSettings = IVFSettings(), *, pro
             index.add(block)
             bar.update(block.shape[0])
     n_probe = min(settings.n_probe, n_lists)
-    return ApproxIndex(index, settings, token, {"proponents": n_probe, "opponents": n_probe}, {})
+    return ApproxIndex(index, store, settings, token, {"proponents": n_probe, "opponents": n_probe}, {})

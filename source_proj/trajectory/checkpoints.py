@@ -5,6 +5,9 @@ steps taken since checkpoint c - 1 (since initialisation for the first one) and 
 rate(s); it stands for those steps when the run is cut into segments. SOURCE averages
 gradients and Hessians over the checkpoints of each :class:`Segment`, and uses the segment's
 step count K and mean effective learning rate eta (eta / (1 - beta) under heavy-ball momentum).
+
+Adam and AdamW runs ("adam", "adamw") also carry each checkpoint's optimizer state, from which
+``optimizer_state.Preconditioner`` builds Adam's diagonal preconditioner D at that checkpoint.
 """
 
 from __future__ import annotations
@@ -16,11 +19,14 @@ import os
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-OPTIMIZERS = ("sgd", "momentum")
+OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
+# Optimizers with a diagonal preconditioner read from each checkpoint's optimizer state.
+PRECONDITIONED = ("adam", "adamw")
 
 
 class TrajectoryError(ValueError):
@@ -37,14 +43,23 @@ class Checkpoint:
             ``*.index.json``, or a directory written by ``save_pretrained`` or a Hugging Face
             ``Trainer`` (``checkpoint-*/``); see :func:`load_state_file`.
         steps: optimizer steps since the previous checkpoint (> 0).
-        lr: the learning rate of those steps, or a per-step history of length ``steps``.
+        lr: the learning rate of those steps, or a per-step history of length ``steps``
+            (``lr_history.LearningRateRecorder`` records one; single steps may have rate 0).
         stage: label of the training stage the steps belong to (stages must be contiguous).
+        optimizer_state: the optimizer's state at this checkpoint, required for "adam" /
+            "adamw" trajectories (and refused for others): a ``torch.optim`` optimizer
+            ``state_dict()`` (parameters by index, see ``Trajectory.param_order``), a path to
+            one saved with ``torch.save`` (e.g. the ``optimizer.pt`` Hugging Face's Trainer
+            writes beside each checkpoint), or a mapping parameter name -> ``exp_avg_sq``
+            tensor (the bias correction then uses the trajectory's cumulative step count at
+            this checkpoint).
     """
 
     state: Mapping[str, torch.Tensor] | str | os.PathLike
     steps: int
     lr: float | Sequence[float]
     stage: Hashable = 0
+    optimizer_state: Mapping[str, Any] | str | os.PathLike | None = None
 
     def lr_sum(self) -> float:
         """Sum of the learning rates over the checkpoint's steps."""
@@ -109,16 +124,21 @@ def _check_checkpoint(index: int, ckpt: Checkpoint) -> None:
     if isinstance(ckpt.steps, bool) or not isinstance(ckpt.steps, (int, np.integer)) or ckpt.steps <= 0:
         raise TrajectoryError(f"checkpoint {index}: steps must be a positive int, got {ckpt.steps!r}")
     if isinstance(ckpt.lr, (int, float)):
-        rates = np.asarray([ckpt.lr], dtype=np.float64)
-    else:
-        rates = np.asarray(ckpt.lr, dtype=np.float64)
-        if rates.shape != (ckpt.steps,):
-            raise TrajectoryError(
-                f"checkpoint {index}: a learning-rate history must have one rate per step "
-                f"({ckpt.steps}), got shape {rates.shape}"
-            )
-    if not np.all(np.isfinite(rates)) or np.any(rates <= 0):
-        raise TrajectoryError(f"checkpoint {index}: learning rates must be finite and > 0, got {ckpt.lr!r}")
+        if not (math.isfinite(ckpt.lr) and ckpt.lr > 0):
+            raise TrajectoryError(f"checkpoint {index}: learning rates must be finite and > 0, got {ckpt.lr!r}")
+        return
+    rates = np.asarray(ckpt.lr, dtype=np.float64)
+    if rates.shape != (ckpt.steps,):
+        raise TrajectoryError(
+            f"checkpoint {index}: a learning-rate history must have one rate per step "
+            f"({ckpt.steps}), got shape {rates.shape}"
+        )
+    # Zero-rate steps occur (a warm-up that starts at 0); a checkpoint's steps must move, though.
+    if not np.all(np.isfinite(rates)) or np.any(rates < 0) or rates.sum() <= 0:
+        raise TrajectoryError(
+            f"checkpoint {index}: learning rates must be finite and > 0 (single steps of a history "
+            f"may be 0), got {ckpt.lr!r}"
+        )
 
 
 @dataclass(frozen=True)
@@ -149,15 +169,29 @@ class Trajectory:
 
     Attributes:
         checkpoints: the checkpoints in training order (the last is the final model).
-        optimizer: "sgd" or "momentum" (heavy-ball SGD, as ``torch.optim.SGD(momentum=beta)``).
-        momentum: beta, in [0, 1); must be 0 for "sgd".
-        weight_decay: lambda, the L2 coefficient added to the gradient (lambda * theta).
+        optimizer: "sgd", "momentum" (heavy-ball SGD, as ``torch.optim.SGD(momentum=beta)``),
+            "adam" (``torch.optim.Adam``: weight decay is an L2 term added to the gradient
+            before preconditioning) or "adamw" (``torch.optim.AdamW``: decoupled decay
+            theta <- theta - eta * lambda * theta). Adam runs need every checkpoint's
+            ``optimizer_state``.
+        momentum: beta, in [0, 1); must be 0 for "sgd" and for Adam (whose beta1 is in ``betas``).
+        weight_decay: lambda: the L2 coefficient added to the gradient (lambda * theta) for
+            "sgd", "momentum" and "adam"; the decoupled decay rate for "adamw".
+        betas: Adam's (beta1, beta2), each in [0, 1) (used by "adam" / "adamw" only).
+        eps: Adam's eps (> 0), added to sqrt(v_hat) in the denominator.
+        param_order: the attributed model's parameter names in the order they were given to
+            the optimizer: a flat sequence, or one sequence per param group. It maps the
+            integer parameter ids of an optimizer ``state_dict()`` to names. Default (None):
+            ``model.named_parameters()`` order (shared tensors once), one group.
     """
 
     checkpoints: tuple[Checkpoint, ...]
     optimizer: str = "sgd"
     momentum: float = 0.0
     weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    param_order: Sequence[str] | Sequence[Sequence[str]] | None = None
     _stages: tuple[Hashable, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -176,6 +210,7 @@ class Trajectory:
             )
         if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0.0):
             raise TrajectoryError(f"weight_decay must be finite and >= 0, got {self.weight_decay}")
+        self._check_preconditioner_settings()
         stages: list[Hashable] = []
         for i, ckpt in enumerate(self.checkpoints):
             if not stages or stages[-1] != ckpt.stage:
@@ -186,6 +221,43 @@ class Trajectory:
                     )
                 stages.append(ckpt.stage)
         object.__setattr__(self, "_stages", tuple(stages))
+
+    def _check_preconditioner_settings(self) -> None:
+        betas = tuple(float(b) for b in self.betas)
+        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+            raise TrajectoryError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
+        object.__setattr__(self, "betas", betas)
+        if not (math.isfinite(self.eps) and self.eps > 0.0):
+            raise TrajectoryError(f"eps must be finite and > 0, got {self.eps!r}")
+        if self.param_order is not None:
+            object.__setattr__(self, "param_order", _normalise_param_order(self.param_order))
+        preconditioned = self.preconditioned
+        if preconditioned and self.momentum != 0.0:
+            raise TrajectoryError(
+                f"momentum must be 0 for {self.optimizer!r} (Adam's first-moment decay is betas[0]), "
+                f"got {self.momentum}"
+            )
+        for i, ckpt in enumerate(self.checkpoints):
+            if preconditioned and ckpt.optimizer_state is None:
+                raise TrajectoryError(
+                    f"checkpoint {i}: optimizer {self.optimizer!r} needs the optimizer state of every "
+                    "checkpoint (Checkpoint(optimizer_state=...): a state_dict, a path to optimizer.pt, "
+                    "or a mapping name -> exp_avg_sq)"
+                )
+            if not preconditioned and ckpt.optimizer_state is not None:
+                raise TrajectoryError(
+                    f"checkpoint {i} has an optimizer_state, which optimizer {self.optimizer!r} does not "
+                    "use; use optimizer='adam' or 'adamw' for Adam runs, or leave it out"
+                )
+
+    @property
+    def preconditioned(self) -> bool:
+        """Whether the optimizer has Adam's diagonal preconditioner ("adam", "adamw")."""
+        return self.optimizer in PRECONDITIONED
+
+    def cumulative_steps(self, index: int) -> int:
+        """Optimizer steps from the start of the trajectory up to checkpoint ``index``."""
+        return sum(int(c.steps) for c in self.checkpoints[: index + 1])
 
     @property
     def stages(self) -> tuple[Hashable, ...]:
@@ -229,7 +301,7 @@ class Trajectory:
     def summary(self) -> dict:
         """A JSON-serialisable description of the schedule (no tensors, no file paths: the
         checkpoints' contents are fingerprinted separately, see ``state_digest``)."""
-        return {
+        out: dict = {
             "optimizer": self.optimizer,
             "momentum": self.momentum,
             "weight_decay": self.weight_decay,
@@ -237,3 +309,21 @@ class Trajectory:
                 {"steps": int(c.steps), "lr_sum": c.lr_sum(), "stage": str(c.stage)} for c in self.checkpoints
             ],
         }
+        if self.preconditioned:  # the optimizer states themselves are digested separately
+            out.update(betas=list(self.betas), eps=self.eps)
+        return out
+
+
+def _normalise_param_order(order: Sequence[str] | Sequence[Sequence[str]]) -> tuple:
+    """A flat tuple of names, or a tuple of per-group tuples; raises on anything else."""
+    if isinstance(order, (str, bytes)) or not isinstance(order, Sequence) or not order:
+        raise TrajectoryError(f"param_order must be a non-empty sequence of names or of name groups, got {order!r}")
+    grouped = not isinstance(order[0], str)
+    groups = [tuple(g) for g in order] if grouped else [tuple(order)]
+    names = [n for g in groups for n in g]
+    if not all(isinstance(n, str) for n in names):
+        raise TrajectoryError("param_order must hold parameter names (str), or one sequence of names per param group")
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise TrajectoryError(f"param_order names parameters more than once: {repeated}")
+    return tuple(groups) if grouped else groups[0]

@@ -1,0 +1,321 @@
+"""Adam's diagonal preconditioner at each checkpoint, read from the optimizer's saved state.
+
+For a trajectory trained with ``torch.optim.Adam`` / ``AdamW`` the step at checkpoint c is
+theta <- theta - eta * D_c * m_hat (plus the decay), with
+
+    D_c = 1 / (sqrt(v_c / (1 - beta2^step_c)) + eps)      (element-wise, per parameter),
+
+v_c the optimizer's ``exp_avg_sq`` (``max_exp_avg_sq`` with ``amsgrad``) and step_c its step
+count. SOURCE works in the coordinates rescaled by D^{1/2} (math note, section 4): every
+gradient taken at checkpoint c is multiplied element-wise by D_c^{1/2} before it is projected,
+and the segment Hessian gains the decay term. :class:`Preconditioner` reads the states
+(``Checkpoint.optimizer_state``: a ``state_dict()``, a path to one, or a mapping name ->
+``exp_avg_sq``), checks them against the model, and provides per checkpoint
+
+* :meth:`Preconditioner.sqrt_scale`: D_c^{1/2} per attributed parameter (flat blocks),
+* :meth:`Preconditioner.decay`: the decay rate added to the projected Hessian's diagonal,
+* :meth:`Preconditioner.digests`: SHA-256 of the second moments and steps the scores use.
+
+Weight decay. AdamW's decoupled decay (theta <- theta - eta lambda theta) adds exactly
+lambda I in the rescaled space, as for SGD. Adam's coupled L2 (lambda theta added to the
+gradient before preconditioning) adds lambda D, which a projection does not keep diagonal; it
+is approximated by lambda * c_c I with c_c = sum_j D_j^2 v_hat_j / sum_j D_j v_hat_j, the mean
+of D along the rescaled gradient energy (v_hat, the optimizer's running mean of squared
+gradients, stands for the diagonal of the gradient second moment, so coordinates that never
+see a gradient do not count; c is about 1 / mean_j sqrt(v_hat_j)). Per-group weight decay
+(e.g. none on biases) is not read from the state: the trajectory's single lambda applies.
+
+For SGD and heavy-ball trajectories the preconditioner is the identity (``sqrt_scale`` is
+None) and the decay is ``weight_decay``, so callers have one code path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from source_proj.trajectory.checkpoints import Trajectory, TrajectoryError
+
+# What a step count and second moment look like after resolution: name -> (step, v).
+Moments = dict[str, tuple[float, torch.Tensor]]
+
+
+def is_state_dict(state: Any) -> bool:
+    """Whether ``state`` is a ``torch.optim`` optimizer ``state_dict()`` (rather than a
+    mapping parameter name -> ``exp_avg_sq``)."""
+    return isinstance(state, Mapping) and "state" in state and "param_groups" in state
+
+
+def load_optimizer_state(source: Mapping[str, Any] | str | os.PathLike, where: str) -> Mapping[str, Any]:
+    """The optimizer state as given, or loaded on the CPU from a ``torch.save`` file."""
+    if isinstance(source, Mapping):
+        return source
+    try:
+        return torch.load(source, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:
+        raise TrajectoryError(f"{where}: could not load optimizer state file {os.fspath(source)!r}: {exc}") from exc
+
+
+def default_param_order(model: nn.Module) -> tuple[str, ...]:
+    """``model.named_parameters()`` order (a tensor shared by several names appears once,
+    under its first name, as it does in an optimizer built from ``model.parameters()``)."""
+    return tuple(name for name, _ in model.named_parameters())
+
+
+def optimizer_param_order(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[tuple[str, ...], ...]:
+    """The names of ``optimizer``'s parameters per param group, in its order: the
+    ``param_order`` to give a :class:`Trajectory` whose optimizer states come from it.
+    Raises ``TrajectoryError`` for an optimizer parameter that is not one of ``model``'s."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = []
+    for g, group in enumerate(optimizer.param_groups):
+        unknown = [i for i, p in enumerate(group["params"]) if id(p) not in names]
+        if unknown:
+            raise TrajectoryError(
+                f"param group {g} of the optimizer holds tensors that are not parameters of the model "
+                f"(positions {unknown})"
+            )
+        groups.append(tuple(names[id(p)] for p in group["params"]))
+    return tuple(groups)
+
+
+def _step_count(value: Any, name: str, where: str) -> float:
+    step = float(value.item() if isinstance(value, torch.Tensor) else value)
+    if not (math.isfinite(step) and step >= 1):
+        raise TrajectoryError(
+            f"{where}: optimizer step count of {name!r} is {step:g}; Adam's bias correction "
+            "1 - beta2^step needs at least one step taken (was the state saved before training?)"
+        )
+    return step
+
+
+def _check_groups(groups: Sequence[Mapping[str, Any]], trajectory: Trajectory, where: str) -> None:
+    """Settings recorded in the state's param groups must agree with the trajectory's."""
+    for g, group in enumerate(groups):
+        betas = group.get("betas", trajectory.betas)
+        if not all(math.isclose(float(a), b, rel_tol=1e-6) for a, b in zip(betas, trajectory.betas)):
+            raise TrajectoryError(
+                f"{where}: param group {g} was trained with betas={tuple(group['betas'])}, but the "
+                f"trajectory says betas={trajectory.betas}"
+            )
+        if "eps" in group and not math.isclose(float(group["eps"]), trajectory.eps, rel_tol=1e-6):
+            raise TrajectoryError(
+                f"{where}: param group {g} was trained with eps={group['eps']}, but the trajectory says "
+                f"eps={trajectory.eps}"
+            )
+        if group.get("maximize", False):
+            raise TrajectoryError(f"{where}: param group {g} maximised its objective (maximize=True): not supported")
+        decoupled = group.get("decoupled_weight_decay")
+        decays = float(group.get("weight_decay", 0.0)) > 0
+        if decoupled is not None and decays and bool(decoupled) != (trajectory.optimizer == "adamw"):
+            kind = "AdamW (decoupled weight decay)" if decoupled else "Adam (L2 weight decay added to the gradient)"
+            raise TrajectoryError(
+                f"{where}: param group {g} was trained by {kind}, but the trajectory says "
+                f"optimizer={trajectory.optimizer!r}"
+            )
+
+
+def _from_state_dict(
+    state: Mapping[str, Any], order: Sequence[str] | Sequence[Sequence[str]], trajectory: Trajectory,
+    names: Sequence[str], where: str,
+) -> Moments:
+    groups = state["param_groups"]
+    _check_groups(groups, trajectory, where)
+    ids = [list(group["params"]) for group in groups]
+    grouped = bool(order) and not isinstance(order[0], str)
+    sizes = [len(i) for i in ids]
+    hint = (
+        "pass Trajectory(param_order=...) with the names in the order they were given to the "
+        "optimizer (one list per param group)"
+    )
+    if grouped:
+        if [len(g) for g in order] != sizes:
+            raise TrajectoryError(
+                f"{where}: the optimizer state has param groups of sizes {sizes}, but param_order "
+                f"has groups of sizes {[len(g) for g in order]}; {hint}"
+            )
+        flat = [n for g in order for n in g]
+    else:
+        flat = list(order)
+        if len(flat) != sum(sizes):
+            raise TrajectoryError(
+                f"{where}: the optimizer state holds {sum(sizes)} parameters (param groups of sizes "
+                f"{sizes}) but the parameter order lists {len(flat)}; {hint}"
+            )
+    id_of = dict(zip(flat, (i for group in ids for i in group)))
+    amsgrad = {i: bool(group.get("amsgrad", False)) for group, gids in zip(groups, ids) for i in gids}
+    per_param = state["state"]
+    moments: Moments = {}
+    for name in names:
+        if name not in id_of:
+            raise TrajectoryError(
+                f"{where}: parameter {name!r} is attributed but was not trained by the optimizer (it is "
+                "not among the optimizer's parameters: frozen?); leave it out with param_names=..., "
+                "or list it in param_order if the optimizer did train it"
+            )
+        pid = id_of[name]
+        entry = per_param.get(pid, per_param.get(str(pid)))
+        if entry is None:
+            raise TrajectoryError(
+                f"{where}: parameter {name!r} (optimizer param id {pid}) has no optimizer state: it was "
+                "frozen or never received a gradient; leave it out with param_names=..."
+            )
+        key = "max_exp_avg_sq" if amsgrad[pid] else "exp_avg_sq"
+        if key not in entry:
+            raise TrajectoryError(
+                f"{where}: the optimizer state of {name!r} (param id {pid}) has no {key!r} (keys "
+                f"{sorted(entry)}): not the state of an Adam optimizer"
+            )
+        moments[name] = (_step_count(entry.get("step", 0), name, where), entry[key])
+    return moments
+
+
+def _from_mapping(
+    state: Mapping[str, Any], step: int, names: Sequence[str], known: Sequence[str], where: str
+) -> Moments:
+    unknown = sorted(set(state) - set(known))
+    if unknown:
+        raise TrajectoryError(f"{where}: the exp_avg_sq mapping names unknown parameters {unknown}")
+    missing = [n for n in names if n not in state]
+    if missing:
+        raise TrajectoryError(
+            f"{where}: no exp_avg_sq for attributed parameters {missing} (frozen in the optimizer?); "
+            "leave them out with param_names=..., or give their second moments"
+        )
+    return {n: (float(step), state[n]) for n in names}
+
+
+def _check_moment(name: str, v: Any, shape: torch.Size, where: str) -> torch.Tensor:
+    if not isinstance(v, torch.Tensor):
+        raise TrajectoryError(f"{where}: exp_avg_sq of {name!r} is a {type(v).__name__}, not a tensor")
+    if tuple(v.shape) != tuple(shape):
+        raise TrajectoryError(
+            f"{where}: exp_avg_sq of {name!r} has shape {tuple(v.shape)} but the parameter has shape "
+            f"{tuple(shape)}; if the parameters were given to the optimizer in another order than "
+            "named_parameters(), pass Trajectory(param_order=...)"
+        )
+    v = v.detach().to("cpu", torch.float32)
+    if not bool(torch.isfinite(v).all()) or bool((v < 0).any()):
+        raise TrajectoryError(f"{where}: exp_avg_sq of {name!r} holds negative, NaN or inf values")
+    return v
+
+
+def _bias_correction(beta2: float, step: float) -> float:
+    """1 - beta2^step, stable for beta2 near 1."""
+    return 1.0 if beta2 == 0.0 else -math.expm1(step * math.log(beta2))
+
+
+def inverse_denominator(v: torch.Tensor, step: float, beta2: float, eps: float) -> torch.Tensor:
+    """D = 1 / (sqrt(v / (1 - beta2^step)) + eps), float32, the shape of ``v``."""
+    return v.to(torch.float32).div(_bias_correction(beta2, step)).sqrt_().add_(eps).reciprocal_()
+
+
+def moments_digest(moments: Moments) -> str:
+    """SHA-256 of the names, steps, shapes and float32 values of second moments."""
+    digest = hashlib.sha256()
+    for name in sorted(moments):
+        step, v = moments[name]
+        values = v.to(torch.float32).contiguous().reshape(-1)
+        digest.update(f"{name}|{step!r}|{tuple(v.shape)}|".encode())
+        digest.update(values.numpy().tobytes())
+    return digest.hexdigest()
+
+
+def coupled_decay_factor(moments: Moments, beta2: float, eps: float) -> float:
+    """c = sum_j D_j^2 v_hat_j / sum_j D_j v_hat_j over all coordinates (the gradient-energy
+    mean of D that stands in for D in Adam's coupled L2 term; see the module docstring).
+    Falls back to the plain mean of D when every v is 0."""
+    num = den = plain = 0.0
+    count = 0
+    for step, v in moments.values():
+        d = inverse_denominator(v, step, beta2, eps).double()
+        v_hat = v.double() / _bias_correction(beta2, step)
+        num += float((d * d * v_hat).sum())
+        den += float((d * v_hat).sum())
+        plain += float(d.sum())
+        count += d.numel()
+    return num / den if den > 0 else plain / count
+
+
+@dataclass(frozen=True)
+class Preconditioner:
+    """Adam's preconditioner per checkpoint of a trajectory, for the attributed parameters.
+
+    Build with :meth:`build`, which reads every checkpoint's optimizer state once, checks it
+    (shapes, parameter count, step counts, frozen parameters, betas/eps recorded in the state)
+    and records its digest and decay; :meth:`sqrt_scale` reads a state again when it is needed.
+
+    Attributes:
+        trajectory: the run.
+        names: the attributed parameter names (the order of the gradient blocks).
+        shapes: name -> shape of every model parameter.
+        param_order: the names in optimizer order (``trajectory.param_order`` or the model's).
+        decays: per checkpoint, the rate added to the projected Hessian's diagonal.
+        digests: per checkpoint, :func:`moments_digest` of its second moments (empty when the
+            optimizer has no preconditioner).
+    """
+
+    trajectory: Trajectory
+    names: tuple[str, ...]
+    shapes: Mapping[str, torch.Size]
+    param_order: tuple
+    decays: tuple[float, ...]
+    digests: tuple[str, ...]
+
+    @classmethod
+    def build(cls, trajectory: Trajectory, model: nn.Module, names: Sequence[str]) -> Preconditioner:
+        """Check every checkpoint's optimizer state against ``model`` for the attributed
+        parameters ``names``; raises ``TrajectoryError`` naming the checkpoint and parameter."""
+        shapes = {n: p.shape for n, p in model.named_parameters()}
+        order = trajectory.param_order if trajectory.param_order is not None else default_param_order(model)
+        flat = [n for g in order for n in g] if order and not isinstance(order[0], str) else list(order)
+        unknown = sorted(set(flat) - set(shapes))
+        if unknown:
+            raise TrajectoryError(f"param_order names parameters the model does not have: {unknown}")
+        count = len(trajectory.checkpoints)
+        if not trajectory.preconditioned:
+            return cls(trajectory, tuple(names), shapes, tuple(order), (trajectory.weight_decay,) * count, ())
+        partial = cls(trajectory, tuple(names), shapes, tuple(order), (), ())
+        decays, digests = [], []
+        beta2, eps = trajectory.betas[1], trajectory.eps
+        coupled = trajectory.optimizer == "adam" and trajectory.weight_decay > 0
+        for index in range(count):
+            moments = partial.moments(index)
+            digests.append(moments_digest(moments))
+            factor = coupled_decay_factor(moments, beta2, eps) if coupled else 1.0
+            decays.append(trajectory.weight_decay * factor)
+        return cls(trajectory, tuple(names), shapes, tuple(order), tuple(decays), tuple(digests))
+
+    def moments(self, index: int) -> Moments:
+        """(step, v) per attributed parameter at checkpoint ``index``, checked (v float32, CPU)."""
+        where = f"checkpoint {index}"
+        ckpt = self.trajectory.checkpoints[index]
+        state = load_optimizer_state(ckpt.optimizer_state, where)
+        if is_state_dict(state):
+            raw = _from_state_dict(state, self.param_order, self.trajectory, self.names, where)
+        else:
+            raw = _from_mapping(state, self.trajectory.cumulative_steps(index), self.names, list(self.shapes), where)
+        return {n: (step, _check_moment(n, v, self.shapes[n], where)) for n, (step, v) in raw.items()}
+
+    def sqrt_scale(self, index: int, device: torch.device | str = "cpu") -> dict[str, torch.Tensor] | None:
+        """D^{1/2} at checkpoint ``index``: name -> (numel,) float32 on ``device``, in the
+        order of the gradient blocks; None when the optimizer has no preconditioner."""
+        if not self.trajectory.preconditioned:
+            return None
+        beta2, eps = self.trajectory.betas[1], self.trajectory.eps
+        return {
+            n: inverse_denominator(v, step, beta2, eps).sqrt_().reshape(-1).to(device)
+            for n, (step, v) in self.moments(index).items()
+        }
+
+    def decay(self, index: int) -> float:
+        """The decay rate added to the projected Hessian of checkpoint ``index``: lambda
+        (SGD, heavy-ball, AdamW), or lambda * c for Adam's coupled L2 (module docstring)."""
+        return self.decays[index]
