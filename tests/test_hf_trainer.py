@@ -101,3 +101,44 @@ def test_logged_rates_are_placed_by_the_scheduler_states():
     assert rates.tolist() == [0.4, 0.4, 0.3, 0.2] and not exact  # step 1 unknown: held from step 2
     with pytest.raises(TrajectoryError, match="no checkpoint-<step>/ folders"):
         trainer_trajectory(".")
+
+
+def test_adamw_trainer_directory_gives_the_preconditioned_trajectory(tmp_path):
+    """A Trainer run with AdamW (its default optimizer) and warm-up: the trajectory carries
+    every checkpoint's optimizer.pt and the Trainer's param groups, and scores equal those of
+    a trajectory built by hand from the second moments, named through the live optimizer."""
+    import datasets
+    from transformers import Trainer, TrainingArguments
+
+    from source_proj.trajectory.optimizer_state import optimizer_param_order
+
+    rows = random_rows(16, 10, (8, 8), seed=1, masked=False)
+    data = datasets.Dataset.from_dict({"input_ids": [r["input_ids"] for r in rows],
+                                       "labels": [r["labels"] for r in rows]})
+    model = tiny_gpt2()
+    args = TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=STEPS, save_steps=SAVE, logging_steps=1,
+        learning_rate=0.01, optim="adamw_torch", weight_decay=0.01, warmup_steps=2, lr_scheduler_type="linear",
+        report_to=[], use_cpu=True, disable_tqdm=True, seed=0, dataloader_num_workers=0,
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=data)
+    trainer.train()
+    with pytest.warns(UserWarning, match="decay differently"):
+        got = trainer_trajectory(tmp_path, model=model)
+    assert got.optimizer == "adamw" and got.betas == (0.9, 0.999) and got.eps == pytest.approx(1e-8)
+    with pytest.raises(TrajectoryError, match="pass model="):
+        trainer_trajectory(tmp_path)
+    names = [n for group in optimizer_param_order(model, trainer.optimizer) for n in group]
+    by_hand = []
+    for c in got.checkpoints:
+        saved = torch.load(f"{c.state}/optimizer.pt", weights_only=True)["state"]
+        ids = sorted(saved)
+        second_moments = {names[i]: saved[i]["exp_avg_sq"] for i in ids}
+        by_hand.append(Checkpoint(c.state, c.steps, c.lr, optimizer_state=second_moments))
+    hand = Trajectory(tuple(by_hand), optimizer="adamw", weight_decay=got.weight_decay)
+    as_sgd = Trajectory(tuple(Checkpoint(c.state, c.steps, c.lr) for c in got.checkpoints), weight_decay=got.weight_decay)
+    kw = dict(proj_dim=16, num_segments=3, progress=False)
+    scores = SourceAttributor(model, "causal_lm", got, **kw).fit(data).score(data)
+    torch.testing.assert_close(scores, SourceAttributor(model, "causal_lm", hand, **kw).fit(data).score(data))
+    plain = SourceAttributor(model, "causal_lm", as_sgd, **kw).fit(data).score(data)
+    assert (scores - plain).norm() > 0.5 * plain.norm()  # the preconditioner is really applied

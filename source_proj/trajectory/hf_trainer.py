@@ -21,8 +21,12 @@ Optimizer. Read from ``optimizer.pt``'s parameter groups (no unpickling of train
 arguments): ``torch.optim.SGD`` (``optim="sgd"``) gives "sgd" or "momentum" with its weight
 decay. The Trainer puts biases and normalisation weights in a group without weight decay;
 the trajectory then carries the parameter-weighted mean decay (exact when all groups agree;
-otherwise an approximation of the per-parameter decay, with a warning). Adam and AdamW runs
-need the optimizer states of issue 10's trajectory support and are refused until it lands.
+otherwise an approximation of the per-parameter decay, with a warning). ``torch.optim.Adam``
+/ ``AdamW`` runs (``optim="adamw_torch"``, the Trainer's default) give "adam" / "adamw" with
+their betas and eps, every checkpoint's ``optimizer.pt`` as its optimizer state, and the
+Trainer's two param groups (``trainer_param_order``) as the trajectory's ``param_order``, so
+SOURCE uses Adam's preconditioner (``trajectory.optimizer_state``); ``model=`` is then
+required.
 """
 
 from __future__ import annotations
@@ -186,8 +190,9 @@ def trainer_trajectory(
         stage: the stage label of all its checkpoints.
         learning_rates: the per-step rates of the whole run (length = the last global step),
             instead of those read from the logs and schedulers.
-        model: the trained architecture; needed only to size parameter groups whose weight
-            decays differ when the optimizer kept no per-parameter state.
+        model: the trained architecture; needed for Adam/AdamW runs (to name the optimizer
+            states' parameters) and to size parameter groups whose weight decays differ when
+            the optimizer kept no per-parameter state.
     """
     folders = checkpoint_folders(output_dir)
     last_step, last = folders[-1]
@@ -209,10 +214,11 @@ def trainer_trajectory(
         if rates.shape != (last_step,):
             raise TrajectoryError(f"learning_rates must have one rate per step ({last_step}), got shape {rates.shape}")
     settings = optimizer_settings(last, model)
-    if settings.kind in ("adam", "adamw"):
+    adam = settings.kind in ("adam", "adamw")
+    if adam and model is None:
         raise TrajectoryError(
-            f"{os.fspath(output_dir)} is an {settings.kind} run: its trajectory needs the Adam optimizer states "
-            "(issue 10), which this version does not read yet; train with optim='sgd' or build the trajectory by hand"
+            f"{os.fspath(output_dir)} is an {settings.kind} run: pass model= (the trained architecture) so that "
+            "the optimizer states' parameter ids can be mapped to parameter names (the Trainer's param groups)"
         )
     if len({d for _, d in settings.group_decays}) > 1:
         warnings.warn(
@@ -223,8 +229,17 @@ def trainer_trajectory(
     checkpoints, previous = [], 0
     for step, folder in folders:
         history = [float(r) for r in rates[previous:step]]
-        checkpoints.append(Checkpoint(str(folder), steps=step - previous, lr=history, stage=stage))
+        state = str(folder / "optimizer.pt") if adam else None
+        if adam and not (folder / "optimizer.pt").is_file():
+            raise TrajectoryError(f"{os.fspath(folder)!r} has no optimizer.pt: an {settings.kind} run needs every "
+                                  "checkpoint's optimizer state (Trainer(save_only_model=False))")
+        checkpoints.append(Checkpoint(str(folder), steps=step - previous, lr=history, stage=stage, optimizer_state=state))
         previous = step
+    if adam:
+        return Trajectory(
+            tuple(checkpoints), optimizer=settings.kind, weight_decay=settings.weight_decay, betas=settings.betas,
+            eps=settings.eps, param_order=tuple(tuple(g) for g in trainer_param_order(model)),
+        )
     return Trajectory(
         tuple(checkpoints), optimizer=settings.kind, momentum=settings.momentum, weight_decay=settings.weight_decay
     )
