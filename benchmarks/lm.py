@@ -86,7 +86,8 @@ def measure(size: str, mode: str, dim: int) -> dict:
         start = time.perf_counter()
         att.featurize_rows(examples, 0, ROWS)
         seconds = time.perf_counter() - start
-    return {"size": size, "mode": mode, "dim": dim, "params": p, "seconds": seconds, "peak_bytes": _peak_rss()}
+    return {"size": size, "mode": mode, "dim": dim, "params": p, "seconds": seconds, "peak_bytes": _peak_rss(),
+            "load": os.getloadavg()[0]}
 
 
 def throughput(out: Path, sizes: list[str]) -> None:
@@ -108,8 +109,9 @@ def write_throughput_table(results: list[dict], out: Path) -> None:
     lines = [
         f"# LM featurisation throughput (CPU), {datetime.date.today()}",
         "",
-        f"Machine: {platform.processor() or platform.machine()}, {len(os.sched_getaffinity(0))} cores "
-        f"(shared with other jobs), torch {torch.__version__}. GPT-2 shapes, byte vocabulary, {TOKENS} tokens "
+        f"Machine: {platform.processor() or platform.machine()}, {len(os.sched_getaffinity(0))} cores, "
+        f"1-minute load average {min(r['load'] for r in results):.1f}-{max(r['load'] for r in results):.1f} at the "
+        f"end of the measurements, torch {torch.__version__}. GPT-2 shapes, byte vocabulary, {TOKENS} tokens "
         f"per sequence, {ROWS} sequences per batch, one checkpoint, float32. 'bare' = per-example gradients "
         "only; 'SOURCE k' = featurize_rows (gradients + projection to k + bookkeeping). Peak = VmHWM of a "
         "fresh process (includes the model, Python and torch).",
