@@ -48,7 +48,13 @@ from source_proj.gradients.memory import feature_chunk
 from source_proj.gradients.model import ModelFunction, OutputSelector
 from source_proj.gradients.per_example import check_finite, dataset_rows
 from source_proj.gradients.tasks import Task, resolve_task
-from source_proj.projection.projected import projected_gn_factors, projected_gradients
+from source_proj.projection.projected import (
+    describe,
+    gradient_width,
+    make_projection,
+    projected_gn_factors,
+    projected_gradients,
+)
 from source_proj.trajectory.checkpoints import (
     Segment,
     Trajectory,
@@ -112,8 +118,11 @@ class SourceAttributor:
         self.model_fn = ModelFunction.build(model.eval(), param_names, output)
         self.curvature = self.config.resolved_curvature(self.task.default_curvature)
         self.budget = self.config.gradient_budget()
-        self.chunk_size = feature_chunk(self.model_fn.num_params(), self.budget, self.config.chunk_size)
-        self.projection = self.config.projection()
+        self.projection = make_projection(
+            self.config.projection(), self.config.proj_structure, self.model_fn, self.config.kronecker_terms
+        )
+        width = gradient_width(self.projection, self.model_fn.num_params())
+        self.chunk_size = feature_chunk(width, self.budget, self.config.chunk_size)
         self.group = ProcessGroup.current()
         self.query_mode = self.config.resolved_query_mode(len(trajectory.stages))
         self.device = torch.device(self.config.device) if self.config.device else next(model.parameters()).device
@@ -168,6 +177,11 @@ class SourceAttributor:
         return self._progress(range(start, stop, self.chunk_size), desc, show)
 
     @property
+    def proj_dim(self) -> int:
+        """k, the projected dimension (the factored structure's total; ``proj_dim`` otherwise)."""
+        return self.projection.dim
+
+    @property
     def num_segments(self) -> int:
         """L, the total number of segments over all stages."""
         return len(self.segments)
@@ -205,7 +219,7 @@ class SourceAttributor:
                         self.curvature, self._noise(index, leaf), f"checkpoint {index}", self.budget, scale,
                     )
                 tree.add(leaf, gauss_newton_gram(factors, signs))
-        k = self.config.proj_dim
+        k = self.proj_dim
         total = tree_total(self.group, tree, torch.zeros(k, k, dtype=torch.float64, device=self.device))
         hessian = (total / len(chosen)).cpu()
         check_finite(hessian, f"curvature at checkpoint {index}")
@@ -353,7 +367,7 @@ class SourceAttributor:
 
     def _featurize_rows(self, examples: Examples, start: int, stop: int) -> RowFeatures:
         inputs, targets = examples.rows(start, stop, self.device)
-        n, k, final_index = stop - start, self.config.proj_dim, len(self.trajectory.checkpoints) - 1
+        n, k, final_index = stop - start, self.proj_dim, len(self.trajectory.checkpoints) - 1
         sums = torch.zeros(n, self.num_segments, k, dtype=torch.float64, device=self.device)
         # Gradients at the checkpoints of the segments these rows trained in, summed per segment
         # before their one projection, and at the final checkpoint on its own in "final" mode
@@ -388,7 +402,7 @@ class SourceAttributor:
             for s in self._chunks(stop, "features", start, show=progress)
         ]
         if not parts:
-            k, n_seg = self.config.proj_dim, self.num_segments
+            k, n_seg = self.proj_dim, self.num_segments
             width = k if self.query_mode == "final" else n_seg * k
             segments = torch.zeros(0, n_seg, k) if self.keeps_segment_features else None
             return RowFeatures(torch.zeros(0, width), segments, torch.zeros(0, dtype=torch.float64))
@@ -444,7 +458,7 @@ class SourceAttributor:
         else:
             groups = [seg.checkpoints for seg in self.segments]
         start, stop = self._rank_rows(len(examples))
-        parts = [torch.zeros(0, len(groups) * self.config.proj_dim)]
+        parts = [torch.zeros(0, len(groups) * self.proj_dim)]
         with together(self.group, "query features"):
             for s in self._chunks(stop, "queries", start):
                 end = min(stop, s + self.chunk_size)
@@ -494,7 +508,7 @@ class SourceAttributor:
         cfg = self.config
         return {
             "format_version": FORMAT_VERSION,
-            "projection": {"dim": cfg.proj_dim, "seed": cfg.seed, "kind": cfg.proj_kind},
+            "projection": describe(self.projection),
             "model_fingerprint": self.model_fn.fingerprint(),
             "num_params": self.model_fn.num_params(),
             "task": self.task.name,

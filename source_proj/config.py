@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from source_proj.gradients.memory import parse_bytes
 from source_proj.projection.jl import ProjectionConfig
-from source_proj.projection.projected import CURVATURE_MODES
+from source_proj.projection.projected import CURVATURE_MODES, STRUCTURES
 
 QUERY_MODES = ("auto", "final", "segment")
 
@@ -17,9 +17,17 @@ class SourceConfig:
     """How SOURCE is evaluated.
 
     Attributes:
-        proj_dim: k, the projected dimension.
+        proj_dim: k, the projected dimension (with ``proj_structure="factored"``, the total
+            shared out among the layers).
         seed: seed of the random projection (and of sampled curvature).
         proj_kind: "rademacher" or "gaussian" projection entries.
+        proj_structure: "dense" (default: every per-example gradient is formed and projected
+            by one i.i.d. matrix) or "factored" (weights of ``nn.Linear``, ``nn.Embedding`` and
+            GPT-2 ``Conv1D`` layers projected by Kronecker factors through hooks, their
+            gradients never formed; other parameters dense; see ``projection.kronecker``).
+        kronecker_terms: r, Kronecker products summed per factored weight (1..256): r = 1 is the
+            plain Kronecker projection; larger r brings its error towards an i.i.d.
+            projection's at r times the (small) cost of the factored products.
         backend: "auto", "cpu" or "triton" for the projection.
         proj_precision: "highest" or "tf32" (faster Triton products of float32 gradients at
             ~4e-4 relative error; see ``ProjectionConfig``).
@@ -57,6 +65,8 @@ class SourceConfig:
     proj_dim: int = 1024
     seed: int = 0
     proj_kind: str = "rademacher"
+    proj_structure: str = "dense"
+    kronecker_terms: int = 1
     backend: str = "auto"
     proj_precision: str = "highest"
     num_segments: int = 3
@@ -73,6 +83,10 @@ class SourceConfig:
 
     def __post_init__(self) -> None:
         self.projection()  # validates proj_dim, seed, kind, backend, precision
+        if self.proj_structure not in STRUCTURES:
+            raise ValueError(f"proj_structure must be one of {STRUCTURES}, got {self.proj_structure!r}")
+        if isinstance(self.kronecker_terms, bool) or not isinstance(self.kronecker_terms, int) or not 1 <= self.kronecker_terms <= 256:
+            raise ValueError(f"kronecker_terms must be an int in [1, 256], got {self.kronecker_terms!r}")
         if self.curvature not in ("auto", *CURVATURE_MODES):
             raise ValueError(f"curvature must be one of {('auto', *CURVATURE_MODES)}, got {self.curvature!r}")
         if self.query_mode not in QUERY_MODES:

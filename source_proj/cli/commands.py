@@ -139,7 +139,7 @@ def _fit(args: argparse.Namespace) -> int:
     repaired = f" ({len(report.repaired_chunks)} of them found damaged and recomputed)" if report.repaired_chunks else ""
     _log(
         f"feature store {store.path}: {layout.n_rows} training rows x {layout.dim} features "
-        f"({layout.dtype}), {attributor.num_segments} segments, k = {attributor.config.proj_dim}; "
+        f"({layout.dtype}), {attributor.num_segments} segments, k = {attributor.proj_dim}; "
         f"{len(report.computed_chunks)} chunks computed now{repaired}, {report.skipped_chunks} found done"
     )
     return 0

@@ -70,7 +70,7 @@ def _metadata(attributor: SourceAttributor) -> dict[str, Any]:
 
 
 def _feature_dim(attributor: SourceAttributor) -> int:
-    k = attributor.config.proj_dim
+    k = attributor.proj_dim
     return k if attributor.query_mode == "final" else attributor.num_segments * k
 
 
@@ -200,7 +200,7 @@ def fit_store(
         dtype=dtype,
         chunk_rows=chunk_rows,
         n_segments=attributor.num_segments if keep_segments else 0,
-        segment_dim=attributor.config.proj_dim if keep_segments else 0,
+        segment_dim=attributor.proj_dim if keep_segments else 0,
         self_influence=True,
     )
     _check_writable(path)

@@ -15,6 +15,7 @@ from contextlib import contextmanager
 import torch
 from torch.func import grad, vmap
 
+from source_proj.gradients.layer_taps import LayerTaps
 from source_proj.gradients.model import Inputs, ModelFunction, take_rows
 
 
@@ -53,6 +54,40 @@ def _vmap_limitation(exc: RuntimeError) -> bool:
     return "vmap" in text and ("data-dependent control flow" in text or ".item()" in text)
 
 
+def _stack(rows: list):
+    """Stack a list of equally structured (nested dict / tuple) results along a new dim 0."""
+    first = rows[0]
+    if isinstance(first, torch.Tensor):
+        return torch.stack(rows)
+    if isinstance(first, dict):
+        return {k: _stack([r[k] for r in rows]) for k in first}
+    return tuple(_stack([r[i] for r in rows]) for i in range(len(first)))
+
+
+def _over_examples(fn: ModelFunction, per_example: Callable, shared, batched: dict, inputs: Inputs,
+                   targets: torch.Tensor, extra: torch.Tensor | None):
+    """``per_example(shared, batched_i, x_i, y_i, extra_i)`` for every example i, stacked along
+    dim 0: one ``vmap``, or a loop for models that cannot run under it."""
+    if not fn.runtime.get("loop"):
+        try:
+            batched_fn = vmap(per_example, in_dims=(None, 0, 0, 0, None if extra is None else 0))
+            return batched_fn(shared, batched, inputs, targets, extra)
+        except RuntimeError as exc:
+            if not _vmap_limitation(exc):
+                raise
+            fn.note_no_vmap("data-dependent control flow or .item() in the forward")
+    rows = [
+        per_example(shared, {k: v[i] for k, v in batched.items()}, take_rows(inputs, i), targets[i],
+                    None if extra is None else extra[i])
+        for i in range(int(targets.shape[0]))
+    ]
+    return _stack(rows)
+
+
+def _flat(grads: dict[str, torch.Tensor], lead: int) -> dict[str, torch.Tensor]:
+    return {n: g.reshape(*g.shape[:lead], -1) for n, g in grads.items()}
+
+
 def per_example_gradients(
     fn: ModelFunction,
     params: dict[str, torch.Tensor],
@@ -69,30 +104,53 @@ def per_example_gradients(
     per example, batched with a nested ``vmap`` (cheaper than ``jacrev`` here).
     """
 
-    def one(p: dict, x: Inputs, y: torch.Tensor, e: torch.Tensor | None) -> torch.Tensor:
+    def one(p: dict, _: dict, x: Inputs, y: torch.Tensor, e: torch.Tensor | None) -> torch.Tensor:
         out = fn.forward_one(p, consts, x)
         return objective(out, y[None], None if e is None else e[None])
 
     per_example = grad(one)
     if extra is not None:
-        per_example = vmap(per_example, in_dims=(None, None, None, -1))
-    grads = None
-    if not fn.runtime.get("loop"):
-        try:
-            batched = vmap(per_example, in_dims=(None, 0, 0, None if extra is None else 0))
-            grads = batched(params, inputs, targets, extra)
-        except RuntimeError as exc:
-            if not _vmap_limitation(exc):
-                raise
-            fn.note_no_vmap("data-dependent control flow or .item() in the forward")
-    if grads is None:
-        rows = [
-            per_example(params, take_rows(inputs, i), targets[i], None if extra is None else extra[i])
-            for i in range(int(targets.shape[0]))
-        ]
-        grads = {n: torch.stack([r[n] for r in rows]) for n in params}
+        per_example = vmap(per_example, in_dims=(None, None, None, None, -1))
+    grads = _over_examples(fn, per_example, params, {}, inputs, targets, extra)
+    return _flat(grads, 1 if extra is None else 2)
+
+
+def per_example_tapped(
+    fn: ModelFunction,
+    params: dict[str, torch.Tensor],
+    consts: dict[str, torch.Tensor],
+    objective: ExampleFn,
+    inputs: Inputs,
+    targets: torch.Tensor,
+    taps: LayerTaps,
+    extra: torch.Tensor | None = None,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """As :func:`per_example_gradients`, with the weights of ``taps`` projected in factored form.
+
+    Returns (gradients (B, [R,] numel) of the parameters not tapped, per tapped weight its
+    projection (B, [R,] k_r k_c) float32; absent if its modules were not called). The tapped
+    weights are held constant: their per-example gradients are never formed (see
+    ``layer_taps``). The modules' output shapes are recorded on the first example (one forward);
+    every example of a batch has them (the batch is padded to one length).
+    """
+    rest = {n: v for n, v in params.items() if n not in taps.weights}
+    fixed = {n: params[n] for n in taps.weights}
+    with torch.no_grad(), taps.recording() as shapes:
+        fn.forward_one(params, consts, take_rows(inputs, 0))
+    probe = next(iter(params.values()))
+    perturbations = taps.perturbations(shapes, int(targets.shape[0]), probe)
+
+    def one(p: dict, e_out: dict, x: Inputs, y: torch.Tensor, e: torch.Tensor | None):
+        with taps.active(e_out) as captured:
+            out = fn.forward_one({**p, **fixed}, consts, x)
+        return objective(out, y[None], None if e is None else e[None]), dict(captured)
+
+    per_example = grad(one, argnums=(0, 1), has_aux=True)
+    if extra is not None:
+        per_example = vmap(per_example, in_dims=(None, None, None, None, -1))
+    (grads, output_grads), captured = _over_examples(fn, per_example, rest, perturbations, inputs, targets, extra)
     lead = 1 if extra is None else 2
-    return {n: g.reshape(*g.shape[:lead], -1) for n, g in grads.items()}
+    return _flat(grads, lead), taps.combine(output_grads, captured, lead)
 
 
 def loss_objective(loss: Callable) -> ExampleFn:

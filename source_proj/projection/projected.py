@@ -7,30 +7,149 @@ Gauss-Newton factor rows (B, R, k).
 
 Preconditioned optimizers (math note, section 4): every per-example gradient block taken at a
 checkpoint is multiplied in place, element-wise, by that checkpoint's D^{1/2} (name -> (numel,)
-from ``trajectory.optimizer_state.Preconditioner.sqrt_scale``) before it is projected, on
-either projection path; no buffer beyond the per-example gradients is materialised.
+from ``trajectory.optimizer_state.Preconditioner.sqrt_scale``) before it is projected; no
+buffer beyond the per-example gradients is materialised. Factored weights, whose gradients are
+never formed, are rescaled by a rank-one stand-in for their D^{1/2} (an approximation:
+``FactoredProjection.rank_one_scales``).
+
+Two projection structures (``SourceConfig.proj_structure``), dispatched here and nowhere else:
+
+* "dense" (a :class:`ProjectionConfig`): the per-example gradients of every attributed
+  parameter are formed and projected by one i.i.d. matrix (``projection.jl``);
+* "factored" (a :class:`FactoredProjection`): weights of linear, GPT-2 ``Conv1D`` and
+  embedding layers are projected by Kronecker factors through forward hooks, their gradients
+  never formed (``projection.kronecker``, ``gradients.layer_taps``); every other attributed
+  parameter goes through the dense projection.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 
 import torch
 
+from source_proj.gradients.layer_taps import LayerTaps, Tap, find_taps
 from source_proj.gradients.memory import curvature_batch
 from source_proj.gradients.model import Inputs, ModelFunction, take_rows
 from source_proj.gradients.per_example import (
+    ExampleFn,
     check_finite,
     factor_objective,
     loss_objective,
     per_example_gradients,
+    per_example_tapped,
 )
 from source_proj.gradients.tasks import Task
 from source_proj.projection.jl import ProjectionConfig, project
+from source_proj.projection.kronecker import FactoredProjection, plan_budget, project_formed
 
 CURVATURE_MODES = ("exact", "sampled")  # SourceConfig also takes "auto": the task's default
-# name -> (numel,) D^{1/2} of a checkpoint, or None (no preconditioner).
-Scale = Mapping[str, torch.Tensor] | None
+STRUCTURES = ("dense", "factored")
+Projection = ProjectionConfig | FactoredProjection
+# Relative difference above which the hooks' projection of a weight disagrees with autograd's.
+_TAP_CHECK_TOLERANCE = 1e-3
+
+
+def _taps(fn: ModelFunction) -> tuple[dict[str, tuple[int, int]], tuple[Tap, ...]]:
+    """The factorable weights of ``fn``'s model and their taps (found once per model function)."""
+    if "taps" not in fn.runtime:
+        fn.runtime["taps"] = find_taps(fn.model, fn.names, fn.aliases)
+    return fn.runtime["taps"]
+
+
+def make_projection(config: ProjectionConfig, structure: str, fn: ModelFunction, terms: int = 1) -> Projection:
+    """The projection of ``fn``'s attributed parameters: ``config`` itself ("dense"), or the
+    factored projection with ``config.dim`` shared out as a total budget and up to ``terms``
+    Kronecker products per weight ("factored")."""
+    if structure not in STRUCTURES:
+        raise ValueError(f"proj_structure must be one of {STRUCTURES}, got {structure!r}")
+    if structure == "dense":
+        return config
+    weights, _ = _taps(fn)
+    shapes = dict(fn.model.named_parameters())
+    rest = {n: shapes[n].numel() for n in fn.names if n not in weights}
+    return FactoredProjection(config, plan_budget(weights, rest, config.dim, terms))
+
+
+def gradient_width(projection: Projection, num_params: int) -> int:
+    """Floats per example in the per-example gradient buffers: p (dense), or the parameters
+    not factored plus the factored blocks' coordinates ("factored")."""
+    if isinstance(projection, FactoredProjection):
+        return projection.plan.rest_numel + projection.dim
+    return num_params
+
+
+def describe(projection: Projection) -> dict:
+    """JSON-serialisable description of a projection (recorded in feature stores): dim, seed
+    and kind, and for the factored structure ``structure="factored"`` and every block's sizes
+    (a dense description has no ``structure`` entry, as stores written before it had none)."""
+    if isinstance(projection, FactoredProjection):
+        return {"dim": projection.dim, **projection.describe()}
+    return {"dim": projection.dim, "seed": projection.seed, "kind": projection.kind}
+
+
+def check_tapped(
+    fn: ModelFunction,
+    params: dict,
+    consts: dict,
+    objective: ExampleFn,
+    inputs: Inputs,
+    targets: torch.Tensor,
+    taps: LayerTaps,
+    projected: dict[str, torch.Tensor],
+    extra: torch.Tensor | None,
+) -> None:
+    """Compare, for the first example (and factor column), the hooks' projection of every
+    tapped weight with F_r^T dW F_c from autograd's dW; ValueError naming the weight when they
+    differ, i.e. when it is also used outside its modules' forward."""
+    tapped = {n: params[n] for n in taps.weights}
+    others = {**consts, **{n: v for n, v in params.items() if n not in tapped}}
+    first = None if extra is None else extra[:1, :, :1]
+    dense = per_example_gradients(fn, tapped, others, objective, take_rows(inputs, slice(0, 1)), targets[:1], first)
+    for name, value in dense.items():
+        want = project_formed(value.reshape(params[name].shape), *taps.sides[name], taps.terms[name])
+        got = projected[name].reshape(-1, want.numel())[0] if name in projected else torch.zeros_like(want)
+        gap = float((got - want).norm() / (want.norm() + got.norm()).clamp_min(1e-30))
+        if gap > _TAP_CHECK_TOLERANCE:
+            modules = [t.path for t in taps.taps if t.param == name]
+            raise ValueError(
+                f"factored projection: the gradient of {name!r} seen through the forward of {modules} differs "
+                f"from autograd's (relative difference {gap:.2g}): the weight is also used outside those "
+                "modules' forward (functionally, or by another module); use proj_structure='dense', or leave "
+                "it out of param_names"
+            )
+
+
+def _per_example(
+    fn: ModelFunction,
+    params: dict,
+    consts: dict,
+    objective: ExampleFn,
+    inputs: Inputs,
+    targets: torch.Tensor,
+    projection: Projection,
+    extra: torch.Tensor | None = None,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(gradients still to project, projections already made) per example, (B, [R,] width)."""
+    if not isinstance(projection, FactoredProjection):
+        return per_example_gradients(fn, params, consts, objective, inputs, targets, extra), {}
+    device = next(iter(params.values())).device
+    blocks = projection.plan.blocks
+    sides = dict(zip((b.name for b in blocks), projection.sides(device)))
+    taps = LayerTaps(_taps(fn)[1], sides, {b.name: b.terms for b in blocks})
+    rest, blocks = per_example_tapped(fn, params, consts, objective, inputs, targets, taps, extra)
+    if not fn.runtime.get("taps_checked"):
+        check_tapped(fn, params, consts, objective, inputs, targets, taps, blocks, extra)
+        fn.runtime["taps_checked"] = True
+    return rest, blocks
+
+
+def _finish(projection: Projection, grads: dict[str, torch.Tensor], blocks: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(rows, dim) float32 features from (rows, numel) gradients and (rows, k_r k_c) blocks."""
+    if isinstance(projection, FactoredProjection):
+        rows = next(iter((*grads.values(), *blocks.values()))).shape[0]
+        return projection.assemble(blocks, grads, rows)
+    return project(grads, projection)
 
 
 def projected_gradients(
@@ -39,36 +158,36 @@ def projected_gradients(
     objective: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     inputs: Inputs,
     targets: torch.Tensor,
-    projection: ProjectionConfig,
+    projection: Projection,
 ) -> torch.Tensor:
     """P sum_c D_c^{1/2} grad_theta objective(z_i; theta_c) for each example, (B, k) float32.
 
     ``states`` yields loaded checkpoints (params, consts, where, scale), one at a time;
     ``where`` names the checkpoint in errors about NaN/inf; ``scale`` is its D^{1/2} or None
-    (identity). ``objective`` is a per-example function (B, C), (B, ...) -> (B,) such as the
-    task's loss or measurement. P is linear, so the per-example gradients are summed in
-    float32 first and projected once: C checkpoints cost one projection (the costly part: it
-    regenerates P) and one more B x p float32 buffer.
+    (identity). ``objective`` is a per-example function
+    (B, C), (B, ...) -> (B,) such as the task's loss or measurement. P is linear, so the
+    per-example gradients are summed in float32 first and projected once: C checkpoints cost
+    one projection (the costly part: it regenerates P) and one more B x p float32 buffer.
+    Factored blocks are projected at each checkpoint and summed.
     """
-    total: dict[str, torch.Tensor] | None = None
+    totals: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] | None = None
     for params, consts, where, scale in states:
-        grads = per_example_gradients(fn, params, consts, loss_objective(objective), inputs, targets)
-        for name, block in grads.items():
-            check_finite(block, f"gradients of {name!r} at {where}")
-        if total is None:
-            total = {name: block.to(torch.float32) for name, block in grads.items()}
-            if scale is not None:
-                for name, block in total.items():
-                    block.mul_(scale[name])
-        else:
-            for name, block in grads.items():
-                if scale is None:
+        parts = _per_example(fn, params, consts, loss_objective(objective), inputs, targets, projection, None, scale)
+        for part in parts:
+            for name, block in part.items():
+                check_finite(block, f"gradients of {name!r} at {where}")
+        if totals is None:
+            totals = tuple({name: block.to(torch.float32) for name, block in part.items()} for part in parts)
+            continue
+        for total, part in zip(totals, parts):
+            for name, block in part.items():
+                if name in total:
                     total[name].add_(block)
-                else:
-                    total[name].addcmul_(block, scale[name])
-    if total is None:
+                else:  # a factored block whose modules the earlier checkpoints did not call
+                    total[name] = block.to(torch.float32)
+    if totals is None:
         raise ValueError("no checkpoints to take gradients at")
-    return project(total, projection)
+    return _finish(projection, *totals)
 
 
 def projected_gn_factors(
@@ -78,7 +197,7 @@ def projected_gn_factors(
     task: Task,
     inputs: Inputs,
     targets: torch.Tensor,
-    projection: ProjectionConfig,
+    projection: Projection,
     mode: str,
     generator: torch.Generator,
     where: str,
@@ -90,11 +209,11 @@ def projected_gn_factors(
 
     For example i with output Jacobian J_i and loss-Hessian factor A_i (A_i A_i^T = d^2 loss /
     d outputs^2, outputs flattened), the rows are P D^{1/2} J_i^T A_i (D = I without
-    ``scale``): R = C rows ("exact") or one random draw ("sampled": a pseudo-label per
-    example for classification, per position for language models; see
-    ``Task.sampled_hessian_factor``). With ``budget`` (bytes), the backward passes take as
-    many examples at a time as their factor rows fit in it (``gradients.memory.curvature_batch``;
-    MemoryBudgetError if one example does not).
+    ``scale``): R = C rows ("exact") or one
+    random draw ("sampled": a pseudo-label per example for classification, per position for
+    language models; see ``Task.sampled_hessian_factor``). With ``budget`` (bytes), the
+    backward passes take as many examples at a time as their factor rows fit in it
+    (``gradients.memory.curvature_batch``; MemoryBudgetError if one example does not).
     """
     if mode not in CURVATURE_MODES:
         raise ValueError(f"curvature mode must be one of {CURVATURE_MODES}, got {mode!r}")
@@ -106,7 +225,7 @@ def projected_gn_factors(
     else:
         sampled, signs = task.sampled_hessian_factor(outputs, targets, generator)
         rank = sampled.shape[2]
-    step = batch if budget is None else curvature_batch(fn.num_params(), width, rank, budget)
+    step = batch if budget is None else curvature_batch(gradient_width(projection, fn.num_params()), width, rank, budget)
     parts = []
     for start in range(0, batch, step):
         stop = min(batch, start + step)
@@ -114,15 +233,13 @@ def projected_gn_factors(
             factor = task.hessian_factor(outputs[start:stop], targets[start:stop])
         else:
             factor = sampled[start:stop]
-        grads = per_example_gradients(
+        grads, blocks = _per_example(
             fn, params, consts, factor_objective, take_rows(inputs, slice(start, stop)), targets[start:stop],
-            factor.detach(),
+            projection, factor.detach(), scale,
         )
         flat = {n: g.reshape(-1, g.shape[-1]) for n, g in grads.items()}
-        if scale is not None:
-            for name, block in flat.items():
-                block.mul_(scale[name])
-        parts.append(project(flat, projection).reshape(stop - start, factor.shape[2], -1))
+        flat_blocks = {n: g.reshape(-1, g.shape[-1]) for n, g in blocks.items()}
+        parts.append(_finish(projection, flat, flat_blocks).reshape(stop - start, factor.shape[2], -1))
     rows = torch.cat(parts)
     check_finite(rows.reshape(batch, -1), f"curvature factors at {where}")
     return rows, signs
