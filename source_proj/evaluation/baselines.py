@@ -46,17 +46,22 @@ from source_proj.features.rows import combine, row_dot, segment_features
 def _source_train(run: ProjectedRun, config: SourceConfig) -> tuple[ProjectedRun, list, str, torch.Tensor, torch.Tensor]:
     """(run at ``config.proj_dim``, segments, query mode, per-segment mean training gradients
     (N, L, k) float64, training features (N, D)) of SOURCE with ``config`` on ``run``."""
-    if (config.seed, config.proj_kind) != (run.seed, run.kind):
+    if (config.seed, config.proj_kind, config.proj_structure) != (run.seed, run.kind, run.structure):
         raise ValueError(
-            f"config projects with seed {config.seed} ({config.proj_kind}) but the run was projected "
-            f"with seed {run.seed} ({run.kind})"
+            f"config projects with seed {config.seed} ({config.proj_kind}, {config.proj_structure}) but the run "
+            f"was projected with seed {run.seed} ({run.kind}, {run.structure})"
+        )
+    if run.structure != "dense" and (config.proj_dim, config.kronecker_terms) != (run.budget, run.kronecker_terms):
+        raise ValueError(
+            f"a factored run (k = {run.budget}, {run.kronecker_terms} terms) cannot be scored at k = "
+            f"{config.proj_dim} with {config.kronecker_terms} terms: project it again"
         )
     curvature = config.resolved_curvature(run.default_curvature)
     if curvature not in run.hessians:
         raise ValueError(f"the run has no {curvature!r} curvature; it has {sorted(run.hessians)}")
     if config.curvature_examples is not None:
         raise ValueError("cached runs hold Hessians over all rows; set curvature_examples=None")
-    if config.proj_dim != run.dim:
+    if run.structure == "dense" and config.proj_dim != run.dim:
         run = run.truncate(config.proj_dim)
     trajectory = run.trajectory
     segments = trajectory.segments(config.num_segments, config.momentum_factor, config.time_scale)
@@ -79,7 +84,8 @@ def source_scores(run: ProjectedRun, config: SourceConfig) -> torch.Tensor:
 
     Uses ``num_segments``, ``momentum_factor``, ``time_scale``, ``curvature``, ``query_mode``,
     ``proj_dim`` (<= the run's; smaller dims use :meth:`ProjectedRun.truncate`), and checks
-    that ``seed`` and ``proj_kind`` are the run's. Equals ``SourceAttributor(config)``'s
+    that ``seed``, ``proj_kind`` and ``proj_structure`` (and for factored runs ``proj_dim`` and
+    ``kronecker_terms``) are the run's. Equals ``SourceAttributor(config)``'s
     scores on the same run up to float32 round-off.
     """
     run, segments, query_mode, _, train = _source_train(run, config)

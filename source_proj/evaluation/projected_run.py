@@ -8,9 +8,10 @@ sees identical numbers and the comparison is about the estimator, not the plumbi
 Adam trajectory every quantity is taken in the D^{1/2}-rescaled coordinates, as the core
 does (describe the same checkpoints as "sgd" for the unpreconditioned quantities).
 
-Projections nest: entry (i, j) of the random matrix R does not depend on k, so the projection
-to k' < k is ``v[:, :k'] * sqrt(k / k')`` (and a Hessian's leading k' x k' block times k / k').
-:meth:`ProjectedRun.truncate` uses that for the projection-dimension ablation.
+Dense projections nest: entry (i, j) of the random matrix R does not depend on k, so the
+projection to k' < k is ``v[:, :k'] * sqrt(k / k')`` (and a Hessian's leading k' x k' block
+times k / k'). :meth:`ProjectedRun.truncate` uses that for the projection-dimension ablation.
+Factored projections (``structure="factored"``) do not nest: their runs cannot be truncated.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from source_proj.config import SourceConfig
 from source_proj.gradients.data import Examples, as_examples
 from source_proj.gradients.model import ModelFunction
 from source_proj.gradients.tasks import Task
-from source_proj.projection.projected import CURVATURE_MODES, projected_gradients
+from source_proj.projection.projected import CURVATURE_MODES, Projection, projected_gradients
 from source_proj.trajectory.checkpoints import Trajectory
 
 _CHUNK = 256
@@ -42,6 +43,8 @@ class ProjectedRun:
     Attributes:
         trajectory: the run's checkpoints (C of them) and optimizer settings.
         seed: seed of the projection; kind: its entry distribution.
+        structure: "dense" or "factored"; kronecker_terms: the factored projection's r;
+        budget: the k it was asked for (``dim`` is what the factored budget gave).
         attributed_stage: the stage whose rows are attributed.
         stage_sizes: stage -> number of rows the stage trained on.
         train_grads: (C, N, k) float32 projected loss gradients of the N attributed rows at
@@ -72,6 +75,9 @@ class ProjectedRun:
     final_output_grads: torch.Tensor
     decays: tuple[float, ...]
     default_curvature: str = "exact"
+    structure: str = "dense"
+    kronecker_terms: int = 1
+    budget: int = 0
 
     @property
     def dim(self) -> int:
@@ -88,6 +94,8 @@ class ProjectedRun:
         the same seed and ``dim`` gives)."""
         if not 1 <= dim <= self.dim:
             raise ValueError(f"can only truncate to 1..{self.dim} dimensions, got {dim}")
+        if self.structure != "dense" and dim != self.dim:
+            raise ValueError("a factored projection does not nest: project the run again with the other k")
         scale = math.sqrt(self.dim / dim)
         vec = lambda t: t[..., :dim] * scale
         mat = lambda t: t[..., :dim, :dim] * scale**2
@@ -102,15 +110,13 @@ class ProjectedRun:
 
 
 def _gradients(
-    fn: ModelFunction, state: dict, objective, examples: Examples, config: SourceConfig, where: str, scale
+    fn: ModelFunction, state: dict, objective, examples: Examples, projection: Projection, where: str, scale
 ) -> torch.Tensor:
     params, consts = fn.split_state(fn.canonical_state(state, where), torch.device("cpu"))
     parts = []
     for start in range(0, len(examples), _CHUNK):
         inputs, targets = examples.rows(start, min(len(examples), start + _CHUNK))
-        parts.append(
-            projected_gradients(fn, [(params, consts, where, scale)], objective, inputs, targets, config.projection())
-        )
+        parts.append(projected_gradients(fn, [(params, consts, where, scale)], objective, inputs, targets, projection))
     return torch.cat(parts)
 
 
@@ -125,6 +131,8 @@ def project_run(
     seed: int = 0,
     curvature_modes: Sequence[str] = CURVATURE_MODES,
     progress: bool = True,
+    structure: str = "dense",
+    kronecker_terms: int = 1,
 ) -> ProjectedRun:
     """Compute a :class:`ProjectedRun`.
 
@@ -139,28 +147,31 @@ def project_run(
         seed: projection seed (and seed of sampled curvature, as in ``SourceAttributor``).
         curvature_modes: which Hessians to compute ("exact", "sampled").
         progress: show a progress bar over checkpoints.
+        structure, kronecker_terms: the projection's structure (``SourceConfig.proj_structure``)
+            and, when factored, its Kronecker terms.
     """
     missing = [s for s in trajectory.stages if s not in stage_data]
     if missing:
         raise ValueError(f"stage_data lacks stages {missing}")
     if attributed_stage not in trajectory.stages:
         raise ValueError(f"attributed_stage {attributed_stage!r} is not a stage of the trajectory {trajectory.stages}")
-    config = SourceConfig(proj_dim=proj_dim, seed=seed, backend="cpu", progress=False, chunk_size=_CHUNK)
+    config = SourceConfig(proj_dim=proj_dim, seed=seed, backend="cpu", progress=False, chunk_size=_CHUNK,
+                          proj_structure=structure, kronecker_terms=kronecker_terms)
     engines = {mode: SourceAttributor(model, task, trajectory, config, curvature=mode) for mode in curvature_modes}
-    fn = ModelFunction.build(model.eval())
+    exact = engines.get("exact") or SourceAttributor(model, task, trajectory, config, curvature="exact")
+    fn, projection = exact.model_fn, exact.projection
     data = {s: as_examples(d, f"data of stage {s!r}") for s, d in stage_data.items()}
     attributed = data[attributed_stage]
     query_examples = as_examples(queries, "queries")
     last = len(trajectory.checkpoints) - 1
     train_grads, query_grads = [], []
     hessians: dict[str, list[torch.Tensor]] = {mode: [] for mode in curvature_modes}
-    exact = engines.get("exact") or SourceAttributor(model, task, trajectory, config, curvature="exact")
     preconditioner = exact.preconditioner
     for c, ckpt in enumerate(tqdm(trajectory.checkpoints, desc="projected run", disable=not progress, leave=False)):
         state = ckpt.load()
         scale = preconditioner.sqrt_scale(c)
-        train_grads.append(_gradients(fn, state, task.loss, attributed, config, f"checkpoint {c}", scale))
-        query_grads.append(_gradients(fn, state, task.measurement, query_examples, config, f"checkpoint {c}", scale))
+        train_grads.append(_gradients(fn, state, task.loss, attributed, projection, f"checkpoint {c}", scale))
+        query_grads.append(_gradients(fn, state, task.measurement, query_examples, projection, f"checkpoint {c}", scale))
         for mode, engine in engines.items():
             hessians[mode].append(engine.checkpoint_hessian(c, data[ckpt.stage]))
     sizes = {s: len(d) for s, d in data.items()}
@@ -173,7 +184,7 @@ def project_run(
     final_state = trajectory.checkpoints[last].load()
     final_scale = preconditioner.sqrt_scale(last)
     output_grads = torch.cat(
-        [_gradients(fn, final_state, task.measurement, d, config, "final checkpoint", final_scale) for d in data.values()]
+        [_gradients(fn, final_state, task.measurement, d, projection, "final checkpoint", final_scale) for d in data.values()]
     )
     return ProjectedRun(
         trajectory=trajectory,
@@ -188,4 +199,7 @@ def project_run(
         final_output_grads=output_grads,
         decays=preconditioner.decays,
         default_curvature=task.default_curvature,
+        structure=structure,
+        kronecker_terms=kronecker_terms,
+        budget=proj_dim,
     )

@@ -349,3 +349,26 @@ class FactoredProjection:
     def describe(self) -> dict[str, Any]:
         """JSON-serialisable description (structure, seed, kind, sizes)."""
         return {"structure": "factored", "seed": self.config.seed, "kind": self.config.kind, **self.plan.describe()}
+
+
+def rank_one_fit(scale: torch.Tensor, weights: torch.Tensor, iterations: int = 30) -> tuple[torch.Tensor, torch.Tensor]:
+    """(a (d_r,), b (d_c,)) minimising sum_ij w_ij (S_ij - a_i b_j)^2 for a positive S (d_r, d_c).
+
+    The factored projection's treatment of an element-wise rescaling S of a weight's gradient
+    (Adam's D^{1/2}): S (x) dW is not a sum of outer products, but (a b^T) (x) dW =
+    sum_t (a (x) u_t)(b (x) v_t)^T is, so the sides are rescaled by a and b. With w the
+    gradient's expected squared entries, the fit minimises the expected squared error of the
+    rescaled gradient. Starts from the log-domain least-squares fit (exact when S is rank
+    one) and alternates the two closed-form weighted least-squares updates, in float64.
+    """
+    s, w = scale.to(torch.float64), weights.to(torch.float64)
+    if s.dim() != 2 or w.shape != s.shape or not bool((s > 0).all()) or not bool((w >= 0).all()):
+        raise ValueError(f"rank_one_fit needs a positive 2-D scale and non-negative weights of its shape, got {tuple(s.shape)}, {tuple(w.shape)}")
+    logs = s.log()
+    a = (logs.mean(1) - logs.mean() / 2).exp()
+    b = (logs.mean(0) - logs.mean() / 2).exp()
+    tiny = torch.finfo(torch.float64).tiny
+    for _ in range(iterations):
+        a = torch.where((w @ b.square()) > 0, (w * s) @ b / (w @ b.square()).clamp_min(tiny), a)
+        b = torch.where((a.square() @ w) > 0, a @ (w * s) / (a.square() @ w).clamp_min(tiny), b)
+    return a.to(scale.dtype), b.to(scale.dtype)
