@@ -208,3 +208,21 @@ def test_digits_demo_round_trip(tmp_path: Path) -> None:
         del os.environ["SOURCE_PROJ_DEMO_DIR"]
     assert {r["query"] for r in records} == set(range(len(spec.queries[1])))
     check_topk_records(records, q_features, attributor.train_features, 5)
+
+
+def test_fit_and_topk_with_the_factored_projection(task_file: Path, tmp_path: Path, capsys) -> None:
+    ref = f"{task_file}:task"
+    store = str(tmp_path / "factored.zarr")
+    code, _, err = _run(capsys, "fit", "--task", ref, "--store", store, "--proj-dim", "20", "--proj-structure",
+                        "factored", "--kronecker-terms", "2", "--quiet")
+    assert code == 0, err
+    attributor, q_features, _ = _reference(ref, proj_dim=20, proj_structure="factored", kronecker_terms=2)
+    from source_proj.features.store import FeatureStore
+
+    assert FeatureStore.open(store).metadata["projection"]["structure"] == "factored"
+    code, out, err = _run(capsys, "topk", "--task", ref, "--store", store, "-k", "3", "--quiet")
+    assert code == 0, err  # the store's settings rebuild the factored projection for the queries
+    records = [{**r, "query": int(r["query"]), "rank": int(r["rank"])} for r in csv.DictReader(io.StringIO(out))]
+    check_topk_records(records, q_features, attributor.train_features, 3)
+    code, _, err = _run(capsys, "fit", "--task", ref, "--store", store, "--proj-dim", "20", "--quiet")
+    assert code == 2 and "metadata.projection" in err  # a dense fit into a factored store

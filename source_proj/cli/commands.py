@@ -107,6 +107,8 @@ _CONFIG_FLAGS = {  # flag destination -> SourceConfig field
     "seed": "seed",
     "proj_kind": "proj_kind",
     "proj_precision": "proj_precision",
+    "proj_structure": "proj_structure",
+    "kronecker_terms": "kronecker_terms",
     "num_segments": "num_segments",
     "query_mode": "query_mode",
     "curvature": "curvature",
@@ -516,6 +518,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     fit.add_argument("--proj-kind", choices=["rademacher", "gaussian"], help="projection entries (default rademacher)")
     fit.add_argument("--proj-precision", choices=["highest", "tf32"],
                      help="GPU products of float32 gradients: highest (default) or tf32 (faster, ~4e-4 relative)")
+    fit.add_argument("--proj-structure", choices=["dense", "factored"],
+                     help="dense (default): every per-example gradient formed and projected; factored: linear, "
+                     "embedding and GPT-2 Conv1D weights projected by Kronecker factors without forming their "
+                     "gradients, --proj-dim shared out among the layers")
+    fit.add_argument("--kronecker-terms", type=_positive_int,
+                     help="Kronecker products summed per factored weight (default 4; more: closer to dense accuracy)")
     fit.add_argument("--num-segments", type=_positive_int, help="segments per training stage, L (default 3)")
     fit.add_argument("--query-mode", choices=["auto", "final", "segment"], help="query gradients at the final "
                      "checkpoint, transported (the paper's form), or averaged per segment; auto (default): per "

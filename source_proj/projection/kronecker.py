@@ -315,6 +315,18 @@ class FactoredProjection:
             out.append((Side(f_rows, s_rows), Side(f_cols, s_cols)))
         return tuple(out)
 
+    def rank_one_scales(self, scale: Mapping[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Per factored weight, the rank-one stand-in (a, b) for an element-wise rescaling of its
+        gradient: ``scale`` is name -> (numel,) Adam's D^{1/2} (``Preconditioner.sqrt_scale``),
+        fitted by :func:`rank_one_fit` with weights D^{-2} = (sqrt(v_hat) + eps)^2, the
+        gradient's second moment as Adam estimates it (coordinates that never saw a gradient
+        have almost no say). The other parameters are rescaled exactly."""
+        out = {}
+        for block in self.plan.blocks:
+            root = scale[block.name].reshape(block.rows, block.cols)
+            out[block.name] = rank_one_fit(root, root.double().pow(-4))
+        return out
+
     def rest_config(self) -> ProjectionConfig | None:
         """The dense projection of the other parameters (None: kept as they are, or none)."""
         if self.plan.rest_dim in (0, self.plan.rest_numel):

@@ -24,7 +24,7 @@ Two projection structures (``SourceConfig.proj_structure``), dispatched here and
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 import torch
 
@@ -46,6 +46,8 @@ from source_proj.projection.kronecker import FactoredProjection, plan_budget, pr
 CURVATURE_MODES = ("exact", "sampled")  # SourceConfig also takes "auto": the task's default
 STRUCTURES = ("dense", "factored")
 Projection = ProjectionConfig | FactoredProjection
+# name -> (numel,) D^{1/2} of a checkpoint, or None (no preconditioner).
+Scale = Mapping[str, torch.Tensor] | None
 # Relative difference above which the hooks' projection of a weight disagrees with autograd's.
 _TAP_CHECK_TOLERANCE = 1e-3
 
@@ -129,19 +131,26 @@ def _per_example(
     targets: torch.Tensor,
     projection: Projection,
     extra: torch.Tensor | None = None,
+    scale: Scale = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """(gradients still to project, projections already made) per example, (B, [R,] width)."""
+    """(gradients still to project, projections already made) per example, (B, [R,] width),
+    rescaled by ``scale`` (D^{1/2}): exactly for gradients still to project, through the
+    rank-one stand-in of ``FactoredProjection.rank_one_scales`` for factored weights."""
     if not isinstance(projection, FactoredProjection):
-        return per_example_gradients(fn, params, consts, objective, inputs, targets, extra), {}
-    device = next(iter(params.values())).device
-    blocks = projection.plan.blocks
-    sides = dict(zip((b.name for b in blocks), projection.sides(device)))
-    taps = LayerTaps(_taps(fn)[1], sides, {b.name: b.terms for b in blocks})
-    rest, blocks = per_example_tapped(fn, params, consts, objective, inputs, targets, taps, extra)
-    if not fn.runtime.get("taps_checked"):
-        check_tapped(fn, params, consts, objective, inputs, targets, taps, blocks, extra)
-        fn.runtime["taps_checked"] = True
-    return rest, blocks
+        grads, blocks = per_example_gradients(fn, params, consts, objective, inputs, targets, extra), {}
+    else:
+        device = next(iter(params.values())).device
+        plan = projection.plan.blocks
+        sides = dict(zip((b.name for b in plan), projection.sides(device, None if scale is None else projection.rank_one_scales(scale))))
+        taps = LayerTaps(_taps(fn)[1], sides, {b.name: b.terms for b in plan})
+        grads, blocks = per_example_tapped(fn, params, consts, objective, inputs, targets, taps, extra)
+        if not fn.runtime.get("taps_checked"):
+            check_tapped(fn, params, consts, objective, inputs, targets, taps, blocks, extra)
+            fn.runtime["taps_checked"] = True
+    if scale is not None:
+        for name, block in grads.items():
+            block.mul_(scale[name].to(block.dtype))
+    return grads, blocks
 
 
 def _finish(projection: Projection, grads: dict[str, torch.Tensor], blocks: dict[str, torch.Tensor]) -> torch.Tensor:
