@@ -309,12 +309,13 @@ def main() -> None:
     parser.add_argument("args", nargs="*")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--sizes", default=",".join(SIZES), help="model sizes of the throughput part")
-    parser.add_argument("--terms", default="1", help="Kronecker terms (throughput: one value; lds: a list)")
+    parser.add_argument("--terms", default=None, help="Kronecker terms (throughput: one value, default 4; lds: a "
+                        "list, default 1,4)")
     parser.add_argument("--runs", type=int, default=3, help="trained runs per scenario (lds)")
     parser.add_argument("--workers", type=int, default=None, help="retraining processes for missing ground truth")
     args = parser.parse_args()
     results = ROOT / "results"
-    terms = tuple(int(t) for t in args.terms.split(","))
+    terms = tuple(int(t) for t in (args.terms or ("4" if args.part == "throughput" else "1,4")).split(","))
     if args.part == "_measure":
         size, structure, dim, r = args.args
         print(json.dumps(measure(size, structure, int(dim), int(r))))

@@ -76,7 +76,7 @@ class ProjectedRun:
     decays: tuple[float, ...]
     default_curvature: str = "exact"
     structure: str = "dense"
-    kronecker_terms: int = 1
+    kronecker_terms: int = 4
     budget: int = 0
 
     @property
@@ -132,7 +132,7 @@ def project_run(
     curvature_modes: Sequence[str] = CURVATURE_MODES,
     progress: bool = True,
     structure: str = "dense",
-    kronecker_terms: int = 1,
+    kronecker_terms: int = 4,
 ) -> ProjectedRun:
     """Compute a :class:`ProjectedRun`.
 
