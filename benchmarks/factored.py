@@ -192,7 +192,12 @@ def _errors(exact: torch.Tensor, projected: torch.Tensor) -> tuple[float, float]
 
 def distortion(out: Path, seeds: int = 5) -> None:
     from source_proj.projection.jl import ProjectionConfig, project
-    from source_proj.projection.kronecker import Side, factor_matrix, project_formed, split_kronecker
+    from source_proj.projection.kronecker import (
+        Side,
+        factor_matrix,
+        project_formed,
+        split_kronecker,
+    )
 
     torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
     cases = [("digits MLP, first weight (32 x 64), rank one", _digits_gradients(200), (256, 870)),
@@ -240,13 +245,27 @@ def distortion(out: Path, seeds: int = 5) -> None:
 # ------------------------------------------------------------------------- LDS
 def lds(out: Path, quick: bool, runs: int, terms: tuple[int, ...], workers: int | None) -> None:
     sys.path.insert(0, str(ROOT))
-    from lds import FULL, QUICK, RUN_SEED, _tensors  # the LDS benchmark's own settings and helpers
+    from lds import (  # the LDS benchmark's own settings and helpers
+        FULL,
+        QUICK,
+        RUN_SEED,
+        _tensors,
+    )
 
     from source_proj.config import SourceConfig
-    from source_proj.evaluation import LDSConfig, compute_ground_truth, linear_datamodeling_score
+    from source_proj.evaluation import (
+        LDSConfig,
+        compute_ground_truth,
+        linear_datamodeling_score,
+    )
     from source_proj.evaluation.baselines import source_scores
     from source_proj.evaluation.projected_run import project_run
-    from source_proj.evaluation.scenarios import SCENARIOS, ScenarioRetrain, build, train_run
+    from source_proj.evaluation.scenarios import (
+        SCENARIOS,
+        ScenarioRetrain,
+        build,
+        train_run,
+    )
 
     settings = QUICK if quick else FULL
     k = settings.proj_dim

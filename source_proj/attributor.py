@@ -48,7 +48,9 @@ from source_proj.gradients.memory import feature_chunk
 from source_proj.gradients.model import ModelFunction, OutputSelector
 from source_proj.gradients.per_example import check_finite, dataset_rows
 from source_proj.gradients.tasks import Task, resolve_task
+from source_proj.projection.kronecker import FactoredProjection
 from source_proj.projection.projected import (
+    Scale,
     describe,
     gradient_width,
     make_projection,
@@ -124,6 +126,7 @@ class SourceAttributor:
         width = gradient_width(self.projection, self.model_fn.num_params())
         self.chunk_size = feature_chunk(width, self.budget, self.config.chunk_size)
         self.group = ProcessGroup.current()
+        self._fitted_scales: dict[int, Scale] = {}
         self.query_mode = self.config.resolved_query_mode(len(trajectory.stages))
         self.device = torch.device(self.config.device) if self.config.device else next(model.parameters()).device
         self.segments: tuple[Segment, ...] = trajectory.segments(
@@ -160,10 +163,19 @@ class SourceAttributor:
     ) -> torch.Tensor:
         """P sum_c D_c^{1/2} grad objective at ``checkpoints`` per example, (B, k) float32, one
         projection (D = I without a preconditioner)."""
-        states = (
-            (*self._load(c), f"checkpoint {c}", self.preconditioner.sqrt_scale(c, self.device)) for c in checkpoints
-        )
+        states = ((*self._load(c), f"checkpoint {c}", self._scale(c)) for c in checkpoints)
         return projected_gradients(self.model_fn, states, objective, inputs, targets, self.projection)
+
+    def _scale(self, index: int) -> Scale:
+        """D^{1/2} at checkpoint ``index`` (None without a preconditioner). For the factored
+        projection it is fitted once per checkpoint and kept (its rank-one parts and the dense
+        parameters' scales are small); the dense one reads it again when needed (p floats)."""
+        if index in self._fitted_scales:
+            return self._fitted_scales[index]
+        scale = self.preconditioner.sqrt_scale(index, self.device)
+        if scale is not None and isinstance(self.projection, FactoredProjection):
+            scale = self._fitted_scales[index] = self.projection.fit_scale(scale)
+        return scale
 
     def _progress(self, items: Iterable[int], desc: str, show: bool = True) -> tqdm:
         """``items`` with a progress bar (on rank 0 only, when progress is on and ``show``)."""
@@ -202,7 +214,7 @@ class SourceAttributor:
         processes (with the same ``chunk_size``).
         """
         params, consts = self._load(index)
-        scale = self.preconditioner.sqrt_scale(index, self.device)
+        scale = self._scale(index)
         rows = len(examples)
         chosen = torch.arange(rows)
         if self.config.curvature_examples is not None and self.config.curvature_examples < rows:

@@ -22,14 +22,17 @@ from source_proj.gradients.per_example import factor_objective, per_example_grad
 from source_proj.gradients.tasks import ClassificationTask
 from source_proj.projection.jl import ProjectionConfig, project
 from source_proj.projection.kronecker import (
-    FactoredProjection,
     factor_matrix,
     plan_budget,
     rank_one_variance,
     share_budget,
     split_kronecker,
 )
-from source_proj.projection.projected import make_projection, projected_gn_factors, projected_gradients
+from source_proj.projection.projected import (
+    make_projection,
+    projected_gn_factors,
+    projected_gradients,
+)
 from source_proj.trajectory.checkpoints import Checkpoint, Trajectory
 
 
@@ -112,7 +115,15 @@ def test_layers_without_factored_form_stay_dense():
 # ------------------------------------------------------------------ tiny GPT-2
 def test_gpt2_gradients_and_factor_rows_equal_kronecker_matrix_times_formed_gradients():
     pytest.importorskip("transformers")
-    from lm_helpers import _grad, _logits, _with_state, as_columns, oracle_token_loss, random_rows, tiny_gpt2
+    from lm_helpers import (
+        _grad,
+        _logits,
+        _with_state,
+        as_columns,
+        oracle_token_loss,
+        random_rows,
+        tiny_gpt2,
+    )
 
     from source_proj.gradients.causal_lm import CausalLMTask
 
@@ -350,3 +361,46 @@ def test_rank_one_fit_of_a_preconditioner_is_a_weighted_least_squares_optimum():
     assert bool(torch.isfinite(a).all() and (a > 0).all() and (b > 0).all())
     with pytest.raises(ValueError, match="positive"):
         rank_one_fit(-s, w)
+
+
+# ------------------------------------------------------------------ Adam / AdamW
+def test_adamw_rescaling_is_exact_on_dense_parameters_and_rank_one_on_factored_weights():
+    """P (S' (x) g) with S' = D^{1/2} on biases and its fitted rank-one a b^T on factored
+    weights (``FactoredProjection.fit_scale``), for training gradients and curvature rows."""
+    from source_proj.projection.kronecker import rank_one_fit
+    from source_proj.trajectory.training import AdamWSettings, train_adamw
+
+    x, y = blobs(20, 12, 5, seed=0)
+    model = nn.Sequential(nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 5))
+    settings = AdamWSettings(epochs=3, batch_size=5, lr=0.02, weight_decay=0.05, checkpoints_per_epoch=1)
+    traj = settings.trajectory(train_adamw(model, ClassificationTask(), x, y, settings))
+    att = SourceAttributor(model, "classification", traj, proj_dim=70, proj_structure="factored", kronecker_terms=2,
+                           num_segments=1, progress=False)
+    c = len(traj.checkpoints) - 1
+    root = att.preconditioner.sqrt_scale(c)
+    fitted = {}
+    for name, p in model.named_parameters():
+        d = root[name].double()
+        if p.dim() == 2:
+            a, b = rank_one_fit(d.reshape(p.shape), d.reshape(p.shape).pow(-4))
+            fitted[name] = torch.outer(a, b).reshape(-1)
+            assert rel_err(fitted[name], d) > 1e-4  # D^{1/2} is not rank one: the stand-in differs
+        else:
+            fitted[name] = d
+    s_prime = torch.cat([fitted[n] for n, _ in model.named_parameters()])
+    matrix = explicit_matrix(att.projection, numels(model))
+    state = traj.checkpoints[c].load()
+    task = ClassificationTask()
+    formed = torch.stack([flat_grad(model, state, lambda m, i=i: task.loss(m(x[i : i + 1]), y[i : i + 1])[0])
+                          for i in range(len(y))])
+    got = att._projected_sum([c], task.loss, x, y)
+    assert rel_err(got, (formed * s_prime) @ matrix.T) < 1e-5
+    # Curvature rows take the same rescaling: the Hessian equals the explicit one.
+    params, consts = att._load(c)
+    rows, _ = projected_gn_factors(att.model_fn, params, consts, task, x, y, att.projection, "exact",
+                                   torch.Generator(), "c", None, att._scale(c))
+    fn = att.model_fn
+    factor = task.hessian_factor(fn.forward(params, consts, x), y)
+    dense_rows = per_example_gradients(fn, params, consts, factor_objective, x, y, factor)
+    formed_rows = torch.cat([dense_rows[n] for n in fn.names], dim=-1).double() * s_prime
+    assert rel_err(rows, formed_rows @ matrix.T) < 1e-5

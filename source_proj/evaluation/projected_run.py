@@ -30,7 +30,11 @@ from source_proj.config import SourceConfig
 from source_proj.gradients.data import Examples, as_examples
 from source_proj.gradients.model import ModelFunction
 from source_proj.gradients.tasks import Task
-from source_proj.projection.projected import CURVATURE_MODES, Projection, projected_gradients
+from source_proj.projection.projected import (
+    CURVATURE_MODES,
+    Projection,
+    projected_gradients,
+)
 from source_proj.trajectory.checkpoints import Trajectory
 
 _CHUNK = 256

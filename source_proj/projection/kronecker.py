@@ -273,6 +273,19 @@ def project_formed(weight_grad: torch.Tensor, rows: Side, cols: Side, terms: int
 
 
 @dataclass(frozen=True)
+class FittedScale:
+    """A checkpoint's D^{1/2} prepared for the factored projection (``FactoredProjection.fit_scale``).
+
+    Attributes:
+        exact: name -> (numel,) for the parameters projected densely (applied exactly).
+        rank_one: name -> (a (d_r,), b (d_c,)) for each factored weight, D^{1/2} ~ a b^T.
+    """
+
+    exact: Mapping[str, torch.Tensor]
+    rank_one: Mapping[str, tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass(frozen=True)
 class FactoredProjection:
     """The factored projection of a model's attributed parameters.
 
@@ -315,17 +328,18 @@ class FactoredProjection:
             out.append((Side(f_rows, s_rows), Side(f_cols, s_cols)))
         return tuple(out)
 
-    def rank_one_scales(self, scale: Mapping[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """Per factored weight, the rank-one stand-in (a, b) for an element-wise rescaling of its
-        gradient: ``scale`` is name -> (numel,) Adam's D^{1/2} (``Preconditioner.sqrt_scale``),
-        fitted by :func:`rank_one_fit` with weights D^{-2} = (sqrt(v_hat) + eps)^2, the
+    def fit_scale(self, scale: Mapping[str, torch.Tensor]) -> FittedScale:
+        """A checkpoint's element-wise rescaling prepared for this projection: ``scale`` is
+        name -> (numel,) Adam's D^{1/2} (``Preconditioner.sqrt_scale``). The parameters
+        projected densely keep it exactly; each factored weight gets the rank-one stand-in
+        a b^T of :func:`rank_one_fit` with weights D^{-2} = (sqrt(v_hat) + eps)^2, the
         gradient's second moment as Adam estimates it (coordinates that never saw a gradient
-        have almost no say). The other parameters are rescaled exactly."""
-        out = {}
+        have almost no say). An approximation, measured in the README."""
+        fitted = {}
         for block in self.plan.blocks:
             root = scale[block.name].reshape(block.rows, block.cols)
-            out[block.name] = rank_one_fit(root, root.double().pow(-4))
-        return out
+            fitted[block.name] = rank_one_fit(root, root.double().pow(-4))
+        return FittedScale({n: scale[n] for n in self.plan.rest}, fitted)
 
     def rest_config(self) -> ProjectionConfig | None:
         """The dense projection of the other parameters (None: kept as they are, or none)."""

@@ -41,13 +41,19 @@ from source_proj.gradients.per_example import (
 )
 from source_proj.gradients.tasks import Task
 from source_proj.projection.jl import ProjectionConfig, project
-from source_proj.projection.kronecker import FactoredProjection, plan_budget, project_formed
+from source_proj.projection.kronecker import (
+    FactoredProjection,
+    FittedScale,
+    plan_budget,
+    project_formed,
+)
 
 CURVATURE_MODES = ("exact", "sampled")  # SourceConfig also takes "auto": the task's default
 STRUCTURES = ("dense", "factored")
 Projection = ProjectionConfig | FactoredProjection
-# name -> (numel,) D^{1/2} of a checkpoint, or None (no preconditioner).
-Scale = Mapping[str, torch.Tensor] | None
+# name -> (numel,) D^{1/2} of a checkpoint, or it prepared for the factored projection
+# (``FactoredProjection.fit_scale``), or None (no preconditioner).
+Scale = Mapping[str, torch.Tensor] | FittedScale | None
 # Relative difference above which the hooks' projection of a weight disagrees with autograd's.
 _TAP_CHECK_TOLERANCE = 1e-3
 
@@ -135,21 +141,24 @@ def _per_example(
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """(gradients still to project, projections already made) per example, (B, [R,] width),
     rescaled by ``scale`` (D^{1/2}): exactly for gradients still to project, through the
-    rank-one stand-in of ``FactoredProjection.rank_one_scales`` for factored weights."""
+    rank-one stand-in of ``FactoredProjection.fit_scale`` for factored weights."""
+    exact = scale
     if not isinstance(projection, FactoredProjection):
         grads, blocks = per_example_gradients(fn, params, consts, objective, inputs, targets, extra), {}
     else:
+        fitted = projection.fit_scale(scale) if isinstance(scale, Mapping) else scale
+        exact = None if fitted is None else fitted.exact
         device = next(iter(params.values())).device
         plan = projection.plan.blocks
-        sides = dict(zip((b.name for b in plan), projection.sides(device, None if scale is None else projection.rank_one_scales(scale))))
+        sides = dict(zip((b.name for b in plan), projection.sides(device, None if fitted is None else fitted.rank_one)))
         taps = LayerTaps(_taps(fn)[1], sides, {b.name: b.terms for b in plan})
         grads, blocks = per_example_tapped(fn, params, consts, objective, inputs, targets, taps, extra)
         if not fn.runtime.get("taps_checked"):
             check_tapped(fn, params, consts, objective, inputs, targets, taps, blocks, extra)
             fn.runtime["taps_checked"] = True
-    if scale is not None:
+    if exact is not None:
         for name, block in grads.items():
-            block.mul_(scale[name].to(block.dtype))
+            block.mul_(exact[name].to(block.dtype))
     return grads, blocks
 
 
