@@ -4,6 +4,7 @@
     python benchmarks/factored.py throughput --sizes 1M # one size
     python benchmarks/factored.py lds                   # LDS on the four scenarios of benchmarks/lds.py
     python benchmarks/factored.py lds --quick           # smoke run of the LDS part
+    python benchmarks/factored.py lds --scenarios digits-adamw,digits-adamw-noisy --terms 4 --out FILE
     python benchmarks/factored.py distortion            # inner-product error: Kronecker vs i.i.d.
 
 Throughput: for each model size, structure and k, a fresh process (so that its peak resident
@@ -24,7 +25,8 @@ Kronecker projection with 1 and 4 terms at the same k: rank-one gradients (the f
 the digits MLP) and gradients summed over 64 tokens (an MLP weight of the 10M GPT-2 shape).
 
 LDS: the hidden-layer MLP scenarios of ``benchmarks/lds.py`` (digits, digits-noisy,
-digits-two-stage, friedman), their ground truth from the same cache files
+digits-two-stage, friedman, and the AdamW ones, where the factored weights take a rank-one
+stand-in for Adam's D^{1/2}; ``--scenarios`` picks some), their ground truth from the same cache files
 (``source_proj.evaluation``; computed if missing), several independently trained runs, each
 projected densely and factored at the same k; SOURCE with the library's defaults on each.
 """
@@ -107,7 +109,7 @@ def measure(size: str, structure: str, dim: int, terms: int) -> dict:
         assert torch.isfinite(rows.features).all()
     seconds = min(times)
     return {"size": size, "structure": structure, "dim": dim, "terms": terms, "actual_dim": att.proj_dim,
-            "params": p, "seconds": seconds, "peak_bytes": _peak_rss()}
+            "params": p, "seconds": seconds, "peak_bytes": _peak_rss(), "load": os.getloadavg()[0]}
 
 
 def throughput(out: Path, sizes: list[str], terms: int) -> None:
@@ -124,7 +126,8 @@ def throughput(out: Path, sizes: list[str], terms: int) -> None:
         f"# Factored vs dense projection: LM featurisation throughput (CPU), {datetime.date.today()}",
         "",
         f"Machine: {platform.processor() or platform.machine()}, one thread of {len(os.sched_getaffinity(0))} cores "
-        f"(shared with other jobs), torch {torch.__version__}. GPT-2 shapes, {TOKENS} tokens per sequence, "
+        f"(1-minute load average {min(r.get('load', 0) for r in results):.1f}-{max(r.get('load', 0) for r in results):.1f} "
+        f"at the end of the measurements), torch {torch.__version__}. GPT-2 shapes, {TOKENS} tokens per sequence, "
         f"{ROWS} sequences per batch, one checkpoint, float32; `featurize_rows` timed (fastest of {REPEATS} calls, one for dense at 10M+). "
         f"Factored: {terms} Kronecker term(s) per weight, the same total k as dense (the actual total is shown "
         "when rounding left some unused). Peak = VmHWM of a fresh process (model, Python and torch included).",
@@ -243,7 +246,8 @@ def distortion(out: Path, seeds: int = 5) -> None:
 
 
 # ------------------------------------------------------------------------- LDS
-def lds(out: Path, quick: bool, runs: int, terms: tuple[int, ...], workers: int | None) -> None:
+def lds(out: Path, quick: bool, runs: int, terms: tuple[int, ...], workers: int | None,
+        names: tuple[str, ...] | None = None) -> None:
     sys.path.insert(0, str(ROOT))
     from lds import (  # the LDS benchmark's own settings and helpers
         FULL,
@@ -274,7 +278,8 @@ def lds(out: Path, quick: bool, runs: int, terms: tuple[int, ...], workers: int 
     rows: dict[str, dict[str, list[float]]] = {}
     intervals: dict[str, dict[str, str]] = {}
     variants = [("dense", 1), *(("factored", t) for t in terms)]
-    for name in SCENARIOS:
+    names = names or SCENARIOS
+    for name in names:
         scenario = build(name)
         repeats = settings.repeats_for(name)
         truth = compute_ground_truth(
@@ -305,16 +310,16 @@ def lds(out: Path, quick: bool, runs: int, terms: tuple[int, ...], workers: int 
         "per scenario, each projected both ways with the same seed. Cells: mean LDS over the runs (run 0's 95% "
         "bootstrap interval); the difference row is factored minus dense, mean and range over runs.",
         "",
-        "| projection | " + " | ".join(SCENARIOS) + " |",
-        "|---|" + "---|" * len(SCENARIOS),
+        "| projection | " + " | ".join(names) + " |",
+        "|---|" + "---|" * len(names),
     ]
     for label, per in rows.items():
-        cells = [f"{np.mean(per[s]):.3f} {intervals[label][s]}" for s in SCENARIOS]
+        cells = [f"{np.mean(per[s]):.3f} {intervals[label][s]}" for s in names]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     for label, per in rows.items():
         if label == "dense":
             continue
-        diffs = {s: np.asarray(per[s]) - np.asarray(rows["dense"][s]) for s in SCENARIOS}
+        diffs = {s: np.asarray(per[s]) - np.asarray(rows["dense"][s]) for s in names}
         cells = [f"{d.mean():+.3f} ({d.min():+.3f} .. {d.max():+.3f})" for d in diffs.values()]
         lines.append(f"| {label} - dense | " + " | ".join(cells) + " |")
     lines += ["", f"Total time {(time.time() - started) / 60:.1f} min."]
@@ -332,6 +337,8 @@ def main() -> None:
                         "list, default 1,4)")
     parser.add_argument("--runs", type=int, default=3, help="trained runs per scenario (lds)")
     parser.add_argument("--workers", type=int, default=None, help="retraining processes for missing ground truth")
+    parser.add_argument("--scenarios", default=None, help="lds: comma-separated scenarios (default all)")
+    parser.add_argument("--out", type=Path, default=None, help="the table's file (default: results/factored-<part>...md)")
     args = parser.parse_args()
     results = ROOT / "results"
     terms = tuple(int(t) for t in (args.terms or ("4" if args.part == "throughput" else "1,4")).split(","))
@@ -341,10 +348,11 @@ def main() -> None:
     elif args.part == "distortion":
         distortion(results / "factored-distortion.md")
     elif args.part == "throughput":
-        throughput(results / f"factored-throughput-cpu-r{terms[0]}.md", args.sizes.split(","), terms[0])
+        throughput(args.out or results / f"factored-throughput-cpu-r{terms[0]}.md", args.sizes.split(","), terms[0])
     else:
-        lds(results / ("factored-lds-quick.md" if args.quick else "factored-lds.md"), args.quick,
-            2 if args.quick else args.runs, terms, args.workers)
+        out = args.out or results / ("factored-lds-quick.md" if args.quick else "factored-lds.md")
+        names = tuple(args.scenarios.split(",")) if args.scenarios else None
+        lds(out, args.quick, 2 if args.quick else args.runs, terms, args.workers, names)
 
 
 if __name__ == "__main__":

@@ -263,12 +263,9 @@ def test_kronecker_projection_is_isotropic_and_its_rank_one_error_is_as_stated(t
 
 
 # ------------------------------------------------------------------ against dense
-def test_factored_and_dense_scores_agree_on_the_digits_mlp():
-    """Equal total k = 1024 on the digits MLP (64-32-10, 2,410 parameters): the factored scores
-    correlate with the dense ones nearly as well as dense scores of another seed do. (At this
-    k the projection noise bounds any two projections' agreement: dense with two seeds
-    correlate at ~0.9, so the issue's 0.95 is out of reach for any structure; see README.
-    Measured here: 0.86 factored (4 terms), 0.84 between dense seeds.)"""
+def _digits_mlp_scores(width: int, k: int, runs: tuple[tuple[str, int], ...]) -> dict[tuple[str, int], np.ndarray]:
+    """Scores (10 queries x 200 rows, flattened) of a 64-``width``-10 digits MLP trained with
+    SGD, exact curvature, one segment, for each (structure, seed) of ``runs`` at total k."""
     from sklearn.datasets import load_digits
 
     from source_proj.trajectory.training import TrainSettings, train_sgd
@@ -279,18 +276,38 @@ def test_factored_and_dense_scores_agree_on_the_digits_mlp():
     y = torch.tensor(data.target)
     train, queries = (x[:200], y[:200]), (x[1000:1010], y[1000:1010])
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+    model = nn.Sequential(nn.Linear(64, width), nn.ReLU(), nn.Linear(width, 10))
     settings = TrainSettings(epochs=4, batch_size=32, lr=0.05, momentum=0.9, weight_decay=1e-3, checkpoints_per_epoch=1)
     traj = settings.trajectory(train_sgd(model, ClassificationTask(), *train, settings))
     scores = {}
-    for structure, seed in (("dense", 0), ("dense", 1), ("factored", 0)):
-        att = SourceAttributor(model, "classification", traj, proj_dim=1024, proj_structure=structure, seed=seed,
-                               num_segments=1, chunk_size=200, curvature="sampled", progress=False).fit(train)
-        assert att.proj_dim == 1024
+    for structure, seed in runs:
+        att = SourceAttributor(model, "classification", traj, proj_dim=k, proj_structure=structure, seed=seed,
+                               num_segments=1, chunk_size=200, curvature="exact", progress=False).fit(train)
+        assert 0.99 * k <= att.proj_dim <= k  # factored: k unless whole blocks leave some over
         scores[structure, seed] = att.score(queries).numpy().reshape(-1)
+    return scores
+
+
+def test_factored_and_dense_scores_agree_on_the_digits_mlp():
+    """Equal total k = 1024 on the digits MLP (64-32-10, 2,410 parameters): the factored scores
+    correlate with the dense ones nearly as well as dense scores of another seed do. (At this
+    k the projection noise bounds any two projections' agreement, so the issue's 0.95 is out
+    of reach for either structure; measured with exact curvature: 0.87 between dense seeds,
+    0.84-0.86 factored (4 terms) vs dense; see README and the slow test below.)"""
+    scores = _digits_mlp_scores(32, 1024, (("dense", 0), ("dense", 1), ("factored", 0)))
     between_seeds = np.corrcoef(scores["dense", 0], scores["dense", 1])[0, 1]
     factored = np.corrcoef(scores["dense", 0], scores["factored", 0])[0, 1]
-    assert factored >= 0.8 and factored >= between_seeds - 0.08, (factored, between_seeds)
+    assert factored >= 0.8 and factored >= between_seeds - 0.06, (factored, between_seeds)
+
+
+@pytest.mark.slow
+def test_factored_and_dense_scores_correlate_at_095_where_the_projection_noise_allows():
+    """The issue's criterion, correlation >= 0.95 at equal total k, on a digits MLP (64-128-10,
+    9,610 parameters) at k = 8192, where dense scores of two seeds correlate at 0.977 (measured:
+    factored vs dense 0.965-0.968; the factored total is 8158, whole blocks leaving 34 over).
+    The first weight (128 x 64) is factored, not kept whole."""
+    scores = _digits_mlp_scores(128, 8192, (("dense", 0), ("factored", 0)))
+    assert np.corrcoef(scores["dense", 0], scores["factored", 0])[0, 1] >= 0.95
 
 
 # ------------------------------------------------------------------ feature store and benchmark runs
