@@ -45,6 +45,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from lm import gpt2, peak_rss  # the GPT-2 shapes and memory reading of the LM benchmark
 
 ROOT = Path(__file__).resolve().parent
 # n_embd, n_layer, n_head, vocabulary
@@ -53,23 +54,6 @@ DIMS = (1024, 4096)
 TOKENS, ROWS = 64, 16
 REPEATS = 2  # featurize_rows calls per process (1 for dense at 10M+); the fastest counts
 DENSE_SIZES = ("1M", "10M", "30M")
-
-
-def gpt2(width: int, layers: int, heads: int, vocab: int, positions: int, seed: int = 0):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    config = GPT2Config(vocab_size=vocab, n_positions=positions, n_embd=width, n_layer=layers, n_head=heads,
-                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0,
-                        attn_implementation="eager")
-    torch.manual_seed(seed)
-    return GPT2LMHeadModel(config).eval()
-
-
-def _peak_rss() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    return 0
 
 
 # ------------------------------------------------------------------ throughput
@@ -109,7 +93,7 @@ def measure(size: str, structure: str, dim: int, terms: int) -> dict:
         assert torch.isfinite(rows.features).all()
     seconds = min(times)
     return {"size": size, "structure": structure, "dim": dim, "terms": terms, "actual_dim": att.proj_dim,
-            "params": p, "seconds": seconds, "peak_bytes": _peak_rss(), "load": os.getloadavg()[0]}
+            "params": p, "seconds": seconds, "peak_bytes": peak_rss(), "load": os.getloadavg()[0]}
 
 
 def throughput(out: Path, sizes: list[str], terms: int) -> None:

@@ -50,7 +50,8 @@ def gpt2(width: int, layers: int, heads: int, vocab: int, positions: int, seed: 
     return GPT2LMHeadModel(config).eval()
 
 
-def _peak_rss() -> int:
+def peak_rss() -> int:
+    """This process's peak resident memory (VmHWM), bytes."""
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) * 1024
@@ -86,7 +87,7 @@ def measure(size: str, mode: str, dim: int) -> dict:
         start = time.perf_counter()
         att.featurize_rows(examples, 0, ROWS)
         seconds = time.perf_counter() - start
-    return {"size": size, "mode": mode, "dim": dim, "params": p, "seconds": seconds, "peak_bytes": _peak_rss(),
+    return {"size": size, "mode": mode, "dim": dim, "params": p, "seconds": seconds, "peak_bytes": peak_rss(),
             "load": os.getloadavg()[0]}
 
 
