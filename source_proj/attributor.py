@@ -163,13 +163,14 @@ class SourceAttributor:
     ) -> torch.Tensor:
         """P sum_c D_c^{1/2} grad objective at ``checkpoints`` per example, (B, k) float32, one
         projection (D = I without a preconditioner)."""
-        states = ((*self._load(c), f"checkpoint {c}", self._scale(c)) for c in checkpoints)
+        states = ((*self._load(c), f"checkpoint {c}", self.gradient_scale(c)) for c in checkpoints)
         return projected_gradients(self.model_fn, states, objective, inputs, targets, self.projection)
 
-    def _scale(self, index: int) -> Scale:
-        """D^{1/2} at checkpoint ``index`` (None without a preconditioner). For the factored
-        projection it is fitted once per checkpoint and kept (its rank-one parts and the dense
-        parameters' scales are small); the dense one reads it again when needed (p floats)."""
+    def gradient_scale(self, index: int) -> Scale:
+        """Adam's D^{1/2} at checkpoint ``index`` as this attributor's projection applies it
+        (None without a preconditioner): name -> (numel,) for the dense projection (read again
+        when needed: p floats), ``FittedScale`` for the factored one (fitted once per
+        checkpoint and kept: its rank-one parts and the dense parameters' scales are small)."""
         if index in self._fitted_scales:
             return self._fitted_scales[index]
         scale = self.preconditioner.sqrt_scale(index, self.device)
@@ -214,7 +215,7 @@ class SourceAttributor:
         processes (with the same ``chunk_size``).
         """
         params, consts = self._load(index)
-        scale = self._scale(index)
+        scale = self.gradient_scale(index)
         rows = len(examples)
         chosen = torch.arange(rows)
         if self.config.curvature_examples is not None and self.config.curvature_examples < rows:

@@ -415,7 +415,7 @@ def test_adamw_rescaling_is_exact_on_dense_parameters_and_rank_one_on_factored_w
     # Curvature rows take the same rescaling: the Hessian equals the explicit one.
     params, consts = att._load(c)
     rows, _ = projected_gn_factors(att.model_fn, params, consts, task, x, y, att.projection, "exact",
-                                   torch.Generator(), "c", None, att._scale(c))
+                                   torch.Generator(), "c", None, att.gradient_scale(c))
     fn = att.model_fn
     factor = task.hessian_factor(fn.forward(params, consts, x), y)
     dense_rows = per_example_gradients(fn, params, consts, factor_objective, x, y, factor)

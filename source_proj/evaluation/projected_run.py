@@ -170,10 +170,9 @@ def project_run(
     last = len(trajectory.checkpoints) - 1
     train_grads, query_grads = [], []
     hessians: dict[str, list[torch.Tensor]] = {mode: [] for mode in curvature_modes}
-    preconditioner = exact.preconditioner
     for c, ckpt in enumerate(tqdm(trajectory.checkpoints, desc="projected run", disable=not progress, leave=False)):
         state = ckpt.load()
-        scale = preconditioner.sqrt_scale(c)
+        scale = exact.gradient_scale(c)
         train_grads.append(_gradients(fn, state, task.loss, attributed, projection, f"checkpoint {c}", scale))
         query_grads.append(_gradients(fn, state, task.measurement, query_examples, projection, f"checkpoint {c}", scale))
         for mode, engine in engines.items():
@@ -186,7 +185,7 @@ def project_run(
     }
     final_hessian = sum(sizes[s] * h for s, h in at_final.items()) / sum(sizes.values())
     final_state = trajectory.checkpoints[last].load()
-    final_scale = preconditioner.sqrt_scale(last)
+    final_scale = exact.gradient_scale(last)
     output_grads = torch.cat(
         [_gradients(fn, final_state, task.measurement, d, projection, "final checkpoint", final_scale) for d in data.values()]
     )
@@ -201,7 +200,7 @@ def project_run(
         hessians={mode: torch.stack(h) for mode, h in hessians.items()},
         final_hessian=final_hessian,
         final_output_grads=output_grads,
-        decays=preconditioner.decays,
+        decays=exact.preconditioner.decays,
         default_curvature=task.default_curvature,
         structure=structure,
         kronecker_terms=kronecker_terms,
