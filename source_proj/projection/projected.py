@@ -10,7 +10,7 @@ checkpoint is multiplied in place, element-wise, by that checkpoint's D^{1/2} (n
 from ``trajectory.optimizer_state.Preconditioner.sqrt_scale``) before it is projected; no
 buffer beyond the per-example gradients is materialised. Factored weights, whose gradients are
 never formed, are rescaled by a rank-one stand-in for their D^{1/2} (an approximation:
-``FactoredProjection.rank_one_scales``).
+``FactoredProjection.fit_scale``).
 
 Two projection structures (``SourceConfig.proj_structure``), dispatched here and nowhere else:
 
@@ -182,11 +182,11 @@ def projected_gradients(
 
     ``states`` yields loaded checkpoints (params, consts, where, scale), one at a time;
     ``where`` names the checkpoint in errors about NaN/inf; ``scale`` is its D^{1/2} or None
-    (identity). ``objective`` is a per-example function
-    (B, C), (B, ...) -> (B,) such as the task's loss or measurement. P is linear, so the
-    per-example gradients are summed in float32 first and projected once: C checkpoints cost
-    one projection (the costly part: it regenerates P) and one more B x p float32 buffer.
-    Factored blocks are projected at each checkpoint and summed.
+    (identity). ``objective`` is a per-example function (B, C), (B, ...) -> (B,) such as the
+    task's loss or measurement. P is linear, so the per-example gradients are summed in
+    float32 first and projected once: C checkpoints cost one projection (the costly part: it
+    regenerates P) and one more B x p float32 buffer. Factored blocks are projected at each
+    checkpoint and summed.
     """
     totals: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] | None = None
     for params, consts, where, scale in states:
@@ -227,11 +227,11 @@ def projected_gn_factors(
 
     For example i with output Jacobian J_i and loss-Hessian factor A_i (A_i A_i^T = d^2 loss /
     d outputs^2, outputs flattened), the rows are P D^{1/2} J_i^T A_i (D = I without
-    ``scale``): R = C rows ("exact") or one
-    random draw ("sampled": a pseudo-label per example for classification, per position for
-    language models; see ``Task.sampled_hessian_factor``). With ``budget`` (bytes), the
-    backward passes take as many examples at a time as their factor rows fit in it
-    (``gradients.memory.curvature_batch``; MemoryBudgetError if one example does not).
+    ``scale``): R = C rows ("exact") or one random draw ("sampled": a pseudo-label per
+    example for classification, per position for language models; see
+    ``Task.sampled_hessian_factor``). With ``budget`` (bytes), the backward passes take as
+    many examples at a time as their factor rows fit in it (``gradients.memory.curvature_batch``;
+    MemoryBudgetError if one example does not).
     """
     if mode not in CURVATURE_MODES:
         raise ValueError(f"curvature mode must be one of {CURVATURE_MODES}, got {mode!r}")
