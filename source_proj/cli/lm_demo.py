@@ -4,10 +4,11 @@ Hugging Face's ``Trainer`` on text that ships with Python, attributed to its tra
 The corpus is the Python reference documentation bundled with CPython as
 ``pydoc_data.topics`` (no download). Each topic is cut into fixed-length windows of
 characters; every ``HOLD_OUT``-th window is held out as a query. The model is built from a
-``GPT2Config`` (nothing downloaded) and trained by ``transformers.Trainer`` (SGD with
-momentum, a linear schedule, one checkpoint per epoch, every step's learning rate logged),
-so the trajectory is read back from the Trainer's output directory with
-``trainer_trajectory``: what a user who fine-tuned with the Trainer would do. Needs the
+``GPT2Config`` (nothing downloaded) and trained by ``transformers.Trainer`` with its default
+optimizer (AdamW, warm-up then linear decay, one checkpoint per epoch with its
+``optimizer.pt``, every step's learning rate logged), so the trajectory, Adam's second moments
+included, is read back from the Trainer's output directory with ``trainer_trajectory``: what a
+user who fine-tuned with the Trainer would do. Needs the
 ``hf`` extra (``pip install source-proj[hf]``).
 """
 
@@ -34,7 +35,9 @@ class LMDemoSettings:
         length: characters per sequence.
         topics: how many ``pydoc_data`` topics (alphabetical) make the corpus.
         width, layers, heads: GPT-2 size (``n_embd``, ``n_layer``, ``n_head``).
-        epochs, batch_size, lr, momentum: the Trainer's SGD run (one checkpoint per epoch).
+        epochs, batch_size, lr, warmup_ratio, weight_decay: the Trainer's run with its default
+            optimizer, AdamW (and its default decay, none), linear decay of the learning rate
+            after warm-up, one checkpoint per epoch.
         seed: model initialisation and batch order.
     """
 
@@ -45,8 +48,9 @@ class LMDemoSettings:
     heads: int = 4
     epochs: int = 5
     batch_size: int = 16
-    lr: float = 0.3
-    momentum: float = 0.9
+    lr: float = 3e-3
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.0
     seed: int = 0
 
 
@@ -116,9 +120,9 @@ def lm_run(output_dir: str | os.PathLike, settings: LMDemoSettings = LMDemoSetti
         transformers.logging.set_verbosity_error()
         args = transformers.TrainingArguments(
             output_dir=str(folder), num_train_epochs=settings.epochs, per_device_train_batch_size=settings.batch_size,
-            learning_rate=settings.lr, optim="sgd", optim_args=f"momentum={settings.momentum}",
-            lr_scheduler_type="linear", save_strategy="epoch", logging_steps=1, report_to=[], use_cpu=True,
-            disable_tqdm=True, seed=settings.seed, data_seed=settings.seed, dataloader_num_workers=0,
+            learning_rate=settings.lr, optim="adamw_torch", warmup_steps=round(settings.warmup_ratio * steps),
+            weight_decay=settings.weight_decay, lr_scheduler_type="linear", save_strategy="epoch", logging_steps=1,
+            report_to=[], use_cpu=True, disable_tqdm=True, seed=settings.seed, data_seed=settings.seed, dataloader_num_workers=0,
         )
         transformers.Trainer(model=model, args=args, train_dataset=train.remove_columns("text")).train()
     trajectory = trainer_trajectory(folder, model=model)
@@ -127,16 +131,17 @@ def lm_run(output_dir: str | os.PathLike, settings: LMDemoSettings = LMDemoSetti
 
 
 def run_lm_demo(workdir: str | os.PathLike = "source-proj-demo-lm", num_queries: int = 4, top: int = 3,
-                proj_dim: int = 256, curvature_examples: int = 128) -> None:
+                proj_dim: int = 256, curvature_examples: int = 128,
+                settings: LMDemoSettings = LMDemoSettings()) -> torch.Tensor:
     """Train (or reuse) the demo model under ``workdir``, run SOURCE on its training
     sequences and print, for ``num_queries`` held-out sequences, the training sequences
     whose inclusion most raised (proponents) and lowered (opponents) their log-probability.
-    The Hessians use ``curvature_examples`` training sequences per checkpoint."""
+    The Hessians use ``curvature_examples`` training sequences per checkpoint. Returns the
+    scores, (queries, training sequences)."""
     from source_proj.attributor import SourceAttributor
     from source_proj.gradients.causal_lm import CausalLMTask
 
-    settings = LMDemoSettings()
-    print(f"Training a character-level GPT-2 on CPython's bundled docs (transformers.Trainer, SGD); "
+    print(f"Training a character-level GPT-2 on CPython's bundled docs (transformers.Trainer, AdamW); "
           f"checkpoints in {workdir}/")
     run = lm_run(Path(workdir) / "trainer", settings)
     # The Trainer averaged the token cross-entropy over a batch; all sequences have the same
@@ -161,3 +166,4 @@ def run_lm_demo(workdir: str | os.PathLike = "source-proj-demo-lm", num_queries:
             print(f"  top {name} (score = predicted change of its log-probability):")
             for m in order[:top].tolist():
                 print(f"    {float(scores[q, m]):+.4f}  #{m}: {run.train[m]['text']!r}")
+    return scores
