@@ -52,6 +52,19 @@ def as_columns(rows: list[dict]) -> dict[str, list]:
     return {k: [r[k] for r in rows] for k in rows[0]}
 
 
+def padded_batch(rows: list[dict], extra: int, junk_label: int = 7) -> dict[str, torch.Tensor]:
+    """``rows`` right-padded to ``extra`` positions past the longest: input_ids, attention_mask
+    and labels (B, T), with ``junk_label`` at padded positions (the mask must hide them)."""
+    width = max(len(r["input_ids"]) for r in rows) + extra
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    labels = torch.full((len(rows), width), junk_label)
+    for i, r in enumerate(rows):
+        n = len(r["input_ids"])
+        ids[i, :n], mask[i, :n], labels[i, :n] = torch.tensor(r["input_ids"]), 1, torch.tensor(r["labels"])
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
 def train_lm(model, rows: list[dict], epochs: int = 3, lr: float = 0.5, batch_size: int = 4,
              weight_decay: float = 1e-3, seed: int = 0, task: CausalLMTask | None = None) -> Trajectory:
     """Plain SGD on the rows (padded once to the longest), one checkpoint per epoch."""

@@ -4,7 +4,14 @@ ModelOutput logits, a tied head, padding and -100 labels, against a dense oracle
 import numpy as np
 import pytest
 import torch
-from lm_helpers import as_columns, dense_lm_scores, random_rows, tiny_gpt2, train_lm
+from lm_helpers import (
+    as_columns,
+    dense_lm_scores,
+    padded_batch,
+    random_rows,
+    tiny_gpt2,
+    train_lm,
+)
 from tiny_models import identity_projection
 
 from source_proj.attributor import SourceAttributor
@@ -82,14 +89,7 @@ def test_padding_invariance_same_sequence_padded_to_two_lengths():
     traj = train_lm(model, rows, epochs=2)
     features = []
     for extra in (0, 6):
-        width = max(len(r["input_ids"]) for r in rows) + extra
-        ids = torch.zeros(len(rows), width, dtype=torch.long)
-        mask = torch.zeros(len(rows), width, dtype=torch.long)
-        labels = torch.full((len(rows), width), 7)  # junk labels at padding: the mask must hide them
-        for i, r in enumerate(rows):
-            n = len(r["input_ids"])
-            ids[i, :n], mask[i, :n], labels[i, :n] = torch.tensor(r["input_ids"]), 1, torch.tensor(r["labels"])
-        data = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        data = padded_batch(rows, extra)  # junk labels at padding: the mask must hide them
         att = SourceAttributor(model, "causal_lm", traj, proj_dim=32, num_segments=2, progress=False).fit(data)
         features.append((att.train_features, att.self_influence()))
     # float32 features: padded shapes change the rounding of the forward and of the projected

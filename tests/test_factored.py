@@ -157,21 +157,14 @@ def test_gpt2_gradients_and_factor_rows_equal_kronecker_matrix_times_formed_grad
 
 def test_gpt2_factored_features_are_padding_invariant():
     pytest.importorskip("transformers")
-    from lm_helpers import random_rows, tiny_gpt2, train_lm
+    from lm_helpers import padded_batch, random_rows, tiny_gpt2, train_lm
 
     model = tiny_gpt2()
     rows = random_rows(4, 10, (3, 7), seed=3)
     traj = train_lm(model, rows, epochs=2)
     features = []
     for extra in (0, 5):
-        width = max(len(r["input_ids"]) for r in rows) + extra
-        ids = torch.zeros(len(rows), width, dtype=torch.long)
-        mask = torch.zeros(len(rows), width, dtype=torch.long)
-        labels = torch.full((len(rows), width), 7)  # junk labels at padding: the mask hides them
-        for i, r in enumerate(rows):
-            n = len(r["input_ids"])
-            ids[i, :n], mask[i, :n], labels[i, :n] = torch.tensor(r["input_ids"]), 1, torch.tensor(r["labels"])
-        data = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        data = padded_batch(rows, extra)  # junk labels at padding: the mask hides them
         att = SourceAttributor(model, "causal_lm", traj, proj_dim=64, num_segments=2, proj_structure="factored",
                                progress=False).fit(data)
         features.append(att.train_features)
