@@ -246,47 +246,36 @@ def adam_main_methods(k: int) -> dict[str, Method]:
 SGD_DESCRIPTION = "SGD description of the run: SOURCE (library defaults for SGD)"
 
 
-def adam_ablation_methods(settings: BenchSettings) -> dict[str, Method]:
-    """Preconditioned SOURCE's settings one at a time (both query forms; the beta1 time factor
-    1 / (1 - beta1) is the time scale 1 / (1 - 0.9) = 10), the SGD description's time scale,
-    projection dims, IF damping and TRAK's k on the unpreconditioned run."""
+def ablation_methods(settings: BenchSettings, adam: bool = False) -> dict[str, Method]:
+    """SOURCE settings varied one at a time from the paper form and from the per-segment form;
+    projection dims of SOURCE (defaults) and TRAK; the damping of influence functions. For
+    Adam runs (``adam``): preconditioned SOURCE's settings (the beta1 time factor 1 / (1 -
+    beta1) is the time scale 1 / (1 - 0.9) = 10) and the SGD description's time scale, with
+    TRAK and influence functions on the unpreconditioned run."""
     k = settings.proj_dim
+    name = "SOURCE preconditioned" if adam else "SOURCE"
+    baseline = (lambda t: t.plain) if adam else (lambda t: t.run)  # what TRAK and IF project
     methods: dict[str, Method] = {}
     for label, form in (("final query", PAPER_FORM), ("query per segment", SEGMENT_FORM)):
         for L in settings.segment_counts:
-            methods[f"SOURCE preconditioned {label}, L={L}"] = source(k, **{**form, "num_segments": L})
+            methods[f"{name} {label}, L={L}"] = source(k, **{**form, "num_segments": L})
         for scale in settings.time_scales:
-            methods[f"SOURCE preconditioned {label}, t x {scale:g}"] = source(k, **{**form, "time_scale": scale})
-        methods[f"SOURCE preconditioned {label}, beta1 time factor (t x 1/(1 - beta1))"] = lambda t, form=form: source(
-            k, **{**form, "time_scale": 1.0 / (1.0 - t.run.trajectory.betas[0])}
-        )(t)
-        for scale in settings.sgd_time_scales:
-            methods[f"SGD description {label}, t x {scale:g}"] = source(k, described_as_sgd=True, **{**form, "time_scale": scale})
+            methods[f"{name} {label}, t x {scale:g}"] = source(k, **{**form, "time_scale": scale})
+        if adam:
+            methods[f"{name} {label}, beta1 time factor (t x 1/(1 - beta1))"] = lambda t, form=form: source(
+                k, **{**form, "time_scale": 1.0 / (1.0 - t.run.trajectory.betas[0])}
+            )(t)
+            for scale in settings.sgd_time_scales:
+                methods[f"SGD description {label}, t x {scale:g}"] = source(k, described_as_sgd=True,
+                                                                            **{**form, "time_scale": scale})
+        else:
+            methods[f"{name} {label}, no momentum factor"] = source(k, **{**form, "momentum_factor": False})
+            methods[f"{name} {label}, sampled GN"] = source(k, **{**form, "curvature": "sampled"})
     for dim in settings.ablation_dims:
         methods[f"SOURCE (defaults) k={dim}"] = source(dim)
-        methods[f"TRAK k={dim}"] = lambda t, dim=dim: trak_scores(t.plain.truncate(dim))
+        methods[f"TRAK k={dim}"] = lambda t, dim=dim: trak_scores(baseline(t).truncate(dim))
     for damping in settings.dampings:
-        methods[f"IF damping {damping:g}"] = lambda t, d=damping: influence_scores(t.plain.truncate(k), d)
-    return methods
-
-
-def ablation_methods(settings: BenchSettings) -> dict[str, Method]:
-    """SOURCE settings varied one at a time from the paper form and from the per-segment
-    form; projection dims of SOURCE (defaults) and TRAK; the damping of influence functions."""
-    k = settings.proj_dim
-    methods: dict[str, Method] = {}
-    for label, form in (("final query", PAPER_FORM), ("query per segment", SEGMENT_FORM)):
-        for L in settings.segment_counts:
-            methods[f"SOURCE {label}, L={L}"] = source(k, **{**form, "num_segments": L})
-        for scale in settings.time_scales:
-            methods[f"SOURCE {label}, t x {scale:g}"] = source(k, **{**form, "time_scale": scale})
-        methods[f"SOURCE {label}, no momentum factor"] = source(k, **{**form, "momentum_factor": False})
-        methods[f"SOURCE {label}, sampled GN"] = source(k, **{**form, "curvature": "sampled"})
-    for dim in settings.ablation_dims:
-        methods[f"SOURCE (defaults) k={dim}"] = source(dim)
-        methods[f"TRAK k={dim}"] = lambda t, dim=dim: trak_scores(t.run.truncate(dim))
-    for damping in settings.dampings:
-        methods[f"IF damping {damping:g}"] = lambda t, d=damping: influence_scores(t.run.truncate(k), d)
+        methods[f"IF damping {damping:g}"] = lambda t, d=damping: influence_scores(baseline(t).truncate(k), d)
     return methods
 
 
@@ -400,7 +389,7 @@ def evaluate_scenario(name: str, settings: BenchSettings, cache_dir: Path, worke
     main = adam_main_methods(settings.proj_dim) if adam else main_methods(settings.proj_dim)
     for method, fn in main.items():
         add_main(method, fn)
-    ablations = adam_ablation_methods(settings) if adam else ablation_methods(settings)
+    ablations = ablation_methods(settings, adam)
     for method, fn in ablations.items():
         report.ablations[method] = lds(fn(trained[0]))
     # Baselines at the setting that scores best on this very LDS (an optimistic tuning).

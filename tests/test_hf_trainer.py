@@ -19,24 +19,33 @@ pytest.importorskip("transformers")
 LR, STEPS, SAVE = 0.3, 6, 2
 
 
-@pytest.fixture(scope="module")
-def trainer_run(tmp_path_factory):
-    """A GPT-2 trained by transformers.Trainer with SGD, a linear schedule, weight decay 0.01
-    (the Trainer exempts biases and LayerNorm weights) and a checkpoint every 2 steps."""
+def train_with_trainer(out, rows_seed: int, **optimizer):
+    """A tiny GPT-2 trained by transformers.Trainer into ``out`` on 16 random sequences: batch
+    4, STEPS steps, a checkpoint every SAVE, a linear schedule, weight decay 0.01 (the Trainer
+    exempts biases and LayerNorm weights), ``optimizer`` its optim/learning-rate arguments.
+    Returns (trainer, model, data)."""
     import datasets
     from transformers import Trainer, TrainingArguments
 
-    out = tmp_path_factory.mktemp("trainer")
-    rows = random_rows(16, 10, (8, 8), seed=0, masked=False)
+    rows = random_rows(16, 10, (8, 8), seed=rows_seed, masked=False)
     data = datasets.Dataset.from_dict({"input_ids": [r["input_ids"] for r in rows],
                                        "labels": [r["labels"] for r in rows]})
     model = tiny_gpt2()
     args = TrainingArguments(
         output_dir=str(out), per_device_train_batch_size=4, max_steps=STEPS, save_steps=SAVE, logging_steps=1,
-        learning_rate=LR, optim="sgd", weight_decay=0.01, lr_scheduler_type="linear", report_to=[],
-        use_cpu=True, disable_tqdm=True, seed=0, dataloader_num_workers=0,
+        weight_decay=0.01, lr_scheduler_type="linear", report_to=[], use_cpu=True, disable_tqdm=True, seed=0,
+        dataloader_num_workers=0, **optimizer,
     )
-    Trainer(model=model, args=args, train_dataset=data).train()
+    trainer = Trainer(model=model, args=args, train_dataset=data)
+    trainer.train()
+    return trainer, model, data
+
+
+@pytest.fixture(scope="module")
+def trainer_run(tmp_path_factory):
+    """The SGD Trainer run of :func:`train_with_trainer`."""
+    out = tmp_path_factory.mktemp("trainer")
+    _, model, data = train_with_trainer(out, 0, optim="sgd", learning_rate=LR)
     return out, model, data
 
 
@@ -107,22 +116,9 @@ def test_adamw_trainer_directory_gives_the_preconditioned_trajectory(tmp_path):
     """A Trainer run with AdamW (its default optimizer) and warm-up: the trajectory carries
     every checkpoint's optimizer.pt and the Trainer's param groups, and scores equal those of
     a trajectory built by hand from the second moments, named through the live optimizer."""
-    import datasets
-    from transformers import Trainer, TrainingArguments
-
     from source_proj.trajectory.optimizer_state import optimizer_param_order
 
-    rows = random_rows(16, 10, (8, 8), seed=1, masked=False)
-    data = datasets.Dataset.from_dict({"input_ids": [r["input_ids"] for r in rows],
-                                       "labels": [r["labels"] for r in rows]})
-    model = tiny_gpt2()
-    args = TrainingArguments(
-        output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=STEPS, save_steps=SAVE, logging_steps=1,
-        learning_rate=0.01, optim="adamw_torch", weight_decay=0.01, warmup_steps=2, lr_scheduler_type="linear",
-        report_to=[], use_cpu=True, disable_tqdm=True, seed=0, dataloader_num_workers=0,
-    )
-    trainer = Trainer(model=model, args=args, train_dataset=data)
-    trainer.train()
+    trainer, model, data = train_with_trainer(tmp_path, 1, optim="adamw_torch", learning_rate=0.01, warmup_steps=2)
     with pytest.warns(UserWarning, match="decay differently"):
         got = trainer_trajectory(tmp_path, model=model)
     assert got.optimizer == "adamw" and got.betas == (0.9, 0.999) and got.eps == pytest.approx(1e-8)
