@@ -278,9 +278,10 @@ def cached_pruning(setup: Setup, rankings: dict, num_train: int, config: Pruning
     path = CACHE / f"pruning-{key}.npz"
     if path.exists():
         data = np.load(path)
-        metrics = {name: data[f"metric {name}"] for name in [*rankings, "random"]}
-        return PruningResult(data["fractions"], data["removed"], tuple(data["seeds"].tolist()), data["full"], metrics,
-                             config.confidence)
+        if all(f"metric {name}" in data for name in [*rankings, "random"]):
+            metrics = {name: data[f"metric {name}"] for name in [*rankings, "random"]}
+            return PruningResult(data["fractions"], data["removed"], tuple(data["seeds"].tolist()), data["full"],
+                                 metrics, config.confidence)
     result = pruning_curve(AccuracyRetrain(setup), rankings, num_train, config, workers=workers, progress=False)
     CACHE.mkdir(parents=True, exist_ok=True)
     np.savez(path, fractions=result.fractions, removed=result.removed, seeds=np.asarray(result.seeds), full=result.full,
@@ -295,6 +296,13 @@ def _save_figure(fig: object, name: str) -> None:
 
 PRUNING_RANKINGS = ("SOURCE harm to validation", "SOURCE held-out loss (loss + self-influence)",
                     "SOURCE combined (held-out loss, harm)", "training loss (final)")
+# A reference arm: what a perfect mislabel detector removes (the flipped rows, in random order).
+ORACLE = "(reference) flipped rows first"
+
+
+def oracle_scores(flipped: np.ndarray, seed: int) -> np.ndarray:
+    """Scores that put every flipped row first, in a random order within each group."""
+    return flipped.astype(np.float64) + 0.5 * np.random.default_rng([seed, 0x0AC1E]).random(len(flipped))
 
 
 def pruning(setups: list[Setup], config: PruningConfig, dim: int, workers: int) -> str:
@@ -305,11 +313,12 @@ def pruning(setups: list[Setup], config: PruningConfig, dim: int, workers: int) 
         f"seeds (the same seeds for every arm); test accuracy (mean and {int(100 * config.confidence)}% t-interval "
         "over seeds) and its change against the unpruned model, paired by seed. 'random' draws new rows per seed. "
         "A cell is bold when its interval lies entirely above the intervals of the unpruned model, random rows and "
-        "highest-loss rows at that fraction.",
+        "highest-loss rows at that fraction. The oracle arm removes flipped rows only (in random order among "
+        "them): what a perfect mislabel detector would remove.",
     ]
     verdicts = []
     for s, sig in zip(setups, all_signals(setups, dim, workers)):
-        rankings = {name: sig[name] for name in PRUNING_RANKINGS}
+        rankings = {name: sig[name] for name in PRUNING_RANKINGS} | {ORACLE: oracle_scores(sig["flipped"], s.seed)}
         started = time.time()
         result = cached_pruning(s, rankings, len(sig["flipped"]), config, dim, workers)
         _save_figure(pruning_figure(result, ylabel="change of test accuracy"), f"curation-pruning-{s.slug}.png")
@@ -317,24 +326,28 @@ def pruning(setups: list[Setup], config: PruningConfig, dim: int, workers: int) 
         full = rows[0]
         by = {(r["ranking"], r["fraction"]): r for r in rows[1:]}
         table = [["unpruned", "-", f"{full['mean']:.4f} [{full['low']:.4f}, {full['high']:.4f}]", "-", "-"]]
-        won = []
-        for name in [*PRUNING_RANKINGS, "random"]:
+        won, oracle_won = [], []
+        for name in [*PRUNING_RANKINGS, ORACLE, "random"]:
             for f in config.fractions:
                 r = by[name, f]
                 others = [full, by["random", f], by["training loss (final)", f]]
-                beats = name.startswith("SOURCE") and all(r["low"] > o["high"] for o in others)
+                above = all(r["low"] > o["high"] for o in others)
+                beats = name.startswith("SOURCE") and above
                 if beats:
                     won.append(f"{name} at {f:.0%}")
+                if name == ORACLE and above:
+                    oracle_won.append(f"{f:.0%}")
                 cell = f"{r['mean']:.4f} [{r['low']:.4f}, {r['high']:.4f}]"
-                flips = float(sig["flipped"][np.argsort(-sig[name], kind="stable")[: r["removed"]]].mean()) if name != "random" else float("nan")
+                flips = float(sig["flipped"][np.argsort(-rankings[name], kind="stable")[: r["removed"]]].mean()) if name != "random" else float("nan")
                 table.append([name, f"{f:.0%} ({r['removed']})", f"**{cell}**" if beats else cell,
                               f"{r['change']:+.4f} [{r['change_low']:+.4f}, {r['change_high']:+.4f}]",
                               "-" if name == "random" else f"{flips:.2f}"])
-        verdicts.append([s.name, "; ".join(won) or "none"])
+        verdicts.append([s.name, "; ".join(won) or "none", ", ".join(oracle_won) or "none"])
         out += ["", f"### {s.name} ({time.time() - started:.0f} s)", "",
                 _table(["ranking", "removed", "test accuracy", "change vs unpruned", "share of removed rows flipped"], table)]
     out[3:3] = ["", "SOURCE rankings whose test-accuracy interval lies above all three baselines' (unpruned, random, "
-                "highest loss):", "", _table(["setup", "fractions"], verdicts)]
+                f"highest loss), and the fractions at which the oracle '{ORACLE}' itself does:", "",
+                _table(["setup", "SOURCE rankings and fractions", "oracle"], verdicts)]
     return "\n".join(out)
 
 
