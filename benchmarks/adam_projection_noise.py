@@ -11,6 +11,13 @@ between the preconditioned and the unpreconditioned estimator at k = 1024 a prop
 estimator or of the random projection? The JL error of an inner product <Pa, Pb> has variance
 (|a|^2 |b|^2 + (a.b)^2) / k, and rescaling by D^{1/2} makes gradients heavier-tailed (D spans
 an order of magnitude across coordinates), which raises |a| |b| relative to a.b.
+
+It also measures how much of that error comes from using one projection for every checkpoint:
+TracIn at k = 1024 with the library's own dense matrix (``kernels.reference.matrix_block``)
+under one seed for all checkpoints (the library's layout; it reproduces the projected run's
+TracIn), a seed per SOURCE segment, and a seed per checkpoint. With one matrix, the errors of
+similar gradients at neighbouring checkpoints are the same error again; independent matrices
+let them average out, at the same k and the same storage per checkpoint or segment.
 """
 
 from __future__ import annotations
@@ -23,8 +30,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from lds import FULL, RUN_SEED, described_as_sgd, source, train_and_project
+from source_proj.kernels.reference import matrix_block
 from torch.func import functional_call, grad, vmap
 
+from source_proj.config import SourceConfig
 from source_proj.evaluation import (
     LDSConfig,
     compute_ground_truth,
@@ -51,22 +60,38 @@ def per_example_gradients(model: torch.nn.Module, state: dict, fn, x: torch.Tens
     return torch.cat([grads[n].reshape(x.shape[0], -1) for n in names], 1).double()
 
 
-def exact_tracin(scenario: Scenario, trajectory: Trajectory, model: torch.nn.Module, preconditioned: bool) -> torch.Tensor:
-    """TracIn (n_query, N) from unprojected gradients: -sum_c (eta-sum_c / N) q_c^T D_c g_c."""
+def checkpoint_gradients(
+    scenario: Scenario, trajectory: Trajectory, model: torch.nn.Module, preconditioned: bool
+) -> list[tuple[float, torch.Tensor, torch.Tensor]]:
+    """Per checkpoint: (eta-sum / N, query gradients (n_query, p), training gradients (N, p)),
+    both rescaled by D^{1/2} for a preconditioned run (float64, unprojected)."""
     task = scenario.task()
     stage = scenario.attributed
     x, y = torch.from_numpy(stage.inputs), torch.from_numpy(stage.targets)
     xq, yq = torch.from_numpy(scenario.query_inputs), torch.from_numpy(scenario.query_targets)
     names = [n for n, _ in model.named_parameters()]
     precond = Preconditioner.build(trajectory, model, names) if preconditioned else None
-    total = torch.zeros(xq.shape[0], x.shape[0], dtype=torch.float64)
+    out = []
     for c, ckpt in enumerate(trajectory.checkpoints):
         state = dict(ckpt.load())
         train = per_example_gradients(model, state, task.loss, x, y)
         query = per_example_gradients(model, state, task.measurement, xq, yq)
         if precond is not None:
-            train = train * torch.cat(list(precond.sqrt_scale(c).values())).double().square()
-        total -= ckpt.lr_sum() / x.shape[0] * query @ train.T
+            half = torch.cat(list(precond.sqrt_scale(c).values())).double()
+            train, query = train * half, query * half
+        out.append((ckpt.lr_sum() / x.shape[0], query, train))
+    return out
+
+
+def tracin(grads: list[tuple[float, torch.Tensor, torch.Tensor]], seeds: list[int] | None, k: int) -> torch.Tensor:
+    """TracIn (n_query, N): -sum_c w_c (P_c q_c) . (P_c g_c), with P_c the library's dense
+    Rademacher projection of seed ``seeds[c]`` to k dims, or no projection (``seeds`` None)."""
+    total = 0.0
+    for c, (weight, query, train) in enumerate(grads):
+        if seeds is not None:
+            proj = matrix_block(seeds[c], 0, query.shape[1], k, scaled=True).double()  # (p, k)
+            query, train = query @ proj, train @ proj
+        total = total - weight * query @ train.T
     return total
 
 
@@ -100,11 +125,19 @@ def evaluate(name: str, large_k: int, cache_dir: Path, bootstrap: int) -> tuple[
     for k in (FULL.proj_dim, large_k):
         rows.append([f"SOURCE (defaults), k = {k}", lds(source(k)(trained)), lds(source(k, described_as_sgd=True)(trained))])
         rows.append([f"TracIn, k = {k}", lds(tracin_scores(trained.run.truncate(k))), lds(tracin_scores(trained.plain.truncate(k)))])
-    rows.append([
-        "TracIn, no projection (exact gradients)",
-        lds(exact_tracin(scenario, trajectory, model, True)),
-        lds(exact_tracin(scenario, described_as_sgd(trajectory), model, False)),
-    ])
+    grads = {True: checkpoint_gradients(scenario, trajectory, model, True),
+             False: checkpoint_gradients(scenario, described_as_sgd(trajectory), model, False)}
+    count = len(trajectory.checkpoints)
+    segment_of = {c: s for s, seg in enumerate(trajectory.segments(SourceConfig().num_segments)) for c in seg.checkpoints}
+    layouts = {
+        "one seed for all checkpoints (the library's layout)": [0] * count,
+        "a seed per segment (L = 3)": [segment_of[c] for c in range(count)],
+        "a seed per checkpoint": list(range(count)),
+    }
+    k = FULL.proj_dim
+    for label, seeds in layouts.items():
+        rows.append([f"TracIn, k = {k}, {label}", *(lds(tracin(grads[d], seeds, k)) for d in (True, False))])
+    rows.append(["TracIn, no projection (exact gradients)", *(lds(tracin(grads[d], None, k)) for d in (True, False))])
     return rows, d_spread(trajectory, model)
 
 
