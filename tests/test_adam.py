@@ -204,7 +204,11 @@ def test_d_param_groups_map_by_group_and_frozen_parameters_are_named():
     groups = [["0.weight", "2.weight"], ["0.bias", "2.bias"]]
     param_groups = [{"params": [p[n] for n in g], "weight_decay": wd} for g, wd in zip(groups, (0.01, 0.0))]
     opt, ckpts = _hand_adamw(model, x, y, param_groups)
-    grouped = Trajectory(tuple(ckpts), optimizer="adamw", weight_decay=0.01, param_order=groups)
+    # One decay for the estimator: the groups' parameter-weighted mean (weights 6x4 + 3x6 = 42
+    # parameters at 0.01, biases 6 + 3 = 9 at 0); the decay of the first group alone is refused.
+    with pytest.raises(TrajectoryError, match=r"weight decays \[0.01, 0.0\] .*mean is 0.00823529.*weight_decay=0.01;"):
+        Preconditioner.build(Trajectory(tuple(ckpts), optimizer="adamw", weight_decay=0.01, param_order=groups), model, list(p))
+    grouped = Trajectory(tuple(ckpts), optimizer="adamw", weight_decay=0.01 * 42 / 51, param_order=groups)
     assert optimizer_param_order(model, opt) == tuple(tuple(g) for g in groups)
     pre = Preconditioner.build(grouped, model, list(p))
     v = ckpts[0].optimizer_state["state"]
@@ -218,7 +222,7 @@ def test_d_param_groups_map_by_group_and_frozen_parameters_are_named():
     model = mlp((4, 6, 3), 0)
     p = dict(model.named_parameters())
     _, ckpts = _hand_adamw(model, x, y, [{"params": [p["0.weight"], p["2.weight"]]}])
-    frozen = Trajectory(tuple(ckpts), optimizer="adamw", param_order=["0.weight", "2.weight"])
+    frozen = Trajectory(tuple(ckpts), optimizer="adamw", weight_decay=0.01, param_order=["0.weight", "2.weight"])
     with pytest.raises(TrajectoryError, match="'0.bias' is attributed but was not trained by the optimizer"):
         SourceAttributor(model, "classification", frozen, proj_dim=8, num_segments=1, progress=False)
     SourceAttributor(model, "classification", frozen, proj_dim=8, num_segments=1, progress=False,
@@ -234,6 +238,7 @@ def test_d_bad_states_raise_clear_errors():
     names = [n for n, _ in model.named_parameters()]
 
     def build(state, optimizer="adamw", **kw):
+        kw.setdefault("weight_decay", SETTINGS.weight_decay)
         t = Trajectory((Checkpoint(ckpt.state, ckpt.steps, ckpt.lr, optimizer_state=state),), optimizer=optimizer, **kw)
         return SourceAttributor(model, "classification", t, proj_dim=8, num_segments=1, progress=False)
 
@@ -255,6 +260,9 @@ def test_d_bad_states_raise_clear_errors():
         build(exp_avg_sq(ckpt.optimizer_state, names[:3]))
     with pytest.raises(TrajectoryError, match="betas=.0.9, 0.999.*trajectory says betas=.0.9, 0.99."):
         build(ckpt.optimizer_state, betas=(0.9, 0.99))
+    with pytest.raises(TrajectoryError, match=r"trained with weight_decay=0.05, but the trajectory says weight_decay=0; "
+                       r"pass Trajectory\(weight_decay=0.05\)"):
+        build(ckpt.optimizer_state, weight_decay=0.0)  # torch's AdamW decays by default: forgetting it is refused
     with pytest.raises(TrajectoryError, match="trained by AdamW .* optimizer='adam'"):
         build(ckpt.optimizer_state, optimizer="adam", weight_decay=0.05)
     sgd_state = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)

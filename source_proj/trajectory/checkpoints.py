@@ -176,7 +176,9 @@ class Trajectory:
             ``optimizer_state``.
         momentum: beta, in [0, 1); must be 0 for "sgd" and for Adam (whose beta1 is in ``betas``).
         weight_decay: lambda: the L2 coefficient added to the gradient (lambda * theta) for
-            "sgd", "momentum" and "adam"; the decoupled decay rate for "adamw".
+            "sgd", "momentum" and "adam"; the decoupled decay rate for "adamw". Adam states
+            given as ``state_dict``s must agree: their param groups' parameter-weighted mean
+            decay (checked to 0.1%).
         betas: Adam's (beta1, beta2), each in [0, 1) (used by "adam" / "adamw" only).
         eps: Adam's eps (> 0), added to sqrt(v_hat) in the denominator.
         param_order: the attributed model's parameter names in the order they were given to

@@ -44,6 +44,7 @@ import numpy as np
 import torch
 
 from source_proj.trajectory.checkpoints import Checkpoint, Trajectory, TrajectoryError
+from source_proj.trajectory.optimizer_state import group_decays, mean_group_decay
 
 _CHECKPOINT_DIR = re.compile(r"^checkpoint-(\d+)$")
 
@@ -162,17 +163,17 @@ def optimizer_settings(folder: Path, model: torch.nn.Module | None = None) -> Op
         shapes = dict(model.named_parameters())
         order = [n for group in trainer_param_order(model) for n in group]
         sizes = {i: shapes[n].numel() for i, n in enumerate(order)}
-    counts = [sum(sizes.get(pid, 1) for pid in g["params"]) for g in groups]
-    mean_decay = float(np.average(decays, weights=counts)) if sum(counts) else 0.0
+    counted = group_decays(groups, sizes)
+    mean_decay = mean_group_decay(counted)
     first = groups[0]
     if "betas" in first:
         kind = "adamw" if first.get("decoupled_weight_decay", False) else "adam"
-        return OptimizerSettings(kind, 0.0, mean_decay, tuple(zip(counts, decays)), tuple(first["betas"]), float(first["eps"]))
+        return OptimizerSettings(kind, 0.0, mean_decay, counted, tuple(first["betas"]), float(first["eps"]))
     if "momentum" in first:
         if first.get("nesterov") or first.get("dampening", 0):
             raise TrajectoryError(f"{os.fspath(path)}: SGD with nesterov or dampening is not supported")
         momentum = float(first["momentum"])
-        return OptimizerSettings("momentum" if momentum > 0 else "sgd", momentum, mean_decay, tuple(zip(counts, decays)))
+        return OptimizerSettings("momentum" if momentum > 0 else "sgd", momentum, mean_decay, counted)
     raise TrajectoryError(f"{os.fspath(path)}: unsupported optimizer (parameter group keys {sorted(first)})")
 
 

@@ -23,7 +23,9 @@ is approximated by lambda * c_c I with c_c = sum_j D_j^2 v_hat_j / sum_j D_j v_h
 of D along the rescaled gradient energy (v_hat, the optimizer's running mean of squared
 gradients, stands for the diagonal of the gradient second moment, so coordinates that never
 see a gradient do not count; c is about 1 / mean_j sqrt(v_hat_j)). Per-group weight decay
-(e.g. none on biases) is not read from the state: the trajectory's single lambda applies.
+(e.g. none on biases) enters as one lambda, the parameter-weighted mean over the param groups
+(:func:`mean_group_decay`): a ``state_dict`` whose groups say otherwise than the trajectory's
+``weight_decay`` is refused, naming the value to pass.
 
 For SGD and heavy-ball trajectories the preconditioner is the identity (``sqrt_scale`` is
 None) and the decay is ``weight_decay``, so callers have one code path.
@@ -122,6 +124,43 @@ def _check_groups(groups: Sequence[Mapping[str, Any]], trajectory: Trajectory, w
             )
 
 
+def group_decays(groups: Sequence[Mapping[str, Any]], sizes: Mapping[int, int]) -> tuple[tuple[int, float], ...]:
+    """(number of parameters, weight decay) of each of an optimizer's param groups;
+    ``sizes``: param id -> numel (an id without one counts 1)."""
+    return tuple(
+        (sum(sizes.get(int(pid), 1) for pid in group["params"]), float(group.get("weight_decay", 0.0)))
+        for group in groups
+    )
+
+
+def mean_group_decay(counted: Sequence[tuple[int, float]]) -> float:
+    """The parameter-weighted mean of :func:`group_decays` (0 for no parameters)."""
+    total = sum(count for count, _ in counted)
+    return sum(count * decay for count, decay in counted) / total if total else 0.0
+
+
+def _check_decay(groups: Sequence[Mapping[str, Any]], per_param: Mapping[Any, Any], trajectory: Trajectory, where: str) -> None:
+    """The trajectory's ``weight_decay`` must be the groups' parameter-weighted mean (to 0.1%)."""
+    sizes = {
+        int(pid): entry["exp_avg_sq"].numel()
+        for pid, entry in per_param.items()
+        if isinstance(entry.get("exp_avg_sq"), torch.Tensor)
+    }
+    counted = group_decays(groups, sizes)
+    expected = mean_group_decay(counted)
+    if math.isclose(trajectory.weight_decay, expected, rel_tol=1e-3, abs_tol=1e-12):
+        return
+    decays = sorted({decay for _, decay in counted})
+    how = f"weight_decay={decays[0]:g}" if len(decays) == 1 else (
+        f"param groups of weight decays {[decay for _, decay in counted]} (their parameter-weighted mean is "
+        f"{expected:.6g}; the estimator uses one decay)"
+    )
+    raise TrajectoryError(
+        f"{where}: the optimizer was trained with {how}, but the trajectory says "
+        f"weight_decay={trajectory.weight_decay:g}; pass Trajectory(weight_decay={expected:.6g})"
+    )
+
+
 def _from_state_dict(
     state: Mapping[str, Any], order: Sequence[str] | Sequence[Sequence[str]], trajectory: Trajectory,
     names: Sequence[str], where: str,
@@ -174,6 +213,7 @@ def _from_state_dict(
                 f"{sorted(entry)}): not the state of an Adam optimizer"
             )
         moments[name] = (_step_count(entry.get("step", 0), name, where), entry[key])
+    _check_decay(groups, per_param, trajectory, where)
     return moments
 
 
