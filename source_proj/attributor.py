@@ -50,12 +50,14 @@ from source_proj.gradients.per_example import check_finite, dataset_rows
 from source_proj.gradients.tasks import Task, resolve_task
 from source_proj.projection.kronecker import FactoredProjection
 from source_proj.projection.projected import (
+    Projection,
     Scale,
     describe,
     gradient_width,
     make_projection,
     projected_gn_factors,
     projected_gradients,
+    with_seed,
 )
 from source_proj.trajectory.checkpoints import (
     Segment,
@@ -120,18 +122,29 @@ class SourceAttributor:
         self.model_fn = ModelFunction.build(model.eval(), param_names, output)
         self.curvature = self.config.resolved_curvature(self.task.default_curvature)
         self.budget = self.config.gradient_budget()
+        self.query_mode = self.config.resolved_query_mode(len(trajectory.stages))
+        self.segments: tuple[Segment, ...] = trajectory.segments(
+            self.config.num_segments, self.config.momentum_factor, self.config.time_scale
+        )
         self.projection = make_projection(
             self.config.projection(), self.config.proj_structure, self.model_fn, self.config.kronecker_terms
         )
+        # One projection per segment (segment_projections) or one for all; checkpoint -> its segment.
+        self.projections = (self.projection,)
+        if self.config.segment_projections:
+            if self.query_mode != "segment":
+                raise ValueError(
+                    "segment_projections needs the per-segment query form (query_mode='segment'): the "
+                    f"{self.query_mode!r} form carries query gradients across segments, in one projection"
+                )
+            seeds = [(self.config.seed + l) % 2**64 for l in range(len(self.segments))]
+            self.projections = tuple(with_seed(self.projection, s) for s in seeds)
+        self._segment_of = {c: l for l, seg in enumerate(self.segments) for c in seg.checkpoints}
         width = gradient_width(self.projection, self.model_fn.num_params())
         self.chunk_size = feature_chunk(width, self.budget, self.config.chunk_size)
         self.group = ProcessGroup.current()
         self._fitted_scales: dict[int, Scale] = {}
-        self.query_mode = self.config.resolved_query_mode(len(trajectory.stages))
         self.device = torch.device(self.config.device) if self.config.device else next(model.parameters()).device
-        self.segments: tuple[Segment, ...] = trajectory.segments(
-            self.config.num_segments, self.config.momentum_factor, self.config.time_scale
-        )
         # Fail early on a checkpoint that does not fit the model; fingerprint the contents
         # (under the model's names: a tied key present or absent gives the same digest).
         self.checkpoint_digests: list[str] = []
@@ -162,9 +175,15 @@ class SourceAttributor:
         targets: torch.Tensor,
     ) -> torch.Tensor:
         """P sum_c D_c^{1/2} grad objective at ``checkpoints`` per example, (B, k) float32, one
-        projection (D = I without a preconditioner)."""
+        projection (D = I without a preconditioner; the checkpoints lie in one segment)."""
         states = ((*self._load(c), f"checkpoint {c}", self.gradient_scale(c)) for c in checkpoints)
-        return projected_gradients(self.model_fn, states, objective, inputs, targets, self.projection)
+        return projected_gradients(
+            self.model_fn, states, objective, inputs, targets, self.projection_at(checkpoints[0])
+        )
+
+    def projection_at(self, index: int) -> Projection:
+        """The projection of the gradients taken at checkpoint ``index`` (its segment's)."""
+        return self.projections[self._segment_of[index]] if len(self.projections) > 1 else self.projection
 
     def gradient_scale(self, index: int) -> Scale:
         """Adam's D^{1/2} at checkpoint ``index`` as this attributor's projection applies it
@@ -228,7 +247,7 @@ class SourceAttributor:
                 inputs, targets = examples.take(rows, self.device)
                 with dataset_rows(rows):
                     factors, signs = projected_gn_factors(
-                        self.model_fn, params, consts, self.task, inputs, targets, self.projection,
+                        self.model_fn, params, consts, self.task, inputs, targets, self.projection_at(index),
                         self.curvature, self._noise(index, leaf), f"checkpoint {index}", self.budget, scale,
                     )
                 tree.add(leaf, gauss_newton_gram(factors, signs))
@@ -521,7 +540,10 @@ class SourceAttributor:
         cfg = self.config
         return {
             "format_version": FORMAT_VERSION,
-            "projection": describe(self.projection),
+            "projection": {
+                **describe(self.projection),
+                **({"segment_seeds": [describe(p)["seed"] for p in self.projections]} if self.config.segment_projections else {}),
+            },
             "model_fingerprint": self.model_fn.fingerprint(),
             "num_params": self.model_fn.num_params(),
             "task": self.task.name,

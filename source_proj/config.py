@@ -52,6 +52,11 @@ class SourceConfig:
             The LDS benchmark chose this (see README, "Why the defaults").
         keep_segment_features: keep per-segment training features (needed for per-stage
             attribution in "final" mode; always kept in "segment" mode).
+        segment_projections: project segment l with its own matrix, of seed ``seed + l``
+            (mod 2^64), instead of one matrix for all (per-segment query form only: the
+            paper's form carries query gradients across segments). The segments' JL errors
+            are then independent and partly cancel in the sum over segments, at the same k
+            and storage (README, "Adam and AdamW runs"). Off by default; stores record it.
         chunk_size: examples per vmap batch (None: the most that ``max_gradient_memory``
             allows, at most 64). Per-example gradients are summed over a segment's
             checkpoints before projection, so two chunk x p float32 buffers (the running sum
@@ -78,6 +83,7 @@ class SourceConfig:
     time_scale: float = 1.0
     query_mode: str = "auto"
     keep_segment_features: bool = False
+    segment_projections: bool = False
     chunk_size: int | None = None
     max_gradient_memory: int | str = "4GiB"
     device: str | None = None

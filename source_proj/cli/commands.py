@@ -114,6 +114,7 @@ _CONFIG_FLAGS = {  # flag destination -> SourceConfig field
     "curvature": "curvature",
     "curvature_examples": "curvature_examples",
     "keep_segments": "keep_segment_features",
+    "segment_projections": "segment_projections",
     "batch_size": "chunk_size",
     "device": "device",
 }
@@ -533,6 +534,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     fit.add_argument("--curvature-examples", type=_positive_int, help="training rows per checkpoint for the Hessian (default all)")
     fit.add_argument("--keep-segments", action="store_true", default=None,
                      help="also store per-segment features (for --stage in score and topk)")
+    fit.add_argument("--segment-projections", action="store_true", default=None,
+                     help="project each segment with its own matrix (seed + segment index): independent JL "
+                     "errors per segment, at the same k (per-segment query form only)")
     _runtime_flags(fit)
     fit.set_defaults(handler=_reporting_errors(_fit))
 

@@ -51,9 +51,19 @@ RUNTIME_FIELDS = ("backend", "chunk_size", "max_gradient_memory", "device", "pro
 _AFTER_PREPARE = ("stages", "segment_weights")
 
 
+# Settings added to SourceConfig after stores were first written, with their defaults: they
+# are recorded only when they differ, so a store written before them still opens (and reads
+# back with the default).
+_ADDED_SETTINGS = {"segment_projections": False}
+
+
 def estimator_settings(config: SourceConfig) -> dict[str, Any]:
     """The fields of ``config`` that determine the features (JSON-serialisable)."""
-    return {k: v for k, v in dataclasses.asdict(config).items() if k not in RUNTIME_FIELDS}
+    return {
+        k: v
+        for k, v in dataclasses.asdict(config).items()
+        if k not in RUNTIME_FIELDS and not (k in _ADDED_SETTINGS and v == _ADDED_SETTINGS[k])
+    }
 
 
 def store_config(store: FeatureStore, **runtime: Any) -> SourceConfig:

@@ -24,6 +24,7 @@ Two projection structures (``SourceConfig.proj_structure``), dispatched here and
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable, Mapping
 
 import torch
@@ -77,6 +78,13 @@ def make_projection(config: ProjectionConfig, structure: str, fn: ModelFunction,
     shapes = dict(fn.model.named_parameters())
     rest = {n: shapes[n].numel() for n in fn.names if n not in weights}
     return FactoredProjection(config, plan_budget(weights, rest, config.dim, terms))
+
+
+def with_seed(projection: Projection, seed: int) -> Projection:
+    """The same projection (structure, sizes, kind, backend) drawn from another seed."""
+    if isinstance(projection, FactoredProjection):
+        return dataclasses.replace(projection, config=dataclasses.replace(projection.config, seed=seed), _cache={})
+    return dataclasses.replace(projection, seed=seed)
 
 
 def gradient_width(projection: Projection, num_params: int) -> int:
