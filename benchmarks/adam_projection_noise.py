@@ -17,7 +17,9 @@ TracIn at k = 1024 with the library's own dense matrix (``kernels.reference.matr
 under one seed for all checkpoints (the library's layout; it reproduces the projected run's
 TracIn), a seed per SOURCE segment, and a seed per checkpoint. With one matrix, the errors of
 similar gradients at neighbouring checkpoints are the same error again; independent matrices
-let them average out, at the same k and the same storage per checkpoint or segment.
+let them average out, at the same k and the same storage per checkpoint or segment. The last
+rows run ``SourceAttributor`` itself with one projection and with ``segment_projections=True``
+(a matrix per segment).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from lds import FULL, RUN_SEED, described_as_sgd, source, train_and_project
 from source_proj.kernels.reference import matrix_block
 from torch.func import functional_call, grad, vmap
 
+from source_proj.attributor import SourceAttributor
 from source_proj.config import SourceConfig
 from source_proj.evaluation import (
     LDSConfig,
@@ -95,6 +98,14 @@ def tracin(grads: list[tuple[float, torch.Tensor, torch.Tensor]], seeds: list[in
     return total
 
 
+def attributor_scores(scenario: Scenario, model: torch.nn.Module, trajectory: Trajectory, **settings) -> torch.Tensor:
+    """Scores (n_query, N) of ``SourceAttributor`` with the library's defaults but ``settings``."""
+    stage = scenario.attributed
+    att = SourceAttributor(model, scenario.task(), trajectory, proj_dim=FULL.proj_dim, seed=0, progress=False, **settings)
+    att.fit((torch.from_numpy(stage.inputs), torch.from_numpy(stage.targets)))
+    return att.score((torch.from_numpy(scenario.query_inputs), torch.from_numpy(scenario.query_targets)))
+
+
 def d_spread(trajectory: Trajectory, model: torch.nn.Module) -> str:
     """Median and 90th percentile of D over coordinates, at the first and last checkpoint."""
     precond = Preconditioner.build(trajectory, model, [n for n, _ in model.named_parameters()])
@@ -138,6 +149,10 @@ def evaluate(name: str, large_k: int, cache_dir: Path, bootstrap: int) -> tuple[
     for label, seeds in layouts.items():
         rows.append([f"TracIn, k = {k}, {label}", *(lds(tracin(grads[d], seeds, k)) for d in (True, False))])
     rows.append(["TracIn, no projection (exact gradients)", *(lds(tracin(grads[d], None, k)) for d in (True, False))])
+    described = {True: trajectory, False: described_as_sgd(trajectory)}
+    for label, on in (("one projection (SourceAttributor, defaults)", False), ("a projection per segment", True)):
+        rows.append([f"SOURCE, k = {k}, {label}",
+                     *(lds(attributor_scores(scenario, model, described[d], segment_projections=on)) for d in (True, False))])
     return rows, d_spread(trajectory, model)
 
 
