@@ -129,8 +129,8 @@ class SourceAttributor:
         self.projection = make_projection(
             self.config.projection(), self.config.proj_structure, self.model_fn, self.config.kronecker_terms
         )
-        # One projection per segment (segment_projections) or one for all; checkpoint -> its segment.
-        self.projections = (self.projection,)
+        # Each segment's projection: its own (segment_projections) or the one for all.
+        self.projections = (self.projection,) * len(self.segments)
         if self.config.segment_projections:
             if self.query_mode != "segment":
                 raise ValueError(
@@ -183,7 +183,7 @@ class SourceAttributor:
 
     def projection_at(self, index: int) -> Projection:
         """The projection of the gradients taken at checkpoint ``index`` (its segment's)."""
-        return self.projections[self._segment_of[index]] if len(self.projections) > 1 else self.projection
+        return self.projections[self._segment_of[index]]
 
     def gradient_scale(self, index: int) -> Scale:
         """Adam's D^{1/2} at checkpoint ``index`` as this attributor's projection applies it
