@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from lds import FULL, RUN_SEED, described_as_sgd, source, train_and_project
+from lds import FULL, described_as_sgd, source, train_and_project
 from source_proj.kernels.reference import matrix_block
 from torch.func import functional_call, grad, vmap
 
@@ -43,7 +43,7 @@ from source_proj.evaluation import (
     linear_datamodeling_score,
 )
 from source_proj.evaluation.baselines import tracin_scores
-from source_proj.evaluation.scenarios import Scenario, ScenarioRetrain, build, train_run
+from source_proj.evaluation.scenarios import Scenario, ScenarioRetrain, build
 from source_proj.trajectory.checkpoints import Trajectory
 from source_proj.trajectory.optimizer_state import Preconditioner
 
@@ -131,13 +131,14 @@ def evaluate(name: str, large_k: int, cache_dir: Path, bootstrap: int) -> tuple[
         return f"{r.score:.3f} [{r.ci_low:.3f}, {r.ci_high:.3f}]"
 
     trained = train_and_project(scenario, 0, large_k)
-    model, trajectory = train_run(scenario, np.arange(scenario.num_train), RUN_SEED)
+    # The same run's checkpoints (the model is only their architecture), described both ways.
+    model, trajectory = scenario.model(), trained.run.trajectory
+    described = {True: trajectory, False: described_as_sgd(trajectory)}
     rows = []
     for k in (FULL.proj_dim, large_k):
         rows.append([f"SOURCE (defaults), k = {k}", lds(source(k)(trained)), lds(source(k, described_as_sgd=True)(trained))])
         rows.append([f"TracIn, k = {k}", lds(tracin_scores(trained.run.truncate(k))), lds(tracin_scores(trained.plain.truncate(k)))])
-    grads = {True: checkpoint_gradients(scenario, trajectory, model, True),
-             False: checkpoint_gradients(scenario, described_as_sgd(trajectory), model, False)}
+    grads = {d: checkpoint_gradients(scenario, described[d], model, d) for d in (True, False)}
     count = len(trajectory.checkpoints)
     segment_of = {c: s for s, seg in enumerate(trajectory.segments(SourceConfig().num_segments)) for c in seg.checkpoints}
     layouts = {
@@ -149,7 +150,6 @@ def evaluate(name: str, large_k: int, cache_dir: Path, bootstrap: int) -> tuple[
     for label, seeds in layouts.items():
         rows.append([f"TracIn, k = {k}, {label}", *(lds(tracin(grads[d], seeds, k)) for d in (True, False))])
     rows.append(["TracIn, no projection (exact gradients)", *(lds(tracin(grads[d], None, k)) for d in (True, False))])
-    described = {True: trajectory, False: described_as_sgd(trajectory)}
     for label, on in (("one projection (SourceAttributor, defaults)", False), ("a projection per segment", True)):
         rows.append([f"SOURCE, k = {k}, {label}",
                      *(lds(attributor_scores(scenario, model, described[d], segment_projections=on)) for d in (True, False))])

@@ -44,7 +44,11 @@ import numpy as np
 import torch
 
 from source_proj.trajectory.checkpoints import Checkpoint, Trajectory, TrajectoryError
-from source_proj.trajectory.optimizer_state import group_decays, mean_group_decay
+from source_proj.trajectory.optimizer_state import (
+    group_decays,
+    mean_group_decay,
+    state_sizes,
+)
 
 _CHECKPOINT_DIR = re.compile(r"^checkpoint-(\d+)$")
 
@@ -149,11 +153,7 @@ def optimizer_settings(folder: Path, model: torch.nn.Module | None = None) -> Op
     state = torch.load(path, map_location="cpu", weights_only=True)
     groups = state["param_groups"]
     decays = [float(g.get("weight_decay", 0.0)) for g in groups]
-    sizes = {}
-    for pid, entry in state.get("state", {}).items():
-        tensors = [v for v in entry.values() if isinstance(v, torch.Tensor) and v.dim() > 0]
-        if tensors:
-            sizes[pid] = tensors[0].numel()
+    sizes = state_sizes(state.get("state", {}))
     if len(set(decays)) > 1 and any(pid not in sizes for g in groups for pid in g["params"]):
         if model is None:
             raise TrajectoryError(

@@ -124,6 +124,17 @@ def _check_groups(groups: Sequence[Mapping[str, Any]], trajectory: Trajectory, w
             )
 
 
+def state_sizes(per_param: Mapping[Any, Mapping[str, Any]]) -> dict[int, int]:
+    """param id -> numel, from the first non-scalar tensor of each entry of an optimizer
+    ``state_dict()["state"]`` (ids without such a tensor are left out)."""
+    sizes = {}
+    for pid, entry in per_param.items():
+        tensors = [v for v in entry.values() if isinstance(v, torch.Tensor) and v.dim() > 0]
+        if tensors:
+            sizes[int(pid)] = tensors[0].numel()
+    return sizes
+
+
 def group_decays(groups: Sequence[Mapping[str, Any]], sizes: Mapping[int, int]) -> tuple[tuple[int, float], ...]:
     """(number of parameters, weight decay) of each of an optimizer's param groups;
     ``sizes``: param id -> numel (an id without one counts 1)."""
@@ -141,12 +152,7 @@ def mean_group_decay(counted: Sequence[tuple[int, float]]) -> float:
 
 def _check_decay(groups: Sequence[Mapping[str, Any]], per_param: Mapping[Any, Any], trajectory: Trajectory, where: str) -> None:
     """The trajectory's ``weight_decay`` must be the groups' parameter-weighted mean (to 0.1%)."""
-    sizes = {
-        int(pid): entry["exp_avg_sq"].numel()
-        for pid, entry in per_param.items()
-        if isinstance(entry.get("exp_avg_sq"), torch.Tensor)
-    }
-    counted = group_decays(groups, sizes)
+    counted = group_decays(groups, state_sizes(per_param))
     expected = mean_group_decay(counted)
     if math.isclose(trajectory.weight_decay, expected, rel_tol=1e-3, abs_tol=1e-12):
         return
