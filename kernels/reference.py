@@ -31,6 +31,7 @@ import math
 import sys
 
 import torch
+from source_proj.errors import InputError
 
 if sys.byteorder != "little":  # torch itself supports only little-endian hosts
     raise ImportError("source_proj's random projection needs a little-endian machine")
@@ -59,7 +60,7 @@ def check_seed(seed: int) -> int:
     """Return ``seed`` as an int after checking it is in [0, 2^64)."""
     seed = int(seed)
     if not 0 <= seed < 2**64:
-        raise ValueError(f"projection seed must be in [0, 2**64), got {seed}")
+        raise InputError(f"projection seed must be in [0, 2**64), got {seed}")
     return seed
 
 
@@ -181,9 +182,9 @@ def matrix_block(
     sqrt(col_stop), the scale of a projection to ``col_stop`` dimensions.
     """
     if kind not in KINDS:
-        raise ValueError(f"unknown projection kind {kind!r}; expected one of {KINDS}")
+        raise InputError(f"unknown projection kind {kind!r}; expected one of {KINDS}")
     if not (0 <= row_start <= row_stop and 0 <= col_start <= col_stop):
-        raise ValueError(f"bad block rows [{row_start}, {row_stop}) cols [{col_start}, {col_stop})")
+        raise InputError(f"bad block rows [{row_start}, {row_stop}) cols [{col_start}, {col_stop})")
     per_call = COLUMNS_PER_CALL[kind]
     g_start, g_stop = col_start // per_call, -(-col_stop // per_call)
     if kind == RADEMACHER:

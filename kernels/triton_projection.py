@@ -43,6 +43,7 @@ import triton
 import triton.language as tl
 
 from .reference import GAUSSIAN, KINDS, PRECISIONS, RADEMACHER, check_seed
+from source_proj.errors import InputError
 
 _ROUND_A: tl.constexpr = tl.constexpr(0xD2511F53)
 _ROUND_B: tl.constexpr = tl.constexpr(0xCD9E8D57)
@@ -255,9 +256,9 @@ class Tiles:
         for name in ("block_b", "block_n", "block_p"):
             value = getattr(self, name)
             if value < 16 or value & (value - 1):
-                raise ValueError(f"{name} must be a power of two >= 16, got {value}")
+                raise InputError(f"{name} must be a power of two >= 16, got {value}")
         if self.block_n > 256:
-            raise ValueError(f"block_n must be at most 256 (two Philox calls per row), got {self.block_n}")
+            raise InputError(f"block_n must be at most 256 (two Philox calls per row), got {self.block_n}")
 
 
 def choose_tiles(batch: int, dim: int, dtype: torch.dtype, kind: str) -> Tiles:
@@ -297,21 +298,21 @@ def _num_splits(device: torch.device, n_tiles: int, p: int, block_p: int) -> int
 
 def _check(blocks: list[torch.Tensor], out: torch.Tensor, kind: str, precision: str) -> None:
     if kind not in KINDS:
-        raise ValueError(f"unknown projection kind {kind!r}; expected one of {KINDS}")
+        raise InputError(f"unknown projection kind {kind!r}; expected one of {KINDS}")
     if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}; expected one of {PRECISIONS}")
+        raise InputError(f"unknown precision {precision!r}; expected one of {PRECISIONS}")
     if out.dtype != torch.float32 or out.dim() != 2 or not out.is_contiguous():
-        raise ValueError(f"out must be a contiguous 2-D float32 tensor, got {out.dtype} {tuple(out.shape)}")
+        raise InputError(f"out must be a contiguous 2-D float32 tensor, got {out.dtype} {tuple(out.shape)}")
     if out.device.type != "cuda" and not _interpreting():
         raise RuntimeError("the Triton projection needs CUDA tensors (or TRITON_INTERPRET=1)")
     for block in blocks:
         if block.dim() != 2 or block.shape[0] != out.shape[0] or block.device != out.device:
-            raise ValueError(
+            raise InputError(
                 f"gradient block {tuple(block.shape)} on {block.device} does not match out "
                 f"{tuple(out.shape)} on {out.device}"
             )
         if block.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-            raise ValueError(f"gradients must be float32, bfloat16 or float16, got {block.dtype}")
+            raise InputError(f"gradients must be float32, bfloat16 or float16, got {block.dtype}")
 
 
 def _launch_groups(blocks: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -66,6 +66,7 @@ from source_proj.trajectory.checkpoints import (
     state_digest,
 )
 from source_proj.trajectory.optimizer_state import Preconditioner
+from source_proj.errors import InputError
 
 FORMAT_VERSION = 1
 
@@ -133,7 +134,7 @@ class SourceAttributor:
         self.projections = (self.projection,) * len(self.segments)
         if self.config.segment_projections:
             if self.query_mode != "segment":
-                raise ValueError(
+                raise InputError(
                     "segment_projections needs the per-segment query form (query_mode='segment'): the "
                     f"{self.query_mode!r} form carries query gradients across segments, in one projection"
                 )
@@ -277,7 +278,7 @@ class SourceAttributor:
         store digests them). ``chunks`` limits the pass to those chunk indices. Raises
         ``ValueError`` naming the offending rows (indices into ``examples``)."""
         if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1:
-            raise ValueError(f"chunk_rows must be a positive int, got {chunk_rows!r}")
+            raise InputError(f"chunk_rows must be a positive int, got {chunk_rows!r}")
         first_inputs, _ = examples.rows(0, 1, self.device)
         params, consts = self._load(len(self.trajectory.checkpoints) - 1)
         n_outputs = self.model_fn.forward(params, consts, first_inputs).reshape(1, -1).shape[1]
@@ -335,7 +336,7 @@ class SourceAttributor:
         """Install per-segment spectra and weights w_l (1/N_l, or 0 for segments the rows did
         not train in), as computed by :meth:`prepare` or restored from a feature store."""
         if len(spectra) != self.num_segments or len(weights) != self.num_segments:
-            raise ValueError(
+            raise InputError(
                 f"expected {self.num_segments} segment spectra and weights, got {len(spectra)} and {len(weights)}"
             )
         self.spectra = list(spectra)
@@ -359,7 +360,7 @@ class SourceAttributor:
             self.trajectory.stage_checkpoints(stage)  # raises for an unknown stage
             size = num_train.get(stage, n_rows) if isinstance(num_train, Mapping) else (num_train or n_rows)
             if int(size) < 1:
-                raise ValueError(f"num_train for stage {stage!r} must be >= 1, got {size}")
+                raise InputError(f"num_train for stage {stage!r} must be >= 1, got {size}")
             sizes[stage] = int(size)
         return [1.0 / sizes[seg.stage] if seg.stage in sizes else 0.0 for seg in self.segments]
 
@@ -381,7 +382,7 @@ class SourceAttributor:
         sources = {s: given.get(s, examples if s in stages else None) for s in self.trajectory.stages if s in needed}
         missing = [s for s, d in sources.items() if d is None]
         if missing:
-            raise ValueError(
+            raise InputError(
                 f"stages {missing} have no curvature data: the attributed rows belong to stages "
                 f"{list(stages)}, and the later stages' Hessians carry their effect to the final "
                 "model; pass curvature_data={stage: data} for them"
@@ -506,7 +507,7 @@ class SourceAttributor:
         if stage is None:
             return self.train_features
         if self.train_segment_features is None:
-            raise ValueError("per-stage scores need per-segment features: set keep_segment_features=True")
+            raise InputError("per-stage scores need per-segment features: set keep_segment_features=True")
         mask = torch.zeros(self.num_segments, dtype=torch.bool)
         mask[self.stage_segments(stage)] = True
         return combine(self.train_segment_features, self.query_mode, mask)

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from source_proj.gradients.memory import parse_bytes
 from source_proj.projection.jl import ProjectionConfig
 from source_proj.projection.projected import CURVATURE_MODES, STRUCTURES
+from source_proj.errors import InputError
 
 QUERY_MODES = ("auto", "final", "segment")
 
@@ -92,20 +93,20 @@ class SourceConfig:
     def __post_init__(self) -> None:
         self.projection()  # validates proj_dim, seed, kind, backend, precision
         if self.proj_structure not in STRUCTURES:
-            raise ValueError(f"proj_structure must be one of {STRUCTURES}, got {self.proj_structure!r}")
+            raise InputError(f"proj_structure must be one of {STRUCTURES}, got {self.proj_structure!r}")
         if isinstance(self.kronecker_terms, bool) or not isinstance(self.kronecker_terms, int) or not 1 <= self.kronecker_terms <= 256:
-            raise ValueError(f"kronecker_terms must be an int in [1, 256], got {self.kronecker_terms!r}")
+            raise InputError(f"kronecker_terms must be an int in [1, 256], got {self.kronecker_terms!r}")
         if self.curvature not in ("auto", *CURVATURE_MODES):
-            raise ValueError(f"curvature must be one of {('auto', *CURVATURE_MODES)}, got {self.curvature!r}")
+            raise InputError(f"curvature must be one of {('auto', *CURVATURE_MODES)}, got {self.curvature!r}")
         if self.query_mode not in QUERY_MODES:
-            raise ValueError(f"query_mode must be one of {QUERY_MODES}, got {self.query_mode!r}")
+            raise InputError(f"query_mode must be one of {QUERY_MODES}, got {self.query_mode!r}")
         if not (math.isfinite(self.time_scale) and self.time_scale > 0):
-            raise ValueError(f"time_scale must be finite and > 0, got {self.time_scale}")
+            raise InputError(f"time_scale must be finite and > 0, got {self.time_scale}")
         if self.chunk_size is not None and (isinstance(self.chunk_size, bool) or self.chunk_size < 1):
-            raise ValueError(f"chunk_size must be >= 1 or None, got {self.chunk_size}")
+            raise InputError(f"chunk_size must be >= 1 or None, got {self.chunk_size}")
         parse_bytes(self.max_gradient_memory)
         if self.curvature_examples is not None and self.curvature_examples < 1:
-            raise ValueError(f"curvature_examples must be >= 1 or None, got {self.curvature_examples}")
+            raise InputError(f"curvature_examples must be >= 1 or None, got {self.curvature_examples}")
 
     def resolved_query_mode(self, num_stages: int) -> str:
         """"final" or "segment": ``query_mode`` with "auto" resolved for a run of ``num_stages``."""

@@ -21,6 +21,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, TextIO
 
+from source_proj.errors import InputError, SourceProjError
+
 TASK_HELP = (
     "the run to attribute: path/to/file.py:function or module:function, a function with no "
     "arguments returning a source_proj.cli.task_spec.TaskSpec (model, task, trajectory, train rows, "
@@ -42,29 +44,26 @@ _DISTRIBUTED = ("fit", "score", "topk", "self-influence")
 
 
 def _reporting_errors(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    """Turn the errors a user can cause (bad input, NaN/inf, a mismatched, damaged, locked or
-    missing store, a bad task) into a one-line message and exit code 2, unless ``--debug``
-    asks for the traceback; anything else keeps its traceback."""
+    """Turn the library's own errors (``SourceProjError``: bad input, NaN/inf, a mismatched,
+    damaged, locked or missing store, a bad task, a failed rank) and operating-system errors
+    (a missing file, a full disk) into a one-line message and exit code 2, unless ``--debug``
+    asks for the traceback; anything else is a bug and keeps its traceback."""
 
     def run(args: argparse.Namespace) -> int:
         import torch
 
-        from source_proj.distributed.failures import DistributedRunError
         from source_proj.distributed.group import init_from_environment, rank_device
-        from source_proj.features.ledger import StoreError
-        from source_proj.gradients.per_example import NonFiniteError
-        from source_proj.trajectory.checkpoints import TrajectoryError
 
         joined_here = not torch.distributed.is_initialized()
         try:
             group = init_from_environment(getattr(args, "device", None))
             if group.distributed:
                 if args.command not in _DISTRIBUTED:
-                    raise ValueError(f"'{args.command}' runs in one process; under torchrun use one of {list(_DISTRIBUTED)}")
+                    raise InputError(f"'{args.command}' runs in one process; under torchrun use one of {list(_DISTRIBUTED)}")
                 if getattr(args, "device", None) is not None:
                     args.device = rank_device(args.device)
             return handler(args)
-        except (ValueError, OSError, StoreError, NonFiniteError, TrajectoryError, DistributedRunError) as exc:
+        except (SourceProjError, OSError) as exc:
             if args.debug:
                 raise
             _log(f"source-proj {args.command}: error: {exc}")
@@ -207,9 +206,9 @@ def _topk_results(args: argparse.Namespace, store: Any, queries: Any, segments: 
     kinds = ["proponents", "opponents"] if args.kind == "both" else [args.kind]
     if args.index == "ivf":
         if ProcessGroup.current().distributed:
-            raise ValueError("--index ivf runs in one process; under torchrun the exact search is shared by the ranks")
+            raise InputError("--index ivf runs in one process; under torchrun the exact search is shared by the ranks")
         if segments is not None:
-            raise ValueError("--index ivf searches the full features; it cannot be combined with --stage")
+            raise InputError("--index ivf searches the full features; it cannot be combined with --stage")
         index = _ivf_index(args, store, queries)
         exact = [kind for kind in kinds if not index.worth_using(kind == "opponents")]
         if exact:
@@ -373,10 +372,10 @@ def _curate(args: argparse.Namespace) -> int:
     progress = not args.quiet
     if args.explain is not None:
         if queries is None:
-            raise ValueError("--explain ROW needs --against QUERY_SET: the queries it helps and hurts")
+            raise InputError("--explain ROW needs --against QUERY_SET: the queries it helps and hurts")
         return _explain(args, store, attributor, queries)
     if args.out is None:
-        raise ValueError("--out DIR is required (where the table, keep-mask and weights go)")
+        raise InputError("--out DIR is required (where the table, keep-mask and weights go)")
     table = curate(
         self_influence=store.self_influence(),
         losses=final_losses(attributor, spec.train, progress=progress),
@@ -389,7 +388,7 @@ def _curate(args: argparse.Namespace) -> int:
     try:
         table_path = table.write(out / f"curation.{args.format}")
     except ImportError as exc:
-        raise ValueError(str(exc)) from exc
+        raise InputError(str(exc)) from exc
     np.save(out / "keep.npy", table.keep_mask())
     np.save(out / "weights.npy", table.weights())
     _log(
@@ -440,7 +439,7 @@ def _verify_against_task(args: argparse.Namespace, store: Any) -> list[str]:
     try:
         check_store_settings(attributor, store)
         check_training_data(attributor, store, spec.train)
-    except ValueError as exc:  # StoreMismatchError, DataMismatchError, invalid labels
+    except SourceProjError as exc:  # StoreMismatchError, DataMismatchError, invalid labels
         return [str(exc)]
     return []
 

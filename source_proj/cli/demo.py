@@ -19,6 +19,7 @@ from torch import nn
 from source_proj.gradients.tasks import ClassificationTask
 from source_proj.trajectory.checkpoints import Checkpoint, Trajectory
 from source_proj.trajectory.training import AdamWSettings, TrainSettings, train
+from source_proj.errors import InputError
 
 DIGITS_SETTINGS = TrainSettings(
     epochs=12, batch_size=32, lr=0.05, momentum=0.9, weight_decay=5e-4, checkpoints_per_epoch=1, seed=0
@@ -106,7 +107,7 @@ def run_demo(
     from source_proj.retrieval.exact import exact_proponents_opponents
 
     if optimizer not in DEMO_OPTIMIZERS:
-        raise ValueError(f"optimizer must be one of {sorted(DEMO_OPTIMIZERS)}, got {optimizer!r}")
+        raise InputError(f"optimizer must be one of {sorted(DEMO_OPTIMIZERS)}, got {optimizer!r}")
     settings, folder, description = DEMO_OPTIMIZERS[optimizer]
     print(f"Training a 64-32-10 MLP on scikit-learn digits ({description}); checkpoints in {workdir}/{folder}/")
     run = digits_run(Path(workdir) / folder, settings)

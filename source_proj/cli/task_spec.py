@@ -30,11 +30,12 @@ from torch import nn
 
 from source_proj.gradients.tasks import Task
 from source_proj.trajectory.checkpoints import Trajectory
+from source_proj.errors import InputError
 
 TextColumn = str | Sequence[str] | None
 
 
-class TaskSpecError(ValueError):
+class TaskSpecError(InputError):
     """A ``--task`` reference that cannot be loaded, or a function returning something unusable."""
 
 

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from source_proj.evaluation.pruning import FULL, PruningResult
+from source_proj.errors import InputError
 
 
 def _figure(width: float, height: float) -> Any:
@@ -37,7 +38,7 @@ def _image(values: np.ndarray, shape: tuple[int, ...] | None) -> np.ndarray:
     if array.ndim == 3 and array.shape[-1] == 1:
         array = array[..., 0]
     if array.ndim not in (2, 3):
-        raise ValueError(f"cannot show an image of shape {array.shape}; pass image_shape")
+        raise InputError(f"cannot show an image of shape {array.shape}; pass image_shape")
     return array
 
 
@@ -94,7 +95,7 @@ def score_histogram(
     scores = np.asarray(scores, dtype=np.float64)
     flags = np.asarray(flags, dtype=bool)
     if scores.ndim != 1 or flags.shape != scores.shape:
-        raise ValueError(f"scores and flags must be 1-D of one length, got {scores.shape} and {flags.shape}")
+        raise InputError(f"scores and flags must be 1-D of one length, got {scores.shape} and {flags.shape}")
     fig = _figure(6.0, 3.5)
     ax = fig.add_subplot()
     edges = np.histogram_bin_edges(scores, bins=bins)

@@ -22,6 +22,7 @@ from scipy.stats import rankdata
 
 from source_proj.curation.settings import CurationConfig
 from source_proj.curation.table import CurationTable
+from source_proj.errors import InputError
 
 # Robust spread of a normal sample from its median absolute deviation.
 _MAD_TO_STD = 1.4826
@@ -31,10 +32,10 @@ def _signal(name: str, values: object, n: int | None) -> np.ndarray:
     array = np.asarray(values, dtype=np.float64)
     if array.ndim != 1 or array.shape[0] == 0 or (n is not None and array.shape[0] != n):
         want = "(N,)" if n is None else f"({n},)"
-        raise ValueError(f"{name} must be a non-empty 1-D array of shape {want}, got shape {array.shape}")
+        raise InputError(f"{name} must be a non-empty 1-D array of shape {want}, got shape {array.shape}")
     if not np.all(np.isfinite(array)):
         bad = np.flatnonzero(~np.isfinite(array))
-        raise ValueError(f"{name} has non-finite values at rows {bad[:10].tolist()}")
+        raise InputError(f"{name} has non-finite values at rows {bad[:10].tolist()}")
     return array
 
 
@@ -56,7 +57,7 @@ def resolve_ranking(rank_by: str, has_self: bool, has_loss: bool, has_harm: bool
             return "heldout_loss"
         if has_self:
             return "self_influence"
-        raise ValueError("no signal to rank by: give self_influence (and losses) and/or harm")
+        raise InputError("no signal to rank by: give self_influence (and losses) and/or harm")
     needs = {
         "self_influence": {"self_influence": has_self},
         "heldout_loss": {"self_influence": has_self, "losses": has_loss},
@@ -65,7 +66,7 @@ def resolve_ranking(rank_by: str, has_self: bool, has_loss: bool, has_harm: bool
     }[rank_by]
     missing = [name for name, present in needs.items() if not present]
     if missing:
-        raise ValueError(f"rank_by={rank_by!r} needs {missing}")
+        raise InputError(f"rank_by={rank_by!r} needs {missing}")
     return rank_by
 
 
@@ -160,7 +161,7 @@ def curate(
     if labels is not None:
         label_array = np.asarray(labels)
         if label_array.shape != (n,):
-            raise ValueError(f"labels must have shape ({n},), got {label_array.shape}")
+            raise InputError(f"labels must have shape ({n},), got {label_array.shape}")
         columns["label"] = label_array
     columns.update(
         score=score, rank=rank, flag=flags,

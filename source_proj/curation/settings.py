@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from source_proj.errors import InputError
 
 RANKINGS = ("auto", "self_influence", "heldout_loss", "harm", "combined")
 
@@ -12,7 +13,7 @@ def _check_fraction(name: str, value: float, low_open: bool = True) -> None:
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     if not ok or not (0 < value <= 1 if low_open else 0 <= value <= 1):
         bounds = "(0, 1]" if low_open else "[0, 1]"
-        raise ValueError(f"CurationConfig.{name} must be a number in {bounds}, got {value!r}")
+        raise InputError(f"CurationConfig.{name} must be a number in {bounds}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -53,10 +54,10 @@ class CurationConfig:
 
     def __post_init__(self) -> None:
         if self.rank_by not in RANKINGS:
-            raise ValueError(f"CurationConfig.rank_by must be one of {RANKINGS}, got {self.rank_by!r}")
+            raise InputError(f"CurationConfig.rank_by must be one of {RANKINGS}, got {self.rank_by!r}")
         _check_fraction("flag_fraction", self.flag_fraction)
         _check_fraction("harm_weight", self.harm_weight, low_open=False)
         _check_fraction("weight_floor", self.weight_floor, low_open=False)
         width = self.weight_width
         if isinstance(width, bool) or not isinstance(width, (int, float)) or not (math.isfinite(width) and width > 0):
-            raise ValueError(f"CurationConfig.weight_width must be finite and > 0, got {width!r}")
+            raise InputError(f"CurationConfig.weight_width must be finite and > 0, got {width!r}")

@@ -22,6 +22,7 @@ from source_proj.attributor import SourceAttributor
 from source_proj.features.store import FeatureStore
 from source_proj.gradients.data import as_examples
 from source_proj.retrieval.group import group_influence
+from source_proj.errors import InputError
 
 # Rows per forward pass or per block of query features (bounded memory, few calls).
 _BLOCK = 1024
@@ -42,7 +43,7 @@ def final_losses(attributor: SourceAttributor, data: Any, *, progress: bool = Tr
             out[start:stop] = attributor.task.loss(model_fn.forward(params, consts, inputs), targets).double().cpu().numpy()
     if not np.all(np.isfinite(out)):
         bad = np.flatnonzero(~np.isfinite(out))
-        raise ValueError(f"the final model's loss is not finite for training rows {bad[:10].tolist()}")
+        raise InputError(f"the final model's loss is not finite for training rows {bad[:10].tolist()}")
     return out
 
 
@@ -87,7 +88,7 @@ def row_effects(attributor: SourceAttributor, store: FeatureStore, queries: Any,
     """The ``k`` queries whose loss training row ``row`` lowers most and raises most."""
     n = store.layout.n_rows
     if isinstance(row, bool) or not isinstance(row, (int, np.integer)) or not 0 <= row < n:
-        raise ValueError(f"row must be a training row in [0, {n}), got {row!r}")
+        raise InputError(f"row must be a training row in [0, {n}), got {row!r}")
     features = torch.from_numpy(store.read_rows(int(row), int(row) + 1)[0])
     scores = torch.cat([block @ features for block in loss_query_blocks(attributor, queries)]).double().numpy()
     k = max(1, min(int(k), scores.shape[0]))

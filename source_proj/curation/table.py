@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from source_proj.errors import InputError
 
 REQUIRED = ("row_id", "score", "rank", "flag", "weight")
 SIGNALS = ("self_influence", "loss", "heldout_loss", "harm")
@@ -60,14 +61,14 @@ class CurationTable:
         missing = [c for c in REQUIRED if c not in self.columns]
         unknown = sorted(set(self.columns) - set(_ORDER))
         if missing or unknown:
-            raise ValueError(f"curation table columns: missing {missing}, unknown {unknown}; allowed {list(_ORDER)}")
+            raise InputError(f"curation table columns: missing {missing}, unknown {unknown}; allowed {list(_ORDER)}")
         cols = {name: np.asarray(self.columns[name]) for name in _ORDER if name in self.columns}
         n = cols["row_id"].shape[0]
         bad = [f"{k} {v.shape}" for k, v in cols.items() if v.shape != (n,)]
         if bad:
-            raise ValueError(f"every curation column must have shape ({n},); got {bad}")
+            raise InputError(f"every curation column must have shape ({n},); got {bad}")
         if not np.array_equal(cols["row_id"], np.arange(n)):
-            raise ValueError("curation table rows must be in training-row order (row_id = 0..N-1)")
+            raise InputError("curation table rows must be in training-row order (row_id = 0..N-1)")
         object.__setattr__(self, "columns", cols)
 
     def __len__(self) -> int:
@@ -129,15 +130,15 @@ class CurationTable:
                 reader = csv.reader(handle)
                 header = next(reader, None)
                 if header is None:
-                    raise ValueError(f"{path} is empty; expected a curation table")
+                    raise InputError(f"{path} is empty; expected a curation table")
                 rows = list(reader)
             raw = {name: [r[i] for r in rows] for i, name in enumerate(header)}
             unknown = sorted(set(header) - set(_KINDS))
             if unknown:
-                raise ValueError(f"{path}: unknown curation columns {unknown}")
+                raise InputError(f"{path}: unknown curation columns {unknown}")
             raw = {name: _parse(values, _KINDS[name], name, path) for name, values in raw.items()}
         if "row_id" not in raw:
-            raise ValueError(f"{path} has no row_id column; expected a curation table")
+            raise InputError(f"{path} has no row_id column; expected a curation table")
         order = np.argsort(np.asarray(raw["row_id"], dtype=np.int64), kind="stable")
         return cls({name: np.asarray(values)[order] for name, values in raw.items()})
 
@@ -155,10 +156,10 @@ def _parse(values: list[str], kind: str, name: str, path: Path) -> np.ndarray:
             return np.asarray([float(v) for v in values], dtype=np.float64)
         if kind == "bool":
             if set(values) - {"True", "False"}:
-                raise ValueError("expected True or False")
+                raise InputError("expected True or False")
             return np.asarray([v == "True" for v in values], dtype=bool)
     except ValueError as exc:
-        raise ValueError(f"{path}: column {name!r}: {exc}") from exc
+        raise InputError(f"{path}: column {name!r}: {exc}") from exc
     try:  # labels: integers when they all are, else text
         return np.asarray([int(v) for v in values], dtype=np.int64)
     except ValueError:

@@ -9,9 +9,10 @@ from contextlib import contextmanager
 import torch.distributed as dist
 
 from source_proj.distributed.group import ProcessGroup
+from source_proj.errors import SourceProjError
 
 
-class DistributedRunError(RuntimeError):
+class DistributedRunError(SourceProjError, RuntimeError):
     """Work failed on one or more ranks of a distributed run (raised on every rank).
 
     Attributes:

@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from source_proj.distributed.group import ProcessGroup
+from source_proj.errors import InputError
 
 
 class TreeSum:
@@ -31,7 +32,7 @@ class TreeSum:
     def add_node(self, lo: int, hi: int, value: torch.Tensor) -> None:
         """Add the node of leaves [lo, hi), which must directly follow those added so far."""
         if self._stack and self._stack[-1][1] != lo:
-            raise ValueError(f"tree nodes must be added in order: got [{lo}, {hi}) after [..., {self._stack[-1][1]})")
+            raise InputError(f"tree nodes must be added in order: got [{lo}, {hi}) after [..., {self._stack[-1][1]})")
         self._stack.append((lo, hi, value))
         while len(self._stack) >= 2:
             (a_lo, a_hi, a), (b_lo, b_hi, b) = self._stack[-2], self._stack[-1]
@@ -48,7 +49,7 @@ class TreeSum:
     def total(self) -> torch.Tensor:
         """The sum of everything added (nodes left over added left to right)."""
         if not self._stack:
-            raise ValueError("empty sum")
+            raise InputError("empty sum")
         values = [value for _, _, value in self._stack]
         out = values[0]
         for value in values[1:]:

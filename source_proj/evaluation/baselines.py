@@ -41,26 +41,27 @@ from source_proj.config import SourceConfig
 from source_proj.curvature.spectra import segment_spectra, transport_operators
 from source_proj.evaluation.projected_run import ProjectedRun
 from source_proj.features.rows import combine, row_dot, segment_features
+from source_proj.errors import InputError
 
 
 def _source_train(run: ProjectedRun, config: SourceConfig) -> tuple[ProjectedRun, list, str, torch.Tensor, torch.Tensor]:
     """(run at ``config.proj_dim``, segments, query mode, per-segment mean training gradients
     (N, L, k) float64, training features (N, D)) of SOURCE with ``config`` on ``run``."""
     if (config.seed, config.proj_kind, config.proj_structure) != (run.seed, run.kind, run.structure):
-        raise ValueError(
+        raise InputError(
             f"config projects with seed {config.seed} ({config.proj_kind}, {config.proj_structure}) but the run "
             f"was projected with seed {run.seed} ({run.kind}, {run.structure})"
         )
     if run.structure != "dense" and (config.proj_dim, config.kronecker_terms) != (run.budget, run.kronecker_terms):
-        raise ValueError(
+        raise InputError(
             f"a factored run (k = {run.budget}, {run.kronecker_terms} terms) cannot be scored at k = "
             f"{config.proj_dim} with {config.kronecker_terms} terms: project it again"
         )
     curvature = config.resolved_curvature(run.default_curvature)
     if curvature not in run.hessians:
-        raise ValueError(f"the run has no {curvature!r} curvature; it has {sorted(run.hessians)}")
+        raise InputError(f"the run has no {curvature!r} curvature; it has {sorted(run.hessians)}")
     if config.curvature_examples is not None:
-        raise ValueError("cached runs hold Hessians over all rows; set curvature_examples=None")
+        raise InputError("cached runs hold Hessians over all rows; set curvature_examples=None")
     if run.structure == "dense" and config.proj_dim != run.dim:
         run = run.truncate(config.proj_dim)
     trajectory = run.trajectory
@@ -124,7 +125,7 @@ def tracin_scores(run: ProjectedRun) -> torch.Tensor:
 def _damped_inverse(run: ProjectedRun, damping: float) -> torch.Tensor:
     """(H_T + (lambda + delta) I)^{-1}, (k, k) float64, delta = damping x mean eigenvalue."""
     if not damping >= 0:
-        raise ValueError(f"damping must be >= 0, got {damping!r}")
+        raise InputError(f"damping must be >= 0, got {damping!r}")
     hessian = run.final_hessian.double() + run.decays[-1] * torch.eye(run.dim, dtype=torch.float64)
     evals, evecs = torch.linalg.eigh(0.5 * (hessian + hessian.T))
     evals = evals.clamp_min(0.0)
@@ -182,8 +183,8 @@ def representation_similarity(query_features: torch.Tensor, train_features: torc
 def ensemble(scores: Sequence[torch.Tensor | np.ndarray]) -> np.ndarray:
     """Mean (n_query, N) float64 of score matrices of independently trained runs."""
     if not scores:
-        raise ValueError("ensemble of no score matrices")
+        raise InputError("ensemble of no score matrices")
     shapes = {tuple(np.shape(s)) for s in scores}
     if len(shapes) != 1:
-        raise ValueError(f"score matrices of different shapes {sorted(shapes)}")
+        raise InputError(f"score matrices of different shapes {sorted(shapes)}")
     return np.mean([np.asarray(s, dtype=np.float64) for s in scores], axis=0)

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from source_proj.evaluation.retraining import RetrainFn, RetrainJob, RetrainRunner
+from source_proj.errors import InputError
 
 RANDOM_BASELINE = "random (same class)"
 
@@ -43,12 +44,12 @@ class CounterfactualConfig:
     def __post_init__(self) -> None:
         ks = tuple(self.ks)
         if not ks or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in ks):
-            raise ValueError(f"ks must be positive ints, got {self.ks!r}")
+            raise InputError(f"ks must be positive ints, got {self.ks!r}")
         if any(b <= a for a, b in zip(ks, ks[1:])):
-            raise ValueError(f"ks must be strictly increasing, got {self.ks!r}")
+            raise InputError(f"ks must be strictly increasing, got {self.ks!r}")
         object.__setattr__(self, "ks", ks)
         if isinstance(self.num_seeds, bool) or not isinstance(self.num_seeds, int) or self.num_seeds < 1:
-            raise ValueError(f"num_seeds must be a positive int, got {self.num_seeds!r}")
+            raise InputError(f"num_seeds must be a positive int, got {self.num_seeds!r}")
 
     def retrain_seeds(self) -> list[int]:
         """The seeds every retraining of the evaluation uses."""
@@ -129,10 +130,10 @@ def flip_curve(
         config: removal sizes and seeds.
     """
     if len(orderings) != len(queries):
-        raise ValueError(f"{len(orderings)} orderings for {len(queries)} queries")
+        raise InputError(f"{len(orderings)} orderings for {len(queries)} queries")
     too_short = [int(q) for q, o in zip(queries, orderings) if len(o) < config.ks[-1]]
     if too_short:
-        raise ValueError(
+        raise InputError(
             f"orderings of queries {too_short[:5]} have fewer than max(ks) = {config.ks[-1]} rows"
         )
     seeds = config.retrain_seeds()
@@ -179,16 +180,16 @@ def subset_removal(
     num_train = train_labels.shape[0]
     for name, s in scores.items():
         if np.shape(s) != (query_labels.shape[0], num_train):
-            raise ValueError(
+            raise InputError(
                 f"scores of {name!r} must be (n_query, N) = {(query_labels.shape[0], num_train)}, "
                 f"got {np.shape(s)}"
             )
     if RANDOM_BASELINE in scores:
-        raise ValueError(f"{RANDOM_BASELINE!r} is reserved for the baseline")
+        raise InputError(f"{RANDOM_BASELINE!r} is reserved for the baseline")
     with RetrainRunner(retrain, workers=workers, progress=progress) as runner:
         correct = correctly_classified(runner, num_train, config.retrain_seeds())
         if correct.shape != query_labels.shape:
-            raise ValueError(f"retrain returned {correct.shape[0]} margins for {query_labels.shape[0]} queries")
+            raise InputError(f"retrain returned {correct.shape[0]} margins for {query_labels.shape[0]} queries")
         queries = np.flatnonzero(correct)[:max_queries]
         rng = np.random.default_rng([config.seed, 0xBA5E])
         orderings = {RANDOM_BASELINE: random_same_class_ordering(train_labels, query_labels[queries], rng)}

@@ -26,6 +26,7 @@ import numpy as np
 
 from source_proj.evaluation.retraining import RetrainFn, RetrainJob, RetrainRunner
 from source_proj.evaluation.stats import spearman
+from source_proj.errors import InputError
 
 _CACHE_FORMAT = 1
 
@@ -50,19 +51,19 @@ class LDSConfig:
         if isinstance(self.num_subsets, bool) or not isinstance(self.num_subsets, int):
             raise TypeError(f"num_subsets must be an int, got {self.num_subsets!r}")
         if self.num_subsets < 3:
-            raise ValueError(f"num_subsets must be >= 3 for a rank correlation, got {self.num_subsets}")
+            raise InputError(f"num_subsets must be >= 3 for a rank correlation, got {self.num_subsets}")
         if not 0.0 < float(self.fraction) < 1.0:
-            raise ValueError(f"fraction must lie in (0, 1), got {self.fraction!r}")
+            raise InputError(f"fraction must lie in (0, 1), got {self.fraction!r}")
         if isinstance(self.repeats, bool) or not isinstance(self.repeats, int) or self.repeats < 1:
-            raise ValueError(f"repeats must be a positive int, got {self.repeats!r}")
+            raise InputError(f"repeats must be a positive int, got {self.repeats!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise ValueError(f"seed must be a non-negative int, got {self.seed!r}")
+            raise InputError(f"seed must be a non-negative int, got {self.seed!r}")
 
     def subset_size(self, num_train: int) -> int:
         """Rows kept per subset: ``round(fraction * num_train)``, at least 1 and below N."""
         size = int(round(self.fraction * num_train))
         if not 1 <= size < num_train:
-            raise ValueError(
+            raise InputError(
                 f"fraction {self.fraction} of {num_train} training rows leaves {size} rows per "
                 "subset; need between 1 and N - 1"
             )
@@ -103,9 +104,9 @@ class LDSGroundTruth:
 
     def __post_init__(self) -> None:
         if self.masks.ndim != 2 or self.masks.dtype != np.bool_:
-            raise ValueError(f"masks must be a 2-D bool array, got {self.masks.dtype} {self.masks.shape}")
+            raise InputError(f"masks must be a 2-D bool array, got {self.masks.dtype} {self.masks.shape}")
         if self.measurements.ndim != 3 or self.measurements.shape[0] != self.masks.shape[0]:
-            raise ValueError(
+            raise InputError(
                 f"measurements must be (M, R, n_query) with M = {self.masks.shape[0]}, "
                 f"got {self.measurements.shape}"
             )
@@ -168,7 +169,7 @@ def setup_fingerprint(retrain: RetrainFn) -> str:
     try:
         payload = pickle.dumps(retrain)
     except (pickle.PicklingError, AttributeError, TypeError) as err:
-        raise ValueError(
+        raise InputError(
             "retrain cannot be pickled, so the cache cannot tell when the setup changes; "
             "pass setup_key=... (a string naming the training setup) or use a module-level "
             "function or class"
@@ -231,7 +232,7 @@ def compute_ground_truth(
         The ground truth; its ``key`` identifies the setup.
     """
     if isinstance(num_train, bool) or not isinstance(num_train, (int, np.integer)) or num_train < 2:
-        raise ValueError(f"num_train must be an int >= 2, got {num_train!r}")
+        raise InputError(f"num_train must be an int >= 2, got {num_train!r}")
     num_train = int(num_train)
     if cache_path is None and setup_key is None:
         key = ""
@@ -252,7 +253,7 @@ def compute_ground_truth(
         results = runner.run(jobs, desc="LDS ground truth")
     sizes = {len(r) for r in results}
     if len(sizes) != 1:
-        raise ValueError(f"retrain returned measurement vectors of different lengths {sorted(sizes)}")
+        raise InputError(f"retrain returned measurement vectors of different lengths {sorted(sizes)}")
     measurements = np.stack(results).reshape(config.num_subsets, config.repeats, -1)
     truth = LDSGroundTruth(masks=masks, measurements=measurements, key=key)
     if cache_path is not None:

@@ -21,6 +21,7 @@ import numpy as np
 
 from source_proj.evaluation.ground_truth import LDSGroundTruth
 from source_proj.evaluation.stats import basic_bootstrap_interval, spearman
+from source_proj.errors import InputError
 
 RESAMPLE_KINDS = ("subsets", "queries")
 
@@ -105,13 +106,13 @@ def linear_datamodeling_score(
     scores = np.asarray(scores, dtype=np.float64)
     expected = (ground_truth.num_queries, ground_truth.num_train)
     if scores.shape != expected:
-        raise ValueError(f"scores must have shape (n_query, N) = {expected}, got {scores.shape}")
+        raise InputError(f"scores must have shape (n_query, N) = {expected}, got {scores.shape}")
     if not np.all(np.isfinite(scores)):
-        raise ValueError("scores contain NaN or infinite values")
+        raise InputError("scores contain NaN or infinite values")
     if resample not in RESAMPLE_KINDS:
-        raise ValueError(f"resample must be one of {RESAMPLE_KINDS}, got {resample!r}")
+        raise InputError(f"resample must be one of {RESAMPLE_KINDS}, got {resample!r}")
     if isinstance(num_bootstrap, bool) or not isinstance(num_bootstrap, int) or num_bootstrap < 1:
-        raise ValueError(f"num_bootstrap must be a positive int, got {num_bootstrap!r}")
+        raise InputError(f"num_bootstrap must be a positive int, got {num_bootstrap!r}")
     predicted = predicted_group_effects(scores, ground_truth.masks)
     actual = ground_truth.mean
     per_query = spearman(predicted, actual, axis=0)

@@ -36,6 +36,7 @@ from source_proj.projection.projected import (
     projected_gradients,
 )
 from source_proj.trajectory.checkpoints import Trajectory
+from source_proj.errors import InputError
 
 _CHUNK = 256
 
@@ -97,9 +98,9 @@ class ProjectedRun:
         """The same run projected to ``dim`` <= k coordinates (exactly what projecting with
         the same seed and ``dim`` gives)."""
         if not 1 <= dim <= self.dim:
-            raise ValueError(f"can only truncate to 1..{self.dim} dimensions, got {dim}")
+            raise InputError(f"can only truncate to 1..{self.dim} dimensions, got {dim}")
         if self.structure != "dense" and dim != self.dim:
-            raise ValueError("a factored projection does not nest: project the run again with the other k")
+            raise InputError("a factored projection does not nest: project the run again with the other k")
         scale = math.sqrt(self.dim / dim)
         vec = lambda t: t[..., :dim] * scale
         mat = lambda t: t[..., :dim, :dim] * scale**2
@@ -156,9 +157,9 @@ def project_run(
     """
     missing = [s for s in trajectory.stages if s not in stage_data]
     if missing:
-        raise ValueError(f"stage_data lacks stages {missing}")
+        raise InputError(f"stage_data lacks stages {missing}")
     if attributed_stage not in trajectory.stages:
-        raise ValueError(f"attributed_stage {attributed_stage!r} is not a stage of the trajectory {trajectory.stages}")
+        raise InputError(f"attributed_stage {attributed_stage!r} is not a stage of the trajectory {trajectory.stages}")
     config = SourceConfig(proj_dim=proj_dim, seed=seed, backend="cpu", progress=False, chunk_size=_CHUNK,
                           proj_structure=structure, kronecker_terms=kronecker_terms)
     engines = {mode: SourceAttributor(model, task, trajectory, config, curvature=mode) for mode in curvature_modes}

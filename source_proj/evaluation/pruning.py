@@ -20,6 +20,7 @@ import numpy as np
 from scipy.stats import t as student_t
 
 from source_proj.evaluation.retraining import RetrainJob, RetrainRunner
+from source_proj.errors import InputError
 
 RANDOM = "random"
 FULL = "unpruned"
@@ -46,12 +47,12 @@ class PruningConfig:
     def __post_init__(self) -> None:
         fractions = tuple(float(f) for f in self.fractions)
         if not fractions or any(not 0 < f < 1 for f in fractions) or any(b <= a for a, b in zip(fractions, fractions[1:])):
-            raise ValueError(f"fractions must be strictly increasing numbers in (0, 1), got {self.fractions!r}")
+            raise InputError(f"fractions must be strictly increasing numbers in (0, 1), got {self.fractions!r}")
         object.__setattr__(self, "fractions", fractions)
         if isinstance(self.num_seeds, bool) or not isinstance(self.num_seeds, int) or self.num_seeds < 1:
-            raise ValueError(f"num_seeds must be a positive int, got {self.num_seeds!r}")
+            raise InputError(f"num_seeds must be a positive int, got {self.num_seeds!r}")
         if not 0 < self.confidence < 1:
-            raise ValueError(f"confidence must lie in (0, 1), got {self.confidence!r}")
+            raise InputError(f"confidence must lie in (0, 1), got {self.confidence!r}")
 
     def retrain_seeds(self) -> list[int]:
         """The S seeds every arm retrains with."""
@@ -62,7 +63,7 @@ class PruningConfig:
         """Rows removed at each fraction: round(f N), at least 1, below N."""
         counts = [max(1, int(round(f * num_train))) for f in self.fractions]
         if counts[-1] >= num_train:
-            raise ValueError(f"fraction {self.fractions[-1]} of {num_train} rows removes every row")
+            raise InputError(f"fraction {self.fractions[-1]} of {num_train} rows removes every row")
         return counts
 
 
@@ -158,12 +159,12 @@ def pruning_curve(
         progress: show a progress bar.
     """
     if RANDOM in rankings or FULL in rankings:
-        raise ValueError(f"ranking names {RANDOM!r} and {FULL!r} are reserved")
+        raise InputError(f"ranking names {RANDOM!r} and {FULL!r} are reserved")
     orders = {}
     for name, scores in rankings.items():
         values = np.asarray(scores, dtype=np.float64)
         if values.shape != (num_train,) or not np.all(np.isfinite(values)):
-            raise ValueError(f"ranking {name!r} must be finite scores of shape ({num_train},), got {values.shape}")
+            raise InputError(f"ranking {name!r} must be finite scores of shape ({num_train},), got {values.shape}")
         orders[name] = removal_order(values)
     seeds = config.retrain_seeds()
     counts = config.removal_counts(num_train)
@@ -178,7 +179,7 @@ def pruning_curve(
         results = runner.run(jobs, desc="pruning")
     widths = {r.shape for r in results}
     if len(widths) != 1:
-        raise ValueError(f"retrain returned metrics of different shapes {sorted(widths)}")
+        raise InputError(f"retrain returned metrics of different shapes {sorted(widths)}")
     stacked = np.stack(results)
     n_seed, n_frac = len(seeds), len(counts)
     full = stacked[:n_seed]

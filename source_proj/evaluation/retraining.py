@@ -21,6 +21,7 @@ from types import TracebackType
 
 import numpy as np
 from tqdm.auto import tqdm
+from source_proj.errors import InputError
 
 RetrainFn = Callable[[np.ndarray, int], np.ndarray]
 
@@ -65,12 +66,12 @@ def _run_in_worker(indices: np.ndarray, seed: int) -> np.ndarray:
 def _check_measurement(value: object, job: RetrainJob) -> np.ndarray:
     out = np.asarray(value, dtype=np.float64)
     if out.ndim != 1:
-        raise ValueError(
+        raise InputError(
             f"retrain(indices, seed={job.seed}) must return a 1-D array of per-query "
             f"measurements, got shape {out.shape}"
         )
     if not np.all(np.isfinite(out)):
-        raise ValueError(f"retrain(indices, seed={job.seed}) returned non-finite measurements")
+        raise InputError(f"retrain(indices, seed={job.seed}) returned non-finite measurements")
     return out
 
 
@@ -95,7 +96,7 @@ class RetrainRunner:
         if not callable(retrain):
             raise TypeError(f"retrain must be callable, got {type(retrain).__name__}")
         if workers is not None and (isinstance(workers, bool) or workers < 1):
-            raise ValueError(f"workers must be None or a positive int, got {workers!r}")
+            raise InputError(f"workers must be None or a positive int, got {workers!r}")
         self.retrain = retrain
         self.workers = available_cores() if workers is None else int(workers)
         self.progress = progress

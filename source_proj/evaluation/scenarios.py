@@ -28,6 +28,7 @@ from torch import nn
 from source_proj.gradients.tasks import ClassificationTask, RegressionTask, Task
 from source_proj.trajectory.checkpoints import Checkpoint, Trajectory
 from source_proj.trajectory.training import AdamWSettings, TrainSettings, train
+from source_proj.errors import InputError
 
 SCENARIOS = ("digits", "digits-noisy", "digits-two-stage", "friedman", "digits-adamw", "digits-adamw-noisy")
 
@@ -259,5 +260,5 @@ def build(name: str) -> Scenario:
         "digits-adamw-noisy": digits_adamw_noisy,
     }
     if name not in makers:
-        raise ValueError(f"unknown scenario {name!r}; expected one of {SCENARIOS}")
+        raise InputError(f"unknown scenario {name!r}; expected one of {SCENARIOS}")
     return makers[name]()

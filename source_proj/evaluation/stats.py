@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 from scipy.stats import rankdata
+from source_proj.errors import InputError
 
 
 def pearson(x: np.ndarray, y: np.ndarray, axis: int = -2) -> np.ndarray:
@@ -34,7 +35,7 @@ def spearman(x: np.ndarray, y: np.ndarray, axis: int = -2) -> np.ndarray:
     :func:`pearson`).
     """
     if x.shape != y.shape:
-        raise ValueError(f"shapes differ: {x.shape} vs {y.shape}")
+        raise InputError(f"shapes differ: {x.shape} vs {y.shape}")
     return pearson(rankdata(x, axis=axis), rankdata(y, axis=axis), axis=axis)
 
 
@@ -48,7 +49,7 @@ def basic_bootstrap_interval(estimate: float, samples: np.ndarray, confidence: f
     value most of the time. Bounds are clipped to [-1, 1], the range of a correlation.
     """
     if not 0.0 < confidence < 1.0:
-        raise ValueError(f"confidence must lie in (0, 1), got {confidence!r}")
+        raise InputError(f"confidence must lie in (0, 1), got {confidence!r}")
     finite = samples[np.isfinite(samples)]
     if finite.size == 0 or not np.isfinite(estimate):
         return float("nan"), float("nan")

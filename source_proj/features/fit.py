@@ -44,6 +44,7 @@ from source_proj.features.store import (
     featurize,
 )
 from source_proj.gradients.data import Examples, as_examples
+from source_proj.errors import InputError
 
 # SourceConfig fields that change how, not what, is computed.
 RUNTIME_FIELDS = ("backend", "chunk_size", "max_gradient_memory", "device", "progress")
@@ -71,7 +72,7 @@ def store_config(store: FeatureStore, **runtime: Any) -> SourceConfig:
     ``device``, ``progress``, ``backend``) from ``runtime``."""
     unknown = set(runtime) - set(RUNTIME_FIELDS)
     if unknown:
-        raise ValueError(f"only run-time fields {RUNTIME_FIELDS} can be overridden, got {sorted(unknown)}")
+        raise InputError(f"only run-time fields {RUNTIME_FIELDS} can be overridden, got {sorted(unknown)}")
     return SourceConfig(**store.metadata["source_config"], **runtime)
 
 
@@ -291,7 +292,7 @@ def stage_restriction(
         mask[0, chosen] = 1
         return (queries.reshape(len(queries), attributor.num_segments, -1) * mask).reshape(queries.shape), None
     if store.layout.n_segments == 0:
-        raise ValueError(
+        raise InputError(
             f"feature store {store.path} keeps no per-segment features: fit it with per-segment "
             "features kept (--keep-segments) for per-stage scores"
         )

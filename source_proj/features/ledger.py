@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import xxhash
 import zarr
+from source_proj.errors import InputError, SourceProjError
 
 # zarr writes files atomically (temporary file + rename) from this version on; older 3.0.x
 # versions write chunks in place, and a kill can leave a truncated ledger row.
@@ -50,7 +51,7 @@ if not zarr_version_ok(zarr.__version__):  # pragma: no cover - guarded by pypro
     )
 
 
-class StoreError(Exception):
+class StoreError(SourceProjError):
     """Base class of the errors of feature stores and of the outputs written from them."""
 
 
@@ -162,7 +163,7 @@ class ChunkLedger:
         """Record chunk ``index`` as complete with the non-zero digests of its parts."""
         row = np.array([int(d) for d in digests], dtype=np.uint64)
         if row.shape != (len(self.parts),) or not row.all():
-            raise ValueError(f"chunk {index} needs {len(self.parts)} non-zero digests ({self.parts}), got {list(digests)}")
+            raise InputError(f"chunk {index} needs {len(self.parts)} non-zero digests ({self.parts}), got {list(digests)}")
         self._array[index] = row
 
     def reset(self, index: int) -> None:

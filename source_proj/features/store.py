@@ -66,6 +66,7 @@ from source_proj.features.ledger import (
     chunk_digest,
     create_group_atomically,
 )
+from source_proj.errors import InputError
 
 FORMAT_VERSION = 2
 STORE_DTYPES = ("float32", "float16")
@@ -142,18 +143,18 @@ class StoreLayout:
         for name in ("n_rows", "dim", "chunk_rows"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"StoreLayout.{name} must be a positive int, got {value!r}")
+                raise InputError(f"StoreLayout.{name} must be a positive int, got {value!r}")
         for name in ("n_segments", "segment_dim"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"StoreLayout.{name} must be an int >= 0, got {value!r}")
+                raise InputError(f"StoreLayout.{name} must be an int >= 0, got {value!r}")
         if (self.n_segments == 0) != (self.segment_dim == 0):
-            raise ValueError(
+            raise InputError(
                 "StoreLayout.n_segments and segment_dim must both be 0 (no per-segment "
                 f"features) or both positive, got {self.n_segments} and {self.segment_dim}"
             )
         if self.dtype not in STORE_DTYPES:
-            raise ValueError(f"StoreLayout.dtype must be one of {STORE_DTYPES}, got {self.dtype!r}")
+            raise InputError(f"StoreLayout.dtype must be one of {STORE_DTYPES}, got {self.dtype!r}")
 
     @property
     def n_chunks(self) -> int:
@@ -215,7 +216,7 @@ def _json_roundtrip(value: Any) -> Any:
     try:
         return json.loads(json.dumps(value, sort_keys=True, allow_nan=False))
     except (TypeError, ValueError) as exc:
-        raise ValueError(f"store metadata must be JSON-serialisable: {exc}") from exc
+        raise InputError(f"store metadata must be JSON-serialisable: {exc}") from exc
 
 
 def _first_difference(stored: Any, expected: Any, prefix: str) -> tuple[str, Any, Any] | None:
@@ -266,16 +267,16 @@ def _decode(stored: np.ndarray, scale: np.ndarray | None, out: torch.Tensor | No
 def _check_block(name: str, block: Any, shape: tuple[int, ...], rows: tuple[int, int]) -> np.ndarray:
     array = np.asarray(block)
     if array.shape != shape:
-        raise ValueError(
+        raise InputError(
             f"compute_chunk({rows[0]}, {rows[1]}) returned {name} of shape {array.shape}; "
             f"expected {shape}"
         )
     if not np.issubdtype(array.dtype, np.floating):
-        raise ValueError(f"compute_chunk returned {name} of dtype {array.dtype}; expected floats")
+        raise InputError(f"compute_chunk returned {name} of dtype {array.dtype}; expected floats")
     array = np.asarray(array, dtype=np.float32 if array.dtype != np.float64 else np.float64)
     if not (np.isfinite(array.max()) and np.isfinite(array.min())):  # NaN propagates through both
         bad = np.unique(np.nonzero(~np.isfinite(array))[0]) + rows[0]
-        raise ValueError(f"compute_chunk returned non-finite {name} for rows {bad[:10].tolist()}")
+        raise InputError(f"compute_chunk returned non-finite {name} for rows {bad[:10].tolist()}")
     return array
 
 
@@ -356,7 +357,7 @@ class FeatureStore:
         if data_digests is not None:
             digests = np.array([int(d) for d in data_digests], dtype=np.uint64)
             if digests.shape != (layout.n_chunks,):
-                raise ValueError(f"data_digests must hold one digest per chunk ({layout.n_chunks}), got {digests.shape}")
+                raise InputError(f"data_digests must hold one digest per chunk ({layout.n_chunks}), got {digests.shape}")
         attrs = {
             "format_version": FORMAT_VERSION,
             "store_id": uuid.uuid4().hex,
@@ -474,7 +475,7 @@ class FeatureStore:
         chunks = range(self.layout.n_chunks) if chunks is None else list(chunks)
         given = np.array([int(d) for d in digests], dtype=np.uint64)
         if given.shape != (len(chunks),):
-            raise ValueError(f"expected {len(chunks)} data digests, got {given.shape}")
+            raise InputError(f"expected {len(chunks)} data digests, got {given.shape}")
         differing = [c for c, d in zip(chunks, given) if recorded[c] != d]
         if differing:
             raise DataMismatchError(
@@ -574,7 +575,7 @@ class FeatureStore:
             ("self_influence", chunk.self_influence, layout.self_influence),
         ):
             if (given is not None) != kept:
-                raise ValueError(
+                raise InputError(
                     f"store {self.path} was created {'with' if kept else 'without'} {name}: the "
                     f"computed chunks {'must' if kept else 'cannot'} include it (see ChunkFeatures)"
                 )
@@ -622,7 +623,7 @@ class FeatureStore:
         values = np.asarray(eigenvalues, dtype=np.float64)
         vectors = np.asarray(eigenvectors, dtype=np.float64)
         if values.ndim != 2 or vectors.shape != (*values.shape, values.shape[1]):
-            raise ValueError(
+            raise InputError(
                 "curvature must be eigenvalues (L, k) and eigenvectors (L, k, k); got shapes "
                 f"{values.shape} and {vectors.shape}"
             )
@@ -657,7 +658,7 @@ class FeatureStore:
         """The stored self-influence column, (N,) float64 (complete stores only), each chunk
         checked against its digest."""
         if not self.layout.self_influence:
-            raise ValueError(f"feature store {self.path} keeps no self-influence column")
+            raise InputError(f"feature store {self.path} keeps no self-influence column")
         self.require_complete()
         digests = self._ledger.digests()
         return np.concatenate([
@@ -697,7 +698,7 @@ class FeatureStore:
         if out is None:
             out = np.empty(shape, dtype=np.float32)
         elif out.shape != shape or out.dtype != np.float32 or not out.flags.c_contiguous:
-            raise ValueError(f"out must be a C-contiguous float32 array of shape {shape}")
+            raise InputError(f"out must be a C-contiguous float32 array of shape {shape}")
         f16 = layout.dtype == "float16"
         for index in range(first, last):
             c0, c1 = layout.chunk_range(index)
@@ -718,10 +719,10 @@ class FeatureStore:
     def _check_segments(self, segments: Sequence[int]) -> list[int]:
         n_seg = self.layout.n_segments
         if not n_seg:
-            raise ValueError(f"feature store {self.path} keeps no per-segment features")
+            raise InputError(f"feature store {self.path} keeps no per-segment features")
         chosen = sorted({int(s) for s in segments})
         if not chosen or chosen[0] < 0 or chosen[-1] >= n_seg:
-            raise ValueError(f"segments must be a non-empty subset of range({n_seg}), got {list(segments)}")
+            raise InputError(f"segments must be a non-empty subset of range({n_seg}), got {list(segments)}")
         return chosen
 
     def feature_dim(self, segments: Sequence[int] | None = None) -> int:

@@ -45,6 +45,7 @@ from source_proj.gradients.tasks import (
     softmax_factor,
     softmax_pseudo_gradient,
 )
+from source_proj.errors import InputError
 
 MEASUREMENTS = ("log_prob", "loss", "margin")
 
@@ -52,7 +53,7 @@ MEASUREMENTS = ("log_prob", "loss", "margin")
 def token_targets(logits: torch.Tensor, labels: torch.Tensor, shift: bool, ignore_index: int = IGNORE_INDEX):
     """(logits (B, T', V), labels (B, T'), mask (B, T') bool) aligned for next-token loss."""
     if logits.dim() != 3 or labels.shape != logits.shape[:2]:
-        raise ValueError(
+        raise InputError(
             f"causal-LM task: expected logits (B, T, V) and labels (B, T), got {tuple(logits.shape)} "
             f"and {tuple(labels.shape)}"
         )
@@ -102,11 +103,11 @@ class CausalLMTask(Task):
     def __post_init__(self) -> None:
         if isinstance(self.reduction, str):
             if self.reduction not in ("sum", "mean"):
-                raise ValueError(f"reduction must be 'sum', 'mean' or a positive number, got {self.reduction!r}")
+                raise InputError(f"reduction must be 'sum', 'mean' or a positive number, got {self.reduction!r}")
         elif isinstance(self.reduction, bool) or not (math.isfinite(float(self.reduction)) and float(self.reduction) > 0):
-            raise ValueError(f"reduction must be 'sum', 'mean' or a positive number, got {self.reduction!r}")
+            raise InputError(f"reduction must be 'sum', 'mean' or a positive number, got {self.reduction!r}")
         if self.measure not in MEASUREMENTS:
-            raise ValueError(f"measure must be one of {MEASUREMENTS}, got {self.measure!r}")
+            raise InputError(f"measure must be one of {MEASUREMENTS}, got {self.measure!r}")
         object.__setattr__(self, "loss", self.sequence_loss)
         measurement = {"log_prob": self.log_prob, "loss": self.sequence_loss, "margin": self.margin}[self.measure]
         object.__setattr__(self, "measurement", measurement)

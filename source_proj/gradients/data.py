@@ -31,6 +31,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 from source_proj.gradients.model import Inputs, take_rows
+from source_proj.errors import InputError
 
 IGNORE_INDEX = -100
 TARGET_KEYS = ("labels", "label")
@@ -79,9 +80,9 @@ def split_columns(columns: Mapping[str, Any], target_key: str | None = None) -> 
     elif key is None and "input_ids" in tensors:
         targets = tensors["input_ids"].clone()
     elif target_key is not None:
-        raise ValueError(f"dict rows with keys {sorted(columns)} have no numeric target column {target_key!r}")
+        raise InputError(f"dict rows with keys {sorted(columns)} have no numeric target column {target_key!r}")
     else:
-        raise ValueError(
+        raise InputError(
             f"dict rows with keys {sorted(columns)} have no target column ('labels' or 'label') and no "
             "'input_ids' to use as causal-LM targets; pass target_key="
         )
@@ -184,7 +185,7 @@ def as_examples(data: Any, what: str = "training data", target_key: str | None =
         examples = Examples(dataset=data.dataset, collate=collate, target_key=target_key)
     elif _is_columnar(data):
         if isinstance(data, Mapping) and len({len(v) for v in data.values()}) > 1:
-            raise ValueError(f"{what}: columns have different lengths {({k: len(v) for k, v in data.items()})}")
+            raise InputError(f"{what}: columns have different lengths {({k: len(v) for k, v in data.items()})}")
         examples = Examples(dataset=data, target_key=target_key)
     elif isinstance(data, Dataset) and not isinstance(data, tuple):
         examples = Examples(dataset=data, target_key=target_key)
@@ -194,7 +195,7 @@ def as_examples(data: Any, what: str = "training data", target_key: str | None =
         targets = torch.as_tensor(targets)
         lengths = _first_len(inputs)
         if lengths != {int(targets.shape[0])}:
-            raise ValueError(f"{what}: inputs and targets have different lengths ({sorted(lengths)} vs {targets.shape[0]})")
+            raise InputError(f"{what}: inputs and targets have different lengths ({sorted(lengths)} vs {targets.shape[0]})")
         examples = Examples(inputs=inputs, targets=targets)
     else:
         raise TypeError(
@@ -202,5 +203,5 @@ def as_examples(data: Any, what: str = "training data", target_key: str | None =
             f"dict of columns, got {type(data).__name__}"
         )
     if len(examples) == 0:
-        raise ValueError(f"{what} is empty")
+        raise InputError(f"{what} is empty")
     return examples

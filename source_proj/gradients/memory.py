@@ -21,6 +21,7 @@ themselves, and the projection's tiles (a few MiB).
 from __future__ import annotations
 
 import re
+from source_proj.errors import InputError
 
 FLOAT_BYTES = 4
 DEFAULT_MAX_CHUNK = 64
@@ -28,7 +29,7 @@ _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g"
           "t": 1000**4, "tb": 1000**4, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
 
-class MemoryBudgetError(ValueError):
+class MemoryBudgetError(InputError):
     """The gradients of one example (or of the requested chunk) exceed the memory budget."""
 
 
@@ -36,16 +37,16 @@ def parse_bytes(value: int | str) -> int:
     """Bytes from an int or a string such as "4GiB", "512MB", "1.5 GB" (powers of 1024 for
     KiB/MiB/GiB/TiB, of 1000 for KB/MB/GB/TB)."""
     if isinstance(value, bool):
-        raise ValueError(f"a memory size must be an int or a string like '4GiB', got {value!r}")
+        raise InputError(f"a memory size must be an int or a string like '4GiB', got {value!r}")
     if isinstance(value, int):
         number = float(value)
     else:
         match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
         if match is None or match.group(2).lower() not in _UNITS:
-            raise ValueError(f"cannot read the memory size {value!r}; write e.g. '4GiB' or '512MB'")
+            raise InputError(f"cannot read the memory size {value!r}; write e.g. '4GiB' or '512MB'")
         number = float(match.group(1)) * _UNITS[match.group(2).lower()]
     if number < 1:
-        raise ValueError(f"a memory size must be at least 1 byte, got {value!r}")
+        raise InputError(f"a memory size must be at least 1 byte, got {value!r}")
     return int(number)
 
 

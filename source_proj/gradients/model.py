@@ -36,6 +36,7 @@ from torch import nn
 from torch.func import functional_call
 
 from source_proj.trajectory.checkpoints import TrajectoryError
+from source_proj.errors import InputError
 
 Inputs = torch.Tensor | tuple[torch.Tensor, ...] | Mapping[str, torch.Tensor]
 OutputSelector = str | Callable[[Any], torch.Tensor] | None
@@ -112,10 +113,10 @@ def select_parameters(model: nn.Module, patterns: Sequence[str] | None) -> tuple
     unmatched = [p for p in patterns if not any(_matches(a, p) for names in names_of.values() for a in names)]
     if unmatched:
         shown = canonical if len(canonical) <= 12 else [*canonical[:12], "..."]
-        raise ValueError(f"unknown parameter names or patterns {unmatched} (they match no parameter); the model has {shown}")
+        raise InputError(f"unknown parameter names or patterns {unmatched} (they match no parameter); the model has {shown}")
     chosen = tuple(n for n in canonical if any(_matches(a, p) for a in names_of[n] for p in patterns))
     if not chosen:
-        raise ValueError("param_names selects no parameter")
+        raise InputError("param_names selects no parameter")
     return chosen
 
 
@@ -135,7 +136,7 @@ def forward_arguments(model: nn.Module, keywords: frozenset[str] | None, inputs:
     if isinstance(inputs, Mapping):
         kwargs = dict(inputs) if keywords is None else {k: v for k, v in inputs.items() if k in keywords}
         if not kwargs:
-            raise ValueError(f"none of the input keys {sorted(inputs)} is an argument of {type(model).__name__}.forward")
+            raise InputError(f"none of the input keys {sorted(inputs)} is an argument of {type(model).__name__}.forward")
         return (), kwargs
     return (inputs if isinstance(inputs, tuple) else (inputs,)), {}
 

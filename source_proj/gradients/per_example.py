@@ -17,9 +17,10 @@ from torch.func import grad, vmap
 
 from source_proj.gradients.layer_taps import LayerTaps
 from source_proj.gradients.model import Inputs, ModelFunction, take_rows
+from source_proj.errors import SourceProjError
 
 
-class NonFiniteError(FloatingPointError):
+class NonFiniteError(SourceProjError, FloatingPointError):
     """NaN or inf met in gradients or curvature.
 
     Attributes:

@@ -23,6 +23,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 from torch.func import hessian, vmap
+from source_proj.errors import InputError
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 SampleFn = Callable[[torch.Tensor, torch.Tensor, torch.Generator], torch.Tensor]
@@ -152,13 +153,13 @@ class ClassificationTask(Task):
         features and self-influence, and it would silently rank as irrelevant."""
         targets = torch.as_tensor(targets)
         if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
-            raise ValueError(
+            raise InputError(
                 f"classification labels must be integer class indices, got dtype {targets.dtype} (rows "
                 f"{first_row}-{first_row + len(targets) - 1}); convert whole-number labels with .long(), "
                 "soft labels need a custom Task"
             )
         if targets.ndim != 1:
-            raise ValueError(f"classification labels must be one class index per row, got shape {tuple(targets.shape)}")
+            raise InputError(f"classification labels must be one class index per row, got shape {tuple(targets.shape)}")
         for bad, problem in (
             (targets == -100, "-100, PyTorch's ignore index: a row without a label has no loss to attribute; "
              "drop those rows"),
@@ -167,7 +168,7 @@ class ClassificationTask(Task):
             if bad.any():
                 rows = (bad.nonzero()[:, 0][:10] + first_row).tolist()
                 values = targets[bad][:10].tolist()
-                raise ValueError(f"classification labels of rows {rows} (values {values}) are {problem}")
+                raise InputError(f"classification labels of rows {rows} (values {values}) are {problem}")
 
     def hessian_factor(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return softmax_factor(outputs).to(outputs.dtype)
@@ -221,4 +222,4 @@ def resolve_task(task: Task | str) -> Task:
     builtins = {"classification": ClassificationTask, "regression": RegressionTask, "causal_lm": CausalLMTask}
     if task in builtins:
         return builtins[task]()
-    raise ValueError(f"unknown task {task!r}; pass a Task or one of {sorted(builtins)}")
+    raise InputError(f"unknown task {task!r}; pass a Task or one of {sorted(builtins)}")

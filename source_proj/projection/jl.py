@@ -20,6 +20,7 @@ import torch
 
 from source_proj.kernels.cpu_projection import project_cpu
 from source_proj.kernels.reference import KINDS, PRECISIONS, RADEMACHER, check_seed
+from source_proj.errors import InputError
 
 BACKENDS = ("auto", "cpu", "triton")
 GradientBlocks = torch.Tensor | Mapping[str, torch.Tensor] | Sequence[torch.Tensor]
@@ -47,14 +48,14 @@ class ProjectionConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.dim, bool) or not isinstance(self.dim, int) or self.dim < 1:
-            raise ValueError(f"proj_dim must be a positive int, got {self.dim!r}")
+            raise InputError(f"proj_dim must be a positive int, got {self.dim!r}")
         check_seed(self.seed)
         if self.kind not in KINDS:
-            raise ValueError(f"unknown projection kind {self.kind!r}; expected one of {KINDS}")
+            raise InputError(f"unknown projection kind {self.kind!r}; expected one of {KINDS}")
         if self.backend not in BACKENDS:
-            raise ValueError(f"unknown projection backend {self.backend!r}; expected one of {BACKENDS}")
+            raise InputError(f"unknown projection backend {self.backend!r}; expected one of {BACKENDS}")
         if self.precision not in PRECISIONS:
-            raise ValueError(f"unknown projection precision {self.precision!r}; expected one of {PRECISIONS}")
+            raise InputError(f"unknown projection precision {self.precision!r}; expected one of {PRECISIONS}")
 
 
 def _as_blocks(grads: GradientBlocks) -> list[torch.Tensor]:
@@ -65,16 +66,16 @@ def _as_blocks(grads: GradientBlocks) -> list[torch.Tensor]:
     else:
         blocks = list(grads)
     if not blocks:
-        raise ValueError("no gradient blocks to project")
+        raise InputError("no gradient blocks to project")
     batch = blocks[0].shape[0] if blocks[0].dim() > 0 else None
     for b in blocks:
         if b.dim() != 2 or b.shape[0] != batch:
-            raise ValueError(
+            raise InputError(
                 "gradient blocks must be 2-D (batch, p_b) with one batch size; got shapes "
                 f"{[tuple(x.shape) for x in blocks]}"
             )
         if b.device != blocks[0].device:
-            raise ValueError("gradient blocks must all be on one device")
+            raise InputError("gradient blocks must all be on one device")
     return blocks
 
 

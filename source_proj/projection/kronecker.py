@@ -59,6 +59,7 @@ import torch
 
 from source_proj.kernels.reference import matrix_block
 from source_proj.projection.jl import GradientBlocks, ProjectionConfig, project
+from source_proj.errors import InputError
 
 FACTOR_ROW_BASE = 2**62
 MAX_SIDE = 2**32
@@ -76,9 +77,9 @@ def factor_matrix(seed: int, kind: str, index: int, side: int, size: int, dim: i
     """The side's factors side by side, (size, terms * dim) float32 on the CPU (entries of
     variance 1/dim), or None for the identity (dim == size). See the module docstring."""
     if not 1 <= dim <= size or size >= MAX_SIDE:
-        raise ValueError(f"a factor maps {size} coordinates (below 2^32) to 1..{size} dimensions, got {dim}")
+        raise InputError(f"a factor maps {size} coordinates (below 2^32) to 1..{size} dimensions, got {dim}")
     if not 1 <= terms <= MAX_TERMS or (dim == size and terms != 1):
-        raise ValueError(f"a factor has 1..{MAX_TERMS} terms, and an identity side one, got {terms}")
+        raise InputError(f"a factor has 1..{MAX_TERMS} terms, and an identity side one, got {terms}")
     if dim == size:
         return None
     return torch.cat([
@@ -102,7 +103,7 @@ def split_kronecker(target: int, rows: int, cols: int, terms: int = 1) -> tuple[
     :func:`rank_one_variance` with up to ``terms`` terms, then of largest product; a block with
     an identity side gets one term."""
     if target < 1:
-        raise ValueError(f"a factored block needs at least one dimension, got {target}")
+        raise InputError(f"a factored block needs at least one dimension, got {target}")
     best: tuple[float, int, int, int] | None = None
     for k_rows in range(1, min(rows, target) + 1):
         k_cols = min(cols, target // k_rows)
@@ -119,9 +120,9 @@ def share_budget(sizes: Sequence[int], budget: int) -> list[int]:
     capped blocks are fixed and the rest re-shared). Sum <= budget; ValueError when the budget
     cannot give every block one dimension."""
     if any(s < 1 for s in sizes):
-        raise ValueError(f"block sizes must be >= 1, got {list(sizes)}")
+        raise InputError(f"block sizes must be >= 1, got {list(sizes)}")
     if budget < len(sizes):
-        raise ValueError(
+        raise InputError(
             f"proj_dim={budget} is below the number of projected blocks ({len(sizes)}: one per factored "
             "weight, one for the other parameters); raise proj_dim"
         )
@@ -389,7 +390,7 @@ def rank_one_fit(scale: torch.Tensor, weights: torch.Tensor, iterations: int = 3
     """
     s, w = scale.to(torch.float64), weights.to(torch.float64)
     if s.dim() != 2 or w.shape != s.shape or not bool((s > 0).all()) or not bool((w >= 0).all()):
-        raise ValueError(f"rank_one_fit needs a positive 2-D scale and non-negative weights of its shape, got {tuple(s.shape)}, {tuple(w.shape)}")
+        raise InputError(f"rank_one_fit needs a positive 2-D scale and non-negative weights of its shape, got {tuple(s.shape)}, {tuple(w.shape)}")
     logs = s.log()
     a = (logs.mean(1) - logs.mean() / 2).exp()
     b = (logs.mean(0) - logs.mean() / 2).exp()

@@ -48,6 +48,7 @@ from source_proj.projection.kronecker import (
     plan_budget,
     project_formed,
 )
+from source_proj.errors import InputError
 
 CURVATURE_MODES = ("exact", "sampled")  # SourceConfig also takes "auto": the task's default
 STRUCTURES = ("dense", "factored")
@@ -71,7 +72,7 @@ def make_projection(config: ProjectionConfig, structure: str, fn: ModelFunction,
     factored projection with ``config.dim`` shared out as a total budget and up to ``terms``
     Kronecker products per weight ("factored")."""
     if structure not in STRUCTURES:
-        raise ValueError(f"proj_structure must be one of {STRUCTURES}, got {structure!r}")
+        raise InputError(f"proj_structure must be one of {STRUCTURES}, got {structure!r}")
     if structure == "dense":
         return config
     weights, _ = _taps(fn)
@@ -128,7 +129,7 @@ def check_tapped(
         gap = float((got - want).norm() / (want.norm() + got.norm()).clamp_min(1e-30))
         if gap > _TAP_CHECK_TOLERANCE:
             modules = [t.path for t in taps.taps if t.param == name]
-            raise ValueError(
+            raise InputError(
                 f"factored projection: the gradient of {name!r} seen through the forward of {modules} differs "
                 f"from autograd's (relative difference {gap:.2g}): the weight is also used outside those "
                 "modules' forward (functionally, or by another module); use proj_structure='dense', or leave "
@@ -212,7 +213,7 @@ def projected_gradients(
                 else:  # a factored block whose modules the earlier checkpoints did not call
                     total[name] = block.to(torch.float32)
     if totals is None:
-        raise ValueError("no checkpoints to take gradients at")
+        raise InputError("no checkpoints to take gradients at")
     return _finish(projection, *totals)
 
 
@@ -242,7 +243,7 @@ def projected_gn_factors(
     MemoryBudgetError if one example does not).
     """
     if mode not in CURVATURE_MODES:
-        raise ValueError(f"curvature mode must be one of {CURVATURE_MODES}, got {mode!r}")
+        raise InputError(f"curvature mode must be one of {CURVATURE_MODES}, got {mode!r}")
     outputs = fn.forward(params, consts, inputs)
     check_finite(outputs, f"model outputs at {where}")
     batch, width = outputs.shape[0], outputs[0].numel()

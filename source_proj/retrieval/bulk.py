@@ -38,6 +38,7 @@ from source_proj.features.ledger import (
 )
 from source_proj.features.store import FeatureStore, StoreMismatchError
 from source_proj.retrieval.exact import check_queries
+from source_proj.errors import InputError
 
 ATTRS_KEY = "source_proj_bulk"
 SelfQueryChunk = Callable[[int, int], np.ndarray]
@@ -104,7 +105,7 @@ def score_matrix(
     store.require_complete()
     q = check_queries(queries, store.feature_dim(segments))
     if query_block < 1:
-        raise ValueError(f"query_block must be >= 1, got {query_block}")
+        raise InputError(f"query_block must be >= 1, got {query_block}")
     layout = store.layout
     block = min(query_block, q.shape[0])
     description = {
@@ -204,7 +205,7 @@ def self_influence(
             start, stop = layout.chunk_range(index)
             q = np.asarray(self_query_chunk(start, stop))
             if q.shape != (stop - start, dim):
-                raise ValueError(
+                raise InputError(
                     f"self_query_chunk({start}, {stop}) returned shape {q.shape}; expected {(stop - start, dim)}"
                 )
             q = check_queries(q, dim).astype(np.float64)

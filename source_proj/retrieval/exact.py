@@ -85,6 +85,7 @@ from tqdm.auto import tqdm
 from source_proj.distributed.gather import gather_rows
 from source_proj.distributed.group import ProcessGroup
 from source_proj.features.store import FeatureStore
+from source_proj.errors import InputError
 
 # Queries multiplied at once (as faiss does in its own searches).
 _QUERY_BLOCK = 4096
@@ -138,9 +139,9 @@ class SearchSettings:
         for name in ("shard_rows", "block_rows"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"SearchSettings.{name} must be a positive int, got {value!r}")
+                raise InputError(f"SearchSettings.{name} must be a positive int, got {value!r}")
         if not (self.screen_bf16 is None or isinstance(self.screen_bf16, bool)):
-            raise ValueError(
+            raise InputError(
                 f"SearchSettings.screen_bf16 must be None, True or False, got {self.screen_bf16!r}"
             )
 
@@ -149,16 +150,16 @@ def check_queries(queries: np.ndarray, dim: int) -> np.ndarray:
     """Validate query features (n_query, dim) and return them as contiguous float32."""
     q = np.asarray(queries)
     if q.ndim != 2 or q.shape[1] != dim or q.shape[0] == 0:
-        raise ValueError(f"queries must have shape (n_query >= 1, {dim}), got {q.shape}")
+        raise InputError(f"queries must have shape (n_query >= 1, {dim}), got {q.shape}")
     if not np.issubdtype(q.dtype, np.floating) or not np.all(np.isfinite(q)):
-        raise ValueError("queries must be finite floating-point features")
+        raise InputError("queries must be finite floating-point features")
     return np.ascontiguousarray(q, dtype=np.float32)
 
 
 def check_k(k: int, n_rows: int) -> int:
     """Validate the number of results asked for against the number of training rows."""
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= n_rows:
-        raise ValueError(f"k must be an int in [1, {n_rows}] (the store's rows), got {k!r}")
+        raise InputError(f"k must be an int in [1, {n_rows}] (the store's rows), got {k!r}")
     return int(k)
 
 
@@ -185,7 +186,7 @@ def _norm_bounds(x: torch.Tensor) -> np.ndarray:
     """
     dim = x.shape[1]
     if dim > _MAX_DIM:
-        raise ValueError(f"bf16 screening supports rows of at most 2^20 features, got {dim}")
+        raise InputError(f"bf16 screening supports rows of at most 2^20 features, got {dim}")
     computed = torch.linalg.vector_norm(x, dim=1).numpy().astype(np.float64)
     return (computed + np.sqrt(dim) * 2.0**-62) * (1 + (4 * dim + 4) * _U32)
 

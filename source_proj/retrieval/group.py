@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from source_proj.features.store import FeatureStore
 from source_proj.retrieval.exact import check_queries
+from source_proj.errors import InputError
 
 
 def query_sum(
@@ -44,7 +45,7 @@ def query_sum(
         blocks: Iterable = [queries]
     else:
         if weights is not None:
-            raise ValueError("weights need the queries as one (n_query, D) array, not an iterable of blocks")
+            raise InputError("weights need the queries as one (n_query, D) array, not an iterable of blocks")
         blocks = queries
     total = np.zeros(dim, dtype=np.float64)
     seen = 0
@@ -53,12 +54,12 @@ def query_sum(
         if weights is not None:
             w = np.asarray(weights, dtype=np.float64)
             if w.shape != (q.shape[0],) or not np.all(np.isfinite(w)):
-                raise ValueError(f"weights must be finite with shape ({q.shape[0]},), got {w.shape}")
+                raise InputError(f"weights must be finite with shape ({q.shape[0]},), got {w.shape}")
             q = q * w[:, None]
         total += q.sum(axis=0)
         seen += q.shape[0]
     if seen == 0:
-        raise ValueError("the query set is empty")
+        raise InputError("the query set is empty")
     return total
 
 
@@ -71,7 +72,7 @@ def _row_blocks(
         yield from features.iter_blocks(block_rows, segments, reuse_buffers=True)
         return
     if segments is not None:
-        raise ValueError("segments select per-segment features of a feature store; in-memory features have none")
+        raise InputError("segments select per-segment features of a feature store; in-memory features have none")
     for start in range(0, features.shape[0], block_rows):
         block = features[start : start + block_rows]
         block = block.detach().cpu().numpy() if isinstance(block, torch.Tensor) else np.asarray(block)
@@ -110,7 +111,7 @@ def group_influence(
         float64 (N,): > 0 means including the row raises the set's summed measurement.
     """
     if isinstance(block_rows, bool) or not isinstance(block_rows, int) or block_rows < 1:
-        raise ValueError(f"block_rows must be a positive int, got {block_rows!r}")
+        raise InputError(f"block_rows must be a positive int, got {block_rows!r}")
     if isinstance(features, FeatureStore):
         n_rows, dim = features.layout.n_rows, features.feature_dim(segments)
     elif isinstance(features, (np.ndarray, torch.Tensor)) and features.ndim == 2:

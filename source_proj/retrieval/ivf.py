@@ -30,13 +30,14 @@ from tqdm.auto import tqdm
 
 from source_proj.features.store import FeatureStore
 from source_proj.retrieval.exact import TopK, check_k, check_queries, exact_topk
+from source_proj.errors import InputError, SourceProjError
 
 _FACTORY_CODECS = {"flat": "Flat", "fp16": "SQfp16", "sq8": "SQ8"}
 _INDEX_FILE = "index.faiss"
 _INFO_FILE = "index.json"
 
 
-class StaleIndexError(RuntimeError):
+class StaleIndexError(SourceProjError, RuntimeError):
     """A saved index does not belong to the store as it is now (or was built differently)."""
 
 
@@ -62,19 +63,19 @@ class IVFSettings:
 
     def __post_init__(self) -> None:
         if self.codec not in _FACTORY_CODECS:
-            raise ValueError(f"IVF codec must be one of {sorted(_FACTORY_CODECS)}, got {self.codec!r}")
+            raise InputError(f"IVF codec must be one of {sorted(_FACTORY_CODECS)}, got {self.codec!r}")
         for name in ("train_rows", "kmeans_iters", "n_probe"):
             if getattr(self, name) < 1:
-                raise ValueError(f"IVFSettings.{name} must be >= 1, got {getattr(self, name)!r}")
+                raise InputError(f"IVFSettings.{name} must be >= 1, got {getattr(self, name)!r}")
         if self.n_lists < 0:
-            raise ValueError(f"IVFSettings.n_lists must be >= 0 (0 = automatic), got {self.n_lists!r}")
+            raise InputError(f"IVFSettings.n_lists must be >= 0 (0 = automatic), got {self.n_lists!r}")
 
     def lists_for(self, n_rows: int) -> int:
         """The number of cells used for a store of ``n_rows`` rows."""
         n_train = min(self.train_rows, n_rows)
         if self.n_lists:
             if self.n_lists > n_train:
-                raise ValueError(f"n_lists = {self.n_lists} needs at least as many training rows, got {n_train}")
+                raise InputError(f"n_lists = {self.n_lists} needs at least as many training rows, got {n_train}")
             return self.n_lists
         return max(1, min(round(math.sqrt(n_rows)), n_train // 39))
 
@@ -82,7 +83,7 @@ class IVFSettings:
 def recall_at_k(found_ids: np.ndarray, exact_ids: np.ndarray) -> float:
     """Mean over queries of |found ∩ exact| / k, for id arrays of shape (n_query, k)."""
     if found_ids.shape != exact_ids.shape:
-        raise ValueError(f"id arrays differ in shape: {found_ids.shape} vs {exact_ids.shape}")
+        raise InputError(f"id arrays differ in shape: {found_ids.shape} vs {exact_ids.shape}")
     hits = [len(np.intersect1d(f, e)) for f, e in zip(found_ids, exact_ids)]
     return float(np.mean(hits) / exact_ids.shape[1])
 
@@ -157,7 +158,7 @@ class ApproxIndex:
         k = check_k(k, self.index.ntotal)
         probes = self.n_probe[_kind(opponents)] if n_probe is None else n_probe
         if not 1 <= probes <= self.n_lists:
-            raise ValueError(f"n_probe must be in [1, {self.n_lists}], got {probes}")
+            raise InputError(f"n_probe must be in [1, {self.n_lists}], got {probes}")
         sign = -1.0 if opponents else 1.0
         scores, ids = self.index.search(sign * q, k, params=faiss.SearchParametersIVF(nprobe=probes))
         scores *= sign
@@ -184,9 +185,9 @@ class ApproxIndex:
         with ``"reached": False`` and its best n_probe, and callers should search it exactly
         (``worth_using``). Returns and records the measurement (see ``recall``)."""
         if not 0.0 < target <= 1.0:
-            raise ValueError(f"target recall must be in (0, 1], got {target}")
+            raise InputError(f"target recall must be in (0, 1], got {target}")
         if not 0.0 < max_fraction <= 1.0:
-            raise ValueError(f"max_fraction must be in (0, 1], got {max_fraction}")
+            raise InputError(f"max_fraction must be in (0, 1], got {max_fraction}")
         limit = max(1, int(max_fraction * self.n_lists))
         candidates = sorted({min(2**i, limit) for i in range(limit.bit_length() + 1)})
         k = proponents.ids.shape[1]

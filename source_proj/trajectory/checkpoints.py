@@ -23,13 +23,14 @@ from typing import Any
 
 import numpy as np
 import torch
+from source_proj.errors import InputError
 
 OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
 # Optimizers with a diagonal preconditioner read from each checkpoint's optimizer state.
 PRECONDITIONED = ("adam", "adamw")
 
 
-class TrajectoryError(ValueError):
+class TrajectoryError(InputError):
     """A trajectory or checkpoint that cannot describe a training run."""
 
 

@@ -22,6 +22,7 @@ import math
 from collections.abc import Callable
 
 import torch
+from source_proj.errors import InputError
 
 
 class LearningRateRecorder:
@@ -39,7 +40,7 @@ class LearningRateRecorder:
     def __init__(self, optimizer: torch.optim.Optimizer, group: int | None = None) -> None:
         if group is not None and not 0 <= group < len(optimizer.param_groups):
             groups = len(optimizer.param_groups)
-            raise ValueError(f"group {group} out of range: the optimizer has {groups} param groups")
+            raise InputError(f"group {group} out of range: the optimizer has {groups} param groups")
         self.optimizer = optimizer
         self.group = group
         self._rates: list[float] = []
@@ -64,7 +65,7 @@ class LearningRateRecorder:
         """The rates of the steps since the previous ``take`` (or since creation), one per step."""
         if self._mismatch is not None:
             step, rates = self._mismatch
-            raise ValueError(
+            raise InputError(
                 f"optimizer step {step} used different learning rates per param group ({rates}); "
                 "a trajectory has one rate per step: pass group=... to record one group's rate"
             )
@@ -95,7 +96,7 @@ def scheduled_rates(
         steps: number of optimizer steps.
     """
     if steps < 0:
-        raise ValueError(f"steps must be >= 0, got {steps}")
+        raise InputError(f"steps must be >= 0, got {steps}")
     optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=lr)
     scheduler = make_scheduler(optimizer)
     with LearningRateRecorder(optimizer) as recorder:

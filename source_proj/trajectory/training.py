@@ -23,6 +23,7 @@ from source_proj.gradients.model import Inputs, call_module, take_rows
 from source_proj.gradients.tasks import Task
 from source_proj.trajectory.checkpoints import Checkpoint, Trajectory
 from source_proj.trajectory.lr_history import LearningRateRecorder
+from source_proj.errors import InputError
 
 
 @dataclass(frozen=True)
@@ -169,7 +170,7 @@ def _save(
 
 def _check_data(targets: torch.Tensor) -> None:
     if int(targets.shape[0]) == 0:
-        raise ValueError("cannot train on an empty data set")
+        raise InputError("cannot train on an empty data set")
 
 
 def train_sgd(
