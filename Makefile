@@ -1,20 +1,24 @@
 # Two entry points, each doing all set-up on a fresh machine (Python 3.11, no GPU):
 #   make demo   - trains a small MLP on scikit-learn's digits and attributes test predictions
 #   make test   - runs the default test suite (under ~10 minutes on 2 cores)
+# Both install the exact versions of requirements-lock.txt (the ones the test suite last passed
+# with), so a new release of a dependency cannot turn a fresh clone red. pyproject.toml keeps the
+# version ranges that library users get. `make lock` moves the lock to the newest releases.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+LOCK := requirements-lock.txt
 # The CPU build of torch on local disk; pinned here so no multi-GB CUDA build is pulled.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: install demo test bench
+.PHONY: install demo test lock bench
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH_PIN)"
-	$(PY) -m pip install -q -e ".[test]" "$(TORCH_PIN)"
+	$(PY) -m pip install -q -c $(LOCK) pip
+	$(PY) -m pip install -q -c $(LOCK) "$(TORCH_PIN)"
+	$(PY) -m pip install -q -c $(LOCK) -e ".[test]"
 	touch $@
 
 demo: install
@@ -22,6 +26,21 @@ demo: install
 
 test: install
 	$(PY) -m pytest -q -m "not slow"
+
+# A fresh environment with the newest release of every dependency that pyproject's ranges admit
+# (torch stays pinned to the local CPU build); the lock is rewritten only if the suite passes.
+lock:
+	rm -rf $(VENV)
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_PIN)"
+	$(PY) -m pip install -q --upgrade -e ".[test]" "$(TORCH_PIN)"
+	$(PY) -m pytest -q -m "not slow"
+	{ echo "# Exact versions the test suite passed with (make lock, $$(date -u +%F), Python $$($(PY) -c 'import platform; print(platform.python_version())'))."; \
+	  echo "# make install uses it as a pip constraints file; pyproject.toml keeps the ranges."; \
+	  $(PY) -m pip freeze --all --exclude-editable | sed -E 's/^(torch==[^+]+)\+.*/\1/'; } > $(LOCK).new
+	mv $(LOCK).new $(LOCK)
+	touch $(VENV)/.installed
 
 # The benchmarks of benchmarks/ (CPU parts); TRAK's package for the external reference.
 bench: install

@@ -1,8 +1,8 @@
 """GPU check of the Triton projection kernel: correctness on the device, then speed vs cuBLAS.
 
 Run on a CUDA machine from the repository root: ``python benchmarks/gpu_check.py [--out DIR]``.
-Needs only torch and triton (the kernels are imported from ``kernels/`` directly, so the rest of
-the package and its dependencies need not be installed). Steps:
+Needs the package installed (``pip install -e .``): the kernels are imported as
+``source_proj.kernels``, the only name they have. Steps:
 
 1. versions and device;
 2. correctness: the kernel's matrix (identity gradients) bit for bit against the CPU reference
@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 import time
 from pathlib import Path
 
@@ -33,9 +32,8 @@ import torch
 import triton
 import triton.testing
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from kernels.reference import GAUSSIAN, RADEMACHER, matrix_block  # noqa: E402
-from kernels.triton_projection import Tiles, choose_tiles, project_blocks_triton  # noqa: E402
+from source_proj.kernels.reference import GAUSSIAN, RADEMACHER, matrix_block
+from source_proj.kernels.triton_projection import Tiles, choose_tiles, project_blocks_triton
 
 SEED = 2**63 + 2**40 + 12345
 DEVICE = "cuda"
@@ -132,7 +130,7 @@ def tflops(batch, p, k, ms):
 def grouping_ms() -> dict:
     """Milliseconds to project 96 transformer-like parameter blocks (B = 32, k = 2048, bf16),
     with small blocks grouped into shared launches (default) and with one launch per block."""
-    import kernels.triton_projection as triton_projection
+    from source_proj.kernels import triton_projection
 
     widths = [768 * 768, 768, 768, 768 * 3072, 3072, 3072 * 768, 768, 768] * 12
     blocks = [torch.randn(32, w, device=DEVICE, dtype=torch.bfloat16) for w in widths]

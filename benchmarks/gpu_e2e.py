@@ -17,23 +17,10 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-try:  # installed package: source_proj.kernels maps to kernels/
-    import source_proj.kernels  # noqa: F401
-except ModuleNotFoundError:  # a bare checkout (as on a device machine): map it by hand
-    import importlib.util
-
-    _spec = importlib.util.spec_from_file_location(
-        "source_proj.kernels", ROOT / "kernels" / "__init__.py", submodule_search_locations=[str(ROOT / "kernels")]
-    )
-    sys.modules["source_proj.kernels"] = importlib.util.module_from_spec(_spec)
-    _spec.loader.exec_module(sys.modules["source_proj.kernels"])
-
-from source_proj.attributor import SourceAttributor  # noqa: E402
-from source_proj.cli.demo import DIGITS_SETTINGS, digits_data, digits_model  # noqa: E402
-from source_proj.gradients.tasks import ClassificationTask  # noqa: E402
-from source_proj.trajectory.training import train_sgd  # noqa: E402
+from source_proj.attributor import SourceAttributor
+from source_proj.cli.demo import DIGITS_SETTINGS, digits_data, digits_model
+from source_proj.gradients.tasks import ClassificationTask
+from source_proj.trajectory.training import train_sgd
 
 
 def main() -> None:
