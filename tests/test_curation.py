@@ -65,14 +65,16 @@ def test_ranks_flags_and_weights() -> None:
     table = curate(harm=scores, config=CurationConfig(flag_fraction=0.3, weight_floor=0.1, weight_width=0.5))
     np.testing.assert_array_equal(table.flagged(), [4, 8, 1])
     np.testing.assert_array_equal(table.keep_mask(), ~np.isin(np.arange(10), [4, 8, 1]))
-    # threshold = largest unflagged score (3.0, row 2); spread = 1.4826 * MAD
+    # threshold = largest score below every flagged one (2.0, row 5: row 2's 3.0 ties flagged
+    # row 1, which would keep weight 1); spread = 1.4826 * MAD
     spread = 1.4826 * np.median(np.abs(scores - np.median(scores)))
     expected = np.ones(10)
     for row in (4, 8, 1):
-        expected[row] = np.clip(1 - (scores[row] - 3.0) / (0.5 * spread), 0.1, 1.0)
+        expected[row] = np.clip(1 - (scores[row] - 2.0) / (0.5 * spread), 0.1, 1.0)
     np.testing.assert_allclose(table.weights(), expected, rtol=1e-12)
-    assert table.weights()[4] == 0.1 and 0.1 < table.weights()[8] < 1 and table.weights()[1] == 1.0
-    np.testing.assert_allclose(row_weights(np.zeros(4), np.array([1, 0, 0, 0], bool), 0.0, 1.0), np.ones(4))
+    assert table.weights()[4] == table.weights()[8] == 0.1 and 0.1 < table.weights()[1] < 1
+    # All scores tied: no threshold below the flagged row, which gets the floor.
+    np.testing.assert_allclose(row_weights(np.zeros(4), np.array([1, 0, 0, 0], bool), 0.0, 1.0), [0, 1, 1, 1])
 
 
 @pytest.mark.parametrize(

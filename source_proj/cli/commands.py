@@ -193,8 +193,14 @@ def _score(args: argparse.Namespace) -> int:
 
     _check_output(args.out)
     store, _, queries, segments, _ = _query_setup(args)
+
+    def recomputing(damaged: dict[int, str]) -> None:
+        _log(f"{len(damaged)} written chunks of {args.out} are damaged (first: {next(iter(damaged.values()))}): "
+             "recomputing them")
+
     scores = score_matrix(
-        store, queries, args.out, segments=segments, query_block=args.query_block, progress=not args.quiet
+        store, queries, args.out, segments=segments, query_block=args.query_block, progress=not args.quiet,
+        on_damaged=recomputing,
     )
     _log(f"scores {scores.shape[0]} queries x {scores.shape[1]} training rows (float32) in {args.out}/scores")
     return 0
@@ -349,10 +355,6 @@ def _explain(args: argparse.Namespace, store: Any, attributor: Any, queries: Any
 
 
 def _curate(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    import numpy as np
-
     from source_proj.cli.task_spec import load_task, query_set
     from source_proj.curation import (
         CurationConfig,
@@ -360,6 +362,7 @@ def _curate(args: argparse.Namespace) -> int:
         final_losses,
         query_set_harm,
         training_labels,
+        write_curation,
     )
 
     spec = load_task(args.task)
@@ -383,18 +386,14 @@ def _curate(args: argparse.Namespace) -> int:
         labels=training_labels(spec.train),
         config=config,
     )
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     try:
-        table_path = table.write(out / f"curation.{args.format}")
+        paths = write_curation(table, args.out, args.format)
     except ImportError as exc:
         raise InputError(str(exc)) from exc
-    np.save(out / "keep.npy", table.keep_mask())
-    np.save(out / "weights.npy", table.weights())
     _log(
         f"ranked {len(table)} training rows by {table.ranking}; flagged {int(table.column('flag').sum())} "
-        f"({config.flag_fraction:.1%}); wrote {table_path}, {out / 'keep.npy'} (bool keep-mask) and "
-        f"{out / 'weights.npy'} (per-row weights)"
+        f"({config.flag_fraction:.1%}); wrote {paths['table']}, {paths['keep']} (bool keep-mask) and "
+        f"{paths['weights']} (per-row weights)"
     )
     return 0
 

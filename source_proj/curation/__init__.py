@@ -10,14 +10,15 @@
         config=CurationConfig(flag_fraction=0.05),
     )
     table.write("curation.csv")                  # or .parquet (needs pyarrow)
+    write_curation(table, "out/")                # table, keep.npy, weights.npy: all or none
     keep = table.keep_mask()                     # (N,) bool, for a Subset
     weights = table.weights()                    # (N,) for WeightedRandomSampler / loss weights
 
 Modules: ``settings`` (``CurationConfig``), ``ranking`` (scores, ranks, flags, weights; pure
 functions), ``table`` (``CurationTable``), ``signals`` (losses, harm to a query set and the
 queries one row helps and hurts, from an attributor and its store), ``figures`` (matplotlib,
-optional). ``source_proj.evaluation.pruning`` checks by retraining that acting on a ranking
-helps.
+optional), ``outputs`` (the three files written together, all or none).
+``source_proj.evaluation.pruning`` checks by retraining that acting on a ranking helps.
 """
 
 from source_proj.curation.ranking import (
@@ -27,6 +28,7 @@ from source_proj.curation.ranking import (
     row_weights,
     suspicion_scores,
 )
+from source_proj.curation.outputs import write_curation, write_together
 from source_proj.curation.settings import RANKINGS, CurationConfig
 from source_proj.curation.signals import (
     RowEffects,
@@ -51,4 +53,6 @@ __all__ = [
     "row_weights",
     "suspicion_scores",
     "training_labels",
+    "write_curation",
+    "write_together",
 ]

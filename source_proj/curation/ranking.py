@@ -112,20 +112,29 @@ def flag_count(n_rows: int, fraction: float) -> int:
 
 
 def row_weights(scores: np.ndarray, flags: np.ndarray, floor: float, width: float) -> np.ndarray:
-    """Per-row weights (N,) float64: 1 for unflagged rows; for flagged ones
-    ``clip(1 - (s - s0) / (width * spread), floor, 1)``, with s0 the largest unflagged score
-    (the flag threshold) and spread the robust spread of all scores (1.4826 x MAD, else the
-    standard deviation, else 1)."""
+    """Per-row weights (N,) float64: 1 for unflagged rows, below 1 for flagged ones (unless
+    ``floor`` is 1).
+
+    A flagged row gets ``clip(1 - (s - s0) / (width * spread), floor, 1)``, with s0 the flag
+    threshold, the largest score below every flagged score, and spread the robust spread of
+    all scores (1.4826 x MAD, else the standard deviation, else 1). Where no score lies below
+    the flagged ones (a single row, every row flagged, or flagged rows tied with every
+    unflagged one) there is nothing to ramp from, and flagged rows get ``floor``, like the
+    keep-mask that drops them. ``flags`` must mark the highest scores (as ``curate`` does).
+    """
     s = np.asarray(scores, dtype=np.float64)
     flags = np.asarray(flags, dtype=bool)
-    if flags.all():
-        threshold = float(s.min())
-    else:
-        threshold = float(s[~flags].max())
+    if not flags.any():
+        return np.ones_like(s)
+    # An unflagged row tied with a flagged one is no threshold: the flagged row would get 1.
+    below = s[s < s[flags].min()]
+    if below.size == 0:
+        return np.where(flags, floor, 1.0)
     spread = _MAD_TO_STD * float(np.median(np.abs(s - np.median(s))))
     if not spread > 0:
         spread = float(s.std()) if s.std() > 0 else 1.0
-    ramp = np.clip(1.0 - (s - threshold) / (width * spread), floor, 1.0)
+    # Capped below 1: a score within round-off of the threshold still marks its row flagged.
+    ramp = np.clip(1.0 - (s - below.max()) / (width * spread), floor, max(floor, np.nextafter(1.0, 0.0)))
     return np.where(flags, ramp, 1.0)
 
 

@@ -5,7 +5,7 @@
   summed *loss* (so that > 0 means harmful whatever the task's measurement), computed in
   one pass over the store with the query features summed block by block.
 - :func:`row_effects`: for one training row, the queries whose loss it lowers (helps) and
-  raises (hurts) most.
+  raises (hurts) most; a query is listed by the sign of the change, never under both.
 """
 
 from __future__ import annotations
@@ -71,10 +71,11 @@ class RowEffects:
 
     Attributes:
         row: the training row.
-        helped, helped_scores: (k,) query ids whose loss the row lowers most, and the
-            predicted change of each one's loss when the row is included (most negative first).
-        hurt, hurt_scores: (k,) query ids whose loss it raises most, and the changes
-            (largest first).
+        helped, helped_scores: (<= k,) ids of the queries whose loss the row lowers most (the
+            predicted change of the loss when the row is included is < 0), and those
+            changes, most negative first.
+        hurt, hurt_scores: (<= k,) ids of the queries whose loss it raises most (change > 0),
+            and the changes, largest first. A query with no change is in neither list.
     """
 
     row: int
@@ -85,15 +86,19 @@ class RowEffects:
 
 
 def row_effects(attributor: SourceAttributor, store: FeatureStore, queries: Any, row: int, k: int = 10) -> RowEffects:
-    """The ``k`` queries whose loss training row ``row`` lowers most and raises most."""
+    """At most ``k`` queries whose loss training row ``row`` lowers most (helped: change < 0)
+    and at most ``k`` whose loss it raises most (hurt: change > 0); with fewer than 2k
+    queries either list may be shorter, and no query is in both."""
     n = store.layout.n_rows
     if isinstance(row, bool) or not isinstance(row, (int, np.integer)) or not 0 <= row < n:
         raise InputError(f"row must be a training row in [0, {n}), got {row!r}")
     features = torch.from_numpy(store.read_rows(int(row), int(row) + 1)[0])
     scores = torch.cat([block @ features for block in loss_query_blocks(attributor, queries)]).double().numpy()
-    k = max(1, min(int(k), scores.shape[0]))
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise InputError(f"k must be a positive integer, got {k!r}")
     order = np.argsort(scores, kind="stable")
-    helped, hurt = order[:k], order[::-1][:k]
+    helped = order[scores[order] < 0][:k]
+    hurt = order[::-1][scores[order[::-1]] > 0][:k]
     return RowEffects(int(row), helped, scores[helped], hurt, scores[hurt])
 
 
