@@ -126,10 +126,16 @@ def test_cli_score_rerun_recomputes_a_deleted_block(fitted: tuple[str, Path], tm
     base = ["score", "--task", task_ref, "--store", str(store), "--query-block", "3", "--quiet"]
     assert main([*base, "--out", str(tmp_path / "fresh.zarr")]) == 0
     assert main([*base, "--out", str(tmp_path / "o.zarr")]) == 0
-    (tmp_path / "o.zarr" / "scores" / "c" / "2" / "1").unlink()  # query 6, training rows 16-31
+    block = tmp_path / "o.zarr" / "scores" / "c" / "2" / "1"  # query 6, training rows 16-31
+    block.unlink()
     capsys.readouterr()
+    assert main(["verify", "--store", str(tmp_path / "o.zarr"), "--quiet"]) == 1
+    assert f"{block} is missing" in capsys.readouterr().err
     assert main([*base, "--out", str(tmp_path / "o.zarr")]) == 0
     assert "1 written chunks of" in capsys.readouterr().err
+    assert main(["verify", "--store", str(tmp_path / "o.zarr"), "--quiet"]) == 0
+    assert "complete; every written chunk checked against the digests of its values: no problem found" in (
+        capsys.readouterr().err)
     fresh = zarr.open_group(tmp_path / "fresh.zarr", mode="r")["scores"][...]
     got = zarr.open_group(tmp_path / "o.zarr", mode="r")["scores"][...]
     assert np.all(got[6, 16:32] != 0)

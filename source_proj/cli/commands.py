@@ -401,7 +401,10 @@ def _curate(args: argparse.Namespace) -> int:
 def _verify(args: argparse.Namespace) -> int:
     from source_proj.features.ledger import StoreCorruptError
     from source_proj.features.store import FeatureStore
+    from source_proj.retrieval.bulk import is_output
 
+    if is_output(args.store):
+        return _verify_output(args)
     store = FeatureStore.open(args.store)  # checks the settings' checksum
     problems = []
     try:
@@ -422,6 +425,23 @@ def _verify(args: argparse.Namespace) -> int:
     _log(f"feature store {store.path}: {layout.n_rows} rows in {layout.n_chunks} chunks, {state}; every written "
          f"chunk checked against its digests{checked}: {verdict}")
     return 1 if problems else 0
+
+
+def _verify_output(args: argparse.Namespace) -> int:
+    """``verify`` of a ``score`` (or self-influence) output: every written block against the
+    digests of its values."""
+    from source_proj.retrieval.bulk import check_output
+
+    if args.task is not None:
+        raise InputError(f"{args.store} is a score output, not a feature store: --task checks feature stores")
+    found = check_output(args.store)
+    for problem in found.damaged.values():
+        _log(f"problem: {problem}")
+    state = "complete" if not found.pending else f"incomplete ({len(found.pending)} of {found.n_chunks} chunks pending)"
+    verdict = f"{len(found.damaged)} problems found" if found.damaged else "no problem found"
+    _log(f"output {found.path} ({found.array!r}): {found.n_chunks} chunks, {state}; every written chunk checked "
+         f"against the digests of its values: {verdict}")
+    return 1 if found.damaged else 0
 
 
 def _verify_against_task(args: argparse.Namespace, store: Any) -> list[str]:
@@ -630,7 +650,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "was written (damaged, truncated or missing chunk files), and the stored curvature. With --task, also "
         "checks that the store was made with the task's model, checkpoints and settings, and reads the whole "
         "training set to check that every chunk's rows (inputs and targets) are the ones it was made from. "
-        "Exit code 0: no problem; 1: problems found (listed); 2: the store cannot be opened.",
+        "Given the output directory of 'source-proj score' as --store, checks its written blocks against the "
+        "digests of their values (rerun 'score' to recompute damaged ones). Exit code 0: no problem; 1: problems found (listed); 2: the store cannot be opened.",
         epilog="a damaged store is repaired by running the same 'source-proj fit' again: it recomputes the "
         "damaged chunks",
     )

@@ -24,6 +24,7 @@ digested each block's bounds instead of its values, cannot be checked and are re
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -151,6 +152,15 @@ def _old_layout(path: Path) -> OldOutputError:
         f"checked nor resumed. Its 'scores' array is still readable with zarr; delete {path} (or choose "
         "another output) to compute the scores again"
     )
+
+
+def is_output(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a directory written by ``score_matrix`` or ``self_influence``."""
+    try:
+        attributes = json.loads((Path(path) / "zarr.json").read_text()).get("attributes", {})
+    except (OSError, ValueError, AttributeError):
+        return False
+    return isinstance(attributes, dict) and ATTRS_KEY in attributes
 
 
 def check_output(out: str | os.PathLike) -> OutputCheck:
