@@ -71,7 +71,7 @@ def train_lm(model, rows: list[dict], epochs: int = 3, lr: float = 0.5, batch_si
     inputs, targets = split_columns(as_columns(rows))
     settings = TrainSettings(epochs=epochs, batch_size=batch_size, lr=lr, momentum=0.0,
                              weight_decay=weight_decay, checkpoints_per_epoch=1, seed=seed)
-    ckpts = train_sgd(model, task or CausalLMTask(), inputs, targets, settings)
+    ckpts = train_sgd(model, task or CausalLMTask(reduction="sum"), inputs, targets, settings)
     return settings.trajectory(ckpts)
 
 

@@ -2,6 +2,7 @@
 
 import json
 import shutil
+import warnings
 
 import pytest
 import torch
@@ -82,19 +83,31 @@ def test_trainer_directory_reproduces_the_hand_built_trajectory(trainer_run):
         trainer_trajectory(out)
 
 
-def test_sparse_logs_are_interpolated_and_deleted_checkpoints_merge(trainer_run, tmp_path):
+def edit_states(folder, edit):
+    """Apply ``edit`` to the trainer_state.json of every checkpoint folder in ``folder``."""
+    for path in folder.glob("checkpoint-*/trainer_state.json"):
+        state = json.loads(path.read_text())
+        edit(state)
+        path.write_text(json.dumps(state))
+
+
+def test_sparse_logs_and_deleted_checkpoints_replay_or_interpolate(trainer_run, tmp_path):
     out, model, _ = trainer_run
     copy = tmp_path / "run"
     shutil.copytree(out, copy)
     shutil.rmtree(copy / "checkpoint-2")  # as save_total_limit would
-    state_file = copy / f"checkpoint-{STEPS}" / "trainer_state.json"
-    state = json.loads(state_file.read_text())
-    state["log_history"] = [e for e in state["log_history"] if e.get("step") in (1, 5)]
-    state_file.write_text(json.dumps(state))
+    edit_states(copy, lambda state: state.update(log_history=[e for e in state["log_history"] if e.get("step") in (1, 5)]))
+    rates = [LR * (STEPS - (s - 1)) / STEPS for s in range(1, STEPS + 1)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = trainer_trajectory(copy, model=model)  # the schedule replayed from training_args.bin
+    assert [str(w.message) for w in caught if "interpolated" in str(w.message)] == []
+    assert [c.steps for c in got.checkpoints] == [4, 2]
+    assert [r for c in got.checkpoints for r in c.lr] == pytest.approx(rates, rel=1e-12)
+    for path in copy.glob("checkpoint-*/training_args.bin"):
+        path.unlink()
     with pytest.warns(UserWarning, match="interpolated linearly"):
         got = trainer_trajectory(copy, model=model)
-    rates = [LR * (STEPS - (s - 1)) / STEPS for s in range(1, STEPS + 1)]
-    assert [c.steps for c in got.checkpoints] == [4, 2]
     assert [r for c in got.checkpoints for r in c.lr] == pytest.approx(rates, rel=1e-12)  # linear: exact
 
 
@@ -105,9 +118,9 @@ def test_logged_rates_are_placed_by_the_scheduler_states():
     logs_used = [{"step": s, "learning_rate": used[s - 1]} for s in range(1, 5)]
     logs_next = [{"step": s, "learning_rate": used[s]} for s in range(1, 4)]
     rates, exact = step_learning_rates(logs_used, {2: 0.3}, 4)
-    assert exact and rates.tolist() == used
+    assert exact.all() and rates.tolist() == used
     rates, exact = step_learning_rates(logs_next, {2: 0.3}, 4)
-    assert rates.tolist() == [0.4, 0.4, 0.3, 0.2] and not exact  # step 1 unknown: held from step 2
+    assert rates.tolist() == [0.4, 0.4, 0.3, 0.2] and exact.tolist() == [False, True, True, True]  # step 1 held
     with pytest.raises(TrajectoryError, match="no checkpoint-<step>/ folders"):
         trainer_trajectory(".")
 
@@ -138,3 +151,82 @@ def test_adamw_trainer_directory_gives_the_preconditioned_trajectory(tmp_path):
     torch.testing.assert_close(scores, SourceAttributor(model, "causal_lm", hand, **kw).fit(data).score(data))
     plain = SourceAttributor(model, "causal_lm", as_sgd, **kw).fit(data).score(data)
     assert (scores - plain).norm() > 0.5 * plain.norm()  # the preconditioner is really applied
+
+
+def test_renamed_and_foreign_folders_are_refused_by_name(trainer_run, tmp_path):
+    out, model, _ = trainer_run
+    other = tmp_path / "other"
+    train_with_trainer(other, 5, optim="sgd", learning_rate=LR)  # the same settings on other rows
+    cases = {
+        "renamed": (lambda run: (run / "checkpoint-6").rename(run / "checkpoint-5"),
+                    r"checkpoint-5'.*global_step 6, but the folder is named checkpoint-5"),
+        "duplicated": (lambda run: shutil.copytree(run / "checkpoint-4", run / "checkpoint-3"),
+                       r"checkpoint-3'.*global_step 4"),
+        "foreign": (lambda run: (shutil.rmtree(run / "checkpoint-4"), shutil.copytree(other / "checkpoint-4", run / "checkpoint-4")),
+                    r"checkpoint-4'.*log_history in trainer_state.json disagree"),
+    }
+    for name, (damage, message) in cases.items():
+        copy = tmp_path / name
+        shutil.copytree(out, copy)
+        damage(copy)
+        with pytest.raises(TrajectoryError, match=message):
+            trainer_trajectory(copy, model=model)
+
+
+def test_logged_rates_that_contradict_the_schedule_are_refused(trainer_run, tmp_path):
+    out, model, _ = trainer_run
+    copy = tmp_path / "run"
+    shutil.copytree(out, copy)
+    tenfold = lambda state: [e.update(learning_rate=10 * e["learning_rate"]) for e in state["log_history"] if "learning_rate" in e]
+    edit_states(copy, tenfold)
+    # Logged rates are the rates of their steps (transformers 5): 10 x 0.3 logged at step 1.
+    with pytest.raises(TrajectoryError, match=r"logs learning rate 3\.0 at step 1, but the linear schedule of .* gives 0\.3 "):
+        trainer_trajectory(copy, model=model)
+    for path in copy.glob("checkpoint-*/training_args.bin"):
+        path.unlink()
+    # No arguments to replay: scheduler.pt (the rate of step 3 after checkpoint-2: 0.2) contradicts the log (2.0).
+    with pytest.raises(TrajectoryError, match=r"logs learning rate (2\.0|1\.9+8) at step 3, but the interpolation .* gives (0\.2|0\.19+8) for step 3"):
+        trainer_trajectory(copy, model=model)
+
+
+@pytest.mark.parametrize("name", ["scheduler.pt", "optimizer.pt", "training_args.bin", "trainer_state.json"])
+def test_truncated_files_give_one_error_naming_them(trainer_run, tmp_path, name):
+    out, model, _ = trainer_run
+    copy = tmp_path / "run"
+    shutil.copytree(out, copy)
+    path = copy / f"checkpoint-{STEPS}" / name
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(TrajectoryError, match=rf"cannot read .*checkpoint-{STEPS}/{name}'"):
+        trainer_trajectory(copy, model=model)
+
+
+def test_the_reduction_read_from_the_run_is_the_trainers_loss(trainer_run, tmp_path):
+    """The Trainer's own compute_loss on a batch of equal-length rows, as its training step calls
+    it (num_items_in_batch = the batch's target tokens), is the mean over rows of the task's
+    per-row loss under the reduction read from the run; the summed loss is not."""
+    from transformers import Trainer, TrainingArguments
+
+    from source_proj.gradients.causal_lm import CausalLMTask
+    from source_proj.gradients.tasks import resolve_task
+    from source_proj.trajectory.hf_trainer import trainer_loss_reduction
+
+    out, model, data = trainer_run
+    reduction = trainer_loss_reduction(out)
+    batch = {k: torch.tensor(data[:4][k]) for k in ("input_ids", "labels")}
+    trainer = Trainer(model=model, args=TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True))
+    with torch.no_grad():
+        trainers = trainer.compute_loss(model, batch, num_items_in_batch=(batch["labels"][:, 1:] != -100).sum())
+        logits = model(input_ids=batch["input_ids"]).logits.double()
+    ours = CausalLMTask(reduction=reduction).loss(logits, batch["labels"]).mean()
+    assert float(ours) == pytest.approx(float(trainers), rel=1e-5)
+    summed = CausalLMTask(reduction="sum").loss(logits, batch["labels"]).mean()
+    assert float(summed) > 5 * float(trainers)
+    # Where the reduction is not given, the Trainer's is assumed, with a warning that says so.
+    with pytest.warns(UserWarning, match="reduction not given, assuming 'mean'"):
+        assert resolve_task("causal_lm").reduction == reduction
+    copy = tmp_path / "classifier"
+    shutil.copytree(out, copy)
+    config = copy / "checkpoint-6" / "config.json"
+    config.write_text(config.read_text().replace("GPT2LMHeadModel", "GPT2ForSequenceClassification"))
+    with pytest.raises(TrajectoryError, match="not a Hugging Face causal LM"):
+        trainer_loss_reduction(copy)

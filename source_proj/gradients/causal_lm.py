@@ -12,7 +12,10 @@ Per sequence, with n the number of target tokens and CE_t the token cross-entrop
   a number c. Hugging Face's causal-LM loss averages over all target tokens of a batch: with
   sequences of equal target count that is ``"mean"``; with varied counts it is the sum
   divided by the batch's mean count, which ``reduction=<mean target tokens per sequence>``
-  matches in expectation.
+  matches in expectation. The reduction must be the one the model was trained with; when it
+  is not given (``CausalLMTask()``, the task name ``"causal_lm"``), ``"mean"`` is assumed, as
+  the Trainer does, with a warning (``trajectory.hf_trainer.trainer_loss_reduction`` reads it
+  from a Trainer run).
 * measurements: ``"log_prob"`` (default): sum_t log p(y_t | y_<t), the log-probability of the
   target tokens; label only a completion's tokens (``mask_prompt``) to measure
   log p(completion | prompt). ``"loss"``: the training loss. ``"margin"``: sum_t
@@ -31,6 +34,7 @@ E[v v^T] is the exact block-diagonal Hessian (unbiased).
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -85,7 +89,8 @@ class CausalLMTask(Task):
 
     Attributes:
         reduction: "sum", "mean" (over the sequence's target tokens) or a positive number
-            dividing the sum: as the model was trained.
+            dividing the sum: as the model was trained. None (default): "mean", what the
+            Hugging Face Trainer minimises, with a warning that it was assumed.
         measure: "log_prob" (default), "loss" or "margin".
         shift: logits at t predict the label at t + 1 (labels = input ids).
         ignore_index: the label of positions not trained on.
@@ -94,13 +99,21 @@ class CausalLMTask(Task):
     loss: LossFn = field(init=False, repr=False)
     measurement: LossFn = field(init=False, repr=False)
     name: str = "causal_lm"
-    reduction: str | float = "sum"
+    reduction: str | float | None = None
     measure: str = "log_prob"
     shift: bool = True
     ignore_index: int = IGNORE_INDEX
     default_curvature: ClassVar[str] = "sampled"
 
     def __post_init__(self) -> None:
+        if self.reduction is None:
+            warnings.warn(
+                "causal-LM task: reduction not given, assuming 'mean' (each sequence's mean token loss), as the Hugging "
+                "Face Trainer minimises the mean token loss of a batch. Pass CausalLMTask(reduction='sum') if the model "
+                "was trained on summed token losses (trajectory.hf_trainer.trainer_loss_reduction reads a Trainer run's)",
+                stacklevel=3,
+            )
+            object.__setattr__(self, "reduction", "mean")
         if isinstance(self.reduction, str):
             if self.reduction not in ("sum", "mean"):
                 raise InputError(f"reduction must be 'sum', 'mean' or a positive number, got {self.reduction!r}")

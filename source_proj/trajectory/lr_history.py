@@ -13,13 +13,14 @@ history. Two ways to get it without rebuilding it by hand:
       checkpoints.append(Checkpoint(state, steps=len(r := recorder.take()), lr=r,
                                     optimizer_state=optimizer.state_dict()))
 
-* after training, :func:`scheduled_rates` replays a scheduler on a dummy optimizer.
+* after training, :func:`scheduled_rates` (:func:`scheduled_group_rates` for several param
+  groups) replays a scheduler on a dummy optimizer.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from source_proj.errors import InputError
@@ -43,7 +44,7 @@ class LearningRateRecorder:
             raise InputError(f"group {group} out of range: the optimizer has {groups} param groups")
         self.optimizer = optimizer
         self.group = group
-        self._rates: list[float] = []
+        self._rates: list[tuple[float, ...]] = []
         self._mismatch: tuple[int, list[float]] | None = None
         self._steps = 0
         self._handle = optimizer.register_step_pre_hook(self._record)
@@ -53,7 +54,7 @@ class LearningRateRecorder:
         differ = any(not math.isclose(r, rates[0]) for r in rates)
         if self.group is None and self._mismatch is None and differ:
             self._mismatch = (self._steps, rates)
-        self._rates.append(rates[self.group or 0])
+        self._rates.append(tuple(rates))
         self._steps += 1
 
     @property
@@ -69,6 +70,10 @@ class LearningRateRecorder:
                 f"optimizer step {step} used different learning rates per param group ({rates}); "
                 "a trajectory has one rate per step: pass group=... to record one group's rate"
             )
+        return tuple(rates[self.group or 0] for rates in self.take_groups())
+
+    def take_groups(self) -> tuple[tuple[float, ...], ...]:
+        """Every param group's rate of each step since the previous take, one tuple per step."""
         rates, self._rates = tuple(self._rates), []
         return rates
 
@@ -95,12 +100,22 @@ def scheduled_rates(
         lr: the optimizer's base learning rate.
         steps: number of optimizer steps.
     """
+    return tuple(rates[0] for rates in scheduled_group_rates(make_scheduler, [lr], steps))
+
+
+def scheduled_group_rates(
+    make_scheduler: Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler],
+    lrs: Sequence[float],
+    steps: int,
+) -> tuple[tuple[float, ...], ...]:
+    """As :func:`scheduled_rates` for an optimizer of ``len(lrs)`` param groups with base rates
+    ``lrs``: every group's rate of each step, one tuple per step."""
     if steps < 0:
         raise InputError(f"steps must be >= 0, got {steps}")
-    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=lr)
+    optimizer = torch.optim.SGD([{"params": [torch.zeros(1, requires_grad=True)], "lr": lr} for lr in lrs])
     scheduler = make_scheduler(optimizer)
     with LearningRateRecorder(optimizer) as recorder:
         for _ in range(steps):
             optimizer.step()  # no gradient: a no-op that the recorder sees
             scheduler.step()
-        return recorder.take()
+        return recorder.take_groups()

@@ -1,0 +1,113 @@
+"""A Trainer run's learning rates read exactly: the schedule replayed from training_args.bin and
+the SourceRecordCallback record, each against the rates the real optimizer used at every step
+(a step pre-hook on the torch optimizer inside the Trainer), with logging_steps larger than the
+run; edited arguments refused."""
+
+import shutil
+import warnings
+
+import pytest
+import torch
+from lm_helpers import random_rows, tiny_gpt2
+
+from source_proj.trajectory.checkpoints import TrajectoryError
+from source_proj.trajectory.hf_trainer import (
+    RECORD_FILE,
+    SourceRecordCallback,
+    read_trainer_record,
+    trainer_trajectory,
+)
+
+pytest.importorskip("transformers")
+STEPS, SAVE, WARMUP, LR = 6, 2, 3, 0.05
+SCHEDULES = ("linear", "cosine", "constant_with_warmup")
+
+
+def trained(out, schedule: str):
+    """A tiny GPT-2 trained by transformers.Trainer (SGD, ``schedule`` with WARMUP warm-up
+    steps, logging_steps 500 > STEPS) with SourceRecordCallback(stage="pre") and a step
+    pre-hook on the real torch optimizer. Returns (model, every step's per-group rates)."""
+    import datasets
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    used = []
+
+    class OptimizerRates(TrainerCallback):
+        def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+            torch_optimizer = getattr(optimizer, "optimizer", optimizer)  # inside accelerate's wrapper
+            torch_optimizer.register_step_pre_hook(
+                lambda opt, *_: used.append(tuple(g["lr"] for g in opt.param_groups)))
+
+    rows = random_rows(12, 10, (6, 6), seed=4, masked=False)
+    data = datasets.Dataset.from_dict({"input_ids": [r["input_ids"] for r in rows],
+                                       "labels": [r["labels"] for r in rows]})
+    model = tiny_gpt2()
+    args = TrainingArguments(
+        output_dir=str(out), per_device_train_batch_size=4, max_steps=STEPS, save_steps=SAVE, logging_steps=500,
+        learning_rate=LR, optim="sgd", weight_decay=0.0, lr_scheduler_type=schedule, warmup_steps=WARMUP,
+        report_to=[], use_cpu=True, disable_tqdm=True, seed=0, dataloader_num_workers=0,
+    )
+    Trainer(model=model, args=args, train_dataset=data, callbacks=[SourceRecordCallback(stage="pre"), OptimizerRates()]).train()
+    assert len(used) == STEPS and len(set(used)) > 2  # a real schedule, one entry per optimizer step
+    return model, used
+
+
+@pytest.fixture(scope="module", params=SCHEDULES)
+def run(request, tmp_path_factory):
+    out = tmp_path_factory.mktemp(request.param)
+    return (out, *trained(out, request.param))
+
+
+def lrs(trajectory):
+    return [r for c in trajectory.checkpoints for r in c.lr]
+
+
+def test_record_and_replay_equal_the_optimizers_rates(run, tmp_path):
+    out, model, used = run
+    # The callback's record holds every group's rate of every step, and the stage.
+    record = read_trainer_record(out / f"checkpoint-{STEPS}")
+    assert record.learning_rates == tuple(used) and record.stage == "pre" and record.complete
+    assert len(record.batch_digests) == STEPS and None not in record.batch_digests
+    assert read_trainer_record(out / "checkpoint-2").precedes(record)
+    got = trainer_trajectory(out, model=model)
+    assert lrs(got) == [u[0] for u in used] and {c.stage for c in got.checkpoints} == {"pre"}
+    # Without the record: the schedule replayed from training_args.bin, no warning needed.
+    copy = tmp_path / "run"
+    shutil.copytree(out, copy)
+    for record_file in copy.glob(f"checkpoint-*/{RECORD_FILE}"):
+        record_file.unlink()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        replayed = trainer_trajectory(copy, model=model)
+    assert lrs(replayed) == pytest.approx([u[0] for u in used], rel=1e-12, abs=0)
+    # Without the arguments either: only the scheduler.pt rates (of steps 3 and 5) are known, and
+    # the warning says that the warm-up steps 1..2 are not.
+    for args_file in copy.glob("checkpoint-*/training_args.bin"):
+        args_file.unlink()
+    with pytest.warns(UserWarning, match=r"2 of 6 steps are exact.*steps 1\.\.2 before the first known one"):
+        fallback = trainer_trajectory(copy, model=model)
+    assert lrs(fallback)[2] == pytest.approx(used[2][0], rel=1e-12) and lrs(fallback)[0] != used[0][0]
+
+
+
+def test_edited_warmup_in_training_args_is_refused(run, tmp_path):
+    out, model, _ = run
+    copy = tmp_path / "run"
+    shutil.copytree(out, copy)
+    for record_file in copy.glob(f"checkpoint-*/{RECORD_FILE}"):
+        record_file.unlink()
+
+    def edit(folder):
+        path = folder / "training_args.bin"
+        args = torch.load(path, weights_only=False)
+        args.warmup_steps = WARMUP - 1
+        torch.save(args, path)
+
+    edit(copy / "checkpoint-4")  # one folder's arguments differ from the others': named
+    with pytest.raises(TrajectoryError, match=r"checkpoint-4'.*training_args.bin schedule disagrees"):
+        trainer_trajectory(copy, model=model)
+    for folder in (copy / "checkpoint-2", copy / f"checkpoint-{STEPS}"):
+        edit(folder)
+    # All agree, but not with the run: the scheduler.pt of checkpoint-2 holds the rate of step 3.
+    with pytest.raises(TrajectoryError, match=r"checkpoint-2/scheduler.pt'.*learning rate of step 3 \(param group 0\)"):
+        trainer_trajectory(copy, model=model)
