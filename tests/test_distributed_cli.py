@@ -151,3 +151,17 @@ def test_a_rank_that_fails_stops_the_run_with_its_message(task_file, tmp_path):
     # Rows 48-95 (curvature chunks 6-11) are rank 1's share; row 60 holds the NaN.
     assert "failed on rank 1" in result.stderr and "NonFiniteError" in result.stderr
     assert "[60]" in result.stderr
+
+
+def test_the_store_does_not_depend_on_the_thread_count(task_file, tmp_path):
+    """One process with all cores' threads (torch's default; at least 2) and two processes with one
+    thread each (what torchrun sets) write the same store array for array (k = 128: LAPACK's
+    eigh differs between 1 and 2 threads at that size unless pinned)."""
+    fit = [*FIT, "--proj-dim", "128", "--task", f"{task_file}:task"]
+    one = tmp_path / "one.zarr"
+    threads = str(max(2, os.cpu_count() or 1))
+    assert _run(1, *fit, "--store", str(one), env={"OMP_NUM_THREADS": threads}).returncode == 0
+    two = tmp_path / "two.zarr"
+    result = _run(2, *fit, "--store", str(two), env={"OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr
+    assert_same_store(one, two)

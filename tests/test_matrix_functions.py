@@ -6,10 +6,13 @@ import scipy.linalg
 import torch
 
 from source_proj.curvature.spectra import (
+    gauss_newton_gram,
     phi_values,
+    segment_spectra,
     segment_spectrum,
     transport_operators,
 )
+from source_proj.trajectory.checkpoints import Segment
 
 
 def random_spd(k: int, seed: int, low: float = 0.05, high: float = 5.0) -> np.ndarray:
@@ -76,3 +79,26 @@ def test_transport_multiplies_later_segments_exponentials():
     np.testing.assert_allclose(ops[1], e[2] @ phi[1], rtol=1e-9, atol=1e-12)
     np.testing.assert_allclose(ops[0], e[2] @ e[1] @ phi[0], rtol=1e-9, atol=1e-12)
     np.testing.assert_allclose(transport_operators(spectra, transport=False).numpy()[0], phi[0], rtol=1e-9, atol=1e-12)
+
+
+def test_curvature_does_not_depend_on_the_thread_count():
+    """The Gram matrix, the eigendecomposition and the operators are bit for bit the same with
+    one thread and with two (LAPACK's eigh alone differs in its last bits here otherwise), so a
+    store does not depend on how many processes and threads wrote it."""
+    torch.manual_seed(0)
+    rows = torch.randn(300, 512)
+    segments = [Segment("a", (0,), steps=20, lr=0.1), Segment("a", (1,), steps=30, lr=0.05)]
+
+    def curvature(threads: int) -> list[torch.Tensor]:
+        torch.set_num_threads(threads)
+        hessians = {0: gauss_newton_gram(rows), 1: gauss_newton_gram(rows[:200], torch.linspace(0.5, 1.0, 200))}
+        spectra = segment_spectra(segments, hessians, 1e-3)
+        return [hessians[0], hessians[1], *(s.eigenvectors for s in spectra), transport_operators(spectra)]
+
+    before = torch.get_num_threads()
+    try:
+        one, two = curvature(1), curvature(2)
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip(one, two):
+        assert torch.equal(a, b)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from source_proj.threads import one_thread
 from source_proj.trajectory.checkpoints import Segment
 
 # Below this t*s the series of -expm1(-x)/x is used (relative error ~ x^3/24 < 1e-17).
@@ -69,10 +70,9 @@ def gauss_newton_gram(rows: torch.Tensor, signs: torch.Tensor | None = None) -> 
     hundred terms); chunks are summed in float64 (``distributed.reduce.TreeSum``).
     """
     flat = rows.reshape(-1, rows.shape[-1]).to(torch.float32)
-    if signs is None:
-        return (flat.T @ flat).to(torch.float64)
-    weighted = (rows * signs.to(rows)[:, None]).reshape(-1, rows.shape[-1]).to(torch.float32)
-    return (weighted.T @ flat).to(torch.float64)
+    weighted = flat if signs is None else (rows * signs.to(rows)[:, None]).reshape(-1, rows.shape[-1]).to(torch.float32)
+    with one_thread():
+        return (weighted.T @ flat).to(torch.float64)
 
 
 def segment_spectrum(hessians: list[torch.Tensor], weight_decay: float, time: float) -> SegmentSpectrum:
@@ -84,7 +84,8 @@ def segment_spectrum(hessians: list[torch.Tensor], weight_decay: float, time: fl
     mean = torch.stack([h.to(torch.float64) for h in hessians]).mean(dim=0)
     mean = 0.5 * (mean + mean.T)
     mean.diagonal().add_(weight_decay)
-    evals, evecs = torch.linalg.eigh(mean)
+    with one_thread():
+        evals, evecs = torch.linalg.eigh(mean)
     return SegmentSpectrum(evals.clamp_min(0.0), evecs, float(time))
 
 
@@ -131,8 +132,9 @@ def transport_operators(spectra: list[SegmentSpectrum], transport: bool = True) 
     """
     ops = []
     carried = torch.eye(spectra[0].eigenvectors.shape[0], dtype=torch.float64)
-    for spectrum in reversed(spectra):
-        ops.append(carried @ spectrum.phi() if transport else spectrum.phi())
-        if transport:
-            carried = carried @ spectrum.exp()
+    with one_thread():
+        for spectrum in reversed(spectra):
+            ops.append(carried @ spectrum.phi() if transport else spectrum.phi())
+            if transport:
+                carried = carried @ spectrum.exp()
     return torch.stack(ops[::-1])
