@@ -11,6 +11,7 @@ their targets are validated for the task and each store chunk's rows are digeste
 same model, trajectory and settings; ``check_training_data`` compares data with a store.
 
 The store's metadata is the attributor's ``metadata()`` (with the segment weights w_l = 1/N_l,
+a custom task's ``fingerprint`` (its loss's code and settings),
 the checkpoints' content digests and, for Adam runs, the optimizer's betas and eps and a digest
 of each checkpoint's optimizer state, so that a store built with other states is refused) plus
 ``source_config``: the estimator settings (``SourceConfig`` without the run-time fields), from
@@ -77,7 +78,14 @@ def store_config(store: FeatureStore, **runtime: Any) -> SourceConfig:
 
 
 def _metadata(attributor: SourceAttributor) -> dict[str, Any]:
-    return {**attributor.metadata(), "source_config": estimator_settings(attributor.config)}
+    # A custom task's fingerprint (``Task.fingerprint``): its name alone ("custom") would let
+    # a resumed fit mix two losses in one store.
+    fingerprint = attributor.task.fingerprint()
+    return {
+        **attributor.metadata(),
+        **({"task_fingerprint": fingerprint} if fingerprint is not None else {}),
+        "source_config": estimator_settings(attributor.config),
+    }
 
 
 def _feature_dim(attributor: SourceAttributor) -> int:

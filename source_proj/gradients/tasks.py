@@ -15,19 +15,166 @@ meaning all +1).
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import hashlib
+import inspect
+import json
 import math
+import sys
+import types
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import ClassVar
+from pathlib import Path
+from typing import Any, ClassVar
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.func import hessian, vmap
 from source_proj.errors import InputError
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 SampleFn = Callable[[torch.Tensor, torch.Tensor, torch.Generator], torch.Tensor]
 Factor = tuple[torch.Tensor, torch.Tensor | None]
+
+
+def _is_library(module: str | None) -> bool:
+    """Whether code of ``module`` is installed library code, known by its name alone: this
+    package, the standard library, or a distribution in site-packages."""
+    root = (module or "").partition(".")[0]
+    if not root:
+        return False
+    if root == "source_proj" or root in sys.stdlib_module_names:
+        return True
+    file = getattr(sys.modules.get(root), "__file__", None) or ""
+    return bool({"site-packages", "dist-packages"} & set(Path(file).parts))
+
+
+def _source(value: Any) -> str | None:
+    try:
+        return inspect.getsource(value)
+    except (OSError, TypeError):  # defined where Python keeps no source (exec, a REPL)
+        return None
+
+
+def _bytecode(code: types.CodeType) -> dict[str, Any]:
+    """A code object without its source: instructions, constants (nested code too), names."""
+    consts = [_bytecode(c) if isinstance(c, types.CodeType) else repr(c) for c in code.co_consts]
+    return {"bytecode": code.co_code.hex(), "consts": consts, "names": list(code.co_names)}
+
+
+def _global_names(code: types.CodeType) -> set[str]:
+    """Names a code object (and the functions nested in it) may look up as globals."""
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names |= _global_names(const)
+    return names
+
+
+# Dunder methods of a user's class that can change what it computes.
+_CLASS_METHODS = ("__init__", "__post_init__", "__call__", "__getattr__")
+
+
+class _CodeDescription:
+    """JSON-serialisable description of what a task computes, for ``Task.fingerprint``.
+
+    ``user_code`` becomes True once anything beyond plain values and library code is met (a
+    function, class, module or object of the user's)."""
+
+    def __init__(self) -> None:
+        self.user_code = False
+        self._open: set[int] = set()  # objects being described (cycles: a task's bound methods)
+
+    def __call__(self, value: Any) -> Any:
+        if value is None or isinstance(value, (bool, int, float, str)):
+            return value
+        if isinstance(value, (torch.Tensor, np.ndarray)):
+            array = value.detach().cpu().contiguous() if isinstance(value, torch.Tensor) else np.ascontiguousarray(value)
+            raw = array.reshape(-1).view(torch.uint8).numpy() if isinstance(array, torch.Tensor) else array.view(np.uint8)
+            return {"array": str(array.dtype), "shape": list(array.shape), "sha256": hashlib.sha256(raw.tobytes()).hexdigest()}
+        if id(value) in self._open:
+            return "<recursive>"
+        self._open.add(id(value))
+        try:
+            return self._compound(value)
+        finally:
+            self._open.discard(id(value))
+
+    def _compound(self, value: Any) -> Any:
+        if isinstance(value, (list, tuple)):
+            return {type(value).__name__: [self(v) for v in value]}
+        if isinstance(value, (set, frozenset)):
+            return {"set": sorted(json.dumps(self(v), sort_keys=True) for v in value)}
+        if isinstance(value, dict):
+            return {"dict": [[str(k), self(v)] for k, v in sorted(value.items(), key=lambda item: str(item[0]))]}
+        if isinstance(value, types.ModuleType):
+            return {"module": value.__name__}
+        if isinstance(value, types.MethodType):
+            return {"method": self(value.__func__), "of": self(value.__self__)}
+        if isinstance(value, types.BuiltinFunctionType) or (
+            isinstance(value, (types.FunctionType, type)) and _is_library(value.__module__)
+        ):
+            return {"library": f"{value.__module__}.{value.__qualname__}"}
+        if isinstance(value, Task) and _is_library(type(value).__module__):
+            return self._task(value)
+        self.user_code = True
+        if isinstance(value, functools.partial):
+            return {"partial": self(value.func), "args": self(value.args), "keywords": self(value.keywords)}
+        if isinstance(value, types.FunctionType):
+            return self._function(value)
+        if isinstance(value, type):  # its methods and class attributes, and its bases
+            own = {k: v for k, v in vars(value).items() if not k.startswith("__") or k in _CLASS_METHODS}
+            return {"class": value.__qualname__, "attributes": self(own),
+                    "bases": [self(base) for base in value.__bases__]}
+        if isinstance(value, (staticmethod, classmethod)):
+            return {type(value).__name__: self(value.__func__)}
+        if isinstance(value, property):
+            return {"property": [self(value.fget), self(value.fset)]}
+        if isinstance(value, nn.Module):
+            return {
+                "modules": [
+                    [name, self(type(sub)), self({k: v for k, v in vars(sub).items() if not k.startswith("_") and k != "training"})]
+                    for name, sub in value.named_modules()
+                ],
+                "tensors": [[name, self(t)] for name, t in (*value.named_parameters(), *value.named_buffers())],
+            }
+        if isinstance(value, Task):
+            return self._task(value)
+        if _is_library(type(value).__module__):  # e.g. a numpy ufunc: its type and name (no address)
+            text = repr(value)
+            return {"object": self(type(value)), "repr": None if " at 0x" in text else text}
+        return {"object": self(type(value)), "fields": self(getattr(value, "__dict__", {}))}
+
+    def _task(self, task: Task) -> dict[str, Any]:
+        """All fields but the query ``measurement`` and the ``name`` (stores record it apart);
+        a function given in place of the class's own is the user's choice, even a library one."""
+        fields = {}
+        for f in dataclasses.fields(task):
+            if f.name in ("measurement", "name"):
+                continue
+            fields[f.name] = getattr(task, f.name)
+            self.user_code |= f.init and callable(fields[f.name]) and fields[f.name] is not f.default
+        return {"task": self(type(task)), "fields": self(fields)}
+
+    def _function(self, fn: types.FunctionType) -> dict[str, Any]:
+        code = fn.__code__
+        cells = []
+        for cell in fn.__closure__ or ():
+            try:
+                cells.append(self(cell.cell_contents))
+            except ValueError:  # a cell not yet filled
+                cells.append("<empty>")
+        return {
+            "function": fn.__qualname__,  # not its module's name: a task file's depends on how it is loaded
+            "code": _source(fn) or _bytecode(code),
+            "defaults": self(fn.__defaults__),
+            "kwdefaults": self(fn.__kwdefaults__),
+            "closure": cells,
+            "globals": {n: self(fn.__globals__[n]) for n in sorted(_global_names(code)) if n in fn.__globals__},
+        }
 
 
 def rademacher(shape: tuple[int, ...], generator: torch.Generator, like: torch.Tensor) -> torch.Tensor:
@@ -65,6 +212,26 @@ class Task:
     sample: SampleFn | None = None
     # Curvature mode used by SourceConfig(curvature="auto").
     default_curvature: ClassVar[str] = "exact"
+
+    def fingerprint(self) -> str | None:
+        """SHA-256 of what this task's training features depend on beyond its ``name``, or
+        None for a built-in task class on its own functions (its name says it all; a plain
+        ``Task`` always has one, its functions being the user's choice).
+
+        Feature stores record it, so that a store is never resumed or read with another loss.
+        It covers the loss, ``sample``, the task's class (the source of a class of the
+        user's: e.g. an overridden ``hessian_factor``) and every other field but
+        ``measurement`` (queries only). A function counts by its source (its bytecode when
+        Python keeps none), default arguments, closure values and the globals it names, a
+        user's function or class recursively; an ``nn.Module`` loss by its settings (e.g.
+        ``label_smoothing``) and tensors (e.g. class weights). Library code (this package,
+        the standard library, installed distributions) counts by its name only. The same
+        task rebuilt, in this process or another, has the same fingerprint."""
+        description = _CodeDescription()
+        payload = description(self)
+        if not description.user_code:
+            return None
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
     def hessian_factor(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """A (B, C, R) with A A^T = Hessian of the loss w.r.t. the flattened outputs (PSD part)."""
