@@ -43,7 +43,7 @@ from source_proj.distributed.gather import gather_rows
 from source_proj.distributed.group import ProcessGroup
 from source_proj.distributed.reduce import TreeSum, tree_total
 from source_proj.features.rows import combine, row_dot, segment_features
-from source_proj.gradients.data import Examples, as_examples
+from source_proj.gradients.data import Examples, as_examples, row_shapes
 from source_proj.gradients.memory import feature_chunk
 from source_proj.gradients.model import ModelFunction, OutputSelector
 from source_proj.gradients.per_example import check_finite, dataset_rows
@@ -271,22 +271,35 @@ class SourceAttributor:
         visit: Callable[[int, int, Any, torch.Tensor], None] | None = None,
         *,
         chunks: Collection[int] | None = None,
+        what: str = "training data",
     ) -> None:
-        """Validate every row's target for the task before any costly pass (e.g. class
+        """Validate every row for the task before any costly pass: the model runs on the
+        first row (inputs of the shape it takes) and every target suits the task (e.g. class
         labels: integers in [0, C), no ignore index), reading the rows ``chunk_rows`` at a
         time; ``visit(start, stop, inputs, targets)`` is called with each chunk (the feature
-        store digests them). ``chunks`` limits the pass to those chunk indices. Raises
-        ``ValueError`` naming the offending rows (indices into ``examples``)."""
+        store digests them). ``chunks`` limits the pass to those chunk indices. Queries are
+        validated the same way (``what="queries"``). Raises ``InputError`` starting with
+        ``what`` and naming the offending rows (indices into ``examples``) and values."""
         if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1:
             raise InputError(f"chunk_rows must be a positive int, got {chunk_rows!r}")
         first_inputs, _ = examples.rows(0, 1, self.device)
         params, consts = self._load(len(self.trajectory.checkpoints) - 1)
-        n_outputs = self.model_fn.forward(params, consts, first_inputs).reshape(1, -1).shape[1]
+        try:
+            with torch.no_grad():
+                n_outputs = self.model_fn.forward(params, consts, first_inputs).reshape(1, -1).shape[1]
+        except (RuntimeError, IndexError) as exc:  # e.g. inputs of another width than the model's
+            raise InputError(
+                f"{what}: the model cannot run on row 0, inputs of shape {row_shapes(first_inputs)} per row "
+                f"({exc}); give rows shaped like the model's training inputs"
+            ) from exc
         chosen = range(-(-len(examples) // chunk_rows)) if chunks is None else sorted(chunks)
-        for index in self._progress(chosen, "check training data"):
+        for index in self._progress(chosen, f"check {what}"):
             start, stop = index * chunk_rows, min((index + 1) * chunk_rows, len(examples))
             inputs, targets = examples.rows(start, stop)
-            self.task.check_targets(targets, n_outputs, start)
+            try:
+                self.task.check_targets(targets, n_outputs, start)
+            except InputError as exc:
+                raise InputError(f"{what}: {exc}") from exc
             if visit is not None:
                 visit(start, stop, inputs, targets)
 
@@ -485,6 +498,7 @@ class SourceAttributor:
         Under ``torch.distributed`` the ranks share the queries and every rank gets all of Q.
         """
         examples = as_examples(queries, "queries")
+        self.check_training_data(examples, what="queries")  # as training rows: labels, input shapes
         measure = measurement or self.task.measurement
         if self.query_mode == "final":
             groups = [(len(self.trajectory.checkpoints) - 1,)]

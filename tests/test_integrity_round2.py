@@ -1,5 +1,6 @@
 """Integrity round 2: each fault reproduced, and the clear error (or right result) it must
-now give. 4: a custom task's loss changed between an interrupted fit and its resume."""
+now give. 4: a custom task's loss changed between an interrupted fit and its resume;
+5: query rows the task cannot use."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from torch import nn
 
 from source_proj.attributor import SourceAttributor
 from source_proj.cli.task_spec import load_task
+from source_proj.errors import InputError
 from source_proj.features.fit import fit_store
 from source_proj.features.store import FeatureStore, StoreMismatchError
 from source_proj.gradients.causal_lm import CausalLMTask
@@ -187,3 +189,44 @@ def test_cli_fit_and_verify_refuse_a_store_made_with_another_loss(tmp_path, caps
     assert code == 1 and "problem: " in err and "metadata.task_fingerprint" in err, err
     code, err = cli("verify")  # the same task file, loaded anew
     assert code == 0 and "no problem found" in err, err
+
+
+# ------------------------------------------------------------------------- 5. query rows
+@pytest.fixture(scope="module")
+def fitted(run):
+    model, trajectory, train = run
+    return _attributor(model, trajectory).fit(train), train
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda x, y: (x, y.float() + 0.5), r"^queries: classification labels must be integer class indices, got dtype "
+                                            r"torch.float32 \(rows 0-5, first values \[\d\.5, "),
+        (lambda x, y: (x, torch.where(torch.arange(6) == 4, 3, y)), r"^queries: .* rows \[4\] \(values \[3\]\) are outside \[0, 3\)"),
+        (lambda x, y: (x, torch.where(torch.arange(6) == 2, -100, y)), r"^queries: .* rows \[2\] \(values \[-100\]\) are -100"),
+        (lambda x, y: (x[:, :3], y), r"^queries: the model cannot run on row 0, inputs of shape \(3,\) per row"),
+    ],
+    ids=["float", "out-of-range", "ignore-index", "input-width"],
+)
+def test_bad_query_rows_are_refused_naming_the_row_and_value(fitted, change, message):
+    attributor, (x, y) = fitted
+    queries = change(x[:6].clone(), y[:6].clone())
+    for ask in (attributor.score, attributor.query_features):
+        with pytest.raises(InputError, match=message):
+            ask(queries)
+    # Oracle for the valid rows: the score is the query features against the training features.
+    good = (x[:6], y[:6])
+    torch.testing.assert_close(attributor.score(good), attributor.query_features(good) @ attributor.train_features.T)
+
+
+def test_causal_lm_queries_may_ignore_tokens_but_must_keep_one():
+    task = CausalLMTask(reduction="sum")
+    # -100 at some positions is fine: it is the ignore index for tokens (as for training rows).
+    task.check_targets(torch.tensor([[5, -100, 2, 7], [1, 2, -100, -100]]), 4 * 10)
+    with pytest.raises(InputError, match=r"rows \[4\] have no target token"):
+        task.check_targets(torch.tensor([[3, -100, -100, -100]]), 4 * 10, first_row=4)  # the first label is shifted off
+    with pytest.raises(InputError, match=r"rows \[1\] hold negative token ids \[-5\]"):
+        task.check_targets(torch.tensor([[3, 1, 2], [3, -5, 2]]), 3 * 10)
+    with pytest.raises(InputError, match="integer token ids, got dtype torch.float32"):
+        task.check_targets(torch.tensor([[3.0, 1.0, 2.0]]), 3 * 10)

@@ -46,6 +46,7 @@ from source_proj.gradients.tasks import (
     Factor,
     LossFn,
     Task,
+    integer_labels,
     softmax_factor,
     softmax_pseudo_gradient,
 )
@@ -126,6 +127,29 @@ class CausalLMTask(Task):
         object.__setattr__(self, "measurement", measurement)
         if self.name == "causal_lm":  # stores compare names: say what changes the features
             object.__setattr__(self, "name", f"causal_lm(reduction={self.reduction}, shift={self.shift})")
+
+    def check_targets(self, targets: torch.Tensor, n_outputs: int, first_row: int = 0) -> None:
+        """Labels must be integer token ids (B, T), ``ignore_index`` at positions not trained
+        on, and every sequence must keep at least one target token (after the shift): one
+        without has no loss and no measurement, so it would score zero against every row."""
+        targets = integer_labels(targets, "causal-LM labels must be integer token ids", first_row)
+        if targets.ndim != 2:
+            raise InputError(f"causal-LM labels must be (sequences, tokens), got shape {tuple(targets.shape)}")
+        counted = targets[:, 1:] if self.shift else targets
+        negative = (counted < 0) & (counted != self.ignore_index)
+        if negative.any():
+            rows = (negative.any(dim=1).nonzero()[:, 0][:10] + first_row).tolist()
+            raise InputError(
+                f"causal-LM labels of rows {rows} hold negative token ids {counted[negative][:10].tolist()} "
+                f"(only {self.ignore_index}, the ignore index, may be negative)"
+            )
+        empty = (counted == self.ignore_index).all(dim=1)
+        if empty.any():
+            rows = (empty.nonzero()[:, 0][:10] + first_row).tolist()
+            raise InputError(
+                f"causal-LM rows {rows} have no target token: every label{' after the first' if self.shift else ''} "
+                f"is {self.ignore_index} (the ignore index); keep at least one token per sequence, or drop those rows"
+            )
 
     def _scale(self, mask: torch.Tensor) -> torch.Tensor:
         """s per sequence (B,): the loss is s * sum_t CE_t."""

@@ -100,9 +100,19 @@ def _to_device(inputs: Inputs, device: torch.device | str) -> Inputs:
     return inputs.to(device)
 
 
+def _tensors(inputs: Inputs) -> tuple[torch.Tensor, ...]:
+    return tuple(inputs.values()) if isinstance(inputs, Mapping) else inputs if isinstance(inputs, tuple) else (inputs,)
+
+
 def _first_len(inputs: Inputs) -> set[int]:
-    values = inputs.values() if isinstance(inputs, Mapping) else inputs if isinstance(inputs, tuple) else (inputs,)
-    return {int(x.shape[0]) for x in values}
+    return {int(x.shape[0]) for x in _tensors(inputs)}
+
+
+def row_shapes(inputs: Inputs) -> str:
+    """The shape of one row of each input of a batch, for messages: "(5,)" for a tensor,
+    "input_ids (7,), attention_mask (7,)" for keyword inputs."""
+    names = list(inputs) if isinstance(inputs, Mapping) else [""] * len(_tensors(inputs))
+    return ", ".join(f"{name} {tuple(x.shape[1:])}".strip() for name, x in zip(names, _tensors(inputs)))
 
 
 @dataclass(frozen=True)

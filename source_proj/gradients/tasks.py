@@ -265,6 +265,20 @@ class Task:
         return columns.to(outputs.dtype), torch.tensor([1.0, -1.0], dtype=outputs.dtype, device=outputs.device)
 
 
+def integer_labels(targets: torch.Tensor, requirement: str, first_row: int) -> torch.Tensor:
+    """``targets`` as a tensor; ``InputError`` starting with ``requirement`` unless its dtype
+    is an integer one (``.long()`` would silently truncate float labels to other classes),
+    naming the rows (``first_row`` on) and the first values."""
+    targets = torch.as_tensor(targets)
+    if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
+        raise InputError(
+            f"{requirement}, got dtype {targets.dtype} (rows {first_row}-{first_row + len(targets) - 1}, first "
+            f"values {targets.reshape(-1)[:5].tolist()}); convert whole-number labels with .long(), soft "
+            "labels need a custom Task"
+        )
+    return targets
+
+
 def _margin(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     own = outputs.gather(1, targets[:, None].long())[:, 0]
     own_mask = torch.arange(outputs.shape[1], device=outputs.device)[None, :] == targets[:, None].long()
@@ -318,13 +332,7 @@ class ClassificationTask(Task):
         """Labels must be integer class indices in [0, C), one per example. PyTorch's ignore
         index -100 is refused: cross-entropy would give such a row zero loss, hence zero
         features and self-influence, and it would silently rank as irrelevant."""
-        targets = torch.as_tensor(targets)
-        if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
-            raise InputError(
-                f"classification labels must be integer class indices, got dtype {targets.dtype} (rows "
-                f"{first_row}-{first_row + len(targets) - 1}); convert whole-number labels with .long(), "
-                "soft labels need a custom Task"
-            )
+        targets = integer_labels(targets, "classification labels must be integer class indices", first_row)
         if targets.ndim != 1:
             raise InputError(f"classification labels must be one class index per row, got shape {tuple(targets.shape)}")
         for bad, problem in (
