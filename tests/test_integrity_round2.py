@@ -1,6 +1,6 @@
 """Integrity round 2: each fault reproduced, and the clear error (or right result) it must
 now give. 4: a custom task's loss changed between an interrupted fit and its resume;
-5: query rows the task cannot use."""
+5: query rows the task cannot use; 9b: a ``chunk_rows`` whose buffers cannot fit in memory."""
 
 from __future__ import annotations
 
@@ -20,9 +20,11 @@ from torch import nn
 from source_proj.attributor import SourceAttributor
 from source_proj.cli.task_spec import load_task
 from source_proj.errors import InputError
+from source_proj.features import fit as fit_module
 from source_proj.features.fit import fit_store
-from source_proj.features.store import FeatureStore, StoreMismatchError
+from source_proj.features.store import FeatureStore, StoreLayout, StoreMismatchError
 from source_proj.gradients.causal_lm import CausalLMTask
+from source_proj.gradients.memory import MemoryBudgetError
 from source_proj.gradients.tasks import ClassificationTask, RegressionTask, Task
 
 CHUNK = 16  # 60 training rows -> 4 store chunks
@@ -230,3 +232,37 @@ def test_causal_lm_queries_may_ignore_tokens_but_must_keep_one():
         task.check_targets(torch.tensor([[3, 1, 2], [3, -5, 2]]), 3 * 10)
     with pytest.raises(InputError, match="integer token ids, got dtype torch.float32"):
         task.check_targets(torch.tensor([[3.0, 1.0, 2.0]]), 3 * 10)
+
+
+# ----------------------------------------------------------------- 9b. chunk_rows vs memory
+def test_huge_chunk_rows_is_refused_before_any_work_with_a_value_that_fits(run, tmp_path, monkeypatch):
+    model, trajectory, train = run
+    attributor = _attributor(model, trajectory)
+    _no_curvature(monkeypatch, attributor)
+    monkeypatch.setattr(attributor, "check_training_data", lambda *a, **k: pytest.fail("data pass started"))
+    path = tmp_path / "huge.zarr"
+    with pytest.raises(MemoryBudgetError, match=r"chunk_rows=1,000,000,000 \(--chunk-rows\)") as caught:
+        fit_store(attributor, train, path, chunk_rows=10**9)
+    assert not path.exists()
+    assert len(str(caught.value).splitlines()) == 1
+    suggested = int(re.search(r"use chunk_rows=(\d+)", str(caught.value)).group(1))
+    assert suggested == 60  # all 60 rows fit in one chunk on any machine that runs these tests
+    store, report = fit_store(_attributor(model, trajectory), train, path, chunk_rows=suggested)
+    assert report.computed_chunks == (0,) and store.is_complete
+
+
+def test_chunk_memory_limit_is_the_documented_buffer_count():
+    # Hand count for a float32 store of D = 16 with self-influence: a computed row is 16 x 4 + 8
+    # = 72 bytes, a stored row 72 bytes too; two chunks of n rows computed and 2 x chunk_rows
+    # buffered: 2 (72 n + 2 x 72 chunk_rows) = 432 chunk_rows bytes for chunk_rows <= N.
+    layout = lambda rows: StoreLayout(n_rows=1000, dim=16, chunk_rows=rows, self_influence=True)  # noqa: E731
+    available = 2 * 432 * 50  # the buffers may take half
+    fit_module.check_chunk_memory(layout(50), available)
+    with pytest.raises(MemoryBudgetError, match=r"use chunk_rows=50 \(--chunk-rows 50\) or fewer"):
+        fit_module.check_chunk_memory(layout(51), available)
+    # Past N, only the stored buffers grow (zarr pads the last chunk to its full size):
+    # 2 (72 x 1000 + 2 x 72 chunk_rows) <= 432 x 1500 holds up to chunk_rows = 1750; N = 1000 is
+    # the value suggested (more rows than N gain nothing).
+    fit_module.check_chunk_memory(layout(1750), 2 * 432 * 1500)
+    with pytest.raises(MemoryBudgetError, match=r"use chunk_rows=1000 "):
+        fit_module.check_chunk_memory(layout(1751), 2 * 432 * 1500)

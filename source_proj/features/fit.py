@@ -45,6 +45,7 @@ from source_proj.features.store import (
     featurize,
 )
 from source_proj.gradients.data import Examples, as_examples
+from source_proj.gradients.memory import MemoryBudgetError
 from source_proj.errors import InputError
 
 # SourceConfig fields that change how, not what, is computed.
@@ -179,6 +180,65 @@ def _check_writable(path: Path) -> None:
         raise PermissionError(f"cannot write the feature store {path}: {target} is not writable")
 
 
+def available_memory() -> int | None:
+    """Bytes of memory this process can still take: Linux's MemAvailable, capped by the
+    cgroup's limit where one is set (``os.sysconf`` elsewhere; None if nothing says)."""
+    found = []
+    try:
+        meminfo = Path("/proc/meminfo").read_text().splitlines()
+        found += [int(line.split()[1]) * 1024 for line in meminfo if line.startswith("MemAvailable:")]
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            found.append(int(limit) - int(Path("/sys/fs/cgroup/memory.current").read_text()))
+    except (OSError, ValueError):
+        pass
+    if not found:
+        try:
+            found.append(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+        except (ValueError, OSError, AttributeError):
+            pass
+    return min(found) if found else None
+
+
+def check_chunk_memory(layout: StoreLayout, available: int | None) -> None:
+    """Refuse (``MemoryBudgetError``, naming ``chunk_rows`` and a value that fits) a layout
+    whose chunk buffers would take more than half the ``available`` bytes (None: no check).
+
+    A chunk of n = min(chunk_rows, N) rows is computed as float32 features (float64
+    self-influence), and written, like every chunk read back, through a buffer of all
+    ``chunk_rows`` rows at the stored dtype (zarr pads the last chunk to full size) plus its
+    encoded bytes; featurisation holds two chunks (one computed while the last is written):
+    2 (n x computed row + 2 chunk_rows x stored row) bytes."""
+    if available is None:
+        return
+    width = layout.dim + layout.n_segments * layout.segment_dim
+    computed_row = 4 * width + 8
+    stored_row = (
+        width * (2 if layout.dtype == "float16" else 4)
+        + (4 * (1 + layout.n_segments) if layout.dtype == "float16" else 0)
+        + (8 if layout.self_influence else 0)
+    )
+    n, rows, limit = layout.n_rows, layout.chunk_rows, available // 2
+    need = 2 * (min(rows, n) * computed_row + 2 * rows * stored_row)
+    if need <= limit:
+        return
+    fits = limit // (2 * (computed_row + 2 * stored_row))
+    if fits >= n:  # all N rows in one chunk fit; so do some rows of padding
+        fits = (limit - 2 * n * computed_row) // (4 * stored_row)
+    advice = (
+        f"use chunk_rows={min(fits, n)} (--chunk-rows {min(fits, n)}) or fewer"
+        if fits >= 1 else "not even one row fits: free memory"
+    )
+    raise MemoryBudgetError(
+        f"chunk_rows={rows:,} (--chunk-rows) needs about {need / 2**30:.1f} GiB for the feature store's chunk "
+        f"buffers (two chunks of {rows:,} rows of {stored_row} stored and {computed_row} computed bytes), over "
+        f"half the {available / 2**30:.1f} GiB of memory available: {advice}"
+    )
+
+
 def fit_store(
     attributor: SourceAttributor,
     train_data: Any,
@@ -198,7 +258,8 @@ def fit_store(
         path: the store directory.
         dtype: "float32" or "float16" (half the disk; scores within 2^-11 relative, see
             ``source_proj.features.store``).
-        chunk_rows: rows per store chunk (the unit of resumption).
+        chunk_rows: rows per store chunk (the unit of resumption and of memory use: one
+            that does not fit in memory is refused first, see ``check_chunk_memory``).
         stages, num_train, curvature_data: as for ``SourceAttributor.prepare``.
 
     Returns:
@@ -222,6 +283,7 @@ def fit_store(
         segment_dim=attributor.proj_dim if keep_segments else 0,
         self_influence=True,
     )
+    check_chunk_memory(layout, available_memory())
     _check_writable(path)
     group = attributor.group
     with group_lock(group, path):
