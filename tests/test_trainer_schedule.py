@@ -15,6 +15,7 @@ from source_proj.trajectory.hf_trainer import (
     RECORD_FILE,
     SourceRecordCallback,
     read_trainer_record,
+    trainer_param_order,
     trainer_trajectory,
 )
 
@@ -23,10 +24,12 @@ STEPS, SAVE, WARMUP, LR = 6, 2, 3, 0.05
 SCHEDULES = ("linear", "cosine", "constant_with_warmup")
 
 
-def trained(out, schedule: str):
+def trained(out, schedule: str, exempt_lr: float | None = None):
     """A tiny GPT-2 trained by transformers.Trainer (SGD, ``schedule`` with WARMUP warm-up
     steps, logging_steps 500 > STEPS) with SourceRecordCallback(stage="pre") and a step
-    pre-hook on the real torch optimizer. Returns (model, every step's per-group rates)."""
+    pre-hook on the real torch optimizer; with ``exempt_lr``, an SGD of the Trainer's two
+    param groups, the second (biases, LayerNorm weights) at that base rate. Returns (model,
+    every step's per-group rates)."""
     import datasets
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
@@ -47,7 +50,13 @@ def trained(out, schedule: str):
         learning_rate=LR, optim="sgd", weight_decay=0.0, lr_scheduler_type=schedule, warmup_steps=WARMUP,
         report_to=[], use_cpu=True, disable_tqdm=True, seed=0, dataloader_num_workers=0,
     )
-    Trainer(model=model, args=args, train_dataset=data, callbacks=[SourceRecordCallback(stage="pre"), OptimizerRates()]).train()
+    optimizer = None
+    if exempt_lr is not None:
+        named = dict(model.named_parameters())
+        optimizer = torch.optim.SGD([{"params": [named[n] for n in names], "lr": lr}
+                                     for names, lr in zip(trainer_param_order(model), (LR, exempt_lr))])
+    callbacks = [SourceRecordCallback(stage="pre"), OptimizerRates()]
+    Trainer(model=model, args=args, train_dataset=data, callbacks=callbacks, optimizers=(optimizer, None)).train()
     assert len(used) == STEPS and len(set(used)) > 2  # a real schedule, one entry per optimizer step
     return model, used
 
@@ -111,3 +120,17 @@ def test_edited_warmup_in_training_args_is_refused(run, tmp_path):
     # All agree, but not with the run: the scheduler.pt of checkpoint-2 holds the rate of step 3.
     with pytest.raises(TrajectoryError, match=r"checkpoint-2/scheduler.pt'.*learning rate of step 3 \(param group 0\)"):
         trainer_trajectory(copy, model=model)
+
+
+def test_param_groups_with_their_own_rates(tmp_path):
+    """Groups of different base rates: the record holds each group's rates, the replay (checked
+    against every group's rate in scheduler.pt) agrees, and a warning notes that the trajectory
+    takes group 0's."""
+    model, used = trained(tmp_path, "cosine", exempt_lr=LR / 10)
+    assert read_trainer_record(tmp_path / f"checkpoint-{STEPS}").learning_rates == tuple(used)
+    for record_file in tmp_path.glob(f"checkpoint-*/{RECORD_FILE}"):
+        record_file.unlink()
+    with pytest.warns(UserWarning, match=r"param groups' learning rates differ \(step 2: \[0\.01666.*, 0\.001666"):
+        got = trainer_trajectory(tmp_path, model=model)
+    assert lrs(got) == pytest.approx([u[0] for u in used], rel=1e-12, abs=0)
+    assert [u[1] for u in used] == pytest.approx([u[0] / 10 for u in used], rel=1e-12)

@@ -89,7 +89,6 @@ _RATE_RTOL, _RATE_ATOL = 1e-9, 1e-15
 T = TypeVar("T")
 
 
-
 @dataclass(frozen=True)
 class OptimizerSettings:
     """What ``optimizer.pt`` says about the run's optimizer.
