@@ -56,30 +56,30 @@ def _trajectory(workdir: Path, rows: int):
 
 def worker(args: argparse.Namespace) -> None:
     from source_proj.attributor import SourceAttributor
-    from source_proj.distributed.group import init_from_environment
+    from source_proj.distributed.group import distributed, init_from_environment
     from source_proj.features.fit import fit_store
 
-    group = init_from_environment()
-    torch.manual_seed(0)
-    trajectory = _trajectory_from_disk(args.workdir)
-    attributor = SourceAttributor(_model(), "classification", trajectory, proj_dim=args.proj_dim, chunk_size=64,
-                                  curvature_examples=args.curvature_examples, progress=False)
-    times = {}
-    original = attributor.prepare
+    with distributed(init_from_environment()) as group:
+        torch.manual_seed(0)
+        trajectory = _trajectory_from_disk(args.workdir)
+        attributor = SourceAttributor(_model(), "classification", trajectory, proj_dim=args.proj_dim, chunk_size=64,
+                                      curvature_examples=args.curvature_examples, progress=False)
+        times = {}
+        original = attributor.prepare
 
-    def timed_prepare(*a, **kw):
+        def timed_prepare(*a, **kw):
+            t0 = time.perf_counter()
+            out = original(*a, **kw)
+            times["curvature"] = time.perf_counter() - t0
+            return out
+
+        attributor.prepare = timed_prepare
         t0 = time.perf_counter()
-        out = original(*a, **kw)
-        times["curvature"] = time.perf_counter() - t0
-        return out
-
-    attributor.prepare = timed_prepare
-    t0 = time.perf_counter()
-    fit_store(attributor, _data(args.rows), args.store, chunk_rows=128)
-    times["total"] = time.perf_counter() - t0
-    times["features"] = times["total"] - times["curvature"]
-    if group.is_main:
-        Path(args.result).write_text(json.dumps(times))
+        fit_store(attributor, _data(args.rows), args.store, chunk_rows=128)
+        times["total"] = time.perf_counter() - t0
+        times["features"] = times["total"] - times["curvature"]
+        if group.is_main:
+            Path(args.result).write_text(json.dumps(times))
 
 
 def _trajectory_from_disk(workdir: Path):

@@ -139,3 +139,25 @@ def test_distributed_exact_topk_equals_one_process(tmp_path):
     # And the one-process search is the true top-k (float64 oracle).
     dense = queries.astype(np.float64) @ features.astype(np.float64).T
     np.testing.assert_array_equal(single[0][1], np.argsort(-dense, axis=1)[:, :130])
+
+
+def _scores_on_rank_zero_only() -> torch.Tensor | None:
+    """In a program that initialised torch.distributed for itself, rank 0 alone fits and scores
+    (the other ranks do nothing): no collective may wait for them."""
+    if torch.distributed.get_rank() != 0:
+        return None
+    model, trajectory, (x, y) = trained_classifier(n=44)
+    attributor = SourceAttributor(model, "classification", trajectory, proj_dim=16, num_segments=2, progress=False)
+    attributor.fit((x, y))
+    return attributor.score((x[:5], y[:5]))
+
+
+def test_library_calls_inside_an_initialised_group_run_on_one_rank(tmp_path):
+    model, trajectory, (x, y) = trained_classifier(n=44)
+    alone = SourceAttributor(model, "classification", trajectory, proj_dim=16, num_segments=2, progress=False)
+    alone.fit((x, y))
+    expected = alone.score((x[:5], y[:5]))
+    results = run_ranks(2, _scores_on_rank_zero_only, (), tmp_path, timeout=120, share=False)
+    assert "ok" in results[0], results[0].get("traceback")
+    torch.testing.assert_close(results[0]["ok"], expected, rtol=1e-5, atol=1e-7)
+    assert results[1] == {"ok": None}

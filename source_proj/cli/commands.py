@@ -52,21 +52,25 @@ def _reporting_errors(handler: Callable[[argparse.Namespace], int]) -> Callable[
     def run(args: argparse.Namespace) -> int:
         import torch
 
-        from source_proj.distributed.group import init_from_environment, rank_device
+        from source_proj.distributed.group import ProcessGroup, distributed, init_from_environment, rank_device
 
         joined_here = not torch.distributed.is_initialized()
+        group = ProcessGroup()
         try:
             group = init_from_environment(getattr(args, "device", None))
-            if group.distributed:
-                if args.command not in _DISTRIBUTED:
-                    raise InputError(f"'{args.command}' runs in one process; under torchrun use one of {list(_DISTRIBUTED)}")
-                if getattr(args, "device", None) is not None:
-                    args.device = rank_device(args.device)
-            return handler(args)
+            with distributed(group):
+                if group.distributed:
+                    if args.command not in _DISTRIBUTED:
+                        raise InputError(f"'{args.command}' runs in one process; under torchrun use one of "
+                                         f"{list(_DISTRIBUTED)}")
+                    if getattr(args, "device", None) is not None:
+                        args.device = rank_device(args.device)
+                return handler(args)
         except (SourceProjError, OSError) as exc:
             if args.debug:
                 raise
-            _log(f"source-proj {args.command}: error: {exc}")
+            if group.is_main:  # under torchrun, one voice
+                _log(f"source-proj {args.command}: error: {exc}")
             return 2
         finally:
             if joined_here and torch.distributed.is_initialized():

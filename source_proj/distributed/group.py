@@ -1,12 +1,18 @@
-"""This process's place in a ``torch.distributed`` run, and the work it owns.
+"""This process's place in a distributed run, and the work it owns.
 
-Without an initialised process group every function here describes a single process (rank 0
-of 1), so the same code path serves one process and many.
+The library shares its work among ranks only when asked: inside :func:`distributed` (which the
+command line enters under ``torchrun``), or through an explicit ``group`` argument. A program
+that has initialised ``torch.distributed`` for its own reasons (a Trainer, accelerate, DDP) and
+calls the library on one rank gets a single process, and no collective that would wait for the
+other ranks. Outside such a block every function here describes a single process (rank 0 of 1),
+so the same code path serves one process and many.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -27,7 +33,13 @@ class ProcessGroup:
 
     @classmethod
     def current(cls) -> ProcessGroup:
-        """The initialised default process group, or a single process."""
+        """The group the library shares its work with: the one of the innermost
+        :func:`distributed` block, or a single process outside one."""
+        return _active[-1] if _active else cls()
+
+    @classmethod
+    def initialised(cls) -> ProcessGroup:
+        """The initialised default ``torch.distributed`` process group, or a single process."""
         if dist.is_available() and dist.is_initialized():
             return cls(dist.get_rank(), dist.get_world_size())
         return cls()
@@ -65,6 +77,26 @@ class ProcessGroup:
             dist.barrier()
 
 
+# The groups of the open ``distributed`` blocks, innermost last (shared by all threads: the
+# library's worker threads belong to the run of the thread that started them).
+_active: list[ProcessGroup] = []
+
+
+@contextmanager
+def distributed(group: ProcessGroup | None = None) -> Iterator[ProcessGroup]:
+    """Within the block, the library shares its work (featurisation, curvature, search, score
+    blocks) among the ranks of ``group``, by default the initialised ``torch.distributed``
+    group; every rank must then make the same library calls. Yields the group."""
+    group = ProcessGroup.initialised() if group is None else group
+    if group.distributed and not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError(f"a group of {group.world_size} ranks needs torch.distributed initialised first")
+    _active.append(group)
+    try:
+        yield group
+    finally:
+        _active.pop()
+
+
 def init_from_environment(device: str | None = None) -> ProcessGroup:
     """Join the run that ``torchrun`` describes in the environment (``WORLD_SIZE``, ``RANK``,
     ``MASTER_ADDR``, ...), if any and not joined yet; returns the process group.
@@ -73,12 +105,12 @@ def init_from_environment(device: str | None = None) -> ProcessGroup:
     gloo. Without ``WORLD_SIZE`` > 1 in the environment nothing is initialised.
     """
     if dist.is_initialized() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return ProcessGroup.current()
+        return ProcessGroup.initialised()
     on_cuda = device is not None and device.startswith("cuda") or device is None and torch.cuda.is_available()
     if on_cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group("nccl" if on_cuda else "gloo")
-    return ProcessGroup.current()
+    return ProcessGroup.initialised()
 
 
 def rank_device(device: str | None) -> str | None:
