@@ -211,7 +211,8 @@ def test_the_reduction_read_from_the_run_is_the_trainers_loss(trainer_run, tmp_p
     from source_proj.trajectory.hf_trainer import trainer_loss_reduction
 
     out, model, data = trainer_run
-    reduction = trainer_loss_reduction(out)
+    with pytest.warns(UserWarning, match="no source_record.json with the run's token counts.*'mean' assumed"):
+        reduction = trainer_loss_reduction(out)  # equal-length rows: 'mean' is exact
     batch = {k: torch.tensor(data[:4][k]) for k in ("input_ids", "labels")}
     trainer = Trainer(model=model, args=TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True))
     with torch.no_grad():

@@ -8,13 +8,14 @@ import warnings
 
 import pytest
 import torch
-from lm_helpers import random_rows, tiny_gpt2
+from lm_helpers import padded_batch, random_rows, tiny_gpt2
 
 from source_proj.trajectory.checkpoints import TrajectoryError
 from source_proj.trajectory.hf_trainer import (
     RECORD_FILE,
     SourceRecordCallback,
     read_trainer_record,
+    trainer_loss_reduction,
     trainer_param_order,
     trainer_trajectory,
 )
@@ -24,11 +25,12 @@ STEPS, SAVE, WARMUP, LR = 6, 2, 3, 0.05
 SCHEDULES = ("linear", "cosine", "constant_with_warmup")
 
 
-def trained(out, schedule: str, exempt_lr: float | None = None):
+def trained(out, schedule: str, exempt_lr: float | None = None, rows: list[dict] | None = None):
     """A tiny GPT-2 trained by transformers.Trainer (SGD, ``schedule`` with WARMUP warm-up
     steps, logging_steps 500 > STEPS) with SourceRecordCallback(stage="pre") and a step
     pre-hook on the real torch optimizer; with ``exempt_lr``, an SGD of the Trainer's two
-    param groups, the second (biases, LayerNorm weights) at that base rate. Returns (model,
+    param groups, the second (biases, LayerNorm weights) at that base rate; ``rows``: the
+    training rows (default 12 of 6 tokens), right-padded with label -100. Returns (model,
     every step's per-group rates)."""
     import datasets
     from transformers import Trainer, TrainerCallback, TrainingArguments
@@ -41,9 +43,8 @@ def trained(out, schedule: str, exempt_lr: float | None = None):
             torch_optimizer.register_step_pre_hook(
                 lambda opt, *_: used.append(tuple(g["lr"] for g in opt.param_groups)))
 
-    rows = random_rows(12, 10, (6, 6), seed=4, masked=False)
-    data = datasets.Dataset.from_dict({"input_ids": [r["input_ids"] for r in rows],
-                                       "labels": [r["labels"] for r in rows]})
+    padded = padded_batch(rows or random_rows(12, 10, (6, 6), seed=4, masked=False), 0, junk_label=-100)
+    data = datasets.Dataset.from_dict({k: v.tolist() for k, v in padded.items()})
     model = tiny_gpt2()
     args = TrainingArguments(
         output_dir=str(out), per_device_train_batch_size=4, max_steps=STEPS, save_steps=SAVE, logging_steps=500,
@@ -78,6 +79,9 @@ def test_record_and_replay_equal_the_optimizers_rates(run, tmp_path):
     assert record.learning_rates == tuple(used) and record.stage == "pre" and record.complete
     assert len(record.batch_digests) == STEPS and None not in record.batch_digests
     assert read_trainer_record(out / "checkpoint-2").precedes(record)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert trainer_loss_reduction(out) == "mean"  # every row has 5 target tokens
     got = trainer_trajectory(out, model=model)
     assert lrs(got) == [u[0] for u in used] and {c.stage for c in got.checkpoints} == {"pre"}
     # Without the record: the schedule replayed from training_args.bin, no warning needed.
@@ -134,3 +138,14 @@ def test_param_groups_with_their_own_rates(tmp_path):
         got = trainer_trajectory(tmp_path, model=model)
     assert lrs(got) == pytest.approx([u[0] for u in used], rel=1e-12, abs=0)
     assert [u[1] for u in used] == pytest.approx([u[0] / 10 for u in used], rel=1e-12)
+
+
+def test_the_record_gives_the_reduction_of_rows_of_varied_lengths(tmp_path):
+    """Rows of 3..8 tokens, some with a masked prompt, padded: the Trainer's batch token mean is,
+    per row, the row's summed loss over the run's mean target count, counted here by hand over
+    the rows (the run is two epochs: every row twice)."""
+    rows = random_rows(12, 10, (3, 8), seed=6, masked=True)
+    model, _ = trained(tmp_path, "linear", rows=rows)
+    targets = [sum(label != -100 for label in r["labels"][1:]) for r in rows]
+    assert len(set(targets)) > 1
+    assert trainer_loss_reduction(tmp_path) == pytest.approx(sum(targets) / len(rows), rel=1e-15)

@@ -272,6 +272,10 @@ class TrainerRecord:
             same token batches in the same order.
         first_step: the first recorded step (> 1 when a run resumed from a checkpoint without
             a record).
+        sequences, target_tokens: the training sequences (rows of ``labels``) the model
+            received and their target tokens (labels other than -100 after the first of each
+            row, as a causal LM's loss shifts them), on this process.
+        equal_targets: whether every sequence had the same number of target tokens.
     """
 
     global_step: int
@@ -279,6 +283,9 @@ class TrainerRecord:
     learning_rates: tuple[tuple[float, ...], ...]
     batch_digests: tuple[str | None, ...]
     first_step: int = 1
+    sequences: int = 0
+    target_tokens: int = 0
+    equal_targets: bool = True
 
     def __post_init__(self) -> None:
         count = self.global_step - self.first_step + 1
@@ -303,6 +310,14 @@ class TrainerRecord:
         """Whether it covers every step from the first."""
         return self.first_step == 1
 
+    @property
+    def reduction(self) -> str | float | None:
+        """The per-sequence reduction of the Trainer's batch token mean (see
+        :func:`trainer_loss_reduction`); None if no labels were seen."""
+        if not self.sequences:
+            return None
+        return "mean" if self.equal_targets else self.target_tokens / self.sequences
+
 
 def write_trainer_record(folder: str | os.PathLike, record: TrainerRecord) -> Path:
     """Write ``record`` to ``folder/source_record.json`` atomically (a temporary file renamed
@@ -310,7 +325,9 @@ def write_trainer_record(folder: str | os.PathLike, record: TrainerRecord) -> Pa
     path = Path(folder) / RECORD_FILE
     stage = list(record.stage) if isinstance(record.stage, tuple) else record.stage
     payload = {"format": 1, "global_step": record.global_step, "first_step": record.first_step, "stage": stage,
-               "learning_rates": [list(r) for r in record.learning_rates], "batch_digests": list(record.batch_digests)}
+               "learning_rates": [list(r) for r in record.learning_rates], "batch_digests": list(record.batch_digests),
+               "sequences": record.sequences, "target_tokens": record.target_tokens,
+               "equal_targets": record.equal_targets}
     temporary = path.with_name(f".{RECORD_FILE}.{os.getpid()}.tmp")
     with open(temporary, "w") as f:
         json.dump(payload, f)
@@ -332,6 +349,8 @@ def read_trainer_record(folder: str | os.PathLike) -> TrainerRecord | None:
             global_step=int(data["global_step"]), stage=tuple(stage) if isinstance(stage, list) else stage,
             learning_rates=tuple(tuple(float(r) for r in rates) for rates in data["learning_rates"]),
             batch_digests=tuple(data["batch_digests"]), first_step=int(data.get("first_step", 1)),
+            sequences=int(data.get("sequences", 0)), target_tokens=int(data.get("target_tokens", 0)),
+            equal_targets=bool(data.get("equal_targets", True)),
         )
     except (OSError, ValueError, KeyError, TypeError, TrajectoryError) as exc:
         raise TrajectoryError(f"cannot read {os.fspath(path)!r}: {exc}") from exc
@@ -526,17 +545,19 @@ def optimizer_settings(folder: Path, model: torch.nn.Module | None = None) -> Op
     raise TrajectoryError(f"{os.fspath(path)}: unsupported optimizer (parameter group keys {sorted(first)})")
 
 
-def trainer_loss_reduction(output_dir: str | os.PathLike) -> str:
+def trainer_loss_reduction(output_dir: str | os.PathLike) -> str | float:
     """The :class:`~source_proj.gradients.causal_lm.CausalLMTask` reduction of the loss a
-    Trainer run minimised: "mean".
+    Trainer run minimised.
 
     The Trainer minimises the model's own loss, which for a Hugging Face causal LM
     (``config.json``'s architecture ``*ForCausalLM`` / ``*LMHeadModel``) is the token
     cross-entropy summed over the batch's target tokens (across gradient-accumulation
-    micro-batches) divided by their number. Per sequence that is ``"mean"`` exactly when the
-    sequences have equal target counts (otherwise in expectation over batches up to the
-    sequences' relative weights; ``CausalLMTask(reduction=<mean target tokens per sequence>)``
-    weighs tokens equally instead). Refuses a model that is not such a causal LM.
+    micro-batches) divided by their number: per sequence, the sum over its tokens divided by
+    the batch's mean target count. Where every sequence has the same count that is ``"mean"``;
+    otherwise, the mean target count of the run's sequences (a number, exact up to the
+    batches' variation around it). The counts come from the :class:`SourceRecordCallback`
+    record; without one, ``"mean"`` is assumed with a warning. Refuses a model that is not
+    such a causal LM.
     """
     _, last = checkpoint_folders(output_dir)[-1]
     path = last / "config.json"
@@ -549,6 +570,14 @@ def trainer_loss_reduction(output_dir: str | os.PathLike) -> str:
             f"{os.fspath(path)!r}: the model ({architectures}) is not a Hugging Face causal LM, whose loss the Trainer "
             "is known to average over tokens: pass CausalLMTask(reduction=...) as it was trained"
         )
+    record = read_trainer_record(last)
+    if record is not None and record.complete and record.reduction is not None:
+        return record.reduction
+    warnings.warn(
+        f"{os.fspath(last)}: no {RECORD_FILE} with the run's token counts (train with SourceRecordCallback): "
+        "reduction 'mean' assumed, exact when every sequence has the same number of target tokens",
+        stacklevel=2,
+    )
     return "mean"
 
 
