@@ -25,13 +25,13 @@ STEPS, SAVE, WARMUP, LR = 6, 2, 3, 0.05
 SCHEDULES = ("linear", "cosine", "constant_with_warmup")
 
 
-def trained(out, schedule: str, exempt_lr: float | None = None, rows: list[dict] | None = None):
+def trained(out, schedule: str, exempt_lr: float | None = None, rows: list[dict] | None = None, resume: int = 0):
     """A tiny GPT-2 trained by transformers.Trainer (SGD, ``schedule`` with WARMUP warm-up
     steps, logging_steps 500 > STEPS) with SourceRecordCallback(stage="pre") and a step
     pre-hook on the real torch optimizer; with ``exempt_lr``, an SGD of the Trainer's two
     param groups, the second (biases, LayerNorm weights) at that base rate; ``rows``: the
-    training rows (default 12 of 6 tokens), right-padded with label -100. Returns (model,
-    every step's per-group rates)."""
+    training rows (default 12 of 6 tokens), right-padded with label -100; ``resume``: resume from
+    ``out/checkpoint-<resume>``. Returns (model, the per-group rates of every step it took)."""
     import datasets
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
@@ -57,8 +57,9 @@ def trained(out, schedule: str, exempt_lr: float | None = None, rows: list[dict]
         optimizer = torch.optim.SGD([{"params": [named[n] for n in names], "lr": lr}
                                      for names, lr in zip(trainer_param_order(model), (LR, exempt_lr))])
     callbacks = [SourceRecordCallback(stage="pre"), OptimizerRates()]
-    Trainer(model=model, args=args, train_dataset=data, callbacks=callbacks, optimizers=(optimizer, None)).train()
-    assert len(used) == STEPS and len(set(used)) > 2  # a real schedule, one entry per optimizer step
+    trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=callbacks, optimizers=(optimizer, None))
+    trainer.train(resume_from_checkpoint=str(out / f"checkpoint-{resume}") if resume else None)
+    assert len(used) == STEPS - resume and len(set(used)) > 2  # a real schedule, one entry per optimizer step
     return model, used
 
 
@@ -149,3 +150,14 @@ def test_the_record_gives_the_reduction_of_rows_of_varied_lengths(tmp_path):
     targets = [sum(label != -100 for label in r["labels"][1:]) for r in rows]
     assert len(set(targets)) > 1
     assert trainer_loss_reduction(tmp_path) == pytest.approx(sum(targets) / len(rows), rel=1e-15)
+
+
+@pytest.mark.parametrize("run", ["cosine"], indirect=True)
+def test_a_resumed_run_continues_the_record(run, tmp_path):
+    """Resumed from checkpoint-2, the Trainer replays the same steps: the record continues the
+    checkpoint's and equals the uninterrupted run's, rates, batch digests and counts alike."""
+    out, _, used = run
+    shutil.copytree(out / "checkpoint-2", tmp_path / "checkpoint-2")
+    _, resumed_used = trained(tmp_path, "cosine", resume=2)
+    assert resumed_used == used[2:]
+    assert read_trainer_record(tmp_path / f"checkpoint-{STEPS}") == read_trainer_record(out / f"checkpoint-{STEPS}")

@@ -118,10 +118,14 @@ class SourceRecordCallback(TrainerCallback):
                 self._first_step = 1
                 self._counts = _TokenCounts.of(record)
 
-    def on_pre_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
-                              optimizer: torch.optim.Optimizer | None = None, **kwargs: object) -> None:
+    def on_step_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                      **kwargs: object) -> None:
+        # The first step's, before its forwards: the resumed global_step is known by then.
         if self._first_step is None:
             self._start(args, state.global_step)
+
+    def on_pre_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                              optimizer: torch.optim.Optimizer | None = None, **kwargs: object) -> None:
         self._rates.append(tuple(float(g["lr"]) for g in optimizer.param_groups))
         self._digests.append(self._batch.hexdigest()[:16] if self._seen else None)
         self._batch, self._seen = hashlib.sha256(), False
