@@ -229,9 +229,11 @@ class ModelFunction:
 
     def canonical_state(self, state: Mapping[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]:
         """``state`` with every tied tensor under its first name only, checked against the
-        model (keys and shapes). Raises ``TrajectoryError`` naming ``where`` (the checkpoint)
-        if keys are missing or unexpected, shapes differ, or two names of one tied tensor
-        hold different values."""
+        model (keys and shapes) and in the model's dtypes (a float16 checkpoint of a float32
+        model is cast, as ``load_state_dict`` copies it). Raises ``TrajectoryError`` naming
+        ``where`` (the checkpoint) if keys are missing or unexpected, shapes differ, a
+        floating tensor stands for an integer one (or the reverse), or two names of one tied
+        tensor hold different values."""
         out = dict(state)
         for alias, target in self.aliases.items():
             if alias not in out:
@@ -256,7 +258,16 @@ class ModelFunction:
         ]
         if bad:
             raise TrajectoryError(f"{where}: shapes do not match the model: {bad}")
-        return out
+        # Other floating dtypes (a float16 checkpoint of a float32 model) are cast to the
+        # model's, as load_state_dict does; a float tensor for an integer one is refused.
+        kinds = [
+            f"{k}: {out[k].dtype} vs model {v.dtype}"
+            for k, v in expected.items()
+            if out[k].dtype != v.dtype and out[k].is_floating_point() != v.is_floating_point()
+        ]
+        if kinds:
+            raise TrajectoryError(f"{where}: tensor types do not match the model: {kinds}")
+        return {k: value.to(expected[k].dtype) for k, value in out.items()}
 
     def split_state(
         self, state: Mapping[str, torch.Tensor], device: torch.device

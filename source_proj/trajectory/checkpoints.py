@@ -53,7 +53,8 @@ class Checkpoint:
             one saved with ``torch.save`` (e.g. the ``optimizer.pt`` Hugging Face's Trainer
             writes beside each checkpoint), or a mapping parameter name -> ``exp_avg_sq``
             tensor (the bias correction then uses the trajectory's cumulative step count at
-            this checkpoint).
+            this checkpoint). A ``state_dict``'s step counts must fit the checkpoints' ``steps``
+            (``optimizer_state.check_step_counts``: states swapped between checkpoints are refused).
     """
 
     state: Mapping[str, torch.Tensor] | str | os.PathLike
@@ -259,7 +260,8 @@ class Trajectory:
         return self.optimizer in PRECONDITIONED
 
     def cumulative_steps(self, index: int) -> int:
-        """Optimizer steps from the start of the trajectory up to checkpoint ``index``."""
+        """Optimizer steps from the start of the trajectory up to checkpoint ``index`` (the
+        run's absolute step only when the trajectory starts at the run's start)."""
         return sum(int(c.steps) for c in self.checkpoints[: index + 1])
 
     @property

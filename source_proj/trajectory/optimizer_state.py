@@ -27,6 +27,19 @@ see a gradient do not count; c is about 1 / mean_j sqrt(v_hat_j)). Per-group wei
 (:func:`mean_group_decay`): a ``state_dict`` whose groups say otherwise than the trajectory's
 ``weight_decay`` is refused, naming the value to pass.
 
+Step counts. A ``state_dict`` records how many steps its optimizer took; :func:`check_step_counts`
+compares them with the trajectory's steps (``Trajectory.cumulative_steps``) before any work. The
+trajectory does not know the run's absolute step at its first checkpoint (it may start mid-run,
+and a state then also counts the steps before it), so the check is on differences: the first
+recorded state counts at least the steps its stage has up to that checkpoint, and each later
+state exceeds the previous recorded one by exactly the trajectory's steps between the two
+checkpoints, or, in a later stage than that one, equals its own stage's steps so far (an
+optimizer created afresh for the stage, as ``train_adamw`` called per stage does). This refuses
+states swapped between checkpoints, stale or edited step counts and states of a run saved at
+other steps. A state from another run of the same length and checkpoint spacing is not
+detected: its moments would have to be compared with the checkpoint's weights, which nothing
+records. Mappings name -> ``exp_avg_sq`` record no step and are not checked.
+
 For SGD and heavy-ball trajectories the preconditioner is the identity (``sqrt_scale`` is
 None) and the decay is ``weight_decay``, so callers have one code path.
 """
@@ -55,14 +68,31 @@ def is_state_dict(state: Any) -> bool:
     return isinstance(state, Mapping) and "state" in state and "param_groups" in state
 
 
+def state_location(source: Mapping[str, Any] | str | os.PathLike, index: int) -> str:
+    """How errors name checkpoint ``index``'s optimizer state: the checkpoint, and the file
+    when the state was given as a path."""
+    return f"checkpoint {index}" if isinstance(source, Mapping) else f"checkpoint {index} ({os.fspath(source)!r})"
+
+
 def load_optimizer_state(source: Mapping[str, Any] | str | os.PathLike, where: str) -> Mapping[str, Any]:
-    """The optimizer state as given, or loaded on the CPU from a ``torch.save`` file."""
+    """The optimizer state as given, or loaded on the CPU from a ``torch.save`` file.
+    Raises ``TrajectoryError`` naming ``where`` for a file that cannot be read (missing,
+    truncated, corrupt) or that holds no mapping."""
     if isinstance(source, Mapping):
         return source
     try:
-        return torch.load(source, map_location="cpu", weights_only=True, mmap=True)
+        state = torch.load(source, map_location="cpu", weights_only=True, mmap=True)
     except Exception as exc:
-        raise TrajectoryError(f"{where}: could not load optimizer state file {os.fspath(source)!r}: {exc}") from exc
+        reason = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise TrajectoryError(
+            f"{where}: could not load optimizer state file (missing, truncated or corrupt? save it again "
+            f"from the optimizer): {reason}"
+        ) from exc
+    if not isinstance(state, Mapping):
+        raise TrajectoryError(
+            f"{where}: the optimizer state file holds a {type(state).__name__}, not an optimizer state_dict()"
+        )
+    return state
 
 
 def default_param_order(model: nn.Module) -> tuple[str, ...]:
@@ -226,6 +256,16 @@ def _from_state_dict(
 def _from_mapping(
     state: Mapping[str, Any], step: int, names: Sequence[str], known: Sequence[str], where: str
 ) -> Moments:
+    # Second moments are never negative; weights are: a model's state dict given by mistake.
+    signed = [
+        n for n, v in state.items() if isinstance(v, torch.Tensor) and v.is_floating_point() and bool((v < 0).any())
+    ]
+    if signed:
+        raise TrajectoryError(
+            f"{where}: not an optimizer state: it maps names to tensors with negative values ({signed[0]!r}, ...), "
+            "as a model's weights do; give the optimizer's state_dict() (or the optimizer.pt it was saved to), "
+            "or a mapping name -> exp_avg_sq"
+        )
     unknown = sorted(set(state) - set(known))
     if unknown:
         raise TrajectoryError(f"{where}: the exp_avg_sq mapping names unknown parameters {unknown}")
@@ -290,6 +330,49 @@ def coupled_decay_factor(moments: Moments, beta2: float, eps: float) -> float:
     return num / den if den > 0 else plain / count
 
 
+def _same_step(recorded: float, expected: float) -> bool:
+    """Step counts agree (torch keeps them in float32, exact integers up to 2^24)."""
+    return math.isclose(recorded, expected, rel_tol=1e-6, abs_tol=0.5)
+
+
+def check_step_counts(trajectory: Trajectory, recorded: Sequence[float | None]) -> None:
+    """Refuse optimizer states whose step counts do not fit the trajectory's ``steps`` (the
+    check of the module docstring, "Step counts"). ``recorded[c]``: the step count checkpoint
+    c's state records, None where it records none. Raises ``TrajectoryError`` naming the
+    checkpoint (and file), the state's step and the step expected."""
+    checkpoints = trajectory.checkpoints
+    previous: int | None = None
+    for index, step in enumerate(recorded):
+        if step is None:
+            continue
+        where = state_location(checkpoints[index].optimizer_state, index)
+        stage = checkpoints[index].stage
+        start = trajectory.stage_checkpoints(stage)[0]
+        in_stage = sum(int(c.steps) for c in checkpoints[start : index + 1])
+        if previous is None:
+            if step < in_stage - 0.5:
+                within = f" of stage {stage!r}" if len(trajectory.stages) > 1 else ""
+                raise TrajectoryError(
+                    f"{where}: the optimizer state says step {step:.10g}, but the trajectory has {in_stage} "
+                    f"steps{within} up to this checkpoint, all taken by its optimizer: the state is from earlier "
+                    "in training or from another run (swapped or stale optimizer state?)"
+                )
+        else:
+            since = trajectory.cumulative_steps(index) - trajectory.cumulative_steps(previous)
+            expected = recorded[previous] + since
+            fresh = start > previous  # c's stage began after the previous recorded state
+            if not (_same_step(step, expected) or (fresh and _same_step(step, in_stage))):
+                restart = f" (or {in_stage} for an optimizer created afresh for stage {stage!r})" if fresh else ""
+                raise TrajectoryError(
+                    f"{where}: the optimizer state says step {step:.10g}, but the trajectory expects step "
+                    f"{expected:.10g}{restart}: checkpoint {previous}'s state says step {recorded[previous]:.10g} and "
+                    f"the trajectory has {since} steps from checkpoint {previous} to checkpoint {index}. The optimizer "
+                    f"states of checkpoints {previous} and {index} do not fit the trajectory's steps (swapped between "
+                    "checkpoints, saved at other steps, or from another run?)"
+                )
+        previous = index
+
+
 @dataclass(frozen=True)
 class Preconditioner:
     """Adam's preconditioner per checkpoint of a trajectory, for the attributed parameters.
@@ -318,7 +401,9 @@ class Preconditioner:
     @classmethod
     def build(cls, trajectory: Trajectory, model: nn.Module, names: Sequence[str]) -> Preconditioner:
         """Check every checkpoint's optimizer state against ``model`` for the attributed
-        parameters ``names``; raises ``TrajectoryError`` naming the checkpoint and parameter."""
+        parameters ``names`` and the states' step counts against the trajectory
+        (:func:`check_step_counts`); raises ``TrajectoryError`` naming the checkpoint and
+        parameter."""
         shapes = {n: p.shape for n, p in model.named_parameters()}
         order = trajectory.param_order if trajectory.param_order is not None else default_param_order(model)
         flat = [n for g in order for n in g] if order and not isinstance(order[0], str) else list(order)
@@ -329,26 +414,35 @@ class Preconditioner:
         if not trajectory.preconditioned:
             return cls(trajectory, tuple(names), shapes, tuple(order), (trajectory.weight_decay,) * count, ())
         partial = cls(trajectory, tuple(names), shapes, tuple(order), (), ())
-        decays, digests = [], []
+        decays, digests, recorded = [], [], []
         beta2, eps = trajectory.betas[1], trajectory.eps
         coupled = trajectory.optimizer == "adam" and trajectory.weight_decay > 0
         for index in range(count):
-            moments = partial.moments(index)
+            moments, step = partial._read(index)
+            recorded.append(step)
             digests.append(moments_digest(moments))
             factor = coupled_decay_factor(moments, beta2, eps) if coupled else 1.0
             decays.append(trajectory.weight_decay * factor)
+        check_step_counts(trajectory, recorded)
         return cls(trajectory, tuple(names), shapes, tuple(order), tuple(decays), tuple(digests))
 
     def moments(self, index: int) -> Moments:
         """(step, v) per attributed parameter at checkpoint ``index``, checked (v float32, CPU)."""
-        where = f"checkpoint {index}"
-        ckpt = self.trajectory.checkpoints[index]
-        state = load_optimizer_state(ckpt.optimizer_state, where)
+        return self._read(index)[0]
+
+    def _read(self, index: int) -> tuple[Moments, float | None]:
+        """:meth:`moments` and the step count the state records (its attributed parameters'
+        largest; None for a mapping name -> ``exp_avg_sq``, which records none)."""
+        source = self.trajectory.checkpoints[index].optimizer_state
+        where = state_location(source, index)
+        state = load_optimizer_state(source, where)
         if is_state_dict(state):
             raw = _from_state_dict(state, self.param_order, self.trajectory, self.names, where)
+            recorded = max((step for step, _ in raw.values()), default=None)
         else:
             raw = _from_mapping(state, self.trajectory.cumulative_steps(index), self.names, list(self.shapes), where)
-        return {n: (step, _check_moment(n, v, self.shapes[n], where)) for n, (step, v) in raw.items()}
+            recorded = None
+        return {n: (step, _check_moment(n, v, self.shapes[n], where)) for n, (step, v) in raw.items()}, recorded
 
     def sqrt_scale(self, index: int, device: torch.device | str = "cpu") -> dict[str, torch.Tensor] | None:
         """D^{1/2} at checkpoint ``index``: name -> (numel,) float32 on ``device``, in the
