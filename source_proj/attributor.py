@@ -225,15 +225,17 @@ class SourceAttributor:
         return self.config.keep_segment_features or self.query_mode == "segment"
 
     # --------------------------------------------------------------- curvature
-    def checkpoint_hessian(self, index: int, examples: Examples) -> torch.Tensor:
+    def checkpoint_hessian(self, index: int, examples: Any) -> torch.Tensor:
         """Projected Gauss-Newton Hessian of the mean loss at checkpoint ``index``, (k, k)
-        float64 (of the rescaled gradients, P D^{1/2} G D^{1/2} P^T, for Adam runs).
+        float64 (of the rescaled gradients, P D^{1/2} G D^{1/2} P^T, for Adam runs), over
+        ``examples``: any data :meth:`fit` accepts (e.g. a dict of LM columns) or ``Examples``.
 
         The curvature examples are taken ``chunk_size`` at a time; under ``torch.distributed``
         each rank computes a contiguous share of the chunks and the chunks' Gram matrices are
         summed in a fixed tree (``TreeSum``), so the result is bit-identical for any number of
         processes (with the same ``chunk_size``).
         """
+        examples = as_examples(examples, f"curvature data at checkpoint {index}")
         params, consts = self._load(index)
         scale = self.gradient_scale(index)
         rows = len(examples)

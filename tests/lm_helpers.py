@@ -130,20 +130,24 @@ def oracle_gn_hessian(m, rows: list[dict], reduction: str) -> torch.Tensor:
     return total / len(rows)
 
 
+def oracle_row_grads(model, state, rows: list[dict], fn) -> torch.Tensor:
+    """(len(rows), p) float64 gradients of ``fn(logits, row)`` under ``state``, one unpadded
+    row at a time by autograd."""
+    m = _with_state(model, state)
+    return torch.stack([_grad(m, fn(_logits(m, r), r)) for r in rows])
+
+
 def dense_lm_scores(model, traj: Trajectory, train: list[dict], queries: list[dict], num_segments: int,
                     reduction: str, measure: str) -> np.ndarray:
     """SOURCE scores (Q, N) evaluated densely, without projection, rows unpadded."""
 
     states = [c.load() for c in traj.checkpoints]
-
-    def grads(c, rows, fn):
-        m = _with_state(model, states[c])
-        return torch.stack([_grad(m, fn(_logits(m, r), r)) for r in rows])
-
     return dense_scores_from_parts(
         traj, num_segments, None, len(train),
-        train_grads=lambda c: grads(c, train, lambda z, r: oracle_token_loss(z, r, reduction)),
-        query_grads=lambda c: grads(c, queries, lambda z, r: oracle_measure(z, r, measure, reduction)),
+        train_grads=lambda c: oracle_row_grads(
+            model, states[c], train, lambda z, r: oracle_token_loss(z, r, reduction)),
+        query_grads=lambda c: oracle_row_grads(
+            model, states[c], queries, lambda z, r: oracle_measure(z, r, measure, reduction)),
         hessian=lambda c, _stage: oracle_gn_hessian(_with_state(model, states[c]), train, reduction),
         query_mode="segment",
     )

@@ -16,6 +16,12 @@ from source_proj.trajectory.checkpoints import Checkpoint, Trajectory
 from source_proj.trajectory.training import TrainSettings, train_sgd
 
 
+def rel_err(a, b) -> float:
+    """||a - b|| / ||b|| (Frobenius), in float64."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
 def blobs(n: int, dim: int, classes: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Separable-ish Gaussian blobs: inputs (n, dim) float32, labels (n,)."""
     gen = torch.Generator().manual_seed(seed)

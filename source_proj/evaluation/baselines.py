@@ -11,8 +11,9 @@ training row m, T the final checkpoint, lambda the weight decay and N the attrib
   checkpoints of the attributed stage (the steps in which the rows were trained on).
 * Influence functions at the final checkpoint, damped:
   -(1 / N_all) g_q(T)^T (H_T + (lambda + delta) I)^{-1} g_m(T), with H_T the Gauss-Newton
-  Hessian over all training rows and delta = ``damping`` x the mean eigenvalue of
-  H_T + lambda I.
+  Hessian over all training rows (exact, or sampled for a run projected with sampled
+  curvature only: ``ProjectedRun.final_curvature``) and delta = ``damping`` x the mean
+  eigenvalue of H_T + lambda I.
 * TRAK's single-model estimator: phi_q^T (Phi^T Phi)^{-1} phi_m (1 - p_m), with phi the
   projected gradient of the margin (the measurement), Phi stacking phi over all training
   rows and (1 - p_m) the out-to-loss weight. Since the cross-entropy gradient is exactly

@@ -58,9 +58,11 @@ class ProjectedRun:
         hessians: curvature mode ("exact" / "sampled") -> (C, k, k) float64 projected
             Gauss-Newton Hessian of the mean loss over the checkpoint's own stage data
             (without weight decay).
-        final_hessian: (k, k) float64 exact projected Gauss-Newton Hessian at the final
-            checkpoint over the rows of all stages pooled (what a method that sees one data
-            set uses).
+        final_hessian: (k, k) float64 projected Gauss-Newton Hessian at the final checkpoint
+            over the rows of all stages pooled (what a method that sees one data set uses), of
+            curvature ``final_curvature``.
+        final_curvature: "exact" when the run computed exact curvature, else the mode it did
+            compute (e.g. "sampled" for a language model projected with sampled curvature only).
         final_output_grads: (N_all, k) float32 projected measurement gradients at the final
             checkpoint of the rows of all stages (TRAK's feature matrix).
         decays: (C,) the rate added to each checkpoint's Hessian diagonal (the weight decay,
@@ -80,6 +82,7 @@ class ProjectedRun:
     final_output_grads: torch.Tensor
     decays: tuple[float, ...]
     default_curvature: str = "exact"
+    final_curvature: str = "exact"
     structure: str = "dense"
     kronecker_terms: int = 4
     budget: int = 0
@@ -150,7 +153,9 @@ def project_run(
         queries: (inputs, targets) of the queries.
         proj_dim: k.
         seed: projection seed (and seed of sampled curvature, as in ``SourceAttributor``).
-        curvature_modes: which Hessians to compute ("exact", "sampled").
+        curvature_modes: which Hessians to compute ("exact", "sampled"); only these are
+            computed: the final pooled Hessian too is exact only when "exact" is asked for
+            (else of the first mode, see ``ProjectedRun.final_curvature``).
         progress: show a progress bar over checkpoints.
         structure, kronecker_terms: the projection's structure (``SourceConfig.proj_structure``)
             and, when factored, its Kronecker terms.
@@ -160,20 +165,25 @@ def project_run(
         raise InputError(f"stage_data lacks stages {missing}")
     if attributed_stage not in trajectory.stages:
         raise InputError(f"attributed_stage {attributed_stage!r} is not a stage of the trajectory {trajectory.stages}")
+    modes = tuple(dict.fromkeys(curvature_modes))
+    unknown = [m for m in modes if m not in CURVATURE_MODES]
+    if not modes or unknown:
+        raise InputError(f"curvature_modes must name some of {CURVATURE_MODES}, got {tuple(curvature_modes)!r}")
     config = SourceConfig(proj_dim=proj_dim, seed=seed, backend="cpu", progress=False, chunk_size=_CHUNK,
                           proj_structure=structure, kronecker_terms=kronecker_terms)
-    engines = {mode: SourceAttributor(model, task, trajectory, config, curvature=mode) for mode in curvature_modes}
-    exact = engines.get("exact") or SourceAttributor(model, task, trajectory, config, curvature="exact")
-    fn, projection = exact.model_fn, exact.projection
+    engines = {mode: SourceAttributor(model, task, trajectory, config, curvature=mode) for mode in modes}
+    final_mode = "exact" if "exact" in engines else modes[0]
+    final_engine = engines[final_mode]
+    fn, projection = final_engine.model_fn, final_engine.projection
     data = {s: as_examples(d, f"data of stage {s!r}") for s, d in stage_data.items()}
     attributed = data[attributed_stage]
     query_examples = as_examples(queries, "queries")
     last = len(trajectory.checkpoints) - 1
     train_grads, query_grads = [], []
-    hessians: dict[str, list[torch.Tensor]] = {mode: [] for mode in curvature_modes}
+    hessians: dict[str, list[torch.Tensor]] = {mode: [] for mode in modes}
     for c, ckpt in enumerate(tqdm(trajectory.checkpoints, desc="projected run", disable=not progress, leave=False)):
         state = ckpt.load()
-        scale = exact.gradient_scale(c)
+        scale = final_engine.gradient_scale(c)
         train_grads.append(_gradients(fn, state, task.loss, attributed, projection, f"checkpoint {c}", scale))
         query_grads.append(_gradients(fn, state, task.measurement, query_examples, projection, f"checkpoint {c}", scale))
         for mode, engine in engines.items():
@@ -181,12 +191,12 @@ def project_run(
     sizes = {s: len(d) for s, d in data.items()}
     final_stage = trajectory.checkpoints[last].stage
     at_final = {
-        s: hessians["exact"][last] if s == final_stage and "exact" in hessians else exact.checkpoint_hessian(last, d)
+        s: hessians[final_mode][last] if s == final_stage else final_engine.checkpoint_hessian(last, d)
         for s, d in data.items()
     }
     final_hessian = sum(sizes[s] * h for s, h in at_final.items()) / sum(sizes.values())
     final_state = trajectory.checkpoints[last].load()
-    final_scale = exact.gradient_scale(last)
+    final_scale = final_engine.gradient_scale(last)
     output_grads = torch.cat(
         [_gradients(fn, final_state, task.measurement, d, projection, "final checkpoint", final_scale) for d in data.values()]
     )
@@ -201,8 +211,9 @@ def project_run(
         hessians={mode: torch.stack(h) for mode, h in hessians.items()},
         final_hessian=final_hessian,
         final_output_grads=output_grads,
-        decays=exact.preconditioner.decays,
+        decays=final_engine.preconditioner.decays,
         default_curvature=task.default_curvature,
+        final_curvature=final_mode,
         structure=structure,
         kronecker_terms=kronecker_terms,
         budget=proj_dim,
