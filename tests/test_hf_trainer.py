@@ -163,7 +163,7 @@ def test_renamed_and_foreign_folders_are_refused_by_name(trainer_run, tmp_path):
         "duplicated": (lambda run: shutil.copytree(run / "checkpoint-4", run / "checkpoint-3"),
                        r"checkpoint-3'.*global_step 4"),
         "foreign": (lambda run: (shutil.rmtree(run / "checkpoint-4"), shutil.copytree(other / "checkpoint-4", run / "checkpoint-4")),
-                    r"checkpoint-4'.*log_history in trainer_state.json disagree"),
+                    r"checkpoint-4': its trainer_state.json's log_history disagrees"),
     }
     for name, (damage, message) in cases.items():
         copy = tmp_path / name

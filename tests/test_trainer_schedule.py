@@ -88,6 +88,9 @@ def test_record_and_replay_equal_the_optimizers_rates(run, tmp_path):
     # Without the record: the schedule replayed from training_args.bin, no warning needed.
     copy = tmp_path / "run"
     shutil.copytree(out, copy)
+    shutil.copy(copy / "checkpoint-2" / RECORD_FILE, copy / "checkpoint-4" / RECORD_FILE)
+    with pytest.raises(TrajectoryError, match=rf"checkpoint-4/{RECORD_FILE}' records step 2, not the folder's 4"):
+        trainer_trajectory(copy, model=model)
     for record_file in copy.glob(f"checkpoint-*/{RECORD_FILE}"):
         record_file.unlink()
     with warnings.catch_warnings():

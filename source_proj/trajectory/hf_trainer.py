@@ -357,6 +357,16 @@ def read_trainer_record(folder: str | os.PathLike) -> TrainerRecord | None:
 
 
 # ------------------------------------------------------------------ one run, every folder
+def _folder_record(folder: Path) -> TrainerRecord | None:
+    """The folder's record, refused if it records another step than the folder's name."""
+    record = read_trainer_record(folder)
+    step = int(_CHECKPOINT_DIR.match(folder.name).group(1))
+    if record is not None and record.global_step != step:
+        raise TrajectoryError(f"{os.fspath(folder / RECORD_FILE)!r} records step {record.global_step}, not the "
+                              f"folder's {step}: copied from another checkpoint? Remove it")
+    return record
+
+
 def _check_folders(folders: list[tuple[int, Path]], states: dict[int, dict]) -> None:
     """Refuse, by name, a folder whose trainer_state.json disagrees with its name or with the
     last folder's run (see the module docstring)."""
@@ -373,10 +383,10 @@ def _check_folders(folders: list[tuple[int, Path]], states: dict[int, dict]) -> 
         own = state.get("log_history", [])
         settings = [k for k in _RUN_SETTINGS if state.get(k) != states[last_step].get(k)]
         if settings or json.dumps(own) != json.dumps(history[: len(own)]):
-            what = f"its {', '.join(settings)}" if settings else "its log_history"
+            what = f"{', '.join(settings)} disagree" if settings else "log_history disagrees"
             raise TrajectoryError(
-                f"{os.fspath(folder)!r}: {what} in trainer_state.json disagree(s) with {os.fspath(last)!r}: a folder "
-                "from another run? Remove it"
+                f"{os.fspath(folder)!r}: its trainer_state.json's {what} with {os.fspath(last)!r}'s: a folder from "
+                "another run? Remove it"
             )
 
 
@@ -606,7 +616,7 @@ def trainer_trajectory(
     last_step, last = folders[-1]
     log_history = states[last_step].get("log_history", [])
     args = _last_of_run(folders, schedule_args, operator.eq, "training_args.bin schedule")
-    record = _last_of_run(folders, read_trainer_record, TrainerRecord.precedes, RECORD_FILE)
+    record = _last_of_run(folders, _folder_record, TrainerRecord.precedes, RECORD_FILE)
     if record is not None and not record.complete:
         warnings.warn(f"{os.fspath(last / RECORD_FILE)}: the record starts at step {record.first_step} (a resumed "
                       "run), so it is not used", stacklevel=2)
