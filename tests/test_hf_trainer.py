@@ -231,3 +231,32 @@ def test_the_reduction_read_from_the_run_is_the_trainers_loss(trainer_run, tmp_p
     config.write_text(config.read_text().replace("GPT2LMHeadModel", "GPT2ForSequenceClassification"))
     with pytest.raises(TrajectoryError, match="not a Hugging Face causal LM"):
         trainer_loss_reduction(copy)
+
+
+def test_training_args_are_read_without_running_pickled_code(tmp_path):
+    """training_args.bin is a pickle: one that would run code when loaded is not run (its
+    stand-in holds no schedule: a TrajectoryError naming the file)."""
+    from source_proj.trajectory.hf_trainer import schedule_args
+
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return exec, (f"open({str(marker)!r}, 'w').close()",)
+
+    torch.save(Payload(), tmp_path / "training_args.bin")
+    with pytest.raises(TrajectoryError, match=r"cannot read the learning-rate schedule from .*training_args.bin"):
+        schedule_args(tmp_path)
+    assert not marker.exists()
+
+
+def test_warmup_steps_are_counted_as_transformers_counts_them():
+    from transformers import TrainingArguments
+
+    from source_proj.trajectory.hf_trainer import ScheduleArgs
+
+    for warmup in (0, 0.25, 0.3, 4):  # transformers 5: a count, or a fraction of the total when < 1
+        own = ScheduleArgs("linear", 0.1, warmup, 0.0, {}).warmup(10)
+        assert own == TrainingArguments(output_dir="unused", warmup_steps=warmup).get_warmup_steps(10)
+    # transformers 4: warmup_steps 0 and warmup_ratio 0.25 of 10 steps: ceil(2.5) = 3.
+    assert ScheduleArgs("linear", 0.1, 0, 0.25, {}).warmup(10) == 3

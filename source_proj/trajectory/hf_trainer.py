@@ -499,12 +499,12 @@ def _fallback_rates(output_dir: str | os.PathLike, log_history: Sequence[dict],
     rates, exact = step_learning_rates(log_history, {s: r[0] for s, (_, r) in next_rates.items()}, last_step)
     if not exact.all():
         first = int(np.argmax(exact)) + 1 if exact.any() else last_step + 1
+        held = f", and steps 1..{first - 1} before the first known one take its rate (a warm-up there is lost)"
         warnings.warn(
             f"{os.fspath(output_dir)}: no source_record.json or training_args.bin to replay the schedule from, so the "
             f"learning rates come from the logs and scheduler.pt: {int(exact.sum())} of {last_step} steps are exact; "
-            f"the others are interpolated linearly between known steps, and steps 1..{first - 1} before the first "
-            "known one take its rate (a warm-up there is lost). Record them with SourceRecordCallback, or pass "
-            "learning_rates=",
+            f"the others are interpolated linearly between known steps{held if first > 1 else ''}. Record them with "
+            "SourceRecordCallback, or pass learning_rates=",
             stacklevel=3,
         )
     return rates[:, None]
