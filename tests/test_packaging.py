@@ -78,3 +78,15 @@ def test_the_lock_satisfies_every_range_of_pyproject() -> None:
     assert not missing, f"not in requirements-lock.txt: {missing}"
     assert checked >= len(test_deps)
 
+
+
+def test_the_package_root_is_the_public_api_and_imports_nothing_heavy() -> None:
+    done = _run_in_root(
+        "import sys, source_proj\n"
+        "heavy = [m for m in ('torch', 'transformers', 'faiss', 'source_proj.cli') if m in sys.modules]\n"
+        "missing = [n for n in source_proj.__all__ if getattr(source_proj, n, None) is None]\n"
+        "print(heavy, missing)"
+    )
+    assert done.returncode == 0, done.stderr
+    # Nothing heavy at import; every export resolves (importing it on first use).
+    assert done.stdout.split() == ["[]", "[]"], done.stdout
