@@ -1,9 +1,19 @@
-"""The CPU product ``G @ R``: R generated tile by tile from Philox, multiplied in, never stored.
+"""The CPU product ``G @ R``: R generated from Philox once per projection, multiplied tile by tile.
 
 The matrix is the one ``reference`` defines. Rademacher products run in exact integer
 arithmetic on CPUs with AMX (int8 tiles of R, gradients as 31-bit fixed point), elsewhere in
 float32; Gaussian products in float32. Gradients arrive as per-parameter blocks laid end to
 end, and tiles run across block boundaries, so many small blocks cost no extra generation.
+
+Generating R is the costly part of a projection of few rows (Philox: ten rounds of 64-bit
+arithmetic per 128 Rademacher entries), and a fit projects the same rows of the same matrix
+for every block of training rows, query block and segment. So the generated matrix of a call
+is kept in ``MATRIX_CACHE``, a bounded LRU cache keyed by (seed, kind, rows, width, dtype):
+Rademacher matrices as their Philox bytes (uint8, one bit per entry; each tile is still
+expanded to +-1 on use, a table lookup, ~1/6 of generating it), Gaussian ones as float32
+entries. A matrix larger than the cache's limit (default 1 GiB) is not kept: it is regenerated
+tile by tile on every call, in bounded memory. Either way the tiles multiplied are the same
+numbers in the same shapes, so cached and uncached products are bit-identical.
 """
 
 from __future__ import annotations
@@ -11,9 +21,13 @@ from __future__ import annotations
 import bisect
 import itertools
 import math
-from collections.abc import Iterator, Sequence
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Iterator, Sequence
 
 import torch
+
+from source_proj.errors import InputError
 
 from .reference import (
     COLUMNS_PER_CALL,
@@ -50,6 +64,118 @@ def _int8_product_is_fast() -> bool:
 
 _INT8_PRODUCT = _int8_product_is_fast()
 
+_DEFAULT_CACHE_BYTES = 2**30
+
+
+class MatrixCache:
+    """A least-recently-used cache of generated random matrices, bounded in bytes.
+
+    An entry larger than the limit is never stored (the caller then generates the matrix tile
+    by tile); storing one evicts the least recently used entries until the total fits.
+    Thread-safe: a matrix asked for by two threads at once is generated once.
+    """
+
+    def __init__(self, limit_bytes: int) -> None:
+        self._entries: OrderedDict[Hashable, torch.Tensor] = OrderedDict()
+        self._lock = threading.Lock()
+        self._limit = 0
+        self.set_limit(limit_bytes)
+
+    @property
+    def limit_bytes(self) -> int:
+        """The most bytes the entries may hold together."""
+        return self._limit
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the entries now."""
+        with self._lock:
+            return sum(_nbytes(entry) for entry in self._entries.values())
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def set_limit(self, limit_bytes: int) -> None:
+        """Change the limit (0 disables caching), evicting entries until they fit."""
+        if isinstance(limit_bytes, bool) or not isinstance(limit_bytes, int) or limit_bytes < 0:
+            raise InputError(f"the matrix cache limit must be an int >= 0 (bytes), got {limit_bytes!r}")
+        with self._lock:
+            self._limit = limit_bytes
+            self._evict(0)
+
+    def clear(self) -> None:
+        """Drop every entry."""
+        with self._lock:
+            self._entries.clear()
+
+    def fetch(self, key: Hashable, nbytes: int, make: Callable[[], torch.Tensor]) -> torch.Tensor | None:
+        """The entry of ``key``; else ``make()`` (a tensor of ``nbytes`` bytes), stored and
+        returned when it fits within the limit; else None, without calling ``make``."""
+        with self._lock:
+            if key in self._entries:
+                self._entries.move_to_end(key)
+                return self._entries[key]
+            if nbytes > self._limit:
+                return None
+            self._evict(nbytes)
+            entry = self._entries[key] = make()
+            return entry
+
+    def _evict(self, room: int) -> None:
+        """Drop least recently used entries until ``room`` more bytes fit (lock held)."""
+        held = sum(_nbytes(entry) for entry in self._entries.values())
+        while self._entries and held + room > self._limit:
+            held -= _nbytes(self._entries.popitem(last=False)[1])
+
+
+def _nbytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
+
+
+MATRIX_CACHE = MatrixCache(_DEFAULT_CACHE_BYTES)
+
+
+def _cached_matrix(seed: int, kind: str, dim: int, row_start: int, row_stop: int) -> torch.Tensor | None:
+    """R's rows [row_start, row_stop) for ``dim`` columns, from ``MATRIX_CACHE`` (generated
+    once, by Philox batches of about ``_CPU_CHUNK_CALLS`` calls): Rademacher as the uint8
+    bytes of ``rademacher_bytes`` for every column group, (rows, 16 groups); Gaussian as
+    float32 entries, (rows, dim). None when that exceeds the cache's limit, or is empty."""
+    n_groups = -(-dim // COLUMNS_PER_CALL[kind])
+    rows = row_stop - row_start
+    if rows == 0 or dim == 0:
+        return None
+    if kind == RADEMACHER:
+        width, dtype = 16 * n_groups, torch.uint8
+
+        def part(first: int, last: int) -> torch.Tensor:
+            return rademacher_bytes(seed, first, last, 0, n_groups)
+    else:
+        width, dtype = dim, torch.float32
+
+        def part(first: int, last: int) -> torch.Tensor:
+            return matrix_block(seed, first, last, dim, kind)
+
+    def make() -> torch.Tensor:
+        whole = torch.empty(rows, width, dtype=dtype)
+        step = max(1, _CPU_CHUNK_CALLS // n_groups)
+        for first in range(row_start, row_stop, step):
+            last = min(row_stop, first + step)
+            whole[first - row_start : last - row_start] = part(first, last)
+        return whole
+
+    key = (seed, kind, row_start, row_stop, width, dtype)
+    return MATRIX_CACHE.fetch(key, rows * width * dtype.itemsize, make)
+
+
+def _sign_bytes(
+    cached: torch.Tensor | None, seed: int, row_start: int, first: int, last: int, g0: int, g1: int
+) -> torch.Tensor:
+    """``rademacher_bytes(seed, first, last, g0, g1)`` (int32), sliced from ``cached`` (the
+    matrix's bytes from row ``row_start``, see ``_cached_matrix``) or generated if None."""
+    if cached is None:
+        return rademacher_bytes(seed, first, last, g0, g1)
+    return cached[first - row_start : last - row_start, 16 * g0 : 16 * g1].to(torch.int32)
+
 
 def _cpu_chunks(
     seed: int, kind: str, dim: int, row_start: int, row_stop: int
@@ -58,20 +184,23 @@ def _cpu_chunks(
 
     Rademacher chunks are tiles of about ``_CPU_TILE_BYTES``, views of one reused buffer: each
     is valid only until the next is yielded. Gaussian chunks hold about ``_CPU_CHUNK_CALLS``
-    Philox calls.
+    Philox calls. The chunks are the same whether R comes from ``MATRIX_CACHE`` or not.
     """
     per_call = COLUMNS_PER_CALL[kind]
     n_groups = -(-dim // per_call)
     rows_per_chunk = max(1, _CPU_CHUNK_CALLS // n_groups)
+    cached = _cached_matrix(seed, kind, dim, row_start, row_stop)
     if kind != RADEMACHER:
         for first in range(row_start, row_stop, rows_per_chunk):
-            yield first, matrix_block(seed, first, min(row_stop, first + rows_per_chunk), dim, kind)
+            last = min(row_stop, first + rows_per_chunk)
+            chunk = None if cached is None else cached[first - row_start : last - row_start]
+            yield first, matrix_block(seed, first, last, dim, kind) if chunk is None else chunk
         return
     rows_per_tile = min(rows_per_chunk, max(1, _CPU_TILE_BYTES // (4 * per_call * n_groups)))
     buffer = torch.empty(min(rows_per_tile, row_stop - row_start), n_groups * per_call)
     for first in range(row_start, row_stop, rows_per_chunk):
         last = min(row_stop, first + rows_per_chunk)
-        bits = rademacher_bytes(seed, first, last, 0, n_groups)
+        bits = _sign_bytes(cached, seed, row_start, first, last, 0, n_groups)
         for tile in range(first, last, rows_per_tile):
             stop = min(last, tile + rows_per_tile)
             chunk = signs_from_bytes(bits[tile - first : stop - first], out=buffer[: stop - tile])
@@ -162,6 +291,7 @@ def _rademacher_product_int8(
     partial = torch.zeros(4 * batch, 128 * n_groups, dtype=torch.int32)
     totals = torch.zeros(4 * batch, dim, dtype=torch.float64)
     partial_rows = 0
+    cached = _cached_matrix(seed, RADEMACHER, dim, row_offset, row_offset + width)
     for first in range(0, width, _INT8_TILE_ROWS):
         last = min(width, first + _INT8_TILE_ROWS)
         rows = last - first
@@ -178,7 +308,7 @@ def _rademacher_product_int8(
         ).view(4 * batch, rows)
         for g0 in range(0, n_groups, _INT8_TILE_GROUPS):
             g1 = min(n_groups, g0 + _INT8_TILE_GROUPS)
-            bits = rademacher_bytes(seed, row_offset + first, row_offset + last, g0, g1)
+            bits = _sign_bytes(cached, seed, row_offset, row_offset + first, row_offset + last, g0, g1)
             tile = signs_from_bytes(bits, out=_flat_view(signs, rows, 128 * (g1 - g0)))
             out = _flat_view(product, 4 * batch, 128 * (g1 - g0))
             partial[:, 128 * g0 : 128 * g1].add_(torch._int_mm(tile_digits, tile, out=out))

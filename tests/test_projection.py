@@ -282,3 +282,69 @@ def test_empty_blocks_and_matrices(cpu_product):
     grad = torch.randn(2, 3, generator=torch.Generator().manual_seed(10))
     with_empty = project([torch.ones(2, 0), grad, torch.ones(2, 0)], ProjectionConfig(dim=4, seed=2))
     assert torch.equal(with_empty, project(grad, ProjectionConfig(dim=4, seed=2)))
+
+
+def _expanded(cached: torch.Tensor, kind: str, dim: int) -> torch.Tensor:
+    """The float32 entries of a ``MATRIX_CACHE`` entry (Rademacher: its Philox bytes)."""
+    if kind == RADEMACHER:
+        return reference.signs_from_bytes(cached.to(torch.int32))[:, :dim]
+    return cached
+
+
+@pytest.mark.parametrize("kind", [RADEMACHER, GAUSSIAN])
+def test_cached_matrix_gives_bit_identical_projections(kind, cpu_product, monkeypatch):
+    """The cache holds exactly the reference matrix, and a projection through it (first call:
+    generated and stored; second: read back) equals the uncached one bit for bit, whatever
+    the chunking; both agree with a dense float64 product with the materialised matrix."""
+    gen = torch.Generator().manual_seed(12)
+    p, k, offset = 1500, 300, 2**32 - 700  # rows cross the 2^32 boundary of the counter
+    grad = torch.randn(5, p, generator=gen)
+    blocks = [grad[:, :400], grad[:, 400:401], grad[:, 401:]]
+    dense = grad.double() @ matrix_block(5, offset, offset + p, k, kind).double()
+    for calls, tile_bytes in ((2**16, 2**20), (37, 3000)):
+        monkeypatch.setattr(cpu_projection, "_CPU_CHUNK_CALLS", calls)
+        monkeypatch.setattr(cpu_projection, "_CPU_TILE_BYTES", tile_bytes)
+        outputs = []
+        for limit in (0, 2**30, 2**30):  # uncached, then stored, then read from the cache
+            cache = cpu_projection.MatrixCache(limit) if limit == 0 or not outputs[1:] else cache
+            monkeypatch.setattr(cpu_projection, "MATRIX_CACHE", cache)
+            out = torch.zeros(5, k)
+            project_cpu(blocks, out, 5, kind, offset)
+            outputs.append(out)
+        assert len(cache) == 1
+        stored = cpu_projection._cached_matrix(5, kind, k, offset, offset + p)
+        assert torch.equal(_expanded(stored, kind, k), matrix_block(5, offset, offset + p, k, kind))
+        assert torch.equal(outputs[1], outputs[0]) and torch.equal(outputs[2], outputs[0])
+        assert torch.allclose(outputs[0].double(), dense, rtol=1e-5, atol=1e-4)
+
+
+def test_matrix_cache_respects_its_limit(monkeypatch):
+    """A matrix larger than the limit is never stored (the projection is still right);
+    storing evicts the least recently used matrices until the total fits."""
+    grad = torch.randn(2, 1000, generator=torch.Generator().manual_seed(13))
+    # A Rademacher matrix of 1000 rows keeps 16 bytes a row per group of 128 columns.
+    cache = cpu_projection.MatrixCache(16 * 1000 - 1)
+    monkeypatch.setattr(cpu_projection, "MATRIX_CACHE", cache)
+    first = project(grad, ProjectionConfig(dim=128, seed=1))
+    assert len(cache) == 0 and cache.nbytes == 0
+    cache.set_limit(2 * 16 * 1000)
+    assert torch.equal(project(grad, ProjectionConfig(dim=128, seed=1)), first)
+    project(grad, ProjectionConfig(dim=100, seed=2))  # the same width: one group
+    assert len(cache) == 2 and cache.nbytes == 2 * 16 * 1000
+    project(grad, ProjectionConfig(dim=128, seed=1))  # seed 1 is now the most recently used
+    project(grad, ProjectionConfig(dim=64, seed=3))  # evicts seed 2
+    assert cache.nbytes == 2 * 16 * 1000
+    made = []
+
+    def make() -> torch.Tensor:
+        made.append(1)
+        return torch.zeros(16 * 1000, dtype=torch.uint8)
+
+    for seed in (1, 3, 2):  # seeds 1 and 3 are held; seed 2 had been evicted, so it is made again
+        cache.fetch((seed, RADEMACHER, 0, 1000, 16, torch.uint8), 16 * 1000, make)
+    assert made == [1] and cache.nbytes == 2 * 16 * 1000
+    cache.set_limit(16 * 1000)
+    assert len(cache) == 1 and cache.nbytes <= cache.limit_bytes
+    assert cache.fetch("too big", 16 * 1000 + 1, lambda: pytest.fail("made beyond the limit")) is None
+    with pytest.raises(ValueError):
+        cache.set_limit(-1)
