@@ -26,9 +26,35 @@ from source_proj.errors import InputError, SourceProjError
 TASK_HELP = (
     "the run to attribute: path/to/file.py:function or module:function, a function with no "
     "arguments returning a source_proj.cli.task_spec.TaskSpec (model, task, trajectory, train rows, "
-    "query rows; see that module's documentation)"
+    "query rows; see that module's documentation, which has a language-model example); for a "
+    "Hugging Face Trainer run, --run needs no Python"
+)
+RUN_HELP = (
+    "instead of --task: a Hugging Face Trainer output directory (checkpoint-<step>/ folders): model, "
+    "tokenizer, trajectory and task read from it; rows from --train and --queries"
 )
 STORE_HELP = "the feature store directory written by 'source-proj fit'"
+
+
+def _load_spec(args: argparse.Namespace) -> Any:
+    """The TaskSpec of ``--task``, or of ``--run`` with the ``--train`` / ``--queries`` data files."""
+    if getattr(args, "run", None) is None:
+        from source_proj.cli.task_spec import load_task
+
+        return load_task(args.task)
+    from source_proj.cli.hf_run import run_task_spec
+
+    if args.train is None:
+        raise InputError(f"--run {args.run} needs --train FILE|DIR: the training rows the run was trained on")
+    return run_task_spec(args.run, args.train, args.queries, task_type=args.task_type, text_column=args.text_column,
+                         label_column=args.label_column, max_length=args.max_length)
+
+
+def _spec_name(args: argparse.Namespace) -> str:
+    """How messages name the task: the --task reference, or the --run folder and its data files."""
+    if getattr(args, "run", None) is None:
+        return str(args.task)
+    return f"--run {args.run} (--queries {args.queries})"
 
 
 def _log(message: str) -> None:
@@ -65,7 +91,10 @@ def _reporting_errors(handler: Callable[[argparse.Namespace], int]) -> Callable[
                                          f"{list(_DISTRIBUTED)}")
                     if getattr(args, "device", None) is not None:
                         args.device = rank_device(args.device)
-                return handler(args)
+                code = handler(args)
+            if group.distributed:  # leave together: no rank closes its connections while another still talks
+                torch.distributed.barrier()
+            return code
         except (SourceProjError, OSError) as exc:
             if args.debug:
                 raise
@@ -133,10 +162,9 @@ def _attributor_for_fit(args: argparse.Namespace, spec: Any) -> Any:
 
 
 def _fit(args: argparse.Namespace) -> int:
-    from source_proj.cli.task_spec import load_task
     from source_proj.features.fit import fit_store
 
-    spec = load_task(args.task)
+    spec = _load_spec(args)
     attributor = _attributor_for_fit(args, spec)
     store, report = fit_store(
         attributor, spec.train, args.store, dtype=args.dtype, chunk_rows=args.chunk_rows, **spec.fit_options
@@ -169,12 +197,12 @@ def _store_attributor(args: argparse.Namespace, spec: Any) -> tuple[Any, Any]:
 
 def _query_setup(args: argparse.Namespace) -> tuple[Any, Any, Any, list[int] | None, Any]:
     """(store, attributor, query features (n_query, D) float32, segments or None, the TaskSpec)."""
-    from source_proj.cli.task_spec import TaskSpecError, load_task
+    from source_proj.cli.task_spec import TaskSpecError
     from source_proj.features.fit import stage_restriction
 
-    spec = load_task(args.task)
+    spec = _load_spec(args)
     if spec.queries is None:
-        raise TaskSpecError(f"{args.task} returned no queries (TaskSpec.queries) to explain")
+        raise TaskSpecError(f"{_spec_name(args)} gives no queries (TaskSpec.queries, or --queries with --run) to explain")
     store, attributor = _store_attributor(args, spec)
     queries = attributor.query_features(spec.queries).numpy()
     segments = None
@@ -328,14 +356,14 @@ def _self_influence(args: argparse.Namespace) -> int:
         order = order[: args.top]
     records = [{"rank": r + 1, "train_id": int(m), "self_influence": float(values[m])} for r, m in enumerate(order)]
     columns = ["rank", "train_id", "self_influence"]
-    if args.task is not None:
-        from source_proj.cli.task_spec import TaskSpecError, load_task
+    if args.task is not None or args.run is not None:
+        from source_proj.cli.task_spec import TaskSpecError
 
-        texts = load_task(args.task).texts("train")
+        texts = _load_spec(args).texts("train")
         if texts is None:
-            raise TaskSpecError(f"{args.task} gives no train_text for the text column")
+            raise TaskSpecError(f"{_spec_name(args)} gives no train_text for the text column")
         if len(texts) != len(values):
-            raise TaskSpecError(f"{args.task} has {len(texts)} training rows but the store {len(values)}")
+            raise TaskSpecError(f"{_spec_name(args)} has {len(texts)} training rows but the store {len(values)}")
         columns.insert(2, "train_text")
         for r in records:
             r["train_text"] = texts[r["train_id"]]
@@ -359,7 +387,7 @@ def _explain(args: argparse.Namespace, store: Any, attributor: Any, queries: Any
 
 
 def _curate(args: argparse.Namespace) -> int:
-    from source_proj.cli.task_spec import load_task, query_set
+    from source_proj.cli.task_spec import query_set
     from source_proj.curation import (
         CurationConfig,
         curate,
@@ -369,7 +397,7 @@ def _curate(args: argparse.Namespace) -> int:
         write_curation,
     )
 
-    spec = load_task(args.task)
+    spec = _load_spec(args)
     config = CurationConfig(
         rank_by=args.rank_by, flag_fraction=args.flag_fraction, harm_weight=args.harm_weight,
         weight_floor=args.weight_floor, weight_width=args.weight_width,
@@ -418,13 +446,13 @@ def _verify(args: argparse.Namespace) -> int:
     damaged = store.damaged_chunks(progress=not args.quiet)
     problems += damaged.values()
     pending = store.pending_chunks()
-    if args.task is not None:
+    if args.task is not None or args.run is not None:
         problems += _verify_against_task(args, store)
     for problem in problems:
         _log(f"problem: {problem}")
     layout = store.layout
     state = "complete" if not pending else f"incomplete ({len(pending)} of {layout.n_chunks} chunks pending)"
-    checked = " and against the task's model, trajectory and training data" if args.task else ""
+    checked = " and against the task's model, trajectory and training data" if args.task or args.run else ""
     verdict = f"{len(problems)} problems found" if problems else "no problem found"
     _log(f"feature store {store.path}: {layout.n_rows} rows in {layout.n_chunks} chunks, {state}; every written "
          f"chunk checked against its digests{checked}: {verdict}")
@@ -436,8 +464,8 @@ def _verify_output(args: argparse.Namespace) -> int:
     digests of its values."""
     from source_proj.retrieval.bulk import check_output
 
-    if args.task is not None:
-        raise InputError(f"{args.store} is a score output, not a feature store: --task checks feature stores")
+    if args.task is not None or args.run is not None:
+        raise InputError(f"{args.store} is a score output, not a feature store: --task and --run check feature stores")
     found = check_output(args.store)
     for problem in found.damaged.values():
         _log(f"problem: {problem}")
@@ -450,14 +478,13 @@ def _verify_output(args: argparse.Namespace) -> int:
 
 def _verify_against_task(args: argparse.Namespace, store: Any) -> list[str]:
     """What differs between the store and the task: settings, model, checkpoints, data."""
-    from source_proj.cli.task_spec import load_task
     from source_proj.features.fit import (
         check_store_settings,
         check_training_data,
         store_config,
     )
 
-    spec = load_task(args.task)
+    spec = _load_spec(args)
     attributor = spec.attributor(store_config(store, progress=not args.quiet))
     try:
         check_store_settings(attributor, store)
@@ -469,10 +496,30 @@ def _verify_against_task(args: argparse.Namespace, store: Any) -> list[str]:
 
 # ----------------------------------------------------------------------------- parsers
 def _common(parser: argparse.ArgumentParser, task_required: bool = True) -> None:
-    parser.add_argument("--task", required=task_required, help=TASK_HELP)
+    _task_flags(parser, task_required, TASK_HELP)
     parser.add_argument("--store", required=True, help=STORE_HELP)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     _debug_flag(parser)
+
+
+def _task_flags(parser: argparse.ArgumentParser, required: bool, task_help: str) -> None:
+    """--task or --run (one of them), and the data-file flags of --run."""
+    from source_proj.cli.data_files import TASK_TYPES
+
+    which = parser.add_mutually_exclusive_group(required=required)
+    which.add_argument("--task", help=task_help)
+    which.add_argument("--run", metavar="DIR", help=RUN_HELP)
+    files = parser.add_argument_group("with --run", "data files: a datasets.save_to_disk folder, JSON lines, CSV, "
+                                      "Parquet, or a folder of such files")
+    files.add_argument("--train", metavar="FILE|DIR", help="the training rows (row i = train id i)")
+    files.add_argument("--queries", metavar="FILE|DIR", help="the rows to explain (row i = query id i)")
+    files.add_argument("--text-column", default="text", help="the column of text, tokenised with the run's tokenizer "
+                       "where the rows hold no input_ids (default text)")
+    files.add_argument("--label-column", help="the targets' column (default label, else labels; a causal LM's "
+                       "targets are its tokens)")
+    files.add_argument("--max-length", type=_positive_int, help="tokens kept per row (default: all)")
+    files.add_argument("--task-type", choices=list(TASK_TYPES),
+                       help="the task, where the architecture's name does not tell it")
 
 
 def _debug_flag(parser: argparse.ArgumentParser) -> None:
@@ -605,7 +652,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "others, often mislabeled or atypical. Computed by 'fit' and read from the store.",
     )
     self_inf.add_argument("--store", required=True, help=STORE_HELP)
-    self_inf.add_argument("--task", help="a task whose TaskSpec.train_text adds a train_text column")
+    _task_flags(self_inf, False, "a task whose TaskSpec.train_text adds a train_text column")
     self_inf.add_argument("--top", type=_positive_int, help="only the first N rows (default all)")
     _debug_flag(self_inf)
     _output_flags(self_inf)

@@ -7,6 +7,7 @@ arguments; ``main`` returns a process exit code.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from source_proj.cli.commands import add_commands
@@ -67,5 +68,21 @@ def main(argv: list[str] | None = None) -> int:
     return args.handler(args)
 
 
+def run() -> None:
+    """The ``source-proj`` program: :func:`main`, then an immediate exit.
+
+    Once a command has finished (outputs written and closed, worker threads joined, the process
+    group destroyed), the process ends with ``os._exit`` after flushing its streams instead of
+    tearing the interpreter down. Finalisation frees every tensor and module one by one (over a
+    second for a language model) and can run C++ destructors of native threads still attached to
+    the interpreter (gloo's, OpenMP's), which abort a process with "terminate called without an
+    active exception" when one is still joinable; neither does anything a finished command needs.
+    """
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()
