@@ -11,6 +11,7 @@ from tiny_models import trained_classifier
 from torch import nn
 
 from source_proj.attributor import SourceAttributor
+from source_proj.gradients.causal_lm import CausalLMTask
 from source_proj.gradients.data import as_examples
 from source_proj.gradients.memory import MemoryBudgetError, parse_bytes
 from source_proj.gradients.model import select_output, select_parameters
@@ -183,12 +184,13 @@ def test_models_that_cannot_run_under_vmap_are_differentiated_one_example_at_a_t
     rows = random_rows(5, 10, (3, 6), seed=7)
     traj = train_lm(model, rows, epochs=2)
     kw = dict(proj_dim=24, num_segments=2, progress=False)
+    task = CausalLMTask(reduction="sum")  # as train_lm trains
     with pytest.warns(RuntimeWarning, match="cannot run under torch.func.vmap"):
-        looped = SourceAttributor(model, "causal_lm", traj, **kw).fit(as_columns(rows)).train_features
+        looped = SourceAttributor(model, task, traj, **kw).fit(as_columns(rows)).train_features
     model.set_attn_implementation("eager")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        batched = SourceAttributor(model, "causal_lm", traj, **kw).fit(as_columns(rows)).train_features
+        batched = SourceAttributor(model, task, traj, **kw).fit(as_columns(rows)).train_features
     torch.testing.assert_close(looped, batched, rtol=1e-5, atol=1e-7)
 
 
