@@ -13,6 +13,21 @@ keys). For example, ``my_task.py``::
                         train=(x_train, y_train), queries=(x_test, y_test))
 
 and ``source-proj fit --task my_task.py:task --store feats.zarr``.
+
+A language model, e.g. a GPT-2 trained with ``transformers.Trainer`` into ``out/``, with its
+rows in a ``datasets.Dataset`` (``input_ids``; the targets are the tokens themselves)::
+
+    def lm_task():
+        model = GPT2LMHeadModel(GPT2Config.from_pretrained("out/checkpoint-500"))
+        rows = datasets.load_from_disk("tokenised_train")
+        return TaskSpec(model=model, task=CausalLMTask(reduction=trainer_loss_reduction("out")),
+                        trajectory=trainer_trajectory("out", model=model), train=rows,
+                        queries=datasets.load_from_disk("tokenised_questions"),
+                        train_text="text", query_text="text", config={"proj_dim": 4096})
+
+For such a Trainer run the command line needs no Python at all: ``source-proj fit --run out/
+--train train.jsonl --store feats.zarr`` (see :mod:`source_proj.cli.hf_run`). A task file is
+for everything else: other training loops, custom tasks, several query sets.
 """
 
 from __future__ import annotations

@@ -1,0 +1,156 @@
+"""The command line on a Hugging Face Trainer output directory (``--run``) and data files, with
+no Python task file: a tiny GPT-2 trained by the Trainer with AdamW, its word-level tokenizer
+saved with the run."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+from lm_helpers import tiny_gpt2
+
+from source_proj.cli.data_files import tokenised_rows
+from source_proj.cli.main import main
+
+pytest.importorskip("transformers")
+WORDS = "abcdefghij"  # token id i is the word WORDS[i]
+SETTINGS = ["--proj-dim", "32", "--num-segments", "2"]
+
+
+def word_tokenizer():
+    """A whitespace word-level tokenizer over WORDS (ids 0..9), built here: nothing downloaded."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok)
+
+
+def as_text(ids: list[int]) -> str:
+    return " ".join(WORDS[t] for t in ids)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """(root, train ids, query ids): root holds run/ (a Trainer run: AdamW, 6 steps, a checkpoint
+    every 3, tokenizer saved) and train.jsonl, queries.jsonl (text rows)."""
+    import datasets
+    from transformers import Trainer, TrainingArguments, default_data_collator
+
+    root = tmp_path_factory.mktemp("hf_run")
+    gen = torch.Generator().manual_seed(0)
+    train = torch.randint(0, 10, (12, 6), generator=gen).tolist()
+    queries = torch.randint(0, 10, (3, 6), generator=gen).tolist()
+    assert len({tuple(r) for r in train}) == len(train)  # distinct rows: no tied scores
+    args = TrainingArguments(
+        output_dir=str(root / "run"), per_device_train_batch_size=4, max_steps=6, save_steps=3, logging_steps=1,
+        learning_rate=0.01, optim="adamw_torch", report_to=[], use_cpu=True, disable_tqdm=True, seed=0,
+    )
+    data = datasets.Dataset.from_dict({"input_ids": train, "labels": train})
+    Trainer(model=tiny_gpt2(), args=args, train_dataset=data, processing_class=word_tokenizer(),
+            data_collator=default_data_collator).train()  # equal lengths: no padding
+    for name, rows in (("train", train), ("queries", queries)):
+        (root / f"{name}.jsonl").write_text("".join(json.dumps({"text": as_text(r), "id": i}) + "\n"
+                                                    for i, r in enumerate(rows)))
+    return root, train, queries
+
+
+def test_a_trainer_run_is_attributed_from_the_command_line_as_the_python_api_does(run, tmp_path, capsys):
+    from source_proj.attributor import SourceAttributor
+    from source_proj.gradients.causal_lm import CausalLMTask
+    from source_proj.trajectory.hf_trainer import trainer_trajectory
+
+    root, train, queries = run
+    files = ["--run", str(root / "run"), "--train", str(root / "train.jsonl")]
+    store = str(tmp_path / "feats.zarr")
+    assert main(["fit", *files, "--store", store, "--quiet", *SETTINGS]) == 0
+    capsys.readouterr()
+    assert main(["topk", *files, "--queries", str(root / "queries.jsonl"), "--store", store, "-k", "4",
+                 "--quiet", "--format", "json"]) == 0
+    records = json.loads(capsys.readouterr().out)
+    # The Python API on the same run, the rows given as the token ids they were made from.
+    model = tiny_gpt2()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trajectory = trainer_trajectory(root / "run", model=model)
+    assert trajectory.optimizer == "adamw" and all(c.optimizer_state for c in trajectory.checkpoints)
+    att = SourceAttributor(model, CausalLMTask(reduction="mean"), trajectory, proj_dim=32, num_segments=2,
+                           progress=False).fit({"input_ids": train})
+    scores = att.score({"input_ids": queries})
+    for q in range(len(queries)):
+        for kind, descending in (("proponents", True), ("opponents", False)):
+            got = [r for r in records if r["query"] == q and r["kind"] == kind]
+            assert [r["train_id"] for r in got] == scores[q].argsort(descending=descending)[:4].tolist()
+            for r in got:
+                assert r["score"] == pytest.approx(float(scores[q, r["train_id"]]), rel=1e-4, abs=1e-7)
+                assert r["train_text"] == as_text(train[r["train_id"]])  # the tokens decoded
+            assert got[0]["query_text"] == as_text(queries[q])
+    assert main(["self-influence", "--store", store, *files, "--top", "3", "--format", "json"]) == 0
+    top = json.loads(capsys.readouterr().out)
+    assert [r["train_id"] for r in top] == torch.argsort(att.self_influence(), descending=True)[:3].tolist()
+
+
+def _write(path, rows: list[dict]) -> None:
+    """``rows`` as the data file ``path`` (its format from the suffix; a folder: save_to_disk)."""
+    import datasets
+    import pandas as pd
+
+    columns = {k: [r[k] for r in rows] for k in rows[0]}
+    if path.suffix == ".jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    elif path.suffix == ".csv":
+        frame = pd.DataFrame({k: [json.dumps(v) if isinstance(v, list) else v for v in vs] for k, vs in columns.items()})
+        frame.to_csv(path, index=False)
+    elif path.suffix == ".parquet":
+        pd.DataFrame(columns).to_parquet(path)
+    else:
+        datasets.Dataset.from_dict(columns).save_to_disk(str(path))
+
+
+@pytest.mark.parametrize("name", ["rows.jsonl", "rows.csv", "rows.parquet", "saved_dataset"])
+def test_every_data_file_format_gives_the_same_tokens_and_labels(tmp_path, name):
+    ids = [[1, 2, 3], [4, 5, 6, 7, 8], [9, 0]]
+    labels = ["neg", "pos", "neg"]
+    path = tmp_path / name
+    _write(path, [{"text": as_text(r), "label": y} for r, y in zip(ids, labels)])
+    got = tokenised_rows(path, word_tokenizer(), "sequence_classification", label2id={"neg": 0, "pos": 1}, num_labels=2,
+                         max_length=4)
+    assert got.columns["input_ids"] == [r[:4] for r in ids]
+    assert got.columns["attention_mask"] == [[1] * len(r[:4]) for r in ids]
+    assert got.columns["labels"] == [0, 1, 0]
+    assert got.texts == [as_text(r[:4]) for r in ids]
+    # Token ids already in the file (a JSON list in CSV), no tokenizer needed; token labels per token.
+    tagged = tmp_path / f"tagged_{name}"
+    _write(tagged, [{"input_ids": r, "tags": [t % 3 for t in r]} for r in ids])
+    got = tokenised_rows(tagged, None, "token_classification", label_column="tags")
+    assert got.columns["input_ids"] == ids and got.columns["labels"] == [[t % 3 for t in r] for r in ids]
+
+
+def _one_line_error(capsys, argv: list[str]) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    return err
+
+
+def test_bad_columns_missing_checkpoints_and_wrong_query_files_are_one_line_errors(run, tmp_path, capsys):
+    root, _, _ = run
+    store = str(tmp_path / "feats.zarr")
+    files = ["--run", str(root / "run"), "--train", str(root / "train.jsonl")]
+    err = _one_line_error(capsys, ["fit", *files, "--store", store, "--text-column", "body", "--quiet"])
+    assert "has no text (--text-column) column 'body'" in err and "train.jsonl" in err and "['id', 'text']" in err
+    empty = tmp_path / "empty_run"
+    empty.mkdir()
+    err = _one_line_error(capsys, ["fit", "--run", str(empty), "--train", str(root / "train.jsonl"), "--store", store])
+    assert "holds no checkpoint-<step>/ folders" in err and str(empty) in err
+    wrong = tmp_path / "questions.csv"
+    _write(wrong, [{"question": "a b c"}])
+    assert main(["fit", *files, "--store", store, "--quiet", *SETTINGS]) == 0
+    capsys.readouterr()
+    err = _one_line_error(capsys, ["topk", *files, "--queries", str(wrong), "--store", store, "--quiet"])
+    assert "questions.csv has no text (--text-column) column 'text'; its columns are ['question']" in err
+    with pytest.raises(SystemExit):  # --task and --run are exclusive
+        main(["fit", *files, "--task", "x.py:task", "--store", store])
