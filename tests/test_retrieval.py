@@ -121,6 +121,44 @@ def test_exact_topk_rejects_bad_input(store_and_features, tmp_path: Path) -> Non
         exact_topk(empty, queries, 3, progress=False)
 
 
+
+def argsort_topk(dense: np.ndarray, k: int, largest: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Brute-force top-k of a dense (n_query, N) score matrix by a stable argsort: best
+    score first, equal scores by ascending row id (the documented tie order)."""
+    ids = np.argsort(-dense if largest else dense, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(dense, ids, 1), ids
+
+
+@pytest.mark.parametrize("screen", [False, True])
+@pytest.mark.parametrize("k", [1, 6, 150])  # 150 > a shard's 128 rows
+def test_exact_topk_breaks_ties_by_row_id_on_float16_blocks(tmp_path: Path, k: int, screen: bool, monkeypatch) -> None:
+    """Integer features in {-2, ..., 2} in a float16 store: every float32 score is an exact
+    integer, so most scores tie. The search returns exactly the argsort oracle's ids and
+    scores, ties broken by the smaller row id, through shards, blocks and query blocks, for
+    proponents, opponents and both in one pass."""
+    rng = np.random.default_rng(k)
+    features = rng.integers(-2, 3, (700, 12)).astype(np.float32)
+    features[350:360] = features[10]  # duplicated rows across shards: equal scores everywhere
+    queries = rng.integers(-2, 3, (9, 12)).astype(np.float32)
+    store = dense_store(tmp_path / "ties.zarr", features, dtype="float16", chunk_rows=32)
+    decoded = store.read_rows(0, 700)
+    np.testing.assert_array_equal(decoded, features)  # float16 blocks decode exactly here
+    dense = queries.astype(np.float64) @ features.astype(np.float64).T
+    assert (np.diff(np.sort(dense, axis=1), axis=1) == 0).mean() > 0.9  # ties are the rule
+    settings = SearchSettings(shard_rows=128, block_rows=50, screen_bf16=screen)
+    monkeypatch.setattr(retrieval, "_QUERY_BLOCK", 4)
+    found = {
+        True: exact_topk(store, queries, k, settings=settings, progress=False),
+        False: exact_topk(store, queries, k, opponents=True, settings=settings, progress=False),
+    }
+    both = exact_proponents_opponents(store, queries, k, settings=settings, progress=False)
+    for largest, one_pass in ((True, both[0]), (False, both[1])):
+        scores, ids = argsort_topk(dense, k, largest)
+        for result in (found[largest], one_pass):
+            np.testing.assert_array_equal(result.ids, ids)
+            np.testing.assert_array_equal(result.scores, scores)
+
+
 # ------------------------------------------------------------------- bfloat16 screening
 def _rounding_adversaries(n_each: int, n_noise: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Rows (N, 16) and queries (6, 16), float32, whose float32 scores are exact in any

@@ -6,6 +6,10 @@ tensors go to the Triton kernel (``kernels.triton_projection``), CPU tensors to 
 (``kernels.cpu_projection``); both compute the same matrix.
 Gradients may come as one (B, p) tensor or as a dict/sequence of per-parameter (B, p_b)
 blocks whose rows continue the global row index, so nothing is concatenated.
+
+The CPU path generates each matrix once and keeps it in ``MATRIX_CACHE`` (bounded, least
+recently used; ``MATRIX_CACHE.set_limit(n_bytes)``, 0 to disable), so projecting many blocks
+of rows with one config pays the generation once; results are bit-identical either way.
 """
 
 from __future__ import annotations
@@ -18,9 +22,11 @@ from dataclasses import dataclass
 
 import torch
 
-from source_proj.kernels.cpu_projection import project_cpu
+from source_proj.kernels.cpu_projection import MATRIX_CACHE, project_cpu
 from source_proj.kernels.reference import KINDS, PRECISIONS, RADEMACHER, check_seed
 from source_proj.errors import InputError
+
+__all__ = ["BACKENDS", "MATRIX_CACHE", "GradientBlocks", "ProjectionConfig", "project"]
 
 BACKENDS = ("auto", "cpu", "triton")
 GradientBlocks = torch.Tensor | Mapping[str, torch.Tensor] | Sequence[torch.Tensor]

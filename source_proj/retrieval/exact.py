@@ -5,34 +5,41 @@ scores; opponents its k most negative ones (the k largest of ``-Q . F[m]``). The
 exact (flat, brute force) and streams the store shard by shard: each shard of ``shard_rows``
 rows is decoded to float32 and multiplied by all queries in blocks (one float32 BLAS product
 each, through torch; with bfloat16 screening, below, only of the rows that can still enter
-the top k), and every block of scores is fed to faiss's per-query top-k heaps (C++
-selection, cheaper than sorting). Proponents and opponents share the products. Memory is
+the top k). Each block of scores is merged into every query's running top k: a score enters
+only if it beats the query's current k-th best (one vectorised comparison per block; the few
+that do are merged by a sort). Proponents and opponents share the products. Memory is
 bounded by about two shards (one searched, one prefetched) plus one block of scores,
 whatever N is; a shard as large as the store is the classic single in-memory flat index.
+
+Ties. Results are ordered by score, best first, and rows with equal float32 scores by
+ascending row id; the k kept are the first k in that order (as a stable argsort of each
+query's full score row would give them). Rows are offered in ascending id order, so a row
+tying with a query's current k-th best never displaces it. The distributed merge
+(``merge_topk``) uses the same order.
 
 bfloat16 screening (``SearchSettings.screen_bf16``)
 ---------------------------------------------------
 Where the CPU has bfloat16 matrix units (AMX: a bf16 product is ~4.5x faster than a float32
 one), each block is first multiplied in bfloat16, and only the rows that can still enter the
-top k of some query (for some sign) are scored in float32 and offered to the heaps; the
+top k of some query (for some sign) are scored in float32 and offered to the top k; the
 others provably cannot enter them. The result is the exact float32 search's: every
 reported score is a float32 product ``Q[q] . F[m]``, and no row left out has a float32
-score that a heap would have taken. (Last bits of a float32 score depend on the BLAS
+score that a top k would have taken. (Last bits of a float32 score depend on the BLAS
 kernel's summation order, which depends on the shapes multiplied, as between any two
 float32 searches: rows whose scores agree to float32 rounding are ties.)
 
-The screen. For a block of rows and a block of queries, let ``T+[q]`` be the proponent
-heap's current k-th best float32 score of query q and ``T-[q]`` the opponent heap's (of
-``-score``; -FLT_MAX while a heap holds fewer than k). faiss admits a score only if it beats
-the heap's k-th best, which never decreases, so a row whose float32 score R satisfies
+The screen. For a block of rows and a block of queries, let ``T+[q]`` be the proponents'
+current k-th best float32 score of query q and ``T-[q]`` the opponents' (of ``-score``;
+-FLT_MAX while fewer than k are held). A score enters only if it beats the k-th best, which
+never decreases, so a row whose float32 score R satisfies
 ``-T-[q] < R < T+[q]`` for every query can be left out. With a margin M (below), the
-interval ``(L, H) = (-T- + M, T+ - M)`` (on a side without heap, L or H lies beyond every
+interval ``(L, H) = (-T- + M, T+ - M)`` (on a side not searched, L or H lies beyond every
 score) is written as ``center +- half``; each query is scaled by
 ``w = 1 / half`` and extended by two offset columns ``t1 + t2 ~ -center * w`` (two bf16
 values, so the offset keeps 16 bits), each row by ``[1, 1]``. One bf16 product (fp32
 accumulation, bf16 output) then gives ``out ~ (score - center) / half`` for both signs at
 once, and a row is kept iff ``|out| >= 1`` for some query: one max and one min per row. A
-query whose interval is empty (a heap not yet full) gets a zero row and offset 2: it keeps
+query whose interval is empty (fewer than k held yet) gets a zero row and offset 2: it keeps
 every row.
 
 Derivation (u = 2^-8 the bf16 unit roundoff, u32 = 2^-24, gamma_n = n u32 / (1 - n u32),
@@ -61,14 +68,14 @@ torch may round float64 to bf16 through float32). So with Z >= |center| and
 M = (c a b + A + (2 gamma_Dp + 4 u^2) Z)(1 + 2^-40) (the last factor, a shrink of half by
 2^-40 and w rounded up cover the float64/float32 evaluation),
 z + h + M* <= center + half + M = T+ and z - h - M* >= -T-: a dropped row could enter neither
-heap. Preconditions, checked per block (else every row is scored in float32): a, b <= 2^50;
+top k. Preconditions, checked per block (else every row is scored in float32): a, b <= 2^50;
 per query, (a b + 1) 2^-40 < half <= 2 (a b + 1) (else the query keeps every row), so that
 |w q|, |w s|, |t| < 2^91 and nothing overflows. The float32 side assumes
 torch's default float32 matmul precision ("highest").
 
 The margin is rank one in (||q||, max ||f||): the per-query scale and offset fold it into
 the product. A block costs one bf16 product, a max and a min over each row of its output,
-and the float32 rescoring of the kept rows (a few hundred of 16384 once the heaps hold good
+and the float32 rescoring of the kept rows (a few hundred of 16384 once the top k hold good
 scores), for proponents, opponents or both.
 """
 
@@ -77,7 +84,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import faiss
 import numpy as np
 import torch
 from tqdm.auto import tqdm
@@ -96,6 +102,7 @@ _U16 = 2.0**-8  # bfloat16 unit roundoff (8 significant bits)
 _U32 = 2.0**-24  # float32 unit roundoff
 _MAX_NORM = 2.0**50  # screening precondition on query and row norms (no overflow)
 _MAX_DIM = 2**20  # screening precondition on D (the rounding bounds below assume it)
+_LOWEST = -np.finfo(np.float32).max  # the score of an empty top-k slot
 
 
 @dataclass(frozen=True)
@@ -104,7 +111,8 @@ class TopK:
 
     Attributes:
         scores: (n_query, k) float32 scores ``Q[q] . F[ids[q, j]]``, best first (descending
-            for proponents, ascending, i.e. most negative first, for opponents).
+            for proponents, ascending, i.e. most negative first, for opponents); equal
+            scores in ascending row id order, the smaller ids kept.
         ids: (n_query, k) int64 training row indices (0-based rows of the store).
     """
 
@@ -196,7 +204,7 @@ class _Bf16Screen:
     and a bf16 copy of the current block of rows, with their norm bounds."""
 
     def __init__(self, queries: torch.Tensor, signs: tuple[float, ...], block_rows: int) -> None:
-        """``queries`` (n_query, D) float32; ``signs`` those of the search's heaps (+1
+        """``queries`` (n_query, D) float32; ``signs`` those of the search's top k (+1
         proponents, -1 opponents); ``block_rows`` the most rows a block will have."""
         n_query, dim = queries.shape
         self.dim = dim
@@ -226,7 +234,7 @@ class _Bf16Screen:
         k-th best scores ``kth[j]`` (n,) float32 and the query norm bounds ``a`` (n,);
         half = 0 where a query keeps every row."""
         b = self.row_norm
-        reach = a * b * (1 + 2 * self.c) + 1  # beyond every |R|: a side without heap keeps no row
+        reach = a * b * (1 + 2 * self.c) + 1  # beyond every |R|: a side not searched keeps no row
         bound = {1.0: reach, -1.0: reach}
         for sign, kth_j in zip(self.signs, kth):
             bound[sign] = kth_j.astype(np.float64)  # T+, or T- for the opponents
@@ -241,8 +249,8 @@ class _Bf16Screen:
         return np.where(usable, center, 0.0), np.where(usable, half, 0.0)
 
     def candidates(self, q0: int, q1: int, kth: Sequence[np.ndarray]) -> torch.Tensor | None:
-        """Indices (int64) of the rows of the loaded block that may enter the heap of some
-        query in [q0, q1) for some sign, given the heaps' current k-th best scores
+        """Indices (int64) of the rows of the loaded block that may enter the top k of some
+        query in [q0, q1) for some sign, given the current k-th best scores
         ``kth[j]`` (q1 - q0,) float32 of sign j; None: every row (preconditions not met)."""
         a = self.query_norms[q0:q1]
         if not (a.max() <= _MAX_NORM and self.row_norm <= _MAX_NORM):
@@ -271,8 +279,43 @@ def _uses_screen(settings: SearchSettings, queries: np.ndarray) -> bool:
     return n_query >= _MIN_SCREENED_QUERIES and dim <= _MAX_DIM and bf16_is_fast()
 
 
+class _RunningTopK:
+    """The k largest scores of each query among the rows offered so far, and their row ids:
+    best first, equal scores by ascending row id (empty slots: -FLT_MAX, id -1). Rows must be
+    offered in ascending id order, so a row tying with a query's k-th best never enters."""
+
+    def __init__(self, n_query: int, k: int) -> None:
+        self.scores = np.full((n_query, k), _LOWEST, dtype=np.float32)
+        self.ids = np.full((n_query, k), -1, dtype=np.int64)
+
+    def kth(self, q0: int, q1: int) -> np.ndarray:
+        """The k-th best scores (q1 - q0,) of queries [q0, q1); -FLT_MAX while fewer than k."""
+        return self.scores[q0:q1, -1]
+
+    def offer(self, scores: torch.Tensor, ids: np.ndarray, q0: int) -> None:
+        """Offer ``scores`` (n_q, n) float32 of the rows ``ids`` (n,) ascending, above every id
+        offered before, for queries q0, q0 + 1, ...: a score enters iff it beats the query's
+        k-th best, and the k best of old and new are kept, ordered as the class says."""
+        n_q, k = scores.shape[0], self.scores.shape[1]
+        above = scores > torch.from_numpy(self.scores[q0 : q0 + n_q, -1:])
+        if int(above.count_nonzero()) > 2 * k * n_q:  # e.g. the first block: its own top k (with ties)
+            above &= scores >= torch.topk(scores, k, dim=1).values[:, -1:]
+        q, j = above.nonzero(as_tuple=True)  # by query, then ascending row
+        if len(q) == 0:
+            return
+        touched, local = np.unique(q.numpy(), return_inverse=True)
+        rows = touched + q0
+        owner = np.concatenate([np.repeat(np.arange(len(touched)), k), local])
+        every_score = np.concatenate([self.scores[rows].ravel(), scores[q, j].numpy()])
+        every_id = np.concatenate([self.ids[rows].ravel(), ids[j.numpy()]])
+        order = np.lexsort((every_id, -every_score, owner))  # by query, score down, id up
+        counts = np.bincount(owner, minlength=len(touched))
+        best = order[(np.cumsum(counts) - counts)[:, None] + np.arange(k)]
+        self.scores[rows], self.ids[rows] = every_score[best], every_id[best]
+
+
 def _offer(
-    heaps: Sequence[faiss.ResultHeap],
+    tops: Sequence[_RunningTopK],
     signs: tuple[float, ...],
     queries: torch.Tensor,
     rows: torch.Tensor,
@@ -280,25 +323,23 @@ def _offer(
     row0: int,
     q0: int,
 ) -> None:
-    """Score ``rows`` (n, D) float32, or only the ``picked`` ones (indices into them), exactly
-    in float32 against ``queries`` (queries q0, q0 + 1, ... of the search) and offer the
-    scores times each sign to that sign's heap; ``row0`` is the store row of ``rows[0]``."""
+    """Score ``rows`` (n, D) float32, or only the ``picked`` ones (ascending indices into
+    them), exactly in float32 against ``queries`` (queries q0, q0 + 1, ... of the search) and
+    offer the scores times each sign to that sign's top k; ``row0`` is the store row of
+    ``rows[0]``."""
     if picked is not None and len(picked) < rows.shape[0]:
         if len(picked) == 0:
             return
         rows, ids = rows[picked], picked.numpy() + row0
     else:
         ids = np.arange(row0, row0 + rows.shape[0], dtype=np.int64)
-    scores = (queries @ rows.T).numpy()
+    scores = queries @ rows.T
     current = 1.0
-    for sign, heap in zip(signs, heaps):
+    for sign, top in zip(signs, tops):
         if sign != current:
-            np.negative(scores, out=scores)
+            scores.neg_()
             current = sign
-        # id_stride 0: the same row ids for every query.
-        heap.heaps.addn_with_ids(
-            scores.shape[1], faiss.swig_ptr(scores), faiss.swig_ptr(ids), 0, q0, scores.shape[0]
-        )
+        top.offer(scores, ids, q0)
 
 
 def _search(
@@ -314,12 +355,12 @@ def _search(
     unsigned scores; one pass over the store, one product per block for all signs.
 
     Under ``torch.distributed`` the shards are dealt round-robin to the ranks, each rank
-    searches its own, and the ranks' heaps are merged exactly (``merge_topk``) on every rank:
+    searches its own, and the ranks' top k are merged exactly (``merge_topk``) on every rank:
     each score is the same float32 product as in one process (same shard and block shapes).
     """
     group = ProcessGroup.current()
     n_query = queries.shape[0]
-    heaps = [faiss.ResultHeap(n_query, k, keep_max=True) for _ in signs]
+    tops = [_RunningTopK(n_query, k) for _ in signs]
     q = torch.from_numpy(queries)
     screen = _Bf16Screen(q, signs, settings.block_rows) if _uses_screen(settings, queries) else None
     blocks = store.iter_blocks(
@@ -335,18 +376,19 @@ def _search(
                 for q0 in range(0, n_query, _QUERY_BLOCK):
                     q1 = min(q0 + _QUERY_BLOCK, n_query)
                     picked = None
-                    if screen is not None:  # given each heap's current k-th best scores
-                        picked = screen.candidates(q0, q1, [heap.D[q0:q1, 0] for heap in heaps])
-                    _offer(heaps, signs, q[q0:q1], rows, picked, start + r0, q0)
+                    if screen is not None:  # given each sign's current k-th best scores
+                        picked = screen.candidates(q0, q1, [top.kth(q0, q1) for top in tops])
+                    _offer(tops, signs, q[q0:q1], rows, picked, start + r0, q0)
             bar.update(shard.shape[0])
-    for heap in heaps:
-        heap.finalize()
-    return [TopK(sign * scores, ids) for sign, (scores, ids) in zip(signs, (merge_topk(group, h.D, h.I) for h in heaps))]
+    return [
+        TopK(sign * scores, ids)
+        for sign, (scores, ids) in zip(signs, (merge_topk(group, top.scores, top.ids) for top in tops))
+    ]
 
 
 def merge_topk(group: ProcessGroup, scores: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The k best of every rank's top-k ``(scores, ids)`` (n_query, k), best (largest score)
-    first, ties by smaller id; on every rank. Empty heap slots (id -1) never win while any
+    first, ties by smaller id; on every rank. Empty slots (id -1) never win while any
     rank has a real row. A single process gets its own arrays back."""
     if not group.distributed:
         return scores, ids
