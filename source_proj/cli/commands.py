@@ -429,6 +429,27 @@ def _curate(args: argparse.Namespace) -> int:
     )
     return 0
 
+# ----------------------------------------------------------------------------- report
+def _report(args: argparse.Namespace) -> int:
+    from source_proj.cli.report import ReportInputs, render_report, row_viewer
+
+    _check_output(args.output)
+    store, _, queries, segments, spec = _query_setup(args)
+    shown = queries[: args.max_queries]
+    results = {kind: (found.ids, found.scores)
+               for kind, found in _exact_results(args, store, shown, segments, ["proponents", "opponents"]).items()}
+    settings = {"store": store.path, "training rows": store.layout.n_rows, "features": store.layout.dim,
+                **store.metadata.get("source_config", {})}
+    page = render_report(ReportInputs(
+        title=_spec_name(args), results=results, query_view=row_viewer(spec.queries, spec.texts("queries")),
+        train_view=row_viewer(spec.train, spec.texts("train")), self_influence=store.self_influence(),
+        flag_fraction=args.flag_fraction, settings=settings, digest=store.content_token(), curation=args.curation,
+    ))
+    with _output(args.output) as out:
+        out.write(page)
+    return 0
+
+
 # ----------------------------------------------------------------------------- verify
 def _verify(args: argparse.Namespace) -> int:
     from source_proj.features.ledger import StoreCorruptError
@@ -693,6 +714,26 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     cur.add_argument("-k", type=_positive_int, default=10, help="queries listed per direction with --explain (default 10)")
     cur.add_argument("--output", "-o", help="with --explain: output file (default: standard output)")
     cur.set_defaults(handler=_reporting_errors(_curate))
+
+    report = sub.add_parser(
+        "report",
+        help="one self-contained HTML page: each query's proponents and opponents, self-influence, curation",
+        description="Writes one HTML file that opens from disk with no server or network (inline CSS, SVG and "
+        "images): for each query its top proponents and opponents with scores drawn as bars (rows shown as text "
+        "where the task gives texts, the tokens decoded for --run, or as images for 2-D/3-D float inputs), a "
+        "histogram of the training rows' self-influence with the flagged tail, the curation table of a 'curate' "
+        "output folder (--curation), and the store's settings and digest.",
+        epilog="example: source-proj report --run out/ --train train.jsonl --queries questions.jsonl --store "
+        "feats.zarr --curation curation/ -o report.html",
+    )
+    _query_flags(report)
+    report.add_argument("-k", type=_positive_int, default=5, help="proponents and opponents shown per query (default 5)")
+    report.add_argument("--max-queries", type=_positive_int, default=50, help="queries shown (the first N; default 50)")
+    report.add_argument("--flag-fraction", type=float, default=0.05,
+                        help="the tail of self-influence marked as flagged (default 0.05)")
+    report.add_argument("--curation", metavar="DIR", help="a 'source-proj curate' output folder to show")
+    report.add_argument("--output", "-o", default="report.html", help="the HTML file (default report.html)")
+    report.set_defaults(handler=_reporting_errors(_report), shard_rows=65536)
 
     verify = sub.add_parser(
         "verify",
