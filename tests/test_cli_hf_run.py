@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import warnings
+import textwrap
 
 import pytest
 import torch
@@ -154,3 +155,54 @@ def test_bad_columns_missing_checkpoints_and_wrong_query_files_are_one_line_erro
     assert "questions.csv has no text (--text-column) column 'text'; its columns are ['question']" in err
     with pytest.raises(SystemExit):  # --task and --run are exclusive
         main(["fit", *files, "--task", "x.py:task", "--store", store])
+
+
+WARNING_TASK = textwrap.dedent(
+    """
+    import warnings
+    import torch
+    from source_proj.cli.task_spec import TaskSpec
+    from source_proj.trajectory.checkpoints import Checkpoint, Trajectory
+
+    class Noisy(torch.nn.Linear):
+        def forward(self, x):
+            warnings.warn("noisy layer: called")  # a library warning repeated at every batch
+            warnings.warn("There is a performance drop because we have not yet implemented the batching rule for x")
+            return super().forward(x)
+
+    def task():
+        torch.manual_seed(0)
+        model = Noisy(4, 3)
+        trajectory = Trajectory((Checkpoint({k: v.clone() for k, v in model.state_dict().items()}, steps=1, lr=0.1),))
+        x = torch.rand(8, 4, generator=torch.Generator().manual_seed(0))
+        return TaskSpec(model=model, task="classification", trajectory=trajectory, train=(x, torch.arange(8) % 3),
+                        queries=(x[:2], torch.tensor([0, 1])), config={"proj_dim": 8, "num_segments": 1})
+    """
+)
+
+
+def test_every_subcommand_shares_the_common_flags_and_warns_once(tmp_path, capsys):
+    from source_proj.cli.main import build_parser
+
+    parser = build_parser()
+    subcommands = parser._subparsers._group_actions[0].choices
+    for name, sub in subcommands.items():
+        if name != "demo":
+            flags = {flag for action in sub._actions for flag in action.option_strings}
+            assert {"--quiet", "--debug", "--device"} <= flags, name
+    path = tmp_path / "noisy.py"
+    path.write_text(WARNING_TASK)
+    ref, store = f"{path}:task", str(tmp_path / "noisy.zarr")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")  # as a user's environment may ask: the command still says it once
+        assert main(["fit", "--task", ref, "--store", store, "--quiet", "--batch-size", "2"]) == 0
+    messages = [str(w.message) for w in caught]
+    assert messages.count("noisy layer: called") == 1
+    assert not [m for m in messages if "batching rule" in m]
+    capsys.readouterr()
+    assert main(["topk", "--task", ref, "--store", store, "--quiet", "-k", "2", "--json"]) == 0
+    as_json = capsys.readouterr().out
+    assert main(["topk", "--task", ref, "--store", store, "--quiet", "-k", "2", "--format", "json"]) == 0
+    records = json.loads(as_json)
+    assert as_json == capsys.readouterr().out and len(records) == 2 * 2 * 2
+    assert set(records[0]) == {"query", "kind", "rank", "train_id", "score"}

@@ -17,6 +17,7 @@ import csv
 import json
 import os
 import sys
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, TextIO
@@ -69,6 +70,25 @@ def _log(message: str) -> None:
 _DISTRIBUTED = ("fit", "score", "topk", "self-influence")
 
 
+def _each_warning_once() -> None:
+    """Within a command (inside ``warnings.catch_warnings``, which restores all this): each
+    warning shown once, however often it is raised (a chunked loop would repeat it per chunk),
+    and PyTorch's vmap fallback notice for a missing batching rule, which adds nothing to the
+    library's own vmap warning, not at all. The filters' own "once" is not used: Python forgets
+    what it showed whenever a module changes the filters, as lazily imported libraries do."""
+    shown: set[tuple[str, type]] = set()
+    show = warnings.showwarning
+
+    def show_once(message: Warning | str, category: type[Warning], *where: Any, **kw: Any) -> None:
+        if (str(message), category) not in shown:
+            shown.add((str(message), category))
+            show(message, category, *where, **kw)
+
+    warnings.showwarning = show_once
+    warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet implemented "
+                            "the batching rule")
+
+
 def _reporting_errors(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
     """Turn the library's own errors (``SourceProjError``: bad input, NaN/inf, a mismatched,
     damaged, locked or missing store, a bad task, a failed rank) and operating-system errors
@@ -76,6 +96,11 @@ def _reporting_errors(handler: Callable[[argparse.Namespace], int]) -> Callable[
     asks for the traceback; anything else is a bug and keeps its traceback."""
 
     def run(args: argparse.Namespace) -> int:
+        with warnings.catch_warnings():
+            _each_warning_once()
+            return guarded(args)
+
+    def guarded(args: argparse.Namespace) -> int:
         import torch
 
         from source_proj.distributed.group import ProcessGroup, distributed, init_from_environment, rank_device
@@ -519,8 +544,7 @@ def _verify_against_task(args: argparse.Namespace, store: Any) -> list[str]:
 def _common(parser: argparse.ArgumentParser, task_required: bool = True) -> None:
     _task_flags(parser, task_required, TASK_HELP)
     parser.add_argument("--store", required=True, help=STORE_HELP)
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    _debug_flag(parser)
+    _shared_flags(parser)
 
 
 def _task_flags(parser: argparse.ArgumentParser, required: bool, task_help: str) -> None:
@@ -543,13 +567,16 @@ def _task_flags(parser: argparse.ArgumentParser, required: bool, task_help: str)
                        help="the task, where the architecture's name does not tell it")
 
 
-def _debug_flag(parser: argparse.ArgumentParser) -> None:
+def _shared_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags every subcommand takes: --quiet, --debug, --device."""
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--debug", action="store_true", help="on an error, show the full traceback")
+    parser.add_argument("--device", help="where gradients are computed, e.g. cpu or cuda (default: the model's; "
+                        "commands that compute none ignore it)")
 
 
 def _runtime_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=_positive_int, help="examples per gradient batch (memory vs speed; default 64)")
-    parser.add_argument("--device", help="where gradients are computed, e.g. cpu or cuda (default: the model's)")
 
 
 def _query_flags(parser: argparse.ArgumentParser) -> None:
@@ -585,6 +612,8 @@ def _check_output(path: str | None) -> None:
 
 def _output_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--format", choices=["csv", "json"], default="csv", help="output format (default csv)")
+    parser.add_argument("--json", dest="format", action="store_const", const="json",
+                        help="JSON output, the same as --format json: a list of objects with the columns as keys")
     parser.add_argument("--output", "-o", help="output file (default: standard output)")
 
 
@@ -648,7 +677,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         description="For every query of the task, the k training rows with the largest scores "
         "(proponents) and/or the most negative ones (opponents). One output row per result: query id, "
         "kind, rank (1 = strongest), train id (row of the training data) and score, with query_text and "
-        "train_text columns when the task gives TaskSpec.query_text / train_text.",
+        "train_text columns when the task gives TaskSpec.query_text / train_text (for --run: the rows' "
+        "tokens decoded). With --json: a list of objects with keys query (int), query_text (str, when given), "
+        "kind ('proponents' or 'opponents'), rank (int, 1 = strongest), train_id (int), train_text (str, when "
+        "given), score (float).",
         epilog="example: source-proj topk --task source_proj.cli.digits_task:task --store digits.zarr -k 5 "
         "--format json -o top5.json",
     )
@@ -670,12 +702,14 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         help="training rows ranked by self-influence (candidates for mislabeled or atypical data)",
         description="Lists training rows by decreasing self-influence, the predicted rise of a row's own "
         "loss if it were removed: large values flag rows the model memorised rather than learned from "
-        "others, often mislabeled or atypical. Computed by 'fit' and read from the store.",
+        "others, often mislabeled or atypical. Computed by 'fit' and read from the store. With --json: a list "
+        "of objects with keys rank (int, 1 = largest), train_id (int), train_text (str, with --task or --run), "
+        "self_influence (float).",
     )
     self_inf.add_argument("--store", required=True, help=STORE_HELP)
     _task_flags(self_inf, False, "a task whose TaskSpec.train_text adds a train_text column")
     self_inf.add_argument("--top", type=_positive_int, help="only the first N rows (default all)")
-    _debug_flag(self_inf)
+    _shared_flags(self_inf)
     _output_flags(self_inf)
     self_inf.set_defaults(handler=_reporting_errors(_self_influence))
 
