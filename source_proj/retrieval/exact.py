@@ -5,17 +5,17 @@ scores; opponents its k most negative ones (the k largest of ``-Q . F[m]``). The
 exact (flat, brute force) and streams the store shard by shard: each shard of ``shard_rows``
 rows is decoded to float32 and multiplied by all queries in blocks (one float32 BLAS product
 each, through torch; with bfloat16 screening, below, only of the rows that can still enter
-the top k). Each block of scores is merged into every query's running top k: a score enters
-only if it beats the query's current k-th best (one vectorised comparison per block; the few
-that do are merged by a sort). Proponents and opponents share the products. Memory is
+the top k), and every block of scores is fed to faiss's per-query top-k heaps (C++
+selection, cheaper than sorting). Proponents and opponents share the products. Memory is
 bounded by about two shards (one searched, one prefetched) plus one block of scores,
 whatever N is; a shard as large as the store is the classic single in-memory flat index.
 
 Ties. Results are ordered by score, best first, and rows with equal float32 scores by
 ascending row id; the k kept are the first k in that order (as a stable argsort of each
-query's full score row would give them). Rows are offered in ascending id order, so a row
-tying with a query's current k-th best never displaces it. The distributed merge
-(``merge_topk``) uses the same order.
+query's full score row would give them). Rows are offered in ascending id order, a row
+tying with a query's current k-th best never displaces it, and of tied k-th best rows the
+larger id is evicted first (``_RunningTopK``). The distributed merge (``merge_topk``) uses
+the same order.
 
 bfloat16 screening (``SearchSettings.screen_bf16``)
 ---------------------------------------------------
@@ -84,6 +84,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import faiss
 import numpy as np
 import torch
 from tqdm.auto import tqdm
@@ -102,7 +103,6 @@ _U16 = 2.0**-8  # bfloat16 unit roundoff (8 significant bits)
 _U32 = 2.0**-24  # float32 unit roundoff
 _MAX_NORM = 2.0**50  # screening precondition on query and row norms (no overflow)
 _MAX_DIM = 2**20  # screening precondition on D (the rounding bounds below assume it)
-_LOWEST = -np.finfo(np.float32).max  # the score of an empty top-k slot
 
 
 @dataclass(frozen=True)
@@ -280,38 +280,39 @@ def _uses_screen(settings: SearchSettings, queries: np.ndarray) -> bool:
 
 
 class _RunningTopK:
-    """The k largest scores of each query among the rows offered so far, and their row ids:
-    best first, equal scores by ascending row id (empty slots: -FLT_MAX, id -1). Rows must be
-    offered in ascending id order, so a row tying with a query's k-th best never enters."""
+    """The k largest scores of each query among the rows offered so far, and their row ids,
+    held in faiss's per-query heaps (C++ selection, cheaper than sorting).
+
+    Ties. A heap admits a score only if it beats its k-th best, and faiss orders heap entries
+    by (score, heap id) (``faiss/utils/Heap.h``, ``cmp2``), so of equal k-th best scores it
+    evicts the smallest heap id first. Rows enter as heap id ``-2 - row``: the larger row
+    goes. With rows offered in ascending order, the heap holds the first k rows by (score
+    descending, row ascending), the order ``result`` returns them in.
+    """
 
     def __init__(self, n_query: int, k: int) -> None:
-        self.scores = np.full((n_query, k), _LOWEST, dtype=np.float32)
-        self.ids = np.full((n_query, k), -1, dtype=np.int64)
+        self.heap = faiss.ResultHeap(n_query, k, keep_max=True)
 
     def kth(self, q0: int, q1: int) -> np.ndarray:
         """The k-th best scores (q1 - q0,) of queries [q0, q1); -FLT_MAX while fewer than k."""
-        return self.scores[q0:q1, -1]
+        return self.heap.D[q0:q1, 0]
 
-    def offer(self, scores: torch.Tensor, ids: np.ndarray, q0: int) -> None:
-        """Offer ``scores`` (n_q, n) float32 of the rows ``ids`` (n,) ascending, above every id
-        offered before, for queries q0, q0 + 1, ...: a score enters iff it beats the query's
-        k-th best, and the k best of old and new are kept, ordered as the class says."""
-        n_q, k = scores.shape[0], self.scores.shape[1]
-        above = scores > torch.from_numpy(self.scores[q0 : q0 + n_q, -1:])
-        if int(above.count_nonzero()) > 2 * k * n_q:  # e.g. the first block: its own top k (with ties)
-            above &= scores >= torch.topk(scores, k, dim=1).values[:, -1:]
-        q, j = above.nonzero(as_tuple=True)  # by query, then ascending row
-        if len(q) == 0:
-            return
-        touched, local = np.unique(q.numpy(), return_inverse=True)
-        rows = touched + q0
-        owner = np.concatenate([np.repeat(np.arange(len(touched)), k), local])
-        every_score = np.concatenate([self.scores[rows].ravel(), scores[q, j].numpy()])
-        every_id = np.concatenate([self.ids[rows].ravel(), ids[j.numpy()]])
-        order = np.lexsort((every_id, -every_score, owner))  # by query, score down, id up
-        counts = np.bincount(owner, minlength=len(touched))
-        best = order[(np.cumsum(counts) - counts)[:, None] + np.arange(k)]
-        self.scores[rows], self.ids[rows] = every_score[best], every_id[best]
+    def offer(self, scores: np.ndarray, rows: np.ndarray, q0: int) -> None:
+        """Offer ``scores`` (n_q, n) float32 of the store rows ``rows`` (n,) int64, ascending
+        and above every row offered before, for queries q0, q0 + 1, ...."""
+        ids = -2 - rows
+        # id_stride 0: the same row ids for every query.
+        self.heap.heaps.addn_with_ids(
+            scores.shape[1], faiss.swig_ptr(scores), faiss.swig_ptr(ids), 0, q0, scores.shape[0]
+        )
+
+    def result(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(scores, rows)`` (n_query, k): best first, equal scores by ascending row; empty
+        slots (fewer than k rows offered) last, with score -FLT_MAX and row -1."""
+        self.heap.finalize()
+        rows = np.where(self.heap.I < -1, -2 - self.heap.I, -1)
+        order = np.lexsort((rows, -self.heap.D.astype(np.float64)))
+        return np.take_along_axis(self.heap.D, order, 1), np.take_along_axis(rows, order, 1)
 
 
 def _offer(
@@ -333,11 +334,11 @@ def _offer(
         rows, ids = rows[picked], picked.numpy() + row0
     else:
         ids = np.arange(row0, row0 + rows.shape[0], dtype=np.int64)
-    scores = queries @ rows.T
+    scores = (queries @ rows.T).numpy()
     current = 1.0
     for sign, top in zip(signs, tops):
         if sign != current:
-            scores.neg_()
+            np.negative(scores, out=scores)
             current = sign
         top.offer(scores, ids, q0)
 
@@ -382,7 +383,7 @@ def _search(
             bar.update(shard.shape[0])
     return [
         TopK(sign * scores, ids)
-        for sign, (scores, ids) in zip(signs, (merge_topk(group, top.scores, top.ids) for top in tops))
+        for sign, (scores, ids) in zip(signs, (merge_topk(group, *top.result()) for top in tops))
     ]
 
 
