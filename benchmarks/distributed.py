@@ -46,7 +46,7 @@ def _data(rows: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _trajectory(workdir: Path, rows: int):
     from source_proj.gradients.tasks import ClassificationTask
-    from source_proj.trajectory.training import TrainSettings, train_sgd
+    from source_proj.evaluation.training import TrainSettings, train_sgd
 
     settings = TrainSettings(epochs=3, batch_size=64, lr=0.05, momentum=0.9, weight_decay=1e-4,
                              checkpoints_per_epoch=2, seed=0)
@@ -57,7 +57,7 @@ def _trajectory(workdir: Path, rows: int):
 def worker(args: argparse.Namespace) -> None:
     from source_proj.attributor import SourceAttributor
     from source_proj.distributed.group import distributed, init_from_environment
-    from source_proj.features.fit import fit_store
+    from source_proj.store_fit import fit_store
 
     with distributed(init_from_environment()) as group:
         torch.manual_seed(0)

@@ -20,7 +20,7 @@ import torch
 from source_proj.attributor import SourceAttributor
 from source_proj.cli.demo import DIGITS_SETTINGS, digits_data, digits_model
 from source_proj.gradients.tasks import ClassificationTask
-from source_proj.trajectory.training import train_sgd
+from source_proj.evaluation.training import train_sgd
 
 
 def main() -> None:

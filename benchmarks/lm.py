@@ -146,7 +146,7 @@ def lds_rows(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def lds_settings():
-    from source_proj.trajectory.training import TrainSettings
+    from source_proj.evaluation.training import TrainSettings
 
     return TrainSettings(epochs=8, batch_size=10, lr=0.5, momentum=0.0, weight_decay=1e-3, checkpoints_per_epoch=1)
 
@@ -158,7 +158,7 @@ def lds_task():
 
 
 def lds_train(indices: np.ndarray, seed: int):
-    from source_proj.trajectory.training import train_sgd
+    from source_proj.evaluation.training import train_sgd
 
     train, _ = lds_rows()
     model = gpt2(16, 1, 2, vocab=VOCAB, positions=LENGTH, seed=seed)

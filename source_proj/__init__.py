@@ -36,8 +36,8 @@ _EXPORTS = {
     "RegressionTask": "source_proj.gradients.tasks",
     "CausalLMTask": "source_proj.gradients.causal_lm",
     "mask_prompt": "source_proj.gradients.causal_lm",
-    "fit_store": "source_proj.features.fit",
-    "open_store": "source_proj.features.fit",
+    "fit_store": "source_proj.store_fit",
+    "open_store": "source_proj.store_fit",
     "FeatureStore": "source_proj.features.store",
     "exact_topk": "source_proj.retrieval.exact",
     "exact_proponents_opponents": "source_proj.retrieval.exact",
@@ -69,7 +69,7 @@ if TYPE_CHECKING:
     from source_proj.attributor import SourceAttributor
     from source_proj.config import SourceConfig
     from source_proj.errors import InputError, SourceProjError
-    from source_proj.features.fit import fit_store, open_store
+    from source_proj.store_fit import fit_store, open_store
     from source_proj.features.ledger import StoreError
     from source_proj.features.store import FeatureStore
     from source_proj.gradients.causal_lm import CausalLMTask, mask_prompt

@@ -22,6 +22,7 @@ SGD); Adam's coupled L2 decay lambda D is replaced by lambda c I (see ``optimize
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Callable, Collection, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -47,7 +48,8 @@ from source_proj.gradients.data import Examples, as_examples, row_shapes
 from source_proj.gradients.memory import feature_chunk
 from source_proj.gradients.model import ModelFunction, OutputSelector
 from source_proj.gradients.per_example import check_finite, dataset_rows
-from source_proj.gradients.tasks import Task, resolve_task
+from source_proj.gradients.task_names import resolve_task
+from source_proj.gradients.tasks import Task
 from source_proj.projection.kronecker import FactoredProjection
 from source_proj.projection.projected import (
     Projection,
@@ -63,8 +65,9 @@ from source_proj.trajectory.checkpoints import (
     Segment,
     Trajectory,
     TrajectoryError,
-    state_digest,
+    state_files,
 )
+from source_proj.trajectory.digests import FileDigests, StateDigests, fast_digest, state_digests
 from source_proj.trajectory.optimizer_state import Preconditioner
 from source_proj.errors import InputError
 
@@ -146,11 +149,12 @@ class SourceAttributor:
         self.group = ProcessGroup.current()
         self._fitted_scales: dict[int, Scale] = {}
         self.device = torch.device(self.config.device) if self.config.device else next(model.parameters()).device
-        # Fail early on a checkpoint that does not fit the model; fingerprint the contents
-        # (under the model's names: a tied key present or absent gives the same digest).
-        self.checkpoint_digests: list[str] = []
+        # Fail early on a checkpoint that does not fit the model (names and shapes: the values
+        # of a memory-mapped file are not read here). Contents are digested on first need.
         for i in range(len(trajectory.checkpoints)):
-            self.checkpoint_digests.append(state_digest(self._state(i)))
+            self._read_state(i)
+        self.file_digests = FileDigests()
+        self._digests: dict[int, StateDigests] = {}
         # Adam's preconditioner: every checkpoint's optimizer state checked once here.
         self.preconditioner = Preconditioner.build(trajectory, model, self.model_fn.names)
         self.spectra: list[SegmentSpectrum] | None = None
@@ -162,8 +166,59 @@ class SourceAttributor:
         self._self_influence: torch.Tensor | None = None
 
     # ----------------------------------------------------------------- helpers
-    def _state(self, index: int) -> dict:
+    def _read_state(self, index: int) -> dict:
         return self.model_fn.canonical_state(self.trajectory.checkpoints[index].load(), f"checkpoint {index}")
+
+    def _files(self, index: int) -> list | None:
+        source = self.trajectory.checkpoints[index].state
+        return None if isinstance(source, Mapping) else state_files(source)
+
+    def _state(self, index: int) -> dict:
+        """Checkpoint ``index`` as the model's state dict, checked against its recorded digest
+        (every read: a file replaced during a run is refused, not mixed into the results)."""
+        state = self._read_state(index)
+        known = self._known_digests(index)
+        if known is None:
+            self._record_digests(index, state)
+        elif fast_digest(state) != known.fast:
+            source = self.trajectory.checkpoints[index].state
+            where = "" if isinstance(source, Mapping) else f" ({os.fspath(source)})"
+            raise TrajectoryError(
+                f"checkpoint {index}{where} changed during the run (its contents differ from when they were "
+                "first read or recorded): restore it, or start again with the new file"
+            )
+        return state
+
+    def _known_digests(self, index: int) -> StateDigests | None:
+        """The digests of checkpoint ``index`` recorded in this run or cached for its unchanged files."""
+        if index not in self._digests:
+            files = self._files(index)
+            cached = None if files is None else self.file_digests.get(files)
+            if cached is not None:
+                self._digests[index] = cached
+        return self._digests.get(index)
+
+    def _record_digests(self, index: int, state: dict) -> StateDigests:
+        digests = self._digests[index] = state_digests(state)
+        files = self._files(index)
+        if files is not None:
+            self.file_digests.put(files, digests)
+        return digests
+
+    @property
+    def checkpoint_digests(self) -> list[str]:
+        """SHA-256 of each checkpoint's state under the model's names (a tied key present or
+        absent gives the same digest): cached for files unchanged since they were hashed
+        (``use_file_digests``), else read and hashed now."""
+        return [
+            (self._known_digests(i) or self._record_digests(i, self._read_state(i))).sha256
+            for i in range(len(self.trajectory.checkpoints))
+        ]
+
+    def use_file_digests(self, cache: FileDigests) -> None:
+        """Take digests of checkpoint files from ``cache`` (e.g. the one a store keeps) where the
+        files' size and modification time are unchanged; digests computed later are added to it."""
+        self.file_digests = cache
 
     def _load(self, index: int) -> tuple[dict, dict]:
         return self.model_fn.split_state(self._state(index), self.device)

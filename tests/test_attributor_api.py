@@ -21,7 +21,7 @@ from source_proj.gradients.data import as_examples
 from source_proj.gradients.per_example import NonFiniteError
 from source_proj.gradients.tasks import ClassificationTask
 from source_proj.trajectory.checkpoints import Checkpoint, Trajectory, TrajectoryError
-from source_proj.trajectory.training import TrainSettings, train_sgd
+from source_proj.evaluation.training import TrainSettings, train_sgd
 
 
 def rel_err(a, b) -> float:

@@ -23,7 +23,7 @@ from source_proj.curation import (
     training_labels,
 )
 from source_proj.gradients.tasks import ClassificationTask
-from source_proj.trajectory.training import TrainSettings, train_sgd
+from source_proj.evaluation.training import TrainSettings, train_sgd
 
 
 def _signals(n: int = 40, seed: int = 0) -> dict[str, np.ndarray]:

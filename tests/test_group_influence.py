@@ -13,7 +13,7 @@ from store_helpers import chunk_features, dense_store
 from tiny_models import blobs, trained_classifier
 
 from source_proj.attributor import SourceAttributor
-from source_proj.features.fit import fit_store
+from source_proj.store_fit import fit_store
 from source_proj.retrieval.bulk import score_matrix
 from source_proj.retrieval.group import group_influence, query_sum
 

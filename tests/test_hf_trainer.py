@@ -207,7 +207,7 @@ def test_the_reduction_read_from_the_run_is_the_trainers_loss(trainer_run, tmp_p
     from transformers import Trainer, TrainingArguments
 
     from source_proj.gradients.causal_lm import CausalLMTask
-    from source_proj.gradients.tasks import resolve_task
+    from source_proj.gradients.task_names import resolve_task
     from source_proj.trajectory.hf_trainer import trainer_loss_reduction
 
     out, model, data = trainer_run

@@ -23,7 +23,7 @@ from tiny_models import trained_classifier
 from torch import nn
 
 from source_proj.attributor import SourceAttributor
-from source_proj.features.fit import check_training_data, fit_store, open_store
+from source_proj.store_fit import check_training_data, fit_store, open_store
 from source_proj.features.ledger import StoreCorruptError, StoreError
 from source_proj.features.lock import (
     StoreLock,

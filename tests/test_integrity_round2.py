@@ -21,7 +21,7 @@ from source_proj.attributor import SourceAttributor
 from source_proj.cli.task_spec import load_task
 from source_proj.errors import InputError
 from source_proj.features import fit as fit_module
-from source_proj.features.fit import fit_store
+from source_proj.store_fit import fit_store
 from source_proj.features.store import FeatureStore, StoreLayout, StoreMismatchError
 from source_proj.gradients.causal_lm import CausalLMTask
 from source_proj.gradients.memory import MemoryBudgetError

@@ -18,7 +18,7 @@ from source_proj.evaluation.pruning import (
     pruning_curve,
 )
 from source_proj.gradients.tasks import ClassificationTask
-from source_proj.trajectory.training import TrainSettings, train_sgd
+from source_proj.evaluation.training import TrainSettings, train_sgd
 
 N = 200
 BAD = np.arange(0, N, 10)  # 20 harmful rows

@@ -14,7 +14,7 @@ import torch
 from tiny_models import blobs, trained_classifier
 
 from source_proj.attributor import SourceAttributor
-from source_proj.features.fit import fit_store, open_store, store_config
+from source_proj.store_fit import fit_store, open_store, store_config
 from source_proj.features.store import StoreMismatchError
 
 K, SEED, SEGMENTS = 16, 5, 3
@@ -69,7 +69,7 @@ def test_stores_without_the_setting_keep_their_metadata():
     # A store fitted without segment projections records exactly what stores recorded before
     # the setting existed (so those open), and reads back with the setting off.
     from source_proj.config import SourceConfig
-    from source_proj.features.fit import estimator_settings
+    from source_proj.store_fit import estimator_settings
 
     off, on = estimator_settings(SourceConfig()), estimator_settings(SourceConfig(segment_projections=True))
     assert "segment_projections" not in off and on["segment_projections"] is True

@@ -11,7 +11,7 @@ import torch
 from source_proj.attributor import SourceAttributor
 from source_proj.cli.demo import digits_data, digits_model
 from source_proj.gradients.tasks import ClassificationTask
-from source_proj.trajectory.training import AdamWSettings, TrainSettings, train
+from source_proj.evaluation.training import AdamWSettings, TrainSettings, train
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ from source_proj.attributor import SourceAttributor
 from source_proj.gradients.data import as_examples
 from source_proj.gradients.tasks import ClassificationTask
 from source_proj.trajectory.checkpoints import Checkpoint, Trajectory
-from source_proj.trajectory.training import TrainSettings, train_sgd
+from source_proj.evaluation.training import TrainSettings, train_sgd
 
 
 def rel_err(a, b) -> float:

@@ -11,9 +11,9 @@ import torch
 from lm_helpers import padded_batch, random_rows, tiny_gpt2
 
 from source_proj.trajectory.checkpoints import TrajectoryError
+from source_proj.trajectory.trainer_callback import SourceRecordCallback
 from source_proj.trajectory.hf_trainer import (
     RECORD_FILE,
-    SourceRecordCallback,
     read_trainer_record,
     trainer_loss_reduction,
     trainer_param_order,

@@ -13,7 +13,7 @@ from torch.func import functional_call
 
 from source_proj.gradients.tasks import ClassificationTask, RegressionTask, Task
 from source_proj.trajectory.checkpoints import Checkpoint, Trajectory
-from source_proj.trajectory.training import TrainSettings, train_sgd
+from source_proj.evaluation.training import TrainSettings, train_sgd
 
 
 def rel_err(a, b) -> float:

@@ -187,7 +187,7 @@ def _attributor_for_fit(args: argparse.Namespace, spec: Any) -> Any:
 
 
 def _fit(args: argparse.Namespace) -> int:
-    from source_proj.features.fit import fit_store
+    from source_proj.store_fit import fit_store
 
     spec = _load_spec(args)
     attributor = _attributor_for_fit(args, spec)
@@ -208,7 +208,7 @@ def _fit(args: argparse.Namespace) -> int:
 def _store_attributor(args: argparse.Namespace, spec: Any) -> tuple[Any, Any]:
     """(store, attributor): the task's attributor with the settings the store was made with,
     and the store, checked against it."""
-    from source_proj.features.fit import check_training_data, open_store, store_config
+    from source_proj.store_fit import check_training_data, open_store, store_config
     from source_proj.features.store import FeatureStore
 
     config = store_config(FeatureStore.open(args.store), progress=not args.quiet, **_runtime(args))
@@ -223,7 +223,7 @@ def _store_attributor(args: argparse.Namespace, spec: Any) -> tuple[Any, Any]:
 def _query_setup(args: argparse.Namespace) -> tuple[Any, Any, Any, list[int] | None, Any]:
     """(store, attributor, query features (n_query, D) float32, segments or None, the TaskSpec)."""
     from source_proj.cli.task_spec import TaskSpecError
-    from source_proj.features.fit import stage_restriction
+    from source_proj.store_fit import stage_restriction
 
     spec = _load_spec(args)
     if spec.queries is None:
@@ -524,7 +524,7 @@ def _verify_output(args: argparse.Namespace) -> int:
 
 def _verify_against_task(args: argparse.Namespace, store: Any) -> list[str]:
     """What differs between the store and the task: settings, model, checkpoints, data."""
-    from source_proj.features.fit import (
+    from source_proj.store_fit import (
         check_store_settings,
         check_training_data,
         store_config,
@@ -615,6 +615,23 @@ def _output_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", dest="format", action="store_const", const="json",
                         help="JSON output, the same as --format json: a list of objects with the columns as keys")
     parser.add_argument("--output", "-o", help="output file (default: standard output)")
+
+
+class _Rankings:
+    """The names of ``curation.settings.RANKINGS`` as argparse choices, imported only when a
+    ``--rank-by`` is checked or listed: importing ``source_proj.curation`` (torch, scipy) while
+    the parser is built cost every command seconds of start-up (benchmarks/cli_startup.py)."""
+
+    def _names(self) -> tuple[str, ...]:
+        from source_proj.curation.settings import RANKINGS
+
+        return tuple(RANKINGS)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._names()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names())
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -713,8 +730,6 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     _output_flags(self_inf)
     self_inf.set_defaults(handler=_reporting_errors(_self_influence))
 
-    from source_proj.curation.settings import RANKINGS
-
     cur = sub.add_parser(
         "curate",
         help="rank training rows as mislabeled or harmful; write a table, a keep-mask and weights",
@@ -733,7 +748,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     _runtime_flags(cur)
     cur.add_argument("--against", help="a query set of the task: 'queries' (TaskSpec.queries) or a name in "
                      "TaskSpec.query_sets; rows are then also ranked by their harm to it")
-    cur.add_argument("--rank-by", choices=list(RANKINGS), default="auto",
+    # A metavar: argparse would otherwise list the choices (import curation) as the parser is built.
+    cur.add_argument("--rank-by", choices=_Rankings(), default="auto", metavar="RANKING",
                      help="heldout_loss, self_influence, harm, combined (rank average of held-out loss and harm), "
                      "or auto (default): combined with --against, else heldout_loss")
     cur.add_argument("--flag-fraction", type=float, default=0.05, help="fraction of rows flagged (default 0.05)")

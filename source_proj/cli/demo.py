@@ -18,7 +18,7 @@ from torch import nn
 
 from source_proj.gradients.tasks import ClassificationTask
 from source_proj.trajectory.checkpoints import Checkpoint, Trajectory
-from source_proj.trajectory.training import AdamWSettings, TrainSettings, train
+from source_proj.evaluation.training import AdamWSettings, TrainSettings, train
 from source_proj.errors import InputError
 
 DIGITS_SETTINGS = TrainSettings(
@@ -102,7 +102,7 @@ def run_demo(
     ``optimizer``: "sgd" (SGD + momentum) or "adamw" (AdamW with warm-up + cosine; SOURCE
     then uses Adam's preconditioner from the saved optimizer states)."""
     from source_proj.attributor import SourceAttributor
-    from source_proj.features.fit import fit_store, open_store
+    from source_proj.store_fit import fit_store, open_store
     from source_proj.features.store import FeatureStore
     from source_proj.retrieval.exact import exact_proponents_opponents
 

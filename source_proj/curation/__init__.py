@@ -19,6 +19,8 @@ functions), ``table`` (``CurationTable``), ``signals`` (losses, harm to a query 
 queries one row helps and hurts, from an attributor and its store), ``figures`` (matplotlib,
 optional), ``outputs`` (the three files written together, all or none).
 ``source_proj.evaluation.pruning`` checks by retraining that acting on a ranking helps.
+
+Layer: above the attributor, ``retrieval`` and ``evaluation``; only the command line is above it.
 """
 
 from source_proj.curation.ranking import (

@@ -7,10 +7,14 @@ including row m raises query q's measurement.
 
 Modules: ``ground_truth`` (subset retraining, cached), ``lds`` (the score and its interval),
 ``counterfactual`` (subset removal), ``pruning`` (does dropping a curation ranking's top
-rows help?), ``retraining`` (parallel runner), ``stats``; and, for
+rows help?), ``retraining`` (parallel runner), ``training`` (small SGD and AdamW trainers that
+record a trajectory: the demo's and the retraining's), ``stats``; and, for
 comparing estimators on the same projected gradients, ``projected_run``, ``baselines``
 (TracIn, influence functions, TRAK, RepSim, SOURCE on a cached run) and ``scenarios`` (the
 benchmark's scikit-learn setups).
+
+Layer: above the attributor (it evaluates attributors and builds the runs they read), below
+``curation`` (whose pruning benchmark retrains through it) and the command line.
 """
 
 from source_proj.evaluation.counterfactual import (

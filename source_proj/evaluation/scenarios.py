@@ -27,7 +27,7 @@ from torch import nn
 
 from source_proj.gradients.tasks import ClassificationTask, RegressionTask, Task
 from source_proj.trajectory.checkpoints import Checkpoint, Trajectory
-from source_proj.trajectory.training import AdamWSettings, TrainSettings, train
+from source_proj.evaluation.training import AdamWSettings, TrainSettings, train
 from source_proj.errors import InputError
 
 SCENARIOS = ("digits", "digits-noisy", "digits-two-stage", "friedman", "digits-adamw", "digits-adamw-noisy")

@@ -56,7 +56,7 @@ from tqdm.auto import tqdm
 from source_proj.distributed.failures import together
 from source_proj.distributed.gather import merge_mappings
 from source_proj.distributed.group import ProcessGroup
-from source_proj.distributed.locking import group_lock
+from source_proj.features.locking import group_lock
 from source_proj.distributed.work import agreed, each_chunk
 from source_proj.features.ledger import (
     ChunkLedger,

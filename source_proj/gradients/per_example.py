@@ -9,15 +9,15 @@ with the same results (see ``ModelFunction.note_no_vmap``).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, contextmanager
+from typing import Protocol
 
 import torch
 from torch.func import grad, vmap
 
-from source_proj.gradients.layer_taps import LayerTaps
-from source_proj.gradients.model import Inputs, ModelFunction, take_rows
 from source_proj.errors import SourceProjError
+from source_proj.gradients.model import Inputs, ModelFunction, take_rows
 
 
 class NonFiniteError(SourceProjError, FloatingPointError):
@@ -116,6 +116,24 @@ def per_example_gradients(
     return _flat(grads, 1 if extra is None else 2)
 
 
+class Taps(Protocol):
+    """Forward hooks that hand a layer's per-example output gradients and inputs to a factored
+    projection (``projection.layer_taps.LayerTaps``, the one implementation: the projection
+    layer supplies it, so this layer does not import it)."""
+
+    weights: tuple[str, ...]
+
+    def recording(self) -> AbstractContextManager[dict[str, tuple[int, ...]]]: ...
+
+    def perturbations(self, shapes: Mapping[str, tuple[int, ...]], batch: int, like: torch.Tensor) -> dict[str, torch.Tensor]: ...
+
+    def active(self, perturbations: Mapping[str, torch.Tensor]) -> AbstractContextManager[dict[str, torch.Tensor]]: ...
+
+    def combine(
+        self, output_grads: Mapping[str, torch.Tensor], captured: Mapping[str, torch.Tensor], lead: int
+    ) -> dict[str, torch.Tensor]: ...
+
+
 def per_example_tapped(
     fn: ModelFunction,
     params: dict[str, torch.Tensor],
@@ -123,7 +141,7 @@ def per_example_tapped(
     objective: ExampleFn,
     inputs: Inputs,
     targets: torch.Tensor,
-    taps: LayerTaps,
+    taps: Taps,
     extra: torch.Tensor | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """As :func:`per_example_gradients`, with the weights of ``taps`` projected in factored form.

@@ -386,15 +386,3 @@ class RegressionTask(Task):
     ) -> Factor:
         # sqrt(2) xi with Rademacher xi: E[2 xi xi^T] = 2 I.
         return math.sqrt(2.0) * rademacher((outputs.shape[0], outputs[0].numel(), 1), generator, outputs), None
-
-
-def resolve_task(task: Task | str) -> Task:
-    """A Task from an instance or the names "classification" / "regression" / "causal_lm"."""
-    if isinstance(task, Task):
-        return task
-    from source_proj.gradients.causal_lm import CausalLMTask
-
-    builtins = {"classification": ClassificationTask, "regression": RegressionTask, "causal_lm": CausalLMTask}
-    if task in builtins:
-        return builtins[task]()
-    raise InputError(f"unknown task {task!r}; pass a Task or one of {sorted(builtins)}")

@@ -18,7 +18,7 @@ Two projection structures (``SourceConfig.proj_structure``), dispatched here and
   parameter are formed and projected by one i.i.d. matrix (``projection.jl``);
 * "factored" (a :class:`FactoredProjection`): weights of linear, GPT-2 ``Conv1D`` and
   embedding layers are projected by Kronecker factors through forward hooks, their gradients
-  never formed (``projection.kronecker``, ``gradients.layer_taps``); every other attributed
+  never formed (``projection.kronecker``, ``projection.layer_taps``); every other attributed
   parameter goes through the dense projection.
 """
 
@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterable, Mapping
 
 import torch
 
-from source_proj.gradients.layer_taps import LayerTaps, Tap, find_taps
+from source_proj.projection.layer_taps import LayerTaps, Tap, find_taps
 from source_proj.gradients.memory import curvature_batch
 from source_proj.gradients.model import Inputs, ModelFunction, take_rows
 from source_proj.gradients.per_example import (

@@ -12,7 +12,6 @@ Adam and AdamW runs ("adam", "adamw") also carry each checkpoint's optimizer sta
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -87,39 +86,40 @@ def load_state_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
     Raises TrajectoryError naming the path if nothing loadable is there.
     """
+    files = state_files(path)
+    state: dict[str, torch.Tensor] = {}
+    for file in files[1:] if files[0].name.endswith(".index.json") else files:
+        try:
+            if file.suffix == ".safetensors":
+                from safetensors.torch import load_file
+
+                state.update(load_file(file, device="cpu"))
+            else:
+                state.update(torch.load(file, map_location="cpu", weights_only=True, mmap=True))
+        except Exception as exc:
+            raise TrajectoryError(f"could not load checkpoint file {os.fspath(file)!r}: {exc}") from exc
+    return state
+
+
+def state_files(path: str | os.PathLike) -> list[Path]:
+    """The files :func:`load_state_file` reads for ``path``: the weight file (the first of
+    ``WEIGHT_FILES`` in a directory), or a sharded checkpoint's index followed by its shards.
+    What identifies a checkpoint on disk."""
     path = Path(path)
     if path.is_dir():
-        for name in WEIGHT_FILES:
-            if (path / name).is_file():
-                return load_state_file(path / name)
-        raise TrajectoryError(f"checkpoint directory {os.fspath(path)!r} holds none of the weight files {list(WEIGHT_FILES)}")
-    try:
-        if path.name.endswith(".index.json"):
+        found = next((path / name for name in WEIGHT_FILES if (path / name).is_file()), None)
+        if found is None:
+            raise TrajectoryError(
+                f"checkpoint directory {os.fspath(path)!r} holds none of the weight files {list(WEIGHT_FILES)}"
+            )
+        return state_files(found)
+    if path.name.endswith(".index.json"):
+        try:
             shards = sorted(set(json.loads(path.read_text())["weight_map"].values()))
-            state: dict[str, torch.Tensor] = {}
-            for shard in shards:
-                state.update(load_state_file(path.parent / shard))
-            return state
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            return load_file(path, device="cpu")
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except TrajectoryError:
-        raise
-    except Exception as exc:
-        raise TrajectoryError(f"could not load checkpoint file {os.fspath(path)!r}: {exc}") from exc
-
-
-def state_digest(state: Mapping[str, torch.Tensor]) -> str:
-    """SHA-256 of a state dict's names, dtypes, shapes and values (independent of where it
-    is stored, so moving checkpoint files keeps their digest)."""
-    digest = hashlib.sha256()
-    for name in sorted(state):
-        tensor = state[name].detach().cpu().contiguous().reshape(-1)
-        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
-    return digest.hexdigest()
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise TrajectoryError(f"could not read checkpoint index {os.fspath(path)!r}: {exc}") from exc
+        return [path, *(path.parent / shard for shard in shards)]
+    return [path]
 
 
 def _check_checkpoint(index: int, ckpt: Checkpoint) -> None:
@@ -305,7 +305,7 @@ class Trajectory:
 
     def summary(self) -> dict:
         """A JSON-serialisable description of the schedule (no tensors, no file paths: the
-        checkpoints' contents are fingerprinted separately, see ``state_digest``)."""
+        checkpoints' contents are fingerprinted separately, see ``digests``)."""
         out: dict = {
             "optimizer": self.optimizer,
             "momentum": self.momentum,

@@ -681,11 +681,3 @@ def trainer_trajectory(
         tuple(checkpoints), optimizer=settings.kind, momentum=settings.momentum, weight_decay=settings.weight_decay
     )
 
-
-def __getattr__(name: str) -> type:
-    # The callback subclasses transformers.TrainerCallback: imported only when asked for.
-    if name == "SourceRecordCallback":
-        from source_proj.trajectory.trainer_callback import SourceRecordCallback
-
-        return SourceRecordCallback
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -54,6 +54,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import xxhash
 from torch import nn
 
 from source_proj.trajectory.checkpoints import Trajectory, TrajectoryError
@@ -303,9 +304,10 @@ def inverse_denominator(v: torch.Tensor, step: float, beta2: float, eps: float) 
     return v.to(torch.float32).div(_bias_correction(beta2, step)).sqrt_().add_(eps).reciprocal_()
 
 
-def moments_digest(moments: Moments) -> str:
-    """SHA-256 of the names, steps, shapes and float32 values of second moments."""
-    digest = hashlib.sha256()
+def moments_digest(moments: Moments, fast: bool = False) -> str:
+    """SHA-256 of the names, steps, shapes and float32 values of second moments (stores record
+    it), or with ``fast`` xxh3-128 of the same (each later read of the state is checked with it)."""
+    digest = xxhash.xxh3_128() if fast else hashlib.sha256()
     for name in sorted(moments):
         step, v = moments[name]
         values = v.to(torch.float32).contiguous().reshape(-1)
@@ -389,6 +391,8 @@ class Preconditioner:
         decays: per checkpoint, the rate added to the projected Hessian's diagonal.
         digests: per checkpoint, :func:`moments_digest` of its second moments (empty when the
             optimizer has no preconditioner).
+        fast_digests: the same, fast (``moments_digest(..., fast=True)``): every later read of a
+            state must give it (a state file replaced during a run is refused).
     """
 
     trajectory: Trajectory
@@ -397,6 +401,7 @@ class Preconditioner:
     param_order: tuple
     decays: tuple[float, ...]
     digests: tuple[str, ...]
+    fast_digests: tuple[str, ...] = ()
 
     @classmethod
     def build(cls, trajectory: Trajectory, model: nn.Module, names: Sequence[str]) -> Preconditioner:
@@ -414,21 +419,28 @@ class Preconditioner:
         if not trajectory.preconditioned:
             return cls(trajectory, tuple(names), shapes, tuple(order), (trajectory.weight_decay,) * count, ())
         partial = cls(trajectory, tuple(names), shapes, tuple(order), (), ())
-        decays, digests, recorded = [], [], []
+        decays, digests, fast, recorded = [], [], [], []
         beta2, eps = trajectory.betas[1], trajectory.eps
         coupled = trajectory.optimizer == "adam" and trajectory.weight_decay > 0
         for index in range(count):
             moments, step = partial._read(index)
             recorded.append(step)
             digests.append(moments_digest(moments))
+            fast.append(moments_digest(moments, fast=True))
             factor = coupled_decay_factor(moments, beta2, eps) if coupled else 1.0
             decays.append(trajectory.weight_decay * factor)
         check_step_counts(trajectory, recorded)
-        return cls(trajectory, tuple(names), shapes, tuple(order), tuple(decays), tuple(digests))
+        return cls(trajectory, tuple(names), shapes, tuple(order), tuple(decays), tuple(digests), tuple(fast))
 
     def moments(self, index: int) -> Moments:
-        """(step, v) per attributed parameter at checkpoint ``index``, checked (v float32, CPU)."""
-        return self._read(index)[0]
+        """(step, v) per attributed parameter at checkpoint ``index``, checked (v float32, CPU)
+        and compared with what :meth:`build` read (``TrajectoryError`` if the state changed)."""
+        moments = self._read(index)[0]
+        if self.fast_digests and moments_digest(moments, fast=True) != self.fast_digests[index]:
+            where = state_location(self.trajectory.checkpoints[index].optimizer_state, index)
+            raise TrajectoryError(f"{where} changed during the run (its second moments differ from when it was "
+                                  "first read): restore it, or start again with the new file")
+        return moments
 
     def _read(self, index: int) -> tuple[Moments, float | None]:
         """:meth:`moments` and the step count the state records (its attributed parameters'

@@ -35,9 +35,11 @@ import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from source_proj.errors import InputError
-from source_proj.gradients.data import IGNORE_INDEX
 from source_proj.trajectory.hf_trainer import TrainerRecord, read_trainer_record, write_trainer_record
 
+# The label of positions without a loss (torch's and transformers' ignore index). Defined here,
+# not imported from ``gradients.data``: the trajectory layer sits below the gradient layer.
+IGNORE_INDEX = -100
 _JSON_SCALARS = (str, int, float, bool, type(None))
 
 

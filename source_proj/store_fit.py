@@ -34,7 +34,7 @@ from source_proj.config import SourceConfig
 from source_proj.curvature.spectra import SegmentSpectrum
 from source_proj.distributed.failures import together
 from source_proj.distributed.gather import merge_mappings
-from source_proj.distributed.locking import group_lock
+from source_proj.features.locking import group_lock
 from source_proj.features.ledger import array_digest
 from source_proj.features.store import (
     ChunkFeatures,
@@ -46,6 +46,7 @@ from source_proj.features.store import (
 )
 from source_proj.gradients.data import Examples, as_examples
 from source_proj.gradients.memory import MemoryBudgetError
+from source_proj.trajectory.digests import FileDigests
 from source_proj.errors import InputError
 
 # SourceConfig fields that change how, not what, is computed.
@@ -290,6 +291,7 @@ def fit_store(
         with together(group, "checking the existing store"):
             existing = FeatureStore.open(path) if path.exists() else None
             if existing is not None:  # refuse other settings before reading the data
+                attributor.use_file_digests(FileDigests.load(path))
                 check_store_settings(attributor, existing)
                 existing.check_layout(layout)
         digests = _shared_digests(attributor, examples, layout)
@@ -309,6 +311,7 @@ def fit_store(
         with together(group, "creating the store"):  # rank 0 alone creates it and writes metadata
             if group.is_main:
                 store = FeatureStore.open_or_create(path, layout, _metadata(attributor), digests)  # checks stages, weights
+                attributor.file_digests.save(path)  # later queries need not re-hash the checkpoints
                 if stored is None:
                     store.write_curvature(*_curvature_arrays(attributor))
         if not group.is_main:
@@ -338,10 +341,19 @@ def check_store_settings(attributor: SourceAttributor, store: FeatureStore) -> N
 
 def open_store(attributor: SourceAttributor, path: str | os.PathLike) -> FeatureStore:
     """Open the complete store at ``path`` for ``attributor``'s queries, checking that it was
-    made with the same model, trajectory and settings (``StoreMismatchError`` otherwise)."""
+    made with the same model, trajectory and settings (``StoreMismatchError`` otherwise).
+
+    The checkpoints' digests come from the store's cache for files whose size and modification
+    time are unchanged (``trajectory.digests``): a query reads only the checkpoints it needs,
+    each checked against its recorded digest as it is read."""
     store = FeatureStore.open(path)
+    cached = FileDigests.load(path)
+    known = len(cached.entries)
+    attributor.use_file_digests(cached)
     check_store_settings(attributor, store)
     store.require_complete()
+    if len(cached.entries) != known and attributor.group.is_main:
+        cached.save(path)
     return store
 
 
