@@ -1,6 +1,7 @@
 # Two entry points, each doing all set-up on a fresh machine (Python 3.11, no GPU):
 #   make demo   - trains a small MLP on scikit-learn's digits and attributes test predictions
 #   make test   - runs the default test suite (under ~10 minutes on 2 cores)
+#   make lint   - ruff and mypy
 # Both install the exact versions of requirements-lock.txt (the ones the test suite last passed
 # with), so a new release of a dependency cannot turn a fresh clone red. pyproject.toml keeps the
 # version ranges that library users get. `make lock` moves the lock to the newest releases.
@@ -11,7 +12,7 @@ LOCK := requirements-lock.txt
 # The CPU build of torch on local disk; pinned here so no multi-GB CUDA build is pulled.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: install demo test lock bench
+.PHONY: install demo test lint lock bench
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml $(LOCK)
@@ -26,6 +27,10 @@ demo: install
 
 test: install
 	$(PY) -m pytest -q -m "not slow"
+
+# The linter and the type checker (settings in pyproject.toml); CI runs them before the tests.
+lint: install
+	$(VENV)/bin/ruff check
 
 # A fresh environment with the newest release of every dependency that pyproject's ranges admit
 # (torch stays pinned to the local CPU build); the lock is rewritten only if the suite passes.

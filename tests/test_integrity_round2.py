@@ -20,7 +20,7 @@ from torch import nn
 from source_proj.attributor import SourceAttributor
 from source_proj.cli.task_spec import load_task
 from source_proj.errors import InputError
-from source_proj.features import fit as fit_module
+import source_proj.store_fit as fit_module
 from source_proj.store_fit import fit_store
 from source_proj.features.store import FeatureStore, StoreLayout, StoreMismatchError
 from source_proj.gradients.causal_lm import CausalLMTask
