@@ -206,3 +206,15 @@ def test_every_subcommand_shares_the_common_flags_and_warns_once(tmp_path, capsy
     records = json.loads(as_json)
     assert as_json == capsys.readouterr().out and len(records) == 2 * 2 * 2
     assert set(records[0]) == {"query", "kind", "rank", "train_id", "score"}
+
+
+def test_building_the_parser_imports_neither_torch_nor_curation(capsys):
+    import subprocess
+    import sys
+
+    probe = ("import sys; from source_proj.cli.main import build_parser; build_parser(); "
+             "print(sorted(m for m in ('torch', 'source_proj.curation', 'transformers') if m in sys.modules))")
+    assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.strip() == "[]"
+    with pytest.raises(SystemExit):  # the rankings are still checked, and listed, when asked for
+        main(["curate", "--task", "x.py:task", "--store", "s", "--rank-by", "nope"])
+    assert "invalid choice: 'nope' (choose from 'auto', 'self_influence'" in capsys.readouterr().err
