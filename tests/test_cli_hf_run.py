@@ -5,8 +5,8 @@ saved with the run."""
 from __future__ import annotations
 
 import json
-import warnings
 import textwrap
+import warnings
 
 import pytest
 import torch

@@ -35,10 +35,11 @@ def _chromium(page, out_dir) -> str:
 
 
 def test_report_of_a_trainer_run_shows_queries_proponents_scores_and_curation(run, tmp_path, capsys):  # noqa: F811
+    from lm_helpers import tiny_gpt2
+
     from source_proj.attributor import SourceAttributor
     from source_proj.gradients.causal_lm import CausalLMTask
     from source_proj.trajectory.hf_trainer import trainer_trajectory
-    from lm_helpers import tiny_gpt2
 
     root, train, queries = run
     files = ["--run", str(root / "run"), "--train", str(root / "train.jsonl")]
