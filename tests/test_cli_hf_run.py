@@ -218,3 +218,54 @@ def test_building_the_parser_imports_neither_torch_nor_curation(capsys):
     with pytest.raises(SystemExit):  # the rankings are still checked, and listed, when asked for
         main(["curate", "--task", "x.py:task", "--store", "s", "--rank-by", "nope"])
     assert "invalid choice: 'nope' (choose from 'auto', 'self_influence'" in capsys.readouterr().err
+
+
+def test_a_sequence_classifier_run_is_classification_with_named_labels(tmp_path, capsys):
+    """A GPT-2 sequence classifier trained by the Trainer (SGD), labels named in its config: the
+    command line reads the task (classification) and maps the data file's label names through
+    config.label2id; its top-k equals the Python API's on the same rows."""
+    import datasets
+    from transformers import (
+        GPT2Config,
+        GPT2ForSequenceClassification,
+        Trainer,
+        TrainingArguments,
+        default_data_collator,
+    )
+
+    from source_proj.attributor import SourceAttributor
+    from source_proj.trajectory.hf_trainer import trainer_trajectory
+
+    gen = torch.Generator().manual_seed(2)
+    ids = torch.randint(1, 10, (12, 5), generator=gen).tolist()  # no 0: the pad token GPT-2 pools by
+    labels = [int(sum(r) % 2) for r in ids]
+    config = GPT2Config(vocab_size=10, n_positions=8, n_embd=8, n_layer=1, n_head=2, num_labels=2, pad_token_id=0,
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, id2label={0: "neg", 1: "pos"},
+                        label2id={"neg": 0, "pos": 1})
+    torch.manual_seed(0)
+    args = TrainingArguments(output_dir=str(tmp_path / "run"), per_device_train_batch_size=4, max_steps=4, save_steps=2,
+                             learning_rate=0.1, optim="sgd", report_to=[], use_cpu=True, disable_tqdm=True, seed=0)
+    Trainer(model=GPT2ForSequenceClassification(config), args=args, processing_class=word_tokenizer(),
+            train_dataset=datasets.Dataset.from_dict({"input_ids": ids, "labels": labels}),
+            data_collator=default_data_collator).train()
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps({"text": as_text(r), "label": ["neg", "pos"][y]}) + "\n"
+                                                  for r, y in zip(ids, labels)))
+    files = ["--run", str(tmp_path / "run"), "--train", str(tmp_path / "train.jsonl"), "--store",
+             str(tmp_path / "cls.zarr"), "--quiet"]
+    assert main(["fit", *files, *SETTINGS]) == 0
+    capsys.readouterr()
+    assert main(["topk", *files, "--queries", str(tmp_path / "train.jsonl"), "-k", "3", "--json"]) == 0
+    records = json.loads(capsys.readouterr().out)
+    torch.manual_seed(0)
+    model = GPT2ForSequenceClassification(config)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trajectory = trainer_trajectory(tmp_path / "run", model=model)
+    rows = {"input_ids": ids, "labels": labels}
+    scores = SourceAttributor(model, "classification", trajectory, proj_dim=32, num_segments=2,
+                              progress=False).fit(rows).score(rows)
+    for q in range(len(ids)):
+        got = [r for r in records if r["query"] == q and r["kind"] == "proponents"]
+        assert [r["train_id"] for r in got] == scores[q].argsort(descending=True)[:3].tolist()
+        for r in got:
+            assert r["score"] == pytest.approx(float(scores[q, r["train_id"]]), rel=1e-4, abs=1e-7)
