@@ -31,7 +31,7 @@ import torch
 from source_proj.kernels import cpu_projection
 from source_proj.kernels.reference import RADEMACHER, matrix_block
 
-from source_proj.projection.jl import ProjectionConfig, project
+from source_proj.projection.jl import MATRIX_CACHE, ProjectionConfig, project
 
 SEED = 1234
 
@@ -73,6 +73,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    # The on-the-fly path regenerates R on every call; benchmarks/projection_cache.py times
+    # the cached path (R generated once) against it.
+    MATRIX_CACHE.set_limit(0)
 
     sizes_p = (10**5,) if args.quick else (10**5, 10**6)
     sizes_k = (1024,) if args.quick else (1024, 4096)
