@@ -49,6 +49,10 @@ def test_rankings_are_the_documented_formulas() -> None:
     assert suspicion_scores(CurationConfig(), self_influence=s["self_influence"], losses=s["losses"])[1] == "heldout_loss"
     assert suspicion_scores(CurationConfig(), self_influence=s["self_influence"])[1] == "self_influence"
     assert suspicion_scores(CurationConfig(), harm=s["harm"])[1] == "harm"
+    # losses alone are no row signal (they crashed "combined" with a TypeError): auto ranks by harm
+    score, ranking, _ = suspicion_scores(CurationConfig(), losses=s["losses"], harm=s["harm"])
+    assert ranking == "harm"
+    np.testing.assert_allclose(score, s["harm"], rtol=1e-12)
     with pytest.raises(ValueError, match=r"needs \['losses'\]"):
         suspicion_scores(CurationConfig(rank_by="heldout_loss"), self_influence=s["self_influence"])
     with pytest.raises(ValueError, match=r"losses must be a non-empty 1-D array of shape \(40,\)"):

@@ -15,8 +15,6 @@ Signals, each (N,) float, larger = more suspicious:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 import numpy as np
 from scipy.stats import rankdata
 
@@ -47,7 +45,9 @@ def percentile_ranks(values: np.ndarray) -> np.ndarray:
 def resolve_ranking(rank_by: str, has_self: bool, has_loss: bool, has_harm: bool) -> str:
     """The ranking ``rank_by`` names given which signals exist ("auto" resolved); raises
     ``ValueError`` naming a missing signal."""
-    has_row = has_self or has_loss
+    # Losses alone are no row signal: "combined" ranks heldout_loss or self_influence, both
+    # of which need self-influence.
+    has_row = has_self
     if rank_by == "auto":
         if has_row and has_harm:
             return "combined"
@@ -89,8 +89,9 @@ def suspicion_scores(
     ranking = resolve_ranking(config.rank_by, "self_influence" in signals, "loss" in signals, "harm" in signals)
     if "self_influence" in signals and "loss" in signals:
         signals["heldout_loss"] = signals["loss"] + signals["self_influence"]
-    row_signal = signals.get("heldout_loss", signals.get("self_influence"))
     if ranking == "combined":
+        # resolve_ranking gives "combined" only with self-influence, so a row signal exists
+        row_signal = signals.get("heldout_loss", signals["self_influence"])
         w = config.harm_weight
         score = (1 - w) * percentile_ranks(row_signal) + w * percentile_ranks(signals["harm"])
     else:
@@ -166,7 +167,7 @@ def curate(
     n = score.shape[0]
     rank = ranks(score)
     flags = rank <= flag_count(n, config.flag_fraction)
-    columns: Mapping[str, np.ndarray] = {"row_id": np.arange(n, dtype=np.int64)}
+    columns: dict[str, np.ndarray] = {"row_id": np.arange(n, dtype=np.int64)}
     if labels is not None:
         label_array = np.asarray(labels)
         if label_array.shape != (n,):
