@@ -20,7 +20,7 @@ import numpy as np
 from source_proj.curation.table import CurationTable
 from source_proj.errors import InputError
 
-Writer = Callable[[Path], None]
+Writer = Callable[[Path], object]  # the return value (if any) is ignored
 
 
 def _temporary(destination: Path) -> Path:

@@ -132,11 +132,11 @@ class CurationTable:
                 if header is None:
                     raise InputError(f"{path} is empty; expected a curation table")
                 rows = list(reader)
-            raw = {name: [r[i] for r in rows] for i, name in enumerate(header)}
+            text = {name: [r[i] for r in rows] for i, name in enumerate(header)}
             unknown = sorted(set(header) - set(_KINDS))
             if unknown:
                 raise InputError(f"{path}: unknown curation columns {unknown}")
-            raw = {name: _parse(values, _KINDS[name], name, path) for name, values in raw.items()}
+            raw = {name: _parse(values, _KINDS[name], name, path) for name, values in text.items()}
         if "row_id" not in raw:
             raise InputError(f"{path} has no row_id column; expected a curation table")
         order = np.argsort(np.asarray(raw["row_id"], dtype=np.int64), kind="stable")

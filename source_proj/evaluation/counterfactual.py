@@ -142,7 +142,7 @@ def flip_curve(
     for k in config.ks:
         pending = np.flatnonzero(first_flip == 0)
         jobs = [
-            RetrainJob(_kept_indices(num_train, orderings[i][:k]), s) for i in pending for s in seeds
+            RetrainJob(_kept_indices(num_train, orderings[int(i)][:k]), s) for i in pending for s in seeds
         ]
         results = runner.run(jobs, desc=f"{desc}, k={k}")
         for j, i in enumerate(pending):

@@ -141,11 +141,11 @@ class RetrainRunner:
                 self._executor.submit(_run_in_worker, job.indices, job.seed): i
                 for i, job in enumerate(jobs)
             }
-            results: list[np.ndarray | None] = [None] * len(jobs)
+            by_job: dict[int, np.ndarray] = {}
             for future in as_completed(futures):
                 i = futures[future]
-                results[i] = _check_measurement(future.result(), jobs[i])
+                by_job[i] = _check_measurement(future.result(), jobs[i])
                 bar.update()
-            return results  # type: ignore[return-value]
+            return [by_job[i] for i in range(len(jobs))]
         finally:
             bar.close()

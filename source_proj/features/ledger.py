@@ -27,7 +27,7 @@ import shutil
 import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import xxhash
@@ -87,7 +87,8 @@ def array_digest(array: np.ndarray) -> int:
     """A non-zero 64-bit digest of an array's dtype, shape and bytes (XXH3)."""
     a = np.ascontiguousarray(array)
     h = xxhash.xxh3_64(f"{a.dtype.str}{a.shape}".encode())
-    h.update(memoryview(a).cast("B") if a.size else b"")
+    # numpy declares ndarray's buffer protocol (__buffer__) to type checkers only for Python >= 3.12
+    h.update(memoryview(a).cast("B") if a.size else b"")  # type: ignore[arg-type]
     return h.intdigest() or 1
 
 
@@ -98,6 +99,15 @@ def chunk_digest(*arrays: np.ndarray) -> int:
     return array_digest(np.array([array_digest(a) for a in arrays], dtype=np.uint64))
 
 
+def group_array(group: zarr.Group, name: str) -> zarr.Array:
+    """The array ``group[name]``; ``KeyError`` when it is missing or is a group (a folder
+    where an array belongs reads as a missing array)."""
+    member = group[name]
+    if not isinstance(member, zarr.Array):
+        raise KeyError(name)
+    return member
+
+
 def _ledger_chunk_file(array: zarr.Array, index: int) -> str:
     return "/".join(["c", str(index), *("0" * (array.ndim - 1))])
 
@@ -106,10 +116,11 @@ class ChunkLedger:
     """Completion record of ``n_chunks`` chunks made of named parts, kept in the zarr array
     ``group[name]`` of shape (n_chunks, n_parts)."""
 
-    def __init__(self, array: zarr.Array, where: Path | str) -> None:
+    def __init__(self, array: zarr.Array, where: Path | str | zarr.storage.StorePath) -> None:
         self._array = array
         self._where = where
-        self.parts: tuple[str, ...] = tuple(array.attrs.get("parts", ("data",)))
+        # a list of str, as ``create`` wrote it
+        self.parts: tuple[str, ...] = tuple(cast("Sequence[str]", array.attrs.get("parts", ("data",))))
 
     @classmethod
     def create(cls, group: zarr.Group, name: str, n_chunks: int, parts: Sequence[str] = ("data",)) -> ChunkLedger:
@@ -124,7 +135,7 @@ class ChunkLedger:
     def open(cls, group: zarr.Group, name: str, where: Path | str) -> ChunkLedger:
         """Open the ledger ``group[name]`` of the output at ``where`` (named in errors)."""
         try:
-            array = group[name]
+            array = group_array(group, name)
         except KeyError:
             raise StoreCorruptError(f"{where} is damaged: its ledger {name}/zarr.json is missing") from None
         return cls(array, where)

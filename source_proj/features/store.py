@@ -65,6 +65,7 @@ from source_proj.features.ledger import (
     array_digest,
     chunk_digest,
     create_group_atomically,
+    group_array,
 )
 from source_proj.errors import InputError
 
@@ -324,7 +325,7 @@ class FeatureStore:
         """The row-chunked array ``name``, opened once (each lookup reads its metadata)."""
         if name not in self._arrays:
             try:
-                self._arrays[name] = self._group[name]
+                self._arrays[name] = group_array(self._group, name)
             except KeyError:
                 raise StoreCorruptError(
                     f"{self.path} is damaged: the array {name!r} ({self.path / name / 'zarr.json'}) is missing"
@@ -459,7 +460,7 @@ class FeatureStore:
         if recorded is None:
             return None
         try:
-            digests = np.asarray(self._group["data_digest"][...], dtype=np.uint64)
+            digests = np.asarray(group_array(self._group, "data_digest")[...], dtype=np.uint64)
         except (KeyError, ValueError):
             digests = None
         if digests is None or f"{array_digest(digests):016x}" != recorded:
@@ -522,7 +523,7 @@ class FeatureStore:
         out = []
         for name in names:
             try:
-                data = self._array(name)[start:stop]
+                data = np.asarray(self._array(name)[start:stop])
             except ValueError as exc:  # zarr: a truncated chunk file does not reshape
                 raise StoreCorruptError(
                     f"{self.path} is damaged: chunk {index} of {name!r} ({self._chunk_file(name, index)}) is "
@@ -628,11 +629,11 @@ class FeatureStore:
                 f"{values.shape} and {vectors.shape}"
             )
         for name, data in (("curvature_eigenvalues", values), ("curvature_eigenvectors", vectors)):
-            self._group.create_array(
+            array = self._group.create_array(
                 name, shape=data.shape, dtype="float64", chunks=data.shape, compressors=None,
                 fill_value=0, overwrite=True,
             )
-            self._group[name][...] = data
+            array[...] = data
         # The digest goes in last (one atomic rewrite of zarr.json): it certifies both arrays.
         self._write_attrs(curvature_digest=chunk_digest(values, vectors))
 
@@ -642,12 +643,14 @@ class FeatureStore:
         digest = self._attrs.get("curvature_digest")
         if digest is None:
             return None
+        values: np.ndarray | None
+        vectors: np.ndarray | None
         try:
-            values = np.asarray(self._group["curvature_eigenvalues"][...])
-            vectors = np.asarray(self._group["curvature_eigenvectors"][...])
+            values = np.asarray(group_array(self._group, "curvature_eigenvalues")[...])
+            vectors = np.asarray(group_array(self._group, "curvature_eigenvectors")[...])
         except (KeyError, ValueError):
             values = vectors = None
-        if values is None or chunk_digest(values, vectors) != digest:
+        if values is None or vectors is None or chunk_digest(values, vectors) != digest:
             raise StoreCorruptError(
                 f"{self.path} is damaged: its stored curvature (curvature_eigenvalues, curvature_eigenvectors) "
                 "is missing or fails its digest check; delete the store and fit it again"
@@ -706,8 +709,9 @@ class FeatureStore:
             target = torch.from_numpy(out[lo - start : hi - start])
             name = "features" if segments is None else "segment_features"
             names = [name, *(["row_scale" if segments is None else "segment_scale"] if f16 else [])]
-            stored, *scale = self._read_chunk(index, names, digests[index - first])
-            stored, scale = stored[lo - c0 : hi - c0], scale[0][lo - c0 : hi - c0] if f16 else None
+            stored, *scales = self._read_chunk(index, names, digests[index - first])
+            stored = stored[lo - c0 : hi - c0]
+            scale = scales[0][lo - c0 : hi - c0] if f16 else None
             if segments is None:
                 _decode(stored, scale, target)
             else:
