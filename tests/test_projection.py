@@ -305,9 +305,9 @@ def test_cached_matrix_gives_bit_identical_projections(kind, cpu_product, monkey
         monkeypatch.setattr(cpu_projection, "_CPU_CHUNK_CALLS", calls)
         monkeypatch.setattr(cpu_projection, "_CPU_TILE_BYTES", tile_bytes)
         outputs = []
-        for limit in (0, 2**30, 2**30):  # uncached, then stored, then read from the cache
-            cache = cpu_projection.MatrixCache(limit) if limit == 0 or not outputs[1:] else cache
-            monkeypatch.setattr(cpu_projection, "MATRIX_CACHE", cache)
+        cache = cpu_projection.MatrixCache(2**30)
+        for current in (cpu_projection.MatrixCache(0), cache, cache):  # uncached, stored, read back
+            monkeypatch.setattr(cpu_projection, "MATRIX_CACHE", current)
             out = torch.zeros(5, k)
             project_cpu(blocks, out, 5, kind, offset)
             outputs.append(out)
