@@ -178,6 +178,9 @@ def test_task_loading_errors(task_file: Path, tmp_path: Path, capsys) -> None:
         load_task("no_colon_here")
     with pytest.raises(TaskSpecError, match="does not exist"):
         load_task(f"{tmp_path / 'missing.py'}:task")
+    (tmp_path / "task.txt").write_text("def task():\n    pass\n")
+    with pytest.raises(TaskSpecError, match=r"task\.txt cannot be imported: name a Python file"):
+        load_task(f"{tmp_path / 'task.txt'}:task")
     with pytest.raises(TaskSpecError, match="no function 'nope'"):
         load_task(f"{task_file}:nope")
     with pytest.raises(TaskSpecError, match="must return a TaskSpec"):

@@ -147,6 +147,8 @@ def _load_function(reference: str) -> Any:
             raise TaskSpecError(f"task file {path} does not exist")
         module_name = f"_source_proj_task_{path.stem}"
         spec = importlib.util.spec_from_file_location(module_name, path)
+        if spec is None or spec.loader is None:  # not a Python source file (it crashed with AttributeError)
+            raise TaskSpecError(f"task file {path} cannot be imported: name a Python file (.py)")
         module = importlib.util.module_from_spec(spec)
         sys.modules[module_name] = module
         spec.loader.exec_module(module)
