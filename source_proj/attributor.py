@@ -43,7 +43,8 @@ from source_proj.distributed.failures import together
 from source_proj.distributed.gather import gather_rows
 from source_proj.distributed.group import ProcessGroup
 from source_proj.distributed.reduce import TreeSum, tree_total
-from source_proj.features.rows import combine, row_dot, segment_features
+from source_proj.features.query_forms import QueryForm, query_form
+from source_proj.features.rows import row_dot, segment_features
 from source_proj.gradients.data import Examples, as_examples, row_shapes
 from source_proj.gradients.memory import feature_chunk
 from source_proj.gradients.model import ModelFunction, OutputSelector
@@ -126,7 +127,7 @@ class SourceAttributor:
         self.model_fn = ModelFunction.build(model.eval(), param_names, output)
         self.curvature = self.config.resolved_curvature(self.task.default_curvature)
         self.budget = self.config.gradient_budget()
-        self.query_mode = self.config.resolved_query_mode(len(trajectory.stages))
+        self.query_form: QueryForm = query_form(self.config.resolved_query_mode(len(trajectory.stages)))
         self.segments: tuple[Segment, ...] = trajectory.segments(
             self.config.num_segments, self.config.momentum_factor, self.config.time_scale
         )
@@ -136,7 +137,7 @@ class SourceAttributor:
         # Each segment's projection: its own (segment_projections) or the one for all.
         self.projections = (self.projection,) * len(self.segments)
         if self.config.segment_projections:
-            if self.query_mode != "segment":
+            if not self.query_form.per_segment:
                 raise InputError(
                     "segment_projections needs the per-segment query form (query_mode='segment'): the "
                     f"{self.query_mode!r} form carries query gradients across segments, in one projection"
@@ -250,7 +251,8 @@ class SourceAttributor:
             return self._fitted_scales[index]
         scale = self.preconditioner.sqrt_scale(index, self.device)
         if scale is not None and isinstance(self.projection, FactoredProjection):
-            scale = self._fitted_scales[index] = self.projection.fit_scale(scale)
+            fitted = self._fitted_scales[index] = self.projection.fit_scale(scale)
+            return fitted
         return scale
 
     def _progress(self, items: Iterable[int], desc: str, show: bool = True) -> tqdm:
@@ -275,9 +277,14 @@ class SourceAttributor:
         return len(self.segments)
 
     @property
+    def query_mode(self) -> str:
+        """The query form's name, "final" or "segment" (``query_form`` holds its choices)."""
+        return self.query_form.name
+
+    @property
     def keeps_segment_features(self) -> bool:
         """Whether per-segment training features are kept."""
-        return self.config.keep_segment_features or self.query_mode == "segment"
+        return self.config.keep_segment_features or self.query_form.per_segment
 
     # --------------------------------------------------------------- curvature
     def checkpoint_hessian(self, index: int, examples: Any) -> torch.Tensor:
@@ -293,11 +300,11 @@ class SourceAttributor:
         examples = as_examples(examples, f"curvature data at checkpoint {index}")
         params, consts = self._load(index)
         scale = self.gradient_scale(index)
-        rows = len(examples)
-        chosen = torch.arange(rows)
-        if self.config.curvature_examples is not None and self.config.curvature_examples < rows:
+        count = len(examples)
+        chosen = torch.arange(count)
+        if self.config.curvature_examples is not None and self.config.curvature_examples < count:
             pick = torch.Generator().manual_seed(self.config.seed % 2**63)
-            chosen = torch.randperm(rows, generator=pick)[: self.config.curvature_examples].sort().values
+            chosen = torch.randperm(count, generator=pick)[: self.config.curvature_examples].sort().values
         step, tree = self.chunk_size, TreeSum()
         with together(self.group, f"curvature at checkpoint {index}"):
             for leaf in self._progress(self.group.span(-(-len(chosen) // step)), f"curvature @ checkpoint {index}"):
@@ -386,10 +393,9 @@ class SourceAttributor:
         examples = as_examples(train_data)
         stages = tuple(self.trajectory.stages if stages is None else stages)
         weights = self.segment_weights(len(examples), stages, num_train)
-        # Only these segments' curvature can change the scores: in "segment" mode those the rows
-        # trained in; in "final" mode also every later one (it carries their effect forward).
+        # Only these segments' curvature can change the scores (the query form says which).
         attributed = [l for l, w in enumerate(weights) if w > 0]
-        used = set(attributed) if self.query_mode == "segment" else set(range(attributed[0], self.num_segments))
+        used = self.query_form.curvature_segments(attributed, self.num_segments)
         per_stage = self._curvature_sources(
             examples, curvature_data, stages, {self.segments[l].stage for l in used}
         )
@@ -410,7 +416,7 @@ class SourceAttributor:
                 f"expected {self.num_segments} segment spectra and weights, got {len(spectra)} and {len(weights)}"
             )
         self.spectra = list(spectra)
-        self.operators = transport_operators(self.spectra, transport=self.query_mode == "final")
+        self.operators = transport_operators(self.spectra, transport=self.query_form.transports)
         self.weights = torch.tensor(list(weights), dtype=torch.float64)
         self.stages = tuple(dict.fromkeys(seg.stage for seg, w in zip(self.segments, weights) if w > 0))
 
@@ -457,7 +463,7 @@ class SourceAttributor:
                 f"{list(stages)}, and the later stages' Hessians carry their effect to the final "
                 "model; pass curvature_data={stage: data} for them"
             )
-        return sources
+        return {s: d for s, d in sources.items() if d is not None}  # all of them
 
     # ---------------------------------------------------------------- features
     def featurize_rows(self, examples: Examples, start: int, stop: int) -> RowFeatures:
@@ -469,32 +475,32 @@ class SourceAttributor:
             return self._featurize_rows(examples, start, stop)
 
     def _featurize_rows(self, examples: Examples, start: int, stop: int) -> RowFeatures:
+        operators, weights = self.operators, self.weights
+        assert operators is not None and weights is not None, "featurize_rows checks that prepare() ran"
         inputs, targets = examples.rows(start, stop, self.device)
         n, k, final_index = stop - start, self.proj_dim, len(self.trajectory.checkpoints) - 1
         sums = torch.zeros(n, self.num_segments, k, dtype=torch.float64, device=self.device)
         # Gradients at the checkpoints of the segments these rows trained in, summed per segment
-        # before their one projection, and at the final checkpoint on its own in "final" mode
-        # (for the self-influence).
+        # before their one projection, and at the final checkpoint on its own when the query form
+        # takes query gradients there (for the self-influence).
         final_grad = None
-        if self.query_mode == "final":
+        if not self.query_form.per_segment:
             final_grad = self._projected_sum([final_index], self.task.loss, inputs, targets)
         for l, seg in enumerate(self.segments):
-            if self.weights[l] == 0:
+            if weights[l] == 0:
                 continue
             has_final = final_grad is not None and final_index in seg.checkpoints
             others = [c for c in seg.checkpoints if not (has_final and c == final_index)]
             if others:
                 sums[:, l] += self._projected_sum(others, self.task.loss, inputs, targets)
-            if has_final:
+            if final_grad is not None and has_final:
                 sums[:, l] += final_grad
         counts = torch.tensor([len(s.checkpoints) for s in self.segments], dtype=torch.float64, device=self.device)
         seg_grads = sums / counts[None, :, None]
-        per_segment = segment_features(seg_grads, self.operators, self.weights).cpu()
-        features = combine(per_segment, self.query_mode)
-        if self.query_mode == "final":
-            self_inf = row_dot(final_grad.cpu(), features)
-        else:
-            self_inf = row_dot(seg_grads.reshape(n, -1).cpu(), features)
+        per_segment = segment_features(seg_grads, operators, weights).cpu()
+        features = self.query_form.combine(per_segment)
+        own = self.query_form.own_gradients(None if final_grad is None else final_grad.cpu(), seg_grads.cpu())
+        self_inf = row_dot(own, features)
         return RowFeatures(features, per_segment if self.keeps_segment_features else None, self_inf)
 
     def featurize_range(self, examples: Examples, start: int, stop: int, progress: bool = False) -> RowFeatures:
@@ -506,10 +512,12 @@ class SourceAttributor:
         ]
         if not parts:
             k, n_seg = self.proj_dim, self.num_segments
-            width = k if self.query_mode == "final" else n_seg * k
+            width = self.query_form.feature_width(k, n_seg)
             segments = torch.zeros(0, n_seg, k) if self.keeps_segment_features else None
             return RowFeatures(torch.zeros(0, width), segments, torch.zeros(0, dtype=torch.float64))
-        segments = torch.cat([p.segment_features for p in parts]) if self.keeps_segment_features else None
+        # every part has its segment features when they are kept
+        kept = [p.segment_features for p in parts if p.segment_features is not None]
+        segments = torch.cat(kept) if self.keeps_segment_features else None
         return RowFeatures(
             torch.cat([p.features for p in parts]), segments, torch.cat([p.self_influence for p in parts])
         )
@@ -557,10 +565,8 @@ class SourceAttributor:
         examples = as_examples(queries, "queries")
         self.check_training_data(examples, what="queries")  # as training rows: labels, input shapes
         measure = measurement or self.task.measurement
-        if self.query_mode == "final":
-            groups = [(len(self.trajectory.checkpoints) - 1,)]
-        else:
-            groups = [seg.checkpoints for seg in self.segments]
+        groups: list[tuple[int, ...]]
+        groups = self.query_form.query_checkpoints(self.segments, len(self.trajectory.checkpoints))
         start, stop = self._rank_rows(len(examples))
         parts = [torch.zeros(0, len(groups) * self.proj_dim)]
         with together(self.group, "query features"):
@@ -581,7 +587,7 @@ class SourceAttributor:
             raise InputError("per-stage scores need per-segment features: set keep_segment_features=True")
         mask = torch.zeros(self.num_segments, dtype=torch.bool)
         mask[self.stage_segments(stage)] = True
-        return combine(self.train_segment_features, self.query_mode, mask)
+        return self.query_form.combine(self.train_segment_features, mask)
 
     def stage_segments(self, stage: Hashable) -> list[int]:
         """Indices of the segments of training stage ``stage``: its label, or the label's text

@@ -92,17 +92,19 @@ def _metadata(attributor: SourceAttributor) -> dict[str, Any]:
 
 def _feature_dim(attributor: SourceAttributor) -> int:
     k = attributor.proj_dim
-    return k if attributor.query_mode == "final" else attributor.num_segments * k
+    return attributor.query_form.feature_width(k, attributor.num_segments)
 
 
 def _keeps_segments(attributor: SourceAttributor) -> bool:
-    # In "segment" mode F already is the per-segment features side by side.
-    return attributor.query_mode == "final" and attributor.keeps_segment_features
+    # In the per-segment form F already is the per-segment features side by side.
+    return not attributor.query_form.per_segment and attributor.keeps_segment_features
 
 
 def _curvature_arrays(attributor: SourceAttributor) -> tuple[np.ndarray, np.ndarray]:
-    values = torch.stack([s.eigenvalues for s in attributor.spectra]).numpy()
-    vectors = torch.stack([s.eigenvectors for s in attributor.spectra]).numpy()
+    spectra = attributor.spectra
+    assert spectra is not None, "the curvature is written after set_curvature"
+    values = torch.stack([s.eigenvalues for s in spectra]).numpy()
+    vectors = torch.stack([s.eigenvectors for s in spectra]).numpy()
     return values, vectors
 
 
@@ -111,11 +113,11 @@ def _compute_chunk(
 ) -> Callable[[int, int], ChunkFeatures]:
     def compute(start: int, stop: int) -> ChunkFeatures:
         rows = attributor.featurize_range(examples, start, stop)
-        return ChunkFeatures(
-            rows.features.numpy(),
-            rows.segment_features.numpy() if keep_segments else None,
-            rows.self_influence.numpy(),
-        )
+        segments = None
+        if keep_segments:
+            assert rows.segment_features is not None, "featurize_range keeps them when the attributor does"
+            segments = rows.segment_features.numpy()
+        return ChunkFeatures(rows.features.numpy(), segments, rows.self_influence.numpy())
 
     return compute
 
@@ -364,18 +366,12 @@ def stage_restriction(
     or its text, see ``SourceAttributor.stage_segments``): ``search(store, queries,
     segments=...)`` then keeps only the terms of that stage's segments.
 
-    In "segment" query mode F holds the per-segment features side by side, so the queries'
-    blocks of other segments are zeroed and no segment selection is needed. In "final" mode
-    the store must keep per-segment features (``keep_segment_features``).
+    How depends on the query form (``QueryForm.restrict_queries``): in the per-segment form the
+    queries' blocks of other segments are zeroed; in the final form the store must keep
+    per-segment features (``keep_segment_features``).
     """
     chosen = attributor.stage_segments(stage)
-    if attributor.query_mode == "segment":
-        mask = np.zeros((1, attributor.num_segments, 1), dtype=queries.dtype)
-        mask[0, chosen] = 1
-        return (queries.reshape(len(queries), attributor.num_segments, -1) * mask).reshape(queries.shape), None
-    if store.layout.n_segments == 0:
-        raise InputError(
-            f"feature store {store.path} keeps no per-segment features: fit it with per-segment "
-            "features kept (--keep-segments) for per-stage scores"
-        )
-    return queries, chosen
+    try:
+        return attributor.query_form.restrict_queries(queries, chosen, attributor.num_segments, store.layout.n_segments > 0)
+    except InputError as exc:
+        raise InputError(f"feature store {store.path}: {exc}") from None

@@ -41,11 +41,15 @@ from torch.func import functional_call
 from source_proj.config import SourceConfig
 from source_proj.curvature.spectra import segment_spectra, transport_operators
 from source_proj.evaluation.projected_run import ProjectedRun
-from source_proj.features.rows import combine, row_dot, segment_features
+from source_proj.features.query_forms import query_form
+from source_proj.features.rows import row_dot, segment_features
+from source_proj.trajectory.checkpoints import Segment
 from source_proj.errors import InputError
 
 
-def _source_train(run: ProjectedRun, config: SourceConfig) -> tuple[ProjectedRun, list, str, torch.Tensor, torch.Tensor]:
+def _source_train(
+    run: ProjectedRun, config: SourceConfig
+) -> tuple[ProjectedRun, tuple[Segment, ...], str, torch.Tensor, torch.Tensor]:
     """(run at ``config.proj_dim``, segments, query mode, per-segment mean training gradients
     (N, L, k) float64, training features (N, D)) of SOURCE with ``config`` on ``run``."""
     if (config.seed, config.proj_kind, config.proj_structure) != (run.seed, run.kind, run.structure):
@@ -68,8 +72,8 @@ def _source_train(run: ProjectedRun, config: SourceConfig) -> tuple[ProjectedRun
     trajectory = run.trajectory
     segments = trajectory.segments(config.num_segments, config.momentum_factor, config.time_scale)
     spectra = segment_spectra(segments, run.hessians[curvature], run.decays)
-    query_mode = config.resolved_query_mode(len(trajectory.stages))
-    operators = transport_operators(spectra, transport=query_mode == "final")
+    form = query_form(config.resolved_query_mode(len(trajectory.stages)))
+    operators = transport_operators(spectra, transport=form.transports)
     size = run.stage_sizes[run.attributed_stage]
     weights = torch.tensor(
         [1.0 / size if seg.stage == run.attributed_stage else 0.0 for seg in segments], dtype=torch.float64
@@ -77,8 +81,8 @@ def _source_train(run: ProjectedRun, config: SourceConfig) -> tuple[ProjectedRun
     seg_grads = torch.stack(
         [run.train_grads[list(seg.checkpoints)].double().mean(dim=0) for seg in segments], dim=1
     )
-    train = combine(segment_features(seg_grads, operators, weights), query_mode)
-    return run, segments, query_mode, seg_grads, train
+    train = form.combine(segment_features(seg_grads, operators, weights))
+    return run, segments, form, seg_grads, train
 
 
 def source_scores(run: ProjectedRun, config: SourceConfig) -> torch.Tensor:
@@ -90,11 +94,9 @@ def source_scores(run: ProjectedRun, config: SourceConfig) -> torch.Tensor:
     ``kronecker_terms``) are the run's. Equals ``SourceAttributor(config)``'s
     scores on the same run up to float32 round-off.
     """
-    run, segments, query_mode, _, train = _source_train(run, config)
-    if query_mode == "final":
-        query = -run.query_grads[-1].double()
-    else:
-        query = torch.cat([-run.query_grads[list(seg.checkpoints)].double().mean(dim=0) for seg in segments], dim=1)
+    run, segments, form, _, train = _source_train(run, config)
+    groups = form.query_checkpoints(segments, run.query_grads.shape[0])
+    query = torch.cat([-run.query_grads[list(group)].double().mean(dim=0) for group in groups], dim=1)
     return query @ train.double().T
 
 
@@ -103,8 +105,8 @@ def source_self_influence(run: ProjectedRun, config: SourceConfig) -> torch.Tens
     ``SourceAttributor.self_influence()``: minus each row's score on its own loss (its loss
     gradient at the final checkpoint in "final" query mode, its per-segment mean loss
     gradients in "segment" mode)."""
-    run, _, query_mode, seg_grads, train = _source_train(run, config)
-    own = run.train_grads[-1].double() if query_mode == "final" else seg_grads.reshape(seg_grads.shape[0], -1)
+    run, _, form, seg_grads, train = _source_train(run, config)
+    own = form.own_gradients(run.train_grads[-1].double(), seg_grads)
     return row_dot(own, train)
 
 

@@ -7,8 +7,8 @@ with g_l(m) the mean projected loss gradient over segment l's checkpoints and M_
 
     score(q, m) = < Q(q), F(m) >    (> 0: including m raises the measurement of q).
 
-"final" mode: Q = -P grad f(z_q, theta_T) (k,) and F = sum_l F_l (k,).
-"segment" mode: Q = (-mean_{c in l} P grad f(z_q, theta_c))_l and F = (F_l)_l, both (L*k,).
+How Q and F are laid out (the final checkpoint's gradient against sum_l F_l, or per-segment
+blocks side by side) is the query form's business: ``query_forms``.
 """
 
 from __future__ import annotations
@@ -28,16 +28,6 @@ def segment_features(seg_grads: torch.Tensor, operators: torch.Tensor, weights: 
     """
     out = torch.einsum("nlk,ljk->nlj", seg_grads.to(torch.float64), operators.to(seg_grads.device))
     return (out * weights.to(out.device)[None, :, None]).to(torch.float32)
-
-
-def combine(per_segment: torch.Tensor, query_mode: str, segment_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Index-ready features (n, D) from per-segment ones (n, L, k), keeping the segments
-    where ``segment_mask`` (L,) is True (all by default). D = k ("final") or L*k ("segment")."""
-    if segment_mask is not None:
-        per_segment = per_segment * segment_mask.to(per_segment.device, per_segment.dtype)[None, :, None]
-    if query_mode == "final":
-        return per_segment.sum(dim=1)
-    return per_segment.reshape(per_segment.shape[0], -1)
 
 
 def row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
