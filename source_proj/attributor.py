@@ -255,12 +255,11 @@ class SourceAttributor:
             return fitted
         return scale
 
-    def _progress(self, items: Iterable[int], desc: str, show: bool = True) -> tqdm:
-        """``items`` with a progress bar (on rank 0 only, when progress is on and ``show``)."""
-        return tqdm(
-            items, desc=desc, disable=not (show and self.config.progress and self.group.is_main), leave=False,
-            unit="chunk",
-        )
+    def _progress(self, items: Iterable[int], desc: str, show: bool = True, nested: bool = False) -> tqdm:
+        """``items`` with a progress bar (on rank 0 only, when progress is on and ``show``; a bar
+        ``nested`` inside a pass's own bar only with ``verbose``)."""
+        shown = show and self.config.progress and self.group.is_main and (self.config.verbose or not nested)
+        return tqdm(items, desc=desc, disable=not shown, leave=False, unit="chunk")
 
     def _chunks(self, stop: int, desc: str, start: int = 0, show: bool = True) -> tqdm:
         """Starts of ``chunk_size`` row chunks in [start, stop), with a progress bar."""
@@ -307,7 +306,8 @@ class SourceAttributor:
             chosen = torch.randperm(count, generator=pick)[: self.config.curvature_examples].sort().values
         step, tree = self.chunk_size, TreeSum()
         with together(self.group, f"curvature at checkpoint {index}"):
-            for leaf in self._progress(self.group.span(-(-len(chosen) // step)), f"curvature @ checkpoint {index}"):
+            chunks = self.group.span(-(-len(chosen) // step))
+            for leaf in self._progress(chunks, f"curvature @ checkpoint {index}", nested=True):
                 rows = chosen[leaf * step : (leaf + 1) * step].tolist()
                 inputs, targets = examples.take(rows, self.device)
                 with dataset_rows(rows):

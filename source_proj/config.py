@@ -67,7 +67,8 @@ class SourceConfig:
             factor rows per example (see ``gradients.memory``). An explicit ``chunk_size`` over
             it, or one example over it, is refused before any work.
         device: where gradients are computed (None: the model's device).
-        progress: show progress bars.
+        progress: show one progress bar per pass (curvature, features, queries, search).
+        verbose: also show the bars nested inside a pass (each checkpoint's curvature chunks).
     """
 
     proj_dim: int = 1024
@@ -89,6 +90,7 @@ class SourceConfig:
     max_gradient_memory: int | str = "4GiB"
     device: str | None = None
     progress: bool = True
+    verbose: bool = False
 
     def __post_init__(self) -> None:
         self.projection()  # validates proj_dim, seed, kind, backend, precision

@@ -50,7 +50,7 @@ from source_proj.trajectory.digests import FileDigests
 from source_proj.errors import InputError
 
 # SourceConfig fields that change how, not what, is computed.
-RUNTIME_FIELDS = ("backend", "chunk_size", "max_gradient_memory", "device", "progress")
+RUNTIME_FIELDS = ("backend", "chunk_size", "max_gradient_memory", "device", "progress", "verbose")
 # Metadata known only after the curvature pass (checked then, not before it).
 _AFTER_PREPARE = ("stages", "segment_weights")
 
