@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.distributed as dist
 
@@ -32,4 +34,5 @@ def merge_mappings(group: ProcessGroup, found: dict) -> dict:
         return found
     everyone: list[dict | None] = [None] * group.world_size
     dist.all_gather_object(everyone, found)
-    return {key: value for part in everyone for key, value in part.items()}
+    # all_gather_object has filled every slot with a rank's dict
+    return {key: value for part in cast("list[dict]", everyone) for key, value in part.items()}

@@ -28,7 +28,12 @@ def group_lock(group: ProcessGroup, path: str | os.PathLike) -> Iterator[StoreLo
         with together(group, f"locking {path}"):
             if group.is_main:
                 held[0] = stack.enter_context(hold_lock(path))
-        run_id = agreed(group, lambda: held[0].run_id)
+        def main_run_id() -> str:
+            lock = held[0]
+            assert lock is not None, "agreed() calls this on rank 0, which holds the lock"
+            return lock.run_id
+
+        run_id = agreed(group, main_run_id)
         with together(group, f"joining the writers of {path}"):
             if not group.is_main:
                 check_holder(path, run_id)

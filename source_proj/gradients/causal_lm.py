@@ -37,7 +37,7 @@ import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import ClassVar, cast
 
 import torch
 
@@ -107,18 +107,20 @@ class CausalLMTask(Task):
     default_curvature: ClassVar[str] = "sampled"
 
     def __post_init__(self) -> None:
-        if self.reduction is None:
+        reduction = self.reduction
+        if reduction is None:
             warnings.warn(
                 "causal-LM task: reduction not given, assuming 'mean' (each sequence's mean token loss), as the Hugging "
                 "Face Trainer minimises the mean token loss of a batch. Pass CausalLMTask(reduction='sum') if the model "
                 "was trained on summed token losses (trajectory.hf_trainer.trainer_loss_reduction reads a Trainer run's)",
                 stacklevel=3,
             )
-            object.__setattr__(self, "reduction", "mean")
-        if isinstance(self.reduction, str):
-            if self.reduction not in ("sum", "mean"):
+            reduction = "mean"
+            object.__setattr__(self, "reduction", reduction)
+        if isinstance(reduction, str):
+            if reduction not in ("sum", "mean"):
                 raise InputError(f"reduction must be 'sum', 'mean' or a positive number, got {self.reduction!r}")
-        elif isinstance(self.reduction, bool) or not (math.isfinite(float(self.reduction)) and float(self.reduction) > 0):
+        elif isinstance(reduction, bool) or not (math.isfinite(float(reduction)) and float(reduction) > 0):
             raise InputError(f"reduction must be 'sum', 'mean' or a positive number, got {self.reduction!r}")
         if self.measure not in MEASUREMENTS:
             raise InputError(f"measure must be one of {MEASUREMENTS}, got {self.measure!r}")
@@ -157,7 +159,8 @@ class CausalLMTask(Task):
             return torch.ones(mask.shape[0], dtype=torch.float64, device=mask.device)
         if self.reduction == "mean":
             return 1.0 / mask.sum(dim=1).clamp_min(1).to(torch.float64)
-        return torch.full((mask.shape[0],), 1.0 / float(self.reduction), dtype=torch.float64, device=mask.device)
+        number = cast(float, self.reduction)  # neither "sum" nor "mean": a positive number (__post_init__)
+        return torch.full((mask.shape[0],), 1.0 / float(number), dtype=torch.float64, device=mask.device)
 
     def _token_log_probs(self, outputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits, labels, mask = token_targets(outputs, targets, self.shift, self.ignore_index)

@@ -66,10 +66,10 @@ def split_columns(columns: Mapping[str, Any], target_key: str | None = None) -> 
     docstring for the conventions). Raises ValueError if no target can be found."""
     tensors: dict[str, torch.Tensor] = {}
     lengths = None
-    for key, values in columns.items():
+    for column, values in columns.items():
         if not _numeric(values):
             continue
-        tensors[key], padded = _column_tensor(key, values)
+        tensors[column], padded = _column_tensor(column, values)
         lengths = padded if padded is not None else lengths
     if lengths is not None and "attention_mask" not in tensors:
         width = max(t.shape[1] for t in tensors.values() if t.dim() >= 2)
@@ -135,9 +135,14 @@ class Examples:
     collate: Callable[[list], Any] | None = None
     target_key: str | None = None
 
+    def _tensors(self) -> tuple[Inputs, torch.Tensor]:
+        """(inputs, targets) of examples given as tensors (``dataset`` None)."""
+        assert self.inputs is not None and self.targets is not None, "as_examples gives tensors or a dataset"
+        return self.inputs, self.targets
+
     def __len__(self) -> int:
         if self.dataset is None:
-            return int(self.targets.shape[0])
+            return int(self._tensors()[1].shape[0])
         if isinstance(self.dataset, Mapping):
             return len(next(iter(self.dataset.values())))
         return len(self.dataset)
@@ -166,7 +171,8 @@ class Examples:
         """Rows at ``indices`` as (inputs, targets) on ``device``."""
         if self.dataset is None:
             idx = torch.as_tensor(list(indices), dtype=torch.long)
-            inputs, targets = take_rows(self.inputs, idx), self.targets[idx]
+            inputs, targets = self._tensors()
+            inputs, targets = take_rows(inputs, idx), targets[idx]
         else:
             batch = self._batch(list(indices))
             if isinstance(batch, Mapping):

@@ -177,10 +177,11 @@ def loss_objective(loss: Callable) -> ExampleFn:
     return lambda out, y, _: loss(out, y)[0]
 
 
-def factor_objective(out: torch.Tensor, y: torch.Tensor, column: torch.Tensor) -> torch.Tensor:
+def factor_objective(out: torch.Tensor, y: torch.Tensor, column: torch.Tensor | None) -> torch.Tensor:
     """a^T outputs for one column a (1, C) of the loss-Hessian factor A (outputs flattened to
     C = prod(O) entries, row-major); the gradients over A's columns are the rows J^T a whose
     outer products sum to the Gauss-Newton J^T A A^T J."""
+    assert column is not None, "the factor's columns are passed as the extra argument"
     return (out.reshape(out.shape[0], -1) * column).sum()
 
 

@@ -6,11 +6,14 @@ itself builds on ``tasks``).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from source_proj.errors import InputError
 from source_proj.gradients.causal_lm import CausalLMTask
 from source_proj.gradients.tasks import ClassificationTask, RegressionTask, Task
 
-BUILTIN_TASKS: dict[str, type[Task]] = {
+# each built with its defaults
+BUILTIN_TASKS: dict[str, Callable[[], Task]] = {
     "classification": ClassificationTask,
     "regression": RegressionTask,
     "causal_lm": CausalLMTask,

@@ -58,7 +58,7 @@ from typing import Any
 import torch
 
 from source_proj.kernels.reference import matrix_block
-from source_proj.projection.jl import GradientBlocks, ProjectionConfig, project
+from source_proj.projection.jl import ProjectionConfig, project
 from source_proj.errors import InputError
 
 FACTOR_ROW_BASE = 2**62
@@ -352,7 +352,7 @@ class FactoredProjection:
         """(B, k_rest) float32 from the other parameters' (B, numel) gradient blocks."""
         if not self.plan.rest:
             return None
-        blocks: GradientBlocks = [grads[n] for n in self.plan.rest]
+        blocks = [grads[n] for n in self.plan.rest]
         config = self.rest_config()
         if config is None:
             return torch.cat([b.to(torch.float32) for b in blocks], dim=1)

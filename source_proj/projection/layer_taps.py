@@ -27,6 +27,7 @@ import sys
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import nn
@@ -97,8 +98,9 @@ def find_taps(model: nn.Module, names: tuple[str, ...], aliases: Mapping[str, st
         kinds = [_module_kind(m) if pname == "weight" else None for _, pname, m in found]
         if not found or any(k is None for k in kinds) or shapes[name].dim() != 2:
             continue
-        weights[name] = tuple(shapes[name].shape)
-        taps += [Tap(m, path, name, kind) for (path, _, m), kind in zip(found, kinds)]
+        rows, cols = shapes[name].shape
+        weights[name] = (rows, cols)
+        taps += [Tap(m, path, name, cast(str, kind)) for (path, _, m), kind in zip(found, kinds)]  # no None (checked)
     return weights, tuple(taps)
 
 
@@ -181,9 +183,10 @@ class LayerTaps:
                 )
             input_side, output_side = self._input_and_output_sides(tap)
             if tap.kind == EMBEDDING:
-                rows = input_side.lookup(x, tap.module.num_embeddings)
-                if tap.module.padding_idx is not None:  # torch gives that row no gradient
-                    rows = rows * (x != tap.module.padding_idx)[..., None].to(rows.dtype)
+                embedding = cast(nn.Embedding, tap.module)  # the kind of an exact nn.Embedding
+                rows = input_side.lookup(x, embedding.num_embeddings)
+                if embedding.padding_idx is not None:  # torch gives that row no gradient
+                    rows = rows * (x != embedding.padding_idx)[..., None].to(rows.dtype)
                 captured[key] = rows
             else:
                 captured[key] = input_side.apply(x)

@@ -151,8 +151,10 @@ def _per_example(
     """(gradients still to project, projections already made) per example, (B, [R,] width),
     rescaled by ``scale`` (D^{1/2}): exactly for gradients still to project, through the
     rank-one stand-in of ``FactoredProjection.fit_scale`` for factored weights."""
-    exact = scale
+    blocks: dict[str, torch.Tensor]
     if not isinstance(projection, FactoredProjection):
+        assert not isinstance(scale, FittedScale), "a FittedScale is made for a factored projection"
+        exact = scale
         grads, blocks = per_example_gradients(fn, params, consts, objective, inputs, targets, extra), {}
     else:
         fitted = projection.fit_scale(scale) if isinstance(scale, Mapping) else scale
@@ -204,7 +206,8 @@ def projected_gradients(
             for name, block in part.items():
                 check_finite(block, f"gradients of {name!r} at {where}")
         if totals is None:
-            totals = tuple({name: block.to(torch.float32) for name, block in part.items()} for part in parts)
+            grads, blocks = ({name: block.to(torch.float32) for name, block in part.items()} for part in parts)
+            totals = (grads, blocks)
             continue
         for total, part in zip(totals, parts):
             for name, block in part.items():

@@ -325,8 +325,8 @@ def _normalise_param_order(order: Sequence[str] | Sequence[Sequence[str]]) -> tu
         raise TrajectoryError(f"param_order must be a non-empty sequence of names or of name groups, got {order!r}")
     grouped = not isinstance(order[0], str)
     groups = [tuple(g) for g in order] if grouped else [tuple(order)]
-    names = [n for g in groups for n in g]
-    if not all(isinstance(n, str) for n in names):
+    names = [n for g in groups for n in g if isinstance(n, str)]
+    if len(names) != sum(len(g) for g in groups):
         raise TrajectoryError("param_order must hold parameter names (str), or one sequence of names per param group")
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:

@@ -51,7 +51,7 @@ import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 import xxhash
@@ -219,7 +219,7 @@ def _from_state_dict(
             )
         flat = [n for g in order for n in g]
     else:
-        flat = list(order)
+        flat = list(cast("Sequence[str]", order))  # not grouped: a flat sequence of names
         if len(flat) != sum(sizes):
             raise TrajectoryError(
                 f"{where}: the optimizer state holds {sum(sizes)} parameters (param groups of sizes "
@@ -347,7 +347,9 @@ def check_step_counts(trajectory: Trajectory, recorded: Sequence[float | None]) 
     for index, step in enumerate(recorded):
         if step is None:
             continue
-        where = state_location(checkpoints[index].optimizer_state, index)
+        source = checkpoints[index].optimizer_state
+        assert source is not None, "a recorded step count comes from an optimizer state"
+        where = state_location(source, index)
         stage = checkpoints[index].stage
         start = trajectory.stage_checkpoints(stage)[0]
         in_stage = sum(int(c.steps) for c in checkpoints[start : index + 1])
@@ -361,7 +363,9 @@ def check_step_counts(trajectory: Trajectory, recorded: Sequence[float | None]) 
                 )
         else:
             since = trajectory.cumulative_steps(index) - trajectory.cumulative_steps(previous)
-            expected = recorded[previous] + since
+            previous_step = recorded[previous]
+            assert previous_step is not None  # previous: the last checkpoint whose state records a step
+            expected = previous_step + since
             fresh = start > previous  # c's stage began after the previous recorded state
             if not (_same_step(step, expected) or (fresh and _same_step(step, in_stage))):
                 restart = f" (or {in_stage} for an optimizer created afresh for stage {stage!r})" if fresh else ""
@@ -411,7 +415,8 @@ class Preconditioner:
         parameter."""
         shapes = {n: p.shape for n, p in model.named_parameters()}
         order = trajectory.param_order if trajectory.param_order is not None else default_param_order(model)
-        flat = [n for g in order for n in g] if order and not isinstance(order[0], str) else list(order)
+        grouped = bool(order) and not isinstance(order[0], str)
+        flat = [n for g in order for n in g] if grouped else list(cast("Sequence[str]", order))
         unknown = sorted(set(flat) - set(shapes))
         if unknown:
             raise TrajectoryError(f"param_order names parameters the model does not have: {unknown}")
@@ -437,15 +442,20 @@ class Preconditioner:
         and compared with what :meth:`build` read (``TrajectoryError`` if the state changed)."""
         moments = self._read(index)[0]
         if self.fast_digests and moments_digest(moments, fast=True) != self.fast_digests[index]:
-            where = state_location(self.trajectory.checkpoints[index].optimizer_state, index)
+            where = state_location(self._state_source(index), index)
             raise TrajectoryError(f"{where} changed during the run (its second moments differ from when it was "
                                   "first read): restore it, or start again with the new file")
         return moments
 
+    def _state_source(self, index: int) -> Mapping[str, Any] | str | os.PathLike:
+        source = self.trajectory.checkpoints[index].optimizer_state
+        assert source is not None, "a preconditioned trajectory has an optimizer state at every checkpoint"
+        return source
+
     def _read(self, index: int) -> tuple[Moments, float | None]:
         """:meth:`moments` and the step count the state records (its attributed parameters'
         largest; None for a mapping name -> ``exp_avg_sq``, which records none)."""
-        source = self.trajectory.checkpoints[index].optimizer_state
+        source = self._state_source(index)
         where = state_location(source, index)
         state = load_optimizer_state(source, where)
         if is_state_dict(state):
