@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from source_proj.gradients.memory import parse_bytes
 from source_proj.projection.jl import ProjectionConfig
@@ -11,6 +13,34 @@ from source_proj.projection.projected import CURVATURE_MODES, STRUCTURES
 from source_proj.errors import InputError
 
 QUERY_MODES = ("auto", "final", "segment")
+
+
+def _setting(
+    default: Any,
+    help: str,
+    *,
+    recorded: bool = True,
+    flag: str | None = None,
+    kind: str = "choice",
+    choices: tuple[str, ...] | None = None,
+    added: bool = False,
+) -> Any:
+    """A ``SourceConfig`` field and what the rest of the package derives from it.
+
+    Args:
+        default: the field's default.
+        help: one line for the command line's help (the default is appended there).
+        recorded: whether the setting changes the features: recorded in stores and checked
+            when one is reopened (False: how, not what, is computed; overridable at query time).
+        flag: the command-line flag of ``source-proj fit`` (None: not on the command line).
+        kind: how the flag parses: "positive" (int >= 1), "int", "choice" (one of
+            ``choices``) or "flag" (on when given).
+        added: added after stores were first written: recorded only when it differs from
+            ``default``, so that older stores keep opening.
+    """
+    return field(default=default, metadata={
+        "help": help, "recorded": recorded, "flag": flag, "kind": kind, "choices": choices, "added": added,
+    })
 
 
 @dataclass(frozen=True)
@@ -71,26 +101,44 @@ class SourceConfig:
         verbose: also show the bars nested inside a pass (each checkpoint's curvature chunks).
     """
 
-    proj_dim: int = 1024
-    seed: int = 0
-    proj_kind: str = "rademacher"
-    proj_structure: str = "dense"
-    kronecker_terms: int = 4
-    backend: str = "auto"
-    proj_precision: str = "highest"
-    num_segments: int = 3
-    curvature: str = "auto"
-    curvature_examples: int | None = None
-    momentum_factor: bool = True
-    time_scale: float = 1.0
-    query_mode: str = "auto"
-    keep_segment_features: bool = False
-    segment_projections: bool = False
-    chunk_size: int | None = None
-    max_gradient_memory: int | str = "4GiB"
-    device: str | None = None
-    progress: bool = True
-    verbose: bool = False
+    proj_dim: int = _setting(1024, "projection dimension k (factored: the total shared out among the layers)",
+                             flag="--proj-dim", kind="positive")
+    seed: int = _setting(0, "seed of the random projection (and of sampled curvature)", flag="--seed", kind="int")
+    proj_kind: str = _setting("rademacher", "projection entries", flag="--proj-kind", choices=("rademacher", "gaussian"))
+    proj_structure: str = _setting(
+        "dense", "dense: every per-example gradient formed and projected; factored: linear, embedding and GPT-2 "
+        "Conv1D weights projected by Kronecker factors without forming their gradients",
+        flag="--proj-structure", choices=STRUCTURES,
+    )
+    kronecker_terms: int = _setting(4, "Kronecker products summed per factored weight (more: closer to dense accuracy)",
+                                    flag="--kronecker-terms", kind="positive")
+    backend: str = _setting("auto", "projection backend: auto, cpu or triton", recorded=False)
+    proj_precision: str = _setting("highest", "GPU products of float32 gradients: highest, or tf32 (faster, ~4e-4 relative)",
+                                   flag="--proj-precision", choices=("highest", "tf32"))
+    num_segments: int = _setting(3, "segments per training stage, L", flag="--num-segments", kind="positive")
+    curvature: str = _setting("auto", "Gauss-Newton Hessian: exact, or with sampled labels (cheaper for many outputs); "
+                              "auto: the task's choice", flag="--curvature", choices=("auto", *CURVATURE_MODES))
+    curvature_examples: int | None = _setting(None, "training rows per checkpoint for the Hessian (default: all)",
+                                              flag="--curvature-examples", kind="positive")
+    momentum_factor: bool = _setting(True, "scale segment time by 1 / (1 - momentum) under heavy-ball momentum")
+    time_scale: float = _setting(1.0, "multiplies every segment's time eta K")
+    query_mode: str = _setting(
+        "auto", "query gradients at the final checkpoint, transported (the paper's form), or averaged per segment; "
+        "auto: per segment for one training stage, final for several", flag="--query-mode", choices=QUERY_MODES,
+    )
+    keep_segment_features: bool = _setting(False, "also store per-segment features (for --stage in score and topk)",
+                                           flag="--keep-segments", kind="flag")
+    segment_projections: bool = _setting(
+        False, "project each segment with its own matrix (seed + segment index): independent JL errors per segment, "
+        "at the same k (per-segment query form only)", flag="--segment-projections", kind="flag", added=True,
+    )
+    chunk_size: int | None = _setting(None, "examples per gradient batch (memory vs speed; default: what "
+                                      "max_gradient_memory allows, at most 64)", recorded=False, flag="--batch-size",
+                                      kind="positive")
+    max_gradient_memory: int | str = _setting("4GiB", "memory that per-example gradient buffers may take", recorded=False)
+    device: str | None = _setting(None, "where gradients are computed (default: the model's device)", recorded=False)
+    progress: bool = _setting(True, "progress bars, one per pass", recorded=False)
+    verbose: bool = _setting(False, "also the progress bars nested inside a pass", recorded=False)
 
     def __post_init__(self) -> None:
         self.projection()  # validates proj_dim, seed, kind, backend, precision
@@ -120,6 +168,15 @@ class SourceConfig:
         """"exact" or "sampled": ``curvature`` with "auto" resolved to the task's ``default``."""
         return default if self.curvature == "auto" else self.curvature
 
+    def recorded_settings(self) -> dict[str, Any]:
+        """The settings that determine the features, as stores record them (JSON-serialisable):
+        every recorded field, an added one only when it differs from its default."""
+        return {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if f.metadata["recorded"] and not (f.metadata["added"] and getattr(self, f.name) == f.default)
+        }
+
     def gradient_budget(self) -> int:
         """``max_gradient_memory`` in bytes."""
         return parse_bytes(self.max_gradient_memory)
@@ -133,3 +190,7 @@ class SourceConfig:
             backend=self.backend,
             precision=self.proj_precision,
         )
+
+
+# Settings that change how, not what, is computed: never recorded, overridable for queries.
+RUNTIME_FIELDS = tuple(f.name for f in dataclasses.fields(SourceConfig) if not f.metadata["recorded"])

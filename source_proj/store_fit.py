@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from source_proj.attributor import SourceAttributor
-from source_proj.config import SourceConfig
+from source_proj.config import RUNTIME_FIELDS, SourceConfig
 from source_proj.curvature.spectra import SegmentSpectrum
 from source_proj.distributed.failures import together
 from source_proj.distributed.gather import merge_mappings
@@ -49,25 +49,8 @@ from source_proj.gradients.memory import MemoryBudgetError
 from source_proj.trajectory.digests import FileDigests
 from source_proj.errors import InputError
 
-# SourceConfig fields that change how, not what, is computed.
-RUNTIME_FIELDS = ("backend", "chunk_size", "max_gradient_memory", "device", "progress", "verbose")
 # Metadata known only after the curvature pass (checked then, not before it).
 _AFTER_PREPARE = ("stages", "segment_weights")
-
-
-# Settings added to SourceConfig after stores were first written, with their defaults: they
-# are recorded only when they differ, so a store written before them still opens (and reads
-# back with the default).
-_ADDED_SETTINGS = {"segment_projections": False}
-
-
-def estimator_settings(config: SourceConfig) -> dict[str, Any]:
-    """The fields of ``config`` that determine the features (JSON-serialisable)."""
-    return {
-        k: v
-        for k, v in dataclasses.asdict(config).items()
-        if k not in RUNTIME_FIELDS and not (k in _ADDED_SETTINGS and v == _ADDED_SETTINGS[k])
-    }
 
 
 def store_config(store: FeatureStore, **runtime: Any) -> SourceConfig:
@@ -86,7 +69,7 @@ def _metadata(attributor: SourceAttributor) -> dict[str, Any]:
     return {
         **attributor.metadata(),
         **({"task_fingerprint": fingerprint} if fingerprint is not None else {}),
-        "source_config": estimator_settings(attributor.config),
+        "source_config": attributor.config.recorded_settings(),
     }
 
 

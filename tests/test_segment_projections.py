@@ -69,8 +69,7 @@ def test_stores_without_the_setting_keep_their_metadata():
     # A store fitted without segment projections records exactly what stores recorded before
     # the setting existed (so those open), and reads back with the setting off.
     from source_proj.config import SourceConfig
-    from source_proj.store_fit import estimator_settings
 
-    off, on = estimator_settings(SourceConfig()), estimator_settings(SourceConfig(segment_projections=True))
+    off, on = SourceConfig().recorded_settings(), SourceConfig(segment_projections=True).recorded_settings()
     assert "segment_projections" not in off and on["segment_projections"] is True
     assert SourceConfig(**off) == SourceConfig() and SourceConfig(**on).segment_projections

@@ -13,6 +13,7 @@ exit code 2 (``--debug`` shows the traceback instead).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import csv
 import json
 import os
@@ -159,29 +160,11 @@ def _write_records(records: list[dict[str, Any]], columns: list[str], fmt: str, 
 
 
 # ----------------------------------------------------------------------------- fit
-_CONFIG_FLAGS = {  # flag destination -> SourceConfig field
-    "proj_dim": "proj_dim",
-    "seed": "seed",
-    "proj_kind": "proj_kind",
-    "proj_precision": "proj_precision",
-    "proj_structure": "proj_structure",
-    "kronecker_terms": "kronecker_terms",
-    "num_segments": "num_segments",
-    "query_mode": "query_mode",
-    "curvature": "curvature",
-    "curvature_examples": "curvature_examples",
-    "keep_segments": "keep_segment_features",
-    "segment_projections": "segment_projections",
-    "batch_size": "chunk_size",
-    "device": "device",
-}
-
-
 def _attributor_for_fit(args: argparse.Namespace, spec: Any) -> Any:
     from source_proj.config import SourceConfig
 
     settings = dict(spec.config)
-    settings.update({field: getattr(args, flag) for flag, field in _CONFIG_FLAGS.items() if getattr(args, flag) is not None})
+    settings.update(_given_settings(args))
     settings["progress"] = not args.quiet
     return spec.attributor(SourceConfig(**settings))
 
@@ -236,13 +219,19 @@ def _query_setup(args: argparse.Namespace) -> tuple[Any, Any, Any, list[int] | N
     return store, attributor, queries, segments, spec
 
 
+def _given_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``SourceConfig`` fields given on the command line: their flags (``_setting_flags``)
+    and the common ``--device``; each flag's destination is its field's name."""
+    from source_proj.config import SourceConfig
+
+    names = [f.name for f in dataclasses.fields(SourceConfig)]
+    return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
+
+
 def _runtime(args: argparse.Namespace) -> dict[str, Any]:
-    out = {}
-    if args.batch_size is not None:
-        out["chunk_size"] = args.batch_size
-    if args.device is not None:
-        out["device"] = args.device
-    return out
+    from source_proj.config import RUNTIME_FIELDS
+
+    return {name: value for name, value in _given_settings(args).items() if name in RUNTIME_FIELDS}
 
 
 def _score(args: argparse.Namespace) -> int:
@@ -575,8 +564,31 @@ def _shared_flags(parser: argparse.ArgumentParser) -> None:
                         "commands that compute none ignore it)")
 
 
+def _setting_flags(parser: argparse.ArgumentParser, recorded: bool) -> None:
+    """A flag for every ``SourceConfig`` field that has one and is (``recorded``) or is not a
+    recorded setting, generated from the field's metadata (``config._setting``): its name, how
+    it parses, its help and its default. Each flag's destination is the field's name; an
+    absent flag is None (the task's ``TaskSpec.config``, then the default, apply)."""
+    from source_proj.config import SourceConfig
+
+    for f in dataclasses.fields(SourceConfig):
+        meta = f.metadata
+        if meta["flag"] is None or meta["recorded"] != recorded:
+            continue
+        default = "off" if meta["kind"] == "flag" else f.default
+        options: dict[str, Any] = {"dest": f.name, "help": f"{meta['help']} (default {default})"}
+        if meta["kind"] == "flag":
+            options.update(action="store_true", default=None)
+        elif meta["kind"] == "choice":
+            options["choices"] = list(meta["choices"])
+        else:
+            options["type"] = _positive_int if meta["kind"] == "positive" else int
+            options["metavar"] = meta["flag"].lstrip("-").upper().replace("-", "_")
+        parser.add_argument(meta["flag"], **options)
+
+
 def _runtime_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--batch-size", type=_positive_int, help="examples per gradient batch (memory vs speed; default 64)")
+    _setting_flags(parser, recorded=False)
 
 
 def _query_flags(parser: argparse.ArgumentParser) -> None:
@@ -650,29 +662,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     fit.add_argument("--dtype", choices=["float32", "float16"], default="float32",
                      help="feature precision on disk; float16 halves the size, scores within 2^-11 relative")
     fit.add_argument("--chunk-rows", type=_positive_int, default=4096, help="training rows per store chunk (default 4096)")
-    fit.add_argument("--proj-dim", type=_positive_int, help="projection dimension k (default 1024)")
-    fit.add_argument("--seed", type=int, help="seed of the random projection (default 0)")
-    fit.add_argument("--proj-kind", choices=["rademacher", "gaussian"], help="projection entries (default rademacher)")
-    fit.add_argument("--proj-precision", choices=["highest", "tf32"],
-                     help="GPU products of float32 gradients: highest (default) or tf32 (faster, ~4e-4 relative)")
-    fit.add_argument("--proj-structure", choices=["dense", "factored"],
-                     help="dense (default): every per-example gradient formed and projected; factored: linear, "
-                     "embedding and GPT-2 Conv1D weights projected by Kronecker factors without forming their "
-                     "gradients, --proj-dim shared out among the layers")
-    fit.add_argument("--kronecker-terms", type=_positive_int,
-                     help="Kronecker products summed per factored weight (default 4; more: closer to dense accuracy)")
-    fit.add_argument("--num-segments", type=_positive_int, help="segments per training stage, L (default 3)")
-    fit.add_argument("--query-mode", choices=["auto", "final", "segment"], help="query gradients at the final "
-                     "checkpoint, transported (the paper's form), or averaged per segment; auto (default): per "
-                     "segment for one training stage, final for several")
-    fit.add_argument("--curvature", choices=["exact", "sampled"], help="Gauss-Newton Hessian: exact or with "
-                     "sampled labels (cheaper for many classes)")
-    fit.add_argument("--curvature-examples", type=_positive_int, help="training rows per checkpoint for the Hessian (default all)")
-    fit.add_argument("--keep-segments", action="store_true", default=None,
-                     help="also store per-segment features (for --stage in score and topk)")
-    fit.add_argument("--segment-projections", action="store_true", default=None,
-                     help="project each segment with its own matrix (seed + segment index): independent JL "
-                     "errors per segment, at the same k (per-segment query form only)")
+    _setting_flags(fit, recorded=True)
     _runtime_flags(fit)
     fit.set_defaults(handler=_reporting_errors(_fit))
 
