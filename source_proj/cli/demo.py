@@ -12,6 +12,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import torch
 from torch import nn
@@ -28,7 +29,7 @@ DIGITS_ADAMW_SETTINGS = AdamWSettings(
     epochs=12, batch_size=32, lr=3e-3, weight_decay=1e-2, warmup_fraction=0.1, checkpoints_per_epoch=1, seed=0
 )
 # --optimizer of the demo: (settings, checkpoint folder, description).
-DEMO_OPTIMIZERS = {
+DEMO_OPTIMIZERS: dict[str, tuple[TrainSettings | AdamWSettings, str, str]] = {
     "sgd": (DIGITS_SETTINGS, "checkpoints", "SGD, momentum 0.9"),
     "adamw": (DIGITS_ADAMW_SETTINGS, "checkpoints-adamw", "AdamW, warm-up + cosine schedule"),
 }
@@ -76,12 +77,13 @@ def digits_run(checkpoint_dir: str | os.PathLike, settings: TrainSettings | Adam
                        str(folder / e["optimizer_state"]) if e.get("optimizer_state") else None)
             for e in entries
         ]
-        model.load_state_dict(torch.load(ckpts[-1].state, weights_only=True))
+        model.load_state_dict(torch.load(folder / entries[-1]["file"], weights_only=True))
     else:
         ckpts = train(model, ClassificationTask(), *train_rows, settings, checkpoint_dir=folder)
+        # train() saved every state and optimizer state under checkpoint_dir: they are paths
         entries = [
-            {"file": Path(c.state).name, "steps": c.steps, "lr": c.lr, "stage": c.stage,
-             "optimizer_state": Path(c.optimizer_state).name if c.optimizer_state else None}
+            {"file": Path(cast(str, c.state)).name, "steps": c.steps, "lr": c.lr, "stage": c.stage,
+             "optimizer_state": Path(cast(str, c.optimizer_state)).name if c.optimizer_state else None}
             for c in ckpts
         ]
         manifest.write_text(json.dumps({"settings": wanted, "checkpoints": entries}, indent=1))

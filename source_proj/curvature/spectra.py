@@ -91,11 +91,12 @@ def segment_spectrum(hessians: list[torch.Tensor], weight_decay: float, time: fl
 
 def segment_spectra(
     segments: Sequence[Segment],
-    hessians: Mapping[int, torch.Tensor],
+    hessians: Mapping[int, torch.Tensor] | torch.Tensor,
     decay: float | Sequence[float],
     used: Collection[int] | None = None,
 ) -> list[SegmentSpectrum]:
-    """Each segment's spectrum from the projected Hessians (k, k) of its checkpoints.
+    """Each segment's spectrum from the projected Hessians (k, k) of its checkpoints
+    (``hessians[c]``: a mapping, or all of them stacked (C, k, k)).
 
     ``decay`` is the rate added to the diagonal: one number (the weight decay lambda), or one
     per checkpoint (``Preconditioner.decays``), averaged over each segment's checkpoints.

@@ -41,7 +41,7 @@ from torch.func import functional_call
 from source_proj.config import SourceConfig
 from source_proj.curvature.spectra import segment_spectra, transport_operators
 from source_proj.evaluation.projected_run import ProjectedRun
-from source_proj.features.query_forms import query_form
+from source_proj.features.query_forms import QueryForm, query_form
 from source_proj.features.rows import row_dot, segment_features
 from source_proj.trajectory.checkpoints import Segment
 from source_proj.errors import InputError
@@ -49,8 +49,8 @@ from source_proj.errors import InputError
 
 def _source_train(
     run: ProjectedRun, config: SourceConfig
-) -> tuple[ProjectedRun, tuple[Segment, ...], str, torch.Tensor, torch.Tensor]:
-    """(run at ``config.proj_dim``, segments, query mode, per-segment mean training gradients
+) -> tuple[ProjectedRun, tuple[Segment, ...], QueryForm, torch.Tensor, torch.Tensor]:
+    """(run at ``config.proj_dim``, segments, query form, per-segment mean training gradients
     (N, L, k) float64, training features (N, D)) of SOURCE with ``config`` on ``run``."""
     if (config.seed, config.proj_kind, config.proj_structure) != (run.seed, run.kind, run.structure):
         raise InputError(

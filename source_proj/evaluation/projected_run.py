@@ -118,7 +118,8 @@ class ProjectedRun:
 
 
 def _gradients(
-    fn: ModelFunction, state: dict, objective, examples: Examples, projection: Projection, where: str, scale
+    fn: ModelFunction, state: Mapping[str, torch.Tensor], objective, examples: Examples, projection: Projection,
+    where: str, scale,
 ) -> torch.Tensor:
     params, consts = fn.split_state(fn.canonical_state(state, where), torch.device("cpu"))
     parts = []
@@ -195,6 +196,7 @@ def project_run(
         for s, d in data.items()
     }
     final_hessian = sum(sizes[s] * h for s, h in at_final.items()) / sum(sizes.values())
+    assert isinstance(final_hessian, torch.Tensor)  # a sum over at least one stage
     final_state = trajectory.checkpoints[last].load()
     final_scale = final_engine.gradient_scale(last)
     output_grads = torch.cat(

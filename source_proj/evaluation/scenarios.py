@@ -18,6 +18,7 @@ and the task, and knows how to train a run from scratch on a subset of its attri
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -251,7 +252,7 @@ def digits_adamw_noisy(num_train: int = 800, num_queries: int = 100, noise: floa
 
 def build(name: str) -> Scenario:
     """The scenario called ``name`` (one of :data:`SCENARIOS`) with its default sizes."""
-    makers = {
+    makers: dict[str, Callable[[], Scenario]] = {
         "digits": digits,
         "digits-noisy": digits_noisy,
         "digits-two-stage": digits_two_stage,

@@ -15,6 +15,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -154,8 +155,8 @@ def _save(
     checkpoint_dir: str | os.PathLike | None,
     keep_optimizer_state: bool,
 ) -> Checkpoint:
-    state = copy.deepcopy(model.state_dict())
-    opt_state = copy.deepcopy(optimizer.state_dict()) if keep_optimizer_state else None
+    state: dict[str, Any] | str = copy.deepcopy(model.state_dict())
+    opt_state: dict[str, Any] | str | None = copy.deepcopy(optimizer.state_dict()) if keep_optimizer_state else None
     if checkpoint_dir is not None:
         folder = Path(checkpoint_dir)
         folder.mkdir(parents=True, exist_ok=True)
@@ -234,8 +235,9 @@ def train(
     inputs: torch.Tensor,
     targets: torch.Tensor,
     settings: TrainSettings | AdamWSettings,
-    **options: object,
+    **options: Any,
 ) -> list[Checkpoint]:
     """:func:`train_sgd` or :func:`train_adamw`, chosen by the type of ``settings``."""
-    trainer = train_adamw if isinstance(settings, AdamWSettings) else train_sgd
-    return trainer(model, task, inputs, targets, settings, **options)
+    if isinstance(settings, AdamWSettings):
+        return train_adamw(model, task, inputs, targets, settings, **options)
+    return train_sgd(model, task, inputs, targets, settings, **options)

@@ -165,6 +165,8 @@ class _StandIn:
     """What a pickle builds for a class it names: the constructor arguments (``args``) and the
     pickled state as attributes. Nothing of the named class runs."""
 
+    args: tuple[object, ...]
+
     def __new__(cls, *args: object, **kwargs: object) -> _StandIn:
         obj = object.__new__(cls)
         obj.args = args
@@ -360,7 +362,9 @@ def read_trainer_record(folder: str | os.PathLike) -> TrainerRecord | None:
 def _folder_record(folder: Path) -> TrainerRecord | None:
     """The folder's record, refused if it records another step than the folder's name."""
     record = read_trainer_record(folder)
-    step = int(_CHECKPOINT_DIR.match(folder.name).group(1))
+    match = _CHECKPOINT_DIR.match(folder.name)
+    assert match is not None, "checkpoint_folders lists checkpoint-<step> folders only"
+    step = int(match.group(1))
     if record is not None and record.global_step != step:
         raise TrajectoryError(f"{os.fspath(folder / RECORD_FILE)!r} records step {record.global_step}, not the "
                               f"folder's {step}: copied from another checkpoint? Remove it")
@@ -516,7 +520,8 @@ def trainer_param_order(model: torch.nn.Module) -> list[list[str]]:
     ``transformers``). The integer ids of ``optimizer.pt`` index this order."""
     from transformers import Trainer
 
-    decay = set(Trainer.get_decay_parameter_names(None, model))
+    # called unbound: the method does not use self
+    decay = set(Trainer.get_decay_parameter_names(None, model))  # type: ignore[arg-type]
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     return [[n for n in names if n in decay], [n for n in names if n not in decay]]
 
@@ -632,6 +637,7 @@ def trainer_trajectory(
         if record is not None:
             rates, source = np.array(record.learning_rates, dtype=np.float64), f"{os.fspath(last / RECORD_FILE)!r}"
         else:
+            assert args is not None  # no record: the schedule's arguments
             rates = _replayed_rates(args, states[last_step], schedulers, last_step, last / "training_args.bin")
             source = f"the {args.scheduler} schedule of {os.fspath(last / 'training_args.bin')!r}"
         _check_rates(rates, _logged_rates(log_history), next_rates, source, last / "trainer_state.json")
@@ -673,6 +679,8 @@ def trainer_trajectory(
         checkpoints.append(Checkpoint(str(folder), steps=step - previous, lr=history, stage=stage, optimizer_state=state))
         previous = step
     if adam:
+        assert model is not None, "refused above"
+        assert settings.betas is not None and settings.eps is not None, "Adam's settings have both"
         return Trajectory(
             tuple(checkpoints), optimizer=settings.kind, weight_decay=settings.weight_decay, betas=settings.betas,
             eps=settings.eps, param_order=tuple(tuple(g) for g in trainer_param_order(model)),

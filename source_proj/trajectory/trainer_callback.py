@@ -43,6 +43,12 @@ IGNORE_INDEX = -100
 _JSON_SCALARS = (str, int, float, bool, type(None))
 
 
+def _checkpoint_folder(args: TrainingArguments, step: int) -> Path:
+    """The Trainer's ``checkpoint-<step>`` folder."""
+    assert args.output_dir is not None, "TrainingArguments sets a default output_dir"
+    return Path(args.output_dir) / f"checkpoint-{step}"
+
+
 @dataclass
 class _TokenCounts:
     """Training sequences seen, their target tokens, and whether all had the same count."""
@@ -114,7 +120,7 @@ class SourceRecordCallback(TrainerCallback):
         """Begin at step ``done + 1``: after a resume, continue the resumed checkpoint's record."""
         self._first_step = done + 1
         if done:
-            record = read_trainer_record(Path(args.output_dir) / f"checkpoint-{done}")
+            record = read_trainer_record(_checkpoint_folder(args, done))
             if record is not None and record.complete and record.global_step == done:
                 self._rates, self._digests = list(record.learning_rates), list(record.batch_digests)
                 self._first_step = 1
@@ -128,12 +134,13 @@ class SourceRecordCallback(TrainerCallback):
 
     def on_pre_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                               optimizer: torch.optim.Optimizer | None = None, **kwargs: object) -> None:
+        assert optimizer is not None, "the Trainer passes its optimizer"
         self._rates.append(tuple(float(g["lr"]) for g in optimizer.param_groups))
         self._digests.append(self._batch.hexdigest()[:16] if self._seen else None)
         self._batch, self._seen = hashlib.sha256(), False
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: object) -> None:
-        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        folder = _checkpoint_folder(args, state.global_step)
         if not state.is_world_process_zero or self._first_step is None or not folder.is_dir():
             return
         counts = self._counts
