@@ -44,6 +44,7 @@ from source_proj.distributed.gather import gather_rows
 from source_proj.distributed.group import ProcessGroup
 from source_proj.distributed.reduce import TreeSum, tree_total
 from source_proj.features.query_forms import QueryForm, query_form
+from source_proj.features.source import FeatureSource, MemoryFeatures
 from source_proj.features.rows import row_dot, segment_features
 from source_proj.gradients.data import Examples, as_examples, row_shapes
 from source_proj.gradients.memory import feature_chunk
@@ -69,6 +70,9 @@ from source_proj.trajectory.checkpoints import (
     state_files,
 )
 from source_proj.trajectory.digests import FileDigests, StateDigests, fast_digest, state_digests
+from source_proj.retrieval.exact import TopK, exact_proponents_opponents, exact_topk
+from source_proj.retrieval.group import group_influence
+from source_proj.store_fit import fit_store, open_store
 from source_proj.trajectory.optimizer_state import Preconditioner
 from source_proj.errors import InputError
 
@@ -165,6 +169,7 @@ class SourceAttributor:
         self.train_features: torch.Tensor | None = None
         self.train_segment_features: torch.Tensor | None = None
         self._self_influence: torch.Tensor | None = None
+        self.features: FeatureSource | None = None
 
     # ----------------------------------------------------------------- helpers
     def _read_state(self, index: int) -> dict:
@@ -532,15 +537,27 @@ class SourceAttributor:
         self,
         train_data: Any,
         *,
+        store: str | os.PathLike | None = None,
+        dtype: str = "float32",
+        chunk_rows: int = 4096,
         stages: Sequence[Hashable] | None = None,
         num_train: int | Mapping[Hashable, int] | None = None,
         curvature_data: Any = None,
     ) -> SourceAttributor:
-        """Compute and keep in memory the features of every training row (see :meth:`prepare`
-        for the arguments). For data sets too large for memory, use a feature store.
+        """Compute the features of every training row (see :meth:`prepare` for ``stages``,
+        ``num_train`` and ``curvature_data``), in memory, or with ``store`` (a directory) in a
+        feature store written chunk by chunk: created, or resumed where an interrupted fit
+        stopped (``dtype`` "float32" or "float16", ``chunk_rows`` rows per chunk; see
+        ``store_fit.fit_store`` for what is checked first). Either way :meth:`score`,
+        :meth:`topk`, :meth:`self_influence` and :meth:`group_influence` then read them through
+        :attr:`features`.
 
-        Under ``torch.distributed`` each rank featurises a contiguous share of the rows and
-        every rank ends with all of them (the same as one process would compute)."""
+        Under ``torch.distributed`` each rank featurises a share of the rows and every rank
+        ends with all of them (the same as one process would compute)."""
+        if store is not None:
+            self.features, _ = fit_store(self, train_data, store, dtype=dtype, chunk_rows=chunk_rows, stages=stages,
+                                         num_train=num_train, curvature_data=curvature_data)
+            return self
         examples = as_examples(train_data)
         self.check_training_data(examples)
         self.prepare(examples, stages=stages, num_train=num_train, curvature_data=curvature_data)
@@ -551,7 +568,19 @@ class SourceAttributor:
             None if rows.segment_features is None else gather_rows(self.group, rows.segment_features)
         )
         self._self_influence = gather_rows(self.group, rows.self_influence)
+        self.features = MemoryFeatures(self.train_features, self.train_segment_features, self._self_influence)
         return self
+
+    def use_store(self, path: str | os.PathLike) -> SourceAttributor:
+        """Answer queries from the complete feature store at ``path``, after checking that it
+        was made with this model, trajectory and settings (``StoreMismatchError`` otherwise)."""
+        self.features = open_store(self, path)
+        return self
+
+    def _source(self) -> FeatureSource:
+        if self.features is None:
+            raise RuntimeError("call fit() (or use_store()) before scoring")
+        return self.features
 
     # ----------------------------------------------------------------- queries
     def query_features(
@@ -602,16 +631,53 @@ class SourceAttributor:
         final model when the training row is included (> 0: proponent for a margin).
 
         ``stage`` keeps only the terms of that stage's segments (later segments still act
-        through their exp(-tH) factors).
+        through their exp(-tH) factors). From a store the rows are read block by block; the
+        (n_query, N) result must fit in memory (``retrieval.bulk.score_matrix`` writes it to
+        disk instead).
         """
-        return self.query_features(queries) @ self._features_for(stage).T
+        source = self._source()
+        if isinstance(source, MemoryFeatures):
+            return self.query_features(queries) @ self._features_for(stage).T
+        q, segments = self._restricted_queries(queries, stage)
+        blocks = [torch.from_numpy(q) @ torch.from_numpy(rows).T for _, rows in source.iter_blocks(16384, segments)]
+        return torch.cat(blocks, dim=1)
+
+    def _restricted_queries(self, queries: Any, stage: Hashable | None) -> tuple[np.ndarray, list[int] | None]:
+        """Query features as float32 numpy, and the stored segments to read for ``stage``."""
+        q = self.query_features(queries).numpy()
+        if stage is None:
+            return q, None
+        stored = self._source().n_segments > 0
+        return self.query_form.restrict_queries(q, self.stage_segments(stage), self.num_segments, stored)
+
+    def topk(
+        self, queries: Any, k: int, *, kind: str = "both", stage: Hashable | None = None, progress: bool | None = None
+    ) -> TopK | tuple[TopK, TopK]:
+        """The exact top ``k`` training rows per query: ``kind`` "proponents" (largest scores),
+        "opponents" (most negative) or "both" (a ``(proponents, opponents)`` pair from one
+        pass). Each a ``TopK`` with ``ids`` (n_query, k) row indices and ``scores``, best first,
+        equal scores by ascending row. ``stage`` as in :meth:`score`."""
+        if kind not in ("proponents", "opponents", "both"):
+            raise InputError(f"kind must be 'proponents', 'opponents' or 'both', got {kind!r}")
+        source = self._source()
+        q, segments = self._restricted_queries(queries, stage)
+        shown = self.config.progress if progress is None else progress
+        if kind == "both":
+            return exact_proponents_opponents(source, q, k, segments=segments, progress=shown)
+        return exact_topk(source, q, k, opponents=kind == "opponents", segments=segments, progress=shown)
+
+    def group_influence(self, queries: Any, *, weights: np.ndarray | None = None, stage: Hashable | None = None) -> np.ndarray:
+        """(N,) float64: each training row's summed score over the queries (weighted by
+        ``weights``), without forming the score matrix (``retrieval.group``)."""
+        q, segments = self._restricted_queries(queries, stage)
+        return group_influence(self._source(), q, weights=weights, segments=segments, progress=self.config.progress)
 
     def self_influence(self) -> torch.Tensor:
         """(N,) float64: each row's predicted effect on its own loss, sign flipped so that
         larger means more self-reliant (``-score`` with the row as a loss query)."""
-        if self._self_influence is None:
-            raise RuntimeError("call fit() before self_influence()")
-        return self._self_influence
+        if self._self_influence is not None:
+            return self._self_influence
+        return torch.from_numpy(self._source().self_influence())
 
     def metadata(self) -> dict:
         """JSON-serialisable description of everything the features depend on."""

@@ -24,12 +24,11 @@ import dataclasses
 import os
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from source_proj.attributor import SourceAttributor
 from source_proj.config import RUNTIME_FIELDS, SourceConfig
 from source_proj.curvature.spectra import SegmentSpectrum
 from source_proj.distributed.failures import together
@@ -48,6 +47,9 @@ from source_proj.gradients.data import Examples, as_examples
 from source_proj.gradients.memory import MemoryBudgetError
 from source_proj.trajectory.digests import FileDigests
 from source_proj.errors import InputError
+
+if TYPE_CHECKING:  # the attributor calls into this module; it never needs the class at run time
+    from source_proj.attributor import SourceAttributor
 
 # Metadata known only after the curvature pass (checked then, not before it).
 _AFTER_PREPARE = ("stages", "segment_weights")

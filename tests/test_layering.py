@@ -1,7 +1,7 @@
 """The package's layers follow the flow of data and import only downward (no cycles).
 
 Every ``import`` of a ``source_proj`` module, at the top of a file or inside a function, is an
-edge. Subpackages (and root modules) are ranked below; an edge may only point to the same rank
+edge (except those under ``if TYPE_CHECKING:``, which never run). Subpackages (and root modules) are ranked below; an edge may only point to the same rank
 or a lower one, and the module graph has no cycle. The reasons for the order are in each
 subpackage's docstring.
 """
@@ -47,7 +47,16 @@ def _modules() -> dict[str, Path]:
 def _imports(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
     targets = set()
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-    for node in ast.walk(ast.parse(path.read_text())):
+    tree = ast.parse(path.read_text())
+    typing_only = {  # imports under ``if TYPE_CHECKING:`` are for annotations, not run-time edges
+        id(inner)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING"
+        for inner in ast.walk(node)
+    }
+    for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
         if isinstance(node, ast.Import):
             candidates = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom):

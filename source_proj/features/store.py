@@ -492,6 +492,16 @@ class FeatureStore:
     def is_complete(self) -> bool:
         return bool(self._ledger.done().all())
 
+    @property
+    def n_rows(self) -> int:
+        """N, the number of training rows (``FeatureSource``)."""
+        return self.layout.n_rows
+
+    @property
+    def n_segments(self) -> int:
+        """L if the store keeps per-segment features, else 0 (``FeatureSource``)."""
+        return self.layout.n_segments
+
     def require_complete(self) -> None:
         """Raise ``StoreIncompleteError`` unless every chunk has been written."""
         pending = self.pending_chunks()

@@ -91,7 +91,7 @@ from tqdm.auto import tqdm
 
 from source_proj.distributed.gather import gather_rows
 from source_proj.distributed.group import ProcessGroup
-from source_proj.features.store import FeatureStore
+from source_proj.features.source import FeatureSource, MemoryFeatures
 from source_proj.errors import InputError
 
 # Queries multiplied at once (as faiss does in its own searches).
@@ -344,7 +344,7 @@ def _offer(
 
 
 def _search(
-    store: FeatureStore,
+    store: FeatureSource,
     queries: np.ndarray,
     k: int,
     signs: tuple[float, ...],
@@ -367,7 +367,7 @@ def _search(
     blocks = store.iter_blocks(
         settings.shard_rows, segments, prefetch=settings.prefetch, reuse_buffers=True, select=group.strided
     )
-    rows_here = store.layout.n_rows if not group.distributed else None
+    rows_here = store.n_rows if not group.distributed else None
     with tqdm(total=rows_here, unit="row", desc="top-k search", disable=not (progress and group.is_main)) as bar:
         for start, shard in blocks:
             for r0 in range(0, shard.shape[0], settings.block_rows):
@@ -405,7 +405,7 @@ def merge_topk(group: ProcessGroup, scores: np.ndarray, ids: np.ndarray) -> tupl
 
 
 def exact_topk(
-    store: FeatureStore,
+    store: FeatureSource | np.ndarray | torch.Tensor,
     queries: np.ndarray,
     k: int,
     *,
@@ -417,7 +417,8 @@ def exact_topk(
     """Exact top-k proponents (or, with ``opponents``, opponents) of many queries.
 
     Args:
-        store: a complete feature store.
+        store: the training features: a complete feature store, any ``FeatureSource``, or an
+            (N, D) array in memory.
         queries: query features Q, (n_query, D) (or (n_query, k) with ``segments``).
         k: results per query, 1 <= k <= N.
         opponents: return the k most negative scores instead of the k largest.
@@ -425,13 +426,14 @@ def exact_topk(
         settings: shard and block sizes, prefetching, bf16 screening.
         progress: show a progress bar.
     """
+    store = MemoryFeatures.of(store)
     q = check_queries(queries, store.feature_dim(segments))
-    k = check_k(k, store.layout.n_rows)
+    k = check_k(k, store.n_rows)
     return _search(store, q, k, (-1.0 if opponents else 1.0,), settings, segments, progress)[0]
 
 
 def exact_proponents_opponents(
-    store: FeatureStore,
+    store: FeatureSource | np.ndarray | torch.Tensor,
     queries: np.ndarray,
     k: int,
     *,
@@ -441,7 +443,8 @@ def exact_proponents_opponents(
 ) -> tuple[TopK, TopK]:
     """Exact top-k proponents and opponents in one pass over the store (arguments as in
     ``exact_topk``), each block of scores computed once; returns ``(proponents, opponents)``."""
+    store = MemoryFeatures.of(store)
     q = check_queries(queries, store.feature_dim(segments))
-    k = check_k(k, store.layout.n_rows)
+    k = check_k(k, store.n_rows)
     proponents, opponents = _search(store, q, k, (1.0, -1.0), settings, segments, progress)
     return proponents, opponents

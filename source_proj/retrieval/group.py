@@ -15,13 +15,13 @@ helps the set; for a loss or an error: it hurts it).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from source_proj.features.store import FeatureStore
+from source_proj.features.source import FeatureSource, MemoryFeatures
 from source_proj.retrieval.exact import check_queries
 from source_proj.errors import InputError
 
@@ -63,24 +63,8 @@ def query_sum(
     return total
 
 
-def _row_blocks(
-    features: FeatureStore | np.ndarray | torch.Tensor, block_rows: int, segments: Sequence[int] | None
-) -> Iterator[tuple[int, np.ndarray]]:
-    """(start, float32 rows) blocks of a store or of in-memory features (N, D)."""
-    if isinstance(features, FeatureStore):
-        features.require_complete()
-        yield from features.iter_blocks(block_rows, segments, reuse_buffers=True)
-        return
-    if segments is not None:
-        raise InputError("segments select per-segment features of a feature store; in-memory features have none")
-    for start in range(0, features.shape[0], block_rows):
-        block = features[start : start + block_rows]
-        block = block.detach().cpu().numpy() if isinstance(block, torch.Tensor) else np.asarray(block)
-        yield start, np.ascontiguousarray(block, dtype=np.float32)
-
-
 def group_influence(
-    features: FeatureStore | np.ndarray | torch.Tensor,
+    features: FeatureSource | np.ndarray | torch.Tensor,
     queries: np.ndarray | torch.Tensor | Iterable[np.ndarray | torch.Tensor],
     *,
     weights: np.ndarray | None = None,
@@ -97,12 +81,12 @@ def group_influence(
     encoding error, 2^-11 relative, for a float16 store).
 
     Args:
-        features: a complete feature store (N rows), or training features F (N, D) in
-            memory (e.g. ``SourceAttributor.train_features``).
+        features: the training features (N rows): a complete feature store, any
+            ``FeatureSource``, or F (N, D) in memory (e.g. ``SourceAttributor.train_features``).
         queries: query features Q (n_query, D) (or (n_query, k) with ``segments``), or an
             iterable of such blocks (for a query set of any size).
         weights: optional (n_query,) weights of the queries (see :func:`query_sum`).
-        segments: restrict the scores to these segments' per-segment features (stores only).
+        segments: restrict the scores to these segments' per-segment features.
         block_rows: store rows decoded and multiplied at once (rounded up to whole chunks);
             memory is about 2 * block_rows * D * 4 bytes.
         progress: show a progress bar.
@@ -112,16 +96,13 @@ def group_influence(
     """
     if isinstance(block_rows, bool) or not isinstance(block_rows, int) or block_rows < 1:
         raise InputError(f"block_rows must be a positive int, got {block_rows!r}")
-    if isinstance(features, FeatureStore):
-        n_rows, dim = features.layout.n_rows, features.feature_dim(segments)
-    elif isinstance(features, (np.ndarray, torch.Tensor)) and features.ndim == 2:
-        n_rows, dim = features.shape
-    else:
-        raise TypeError(f"features must be a FeatureStore or an (N, D) array, got {type(features).__name__}")
+    source = MemoryFeatures.of(features)
+    source.require_complete()
+    n_rows, dim = source.n_rows, source.feature_dim(segments)
     total = torch.from_numpy(query_sum(queries, dim, weights).astype(np.float32))
     out = np.empty(n_rows, dtype=np.float64)
     with tqdm(total=n_rows, unit="row", desc="group influence", disable=not progress) as bar:
-        for start, rows in _row_blocks(features, block_rows, segments):
+        for start, rows in source.iter_blocks(block_rows, segments, reuse_buffers=True):
             out[start : start + rows.shape[0]] = (torch.from_numpy(rows) @ total).numpy()
             bar.update(rows.shape[0])
     return out
