@@ -18,11 +18,15 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from source_proj.trajectory.checkpoints import Trajectory
+
+if TYPE_CHECKING:  # imported when the demo runs (an optional dependency)
+    import datasets
 
 HOLD_OUT = 10
 
@@ -61,8 +65,8 @@ class LMRun:
 
     model: nn.Module
     trajectory: Trajectory
-    train: object
-    queries: object
+    train: datasets.Dataset
+    queries: datasets.Dataset
     vocabulary: str
 
 
@@ -70,7 +74,8 @@ def lm_corpus(settings: LMDemoSettings = LMDemoSettings()) -> tuple[list[str], l
     """(training windows, held-out windows, vocabulary) from CPython's bundled docs."""
     from pydoc_data.topics import topics
 
-    train, held = [], []
+    train: list[str] = []
+    held: list[str] = []
     for name in sorted(topics)[: settings.topics]:
         text = re.sub(r"\s+", " ", topics[name]).strip()
         text = "".join(c if 32 <= ord(c) < 127 else "?" for c in text)
@@ -96,7 +101,7 @@ def lm_model(vocab_size: int, settings: LMDemoSettings) -> nn.Module:
     config = GPT2Config(
         vocab_size=vocab_size, n_positions=settings.length, n_embd=settings.width, n_layer=settings.layers,
         n_head=settings.heads, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0,
-        eos_token_id=0, attn_implementation="eager",
+        eos_token_id=0, attn_implementation="eager",  # type: ignore[call-arg]  # a PretrainedConfig keyword
     )
     torch.manual_seed(settings.seed)
     return GPT2LMHeadModel(config)
