@@ -460,7 +460,10 @@ def run_scenario(name: str, quick: bool, rescore: bool) -> dict:
     )
     truth_seconds = time.perf_counter() - started
     model, trajectory = train_scenario(name, np.arange(data.num_train), FULL_SEED)
-    cached = CACHE / f"lm-lds-scores-{name}-{'quick' if quick else 'full'}.npz"
+    mode = "quick" if quick else "full"
+    cached = CACHE / f"lm-lds-scores-{name}-{mode}.npz"
+    # A rescore keeps what the measuring run recorded about the machine and the ground truth's cost.
+    previous = json.loads((CACHE / f"lm-lds-result-{name}-{mode}.json").read_text()) if rescore else {}
     if rescore:
         with np.load(cached) as saved:
             labels = json.loads(str(saved["labels"]))
@@ -479,21 +482,25 @@ def run_scenario(name: str, quick: bool, rescore: bool) -> dict:
     noise = truth.noise()
     results = {label: linear_datamodeling_score(scores, truth) for label, (scores, _) in methods.items()}
     kron = [label for label in methods if label.startswith("kronfluence")]
-    reference = max(kron, key=lambda label: results[label].score) if kron else None
+    # References of the paired differences: the best EK-FAC damping and SOURCE at its defaults.
+    references = [max(kron, key=lambda label: results[label].score)] if kron else []
+    references.append(next(label for label in methods if label.startswith("SOURCE defaults")))
     rows = []
     for label, (scores, seconds) in methods.items():
         result = results[label]
-        gap = paired_difference(scores, methods[reference][0], truth) if reference else (np.nan,) * 3
+        gaps = [paired_difference(scores, methods[reference][0], truth) for reference in references]
         rows.append({"method": label, "lds": result.score, "low": result.ci_low, "high": result.ci_high,
-                     "seconds": seconds, "gap": gap})
+                     "seconds": seconds, "gaps": gaps})
         print(f"{name}: {label}: {result} ({seconds:.1f} s)", flush=True)
     return {
-        "scenario": name, "rows": rows, "reference": reference, "num_train": data.num_train,
+        "scenario": name, "rows": rows, "references": references, "num_train": data.num_train,
         "num_queries": len(data.queries[1]),
         "params": sum(p.numel() for p in model.parameters()), "checkpoints": len(trajectory.checkpoints),
         "stages": [[s.label, len(s.targets), s.settings.epochs, s.settings.lr] for s in data.stages],
-        "subsets": config.num_subsets, "repeats": config.repeats, "truth_seconds": truth_seconds,
+        "subsets": config.num_subsets, "repeats": config.repeats,
+        "truth_seconds": previous.get("truth_seconds", truth_seconds),
         "reliability": noise.split_half_reliability, "noise_to_signal": noise.noise_to_signal,
+        "machine": previous.get("machine", machine()),
     }
 
 
@@ -507,11 +514,11 @@ DESCRIPTIONS = {
 
 
 def machine() -> str:
-    """CPU model name, core count and uptime line."""
+    """CPU model name, core count and `uptime` line (at the end of a scenario's measurements)."""
     model = next((line.split(":", 1)[1].strip() for line in subprocess.run(
         ["lscpu"], capture_output=True, text=True).stdout.splitlines() if line.startswith("Model name")), "?")
     uptime = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
-    return f"{model}, {len(os.sched_getaffinity(0))} cores; `uptime` at the end: {uptime}"
+    return f"{model}, {len(os.sched_getaffinity(0))} cores; `uptime` at the end of a run: {uptime}"
 
 
 def write_report(results: list[dict], out: Path, quick: bool) -> None:
@@ -520,7 +527,8 @@ def write_report(results: list[dict], out: Path, quick: bool) -> None:
         f"# LM attribution benchmark: LDS against retraining{' (quick smoke run)' if quick else ''}, "
         f"{datetime.date.today()}",
         "",
-        f"Machine: {machine()}. torch {torch.__version__}, float32, CPU, 1 thread per process "
+        f"Machine: {'; '.join(dict.fromkeys(r['machine'] for r in results))}. torch {torch.__version__}, float32, "
+        "CPU, 1 thread per process "
         "(ground truth: 2 retraining workers), `nice -n 10`; the machine is shared, so times are noisy.",
         "",
         f"Models: GPT-2 from a config (2 layers, width {WIDTH}, {HEADS} heads, vocabulary {VOCAB} characters, "
@@ -546,13 +554,16 @@ def write_report(results: list[dict], out: Path, quick: bool) -> None:
             f"R = {r['repeats']} retrainings ({r['truth_seconds']:.0f} s, 0 if cached); split-half reliability "
             f"{r['reliability']:.3f}, noise/signal {r['noise_to_signal']:.3f}.",
             "",
-            "| method | LDS | 95% CI | minus best EK-FAC [paired 95% CI] | fit+score (s) |",
-            "| --- | --- | --- | --- | --- |",
+            "| method | LDS | 95% CI | "
+            + "".join(f"minus ref. {i + 1} [paired 95% CI] | " for i in range(len(r["references"])))
+            + "fit+score (s) |",
+            "| --- " * (4 + len(r["references"])) + "|",
         ]
         lines += [f"| {row['method']} | {row['lds']:.3f} | [{row['low']:.3f}, {row['high']:.3f}] | "
-                  f"{row['gap'][0]:+.3f} [{row['gap'][1]:+.3f}, {row['gap'][2]:+.3f}] | {row['seconds']:.1f} |"
-                  for row in r["rows"]]
-        lines += ["", f"Best EK-FAC (the reference of the paired differences): {r['reference']}.", ""]
+                  + "".join(f"{gap[0]:+.3f} [{gap[1]:+.3f}, {gap[2]:+.3f}] | " for gap in row["gaps"])
+                  + f"{row['seconds']:.1f} |" for row in r["rows"]]
+        named = "; ".join(f"ref. {i + 1}: {label}" for i, label in enumerate(r["references"]))
+        lines += ["", f"References of the paired differences (LDS minus the reference's): {named}.", ""]
     out.write_text("\n".join(lines) + "\n")
     print(out.read_text())
 
