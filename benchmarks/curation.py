@@ -404,7 +404,8 @@ def _measure(kind: str, *args: str) -> dict:
 
 
 def scale(n_rows: int, dim: int, n_query: int) -> str:
-    from source_proj.features.store import FeatureStore, StoreLayout, featurize
+    from source_proj.features.featurize import featurize
+    from source_proj.features.store import FeatureStore, StoreLayout
 
     work = Path(tempfile.mkdtemp(prefix="curation-scale-"))
     try:

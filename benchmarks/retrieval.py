@@ -50,7 +50,8 @@ import numpy as np
 import torch
 import zarr
 
-from source_proj.features.store import FeatureStore, StoreLayout, featurize
+from source_proj.features.featurize import featurize
+from source_proj.features.store import FeatureStore, StoreLayout
 from source_proj.retrieval.bulk import score_matrix
 from source_proj.retrieval.exact import (
     SearchSettings,

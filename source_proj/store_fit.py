@@ -35,13 +35,12 @@ from source_proj.distributed.failures import together
 from source_proj.distributed.gather import merge_mappings
 from source_proj.features.locking import group_lock
 from source_proj.features.ledger import array_digest
+from source_proj.features.featurize import FeaturizeReport, featurize
 from source_proj.features.store import (
     ChunkFeatures,
     FeatureStore,
-    FeaturizeReport,
     StoreLayout,
     StoreMismatchError,
-    featurize,
 )
 from source_proj.gradients.data import Examples, as_examples
 from source_proj.gradients.memory import MemoryBudgetError

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import numpy as np
 
+from source_proj.features.featurize import featurize
 from source_proj.features.store import (
     ChunkFeatures,
     FeatureStore,
     StoreLayout,
-    featurize,
 )
 
 METADATA = {

@@ -33,12 +33,12 @@ from source_proj.features.lock import (
     lock_path,
     read_holder,
 )
+from source_proj.features.featurize import featurize
 from source_proj.features.store import (
     DataMismatchError,
     FeatureStore,
     StoreLayout,
     StoreMismatchError,
-    featurize,
 )
 from source_proj.gradients.model import ModelFunction
 from source_proj.gradients.per_example import NonFiniteError

@@ -17,6 +17,7 @@ import pytest
 import zarr
 from store_helpers import METADATA, chunk_features, chunk_with_extras, dense_store
 
+from source_proj.features.featurize import featurize
 from source_proj.features.store import (
     ChunkFeatures,
     FeatureStore,
@@ -24,7 +25,6 @@ from source_proj.features.store import (
     StoreIncompleteError,
     StoreLayout,
     StoreMismatchError,
-    featurize,
 )
 
 # float16 stores round every value x to x(1 + d) with |d| <= 2^-11 (unit roundoff; the
@@ -190,7 +190,8 @@ _CHILD = textwrap.dedent(
     import os, signal, sys, time
     sys.path.insert(0, {tests!r})
     from store_helpers import METADATA, chunk_with_extras
-    from source_proj.features.store import FeatureStore, StoreLayout, featurize
+    from source_proj.features.featurize import featurize
+    from source_proj.features.store import FeatureStore, StoreLayout
 
     def compute(start, stop):
         with open({log!r}, "a") as log:

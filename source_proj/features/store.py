@@ -4,13 +4,8 @@ Layout of a store directory (a zarr v3 group):
 
 - ``features``: (N, D) float32 or float16, chunked by ``chunk_rows`` rows, uncompressed
   (projected features are noise-like; compression costs time and saves ~nothing).
-- ``row_scale``: (N,) float32, float16 stores only: row m of F is ``features[m] * row_scale[m]``.
-  The scale is a power of two chosen per row so that the row's largest magnitude lands in
-  (2^14, 2^15]: float16 cannot overflow (max 65504), the scaling itself is exact, and every
-  value above 2^-29 times its row's maximum is kept to relative error <= 2^-11 (smaller
-  ones, float16 subnormals, to absolute error < 2^-39 times the maximum). Hence a score
-  from a float16 store is within 2^-11 |Q[q]|_2 |F[m]|_2 (+ 2^-39 max|F[m]| |Q[q]|_1, from
-  the subnormals) of the one from the exact features.
+- ``row_scale``: (N,) float32, float16 stores only: row m of F is ``features[m] * row_scale[m]``,
+  a power of two per row (``codec``: the encoding and its error bound, 2^-11 relative).
 - ``segment_features`` / ``segment_scale``: optional (N, L, k) per-segment features
   (scale (N, L)), same encoding, for per-stage attribution.
 - ``self_influence``: optional (N,) float64, each row's self-influence when the feature
@@ -18,7 +13,7 @@ Layout of a store directory (a zarr v3 group):
 - ``chunk_digest``: the completion ledger (``source_proj.features.ledger``), one row per row
   chunk holding a digest of each array's chunk. Every read checks the chunks it reads against
   it (a damaged, truncated or deleted chunk file raises ``StoreCorruptError`` instead of
-  returning wrong or zero rows); ``featurize`` re-checks the chunks it finds done and
+  returning wrong or zero rows); ``featurize.featurize`` re-checks the chunks it finds done and
   recomputes the damaged ones.
 - ``data_digest``: optional (n_chunks,) uint64, a digest of each chunk's training rows (inputs
   and targets), recorded at creation: ``check_data`` compares training data with it, so a
@@ -43,7 +38,7 @@ import json
 import os
 import uuid
 from collections.abc import Callable, Collection, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -53,11 +48,7 @@ import torch
 import zarr
 from tqdm.auto import tqdm
 
-from source_proj.distributed.failures import together
-from source_proj.distributed.gather import merge_mappings
-from source_proj.distributed.group import ProcessGroup
-from source_proj.features.locking import group_lock
-from source_proj.distributed.work import agreed, each_chunk
+from source_proj.features.codec import STORE_DTYPES, decode, encode
 from source_proj.features.ledger import (
     ChunkLedger,
     StoreCorruptError,
@@ -70,10 +61,7 @@ from source_proj.features.ledger import (
 from source_proj.errors import InputError
 
 FORMAT_VERSION = 2
-STORE_DTYPES = ("float32", "float16")
 ATTRS_KEY = "source_proj_store"
-# float16 rows are scaled so that their largest magnitude is at most 2^_F16_MAX_EXPONENT.
-_F16_MAX_EXPONENT = 15
 
 
 class StoreMismatchError(StoreError, ValueError):
@@ -197,22 +185,6 @@ class ChunkFeatures:
 ComputeChunk = Callable[[int, int], "np.ndarray | ChunkFeatures"]
 
 
-@dataclass(frozen=True)
-class FeaturizeReport:
-    """What one ``featurize`` call did.
-
-    Attributes:
-        computed_chunks: indices of the chunks computed and written by this call.
-        skipped_chunks: number of chunks found complete (and intact) and left untouched.
-        repaired_chunks: indices of the chunks found written but damaged (failing their
-            digests), which this call recomputed (they are also in ``computed_chunks``).
-    """
-
-    computed_chunks: tuple[int, ...]
-    skipped_chunks: int
-    repaired_chunks: tuple[int, ...] = ()
-
-
 def _json_roundtrip(value: Any) -> Any:
     try:
         return json.loads(json.dumps(value, sort_keys=True, allow_nan=False))
@@ -231,38 +203,6 @@ def _first_difference(stored: Any, expected: Any, prefix: str) -> tuple[str, Any
     if stored != expected:
         return prefix, stored, expected
     return None
-
-
-def _power_of_two_scale(block: np.ndarray) -> np.ndarray:
-    """Per-row (all axes but the last) power-of-two scale for float16 storage, float32."""
-    max_abs = np.maximum(block.max(axis=-1), -block.min(axis=-1))
-    _, exponent = np.frexp(max_abs)  # max_abs <= 2^exponent
-    # (Rows below 2^-111 keep the smallest normal float32 scale rather than underflow.)
-    scale = np.ldexp(np.float32(1.0), np.maximum(exponent - _F16_MAX_EXPONENT, -126)).astype(np.float32)
-    return np.where(max_abs > 0, scale, np.float32(1.0))
-
-
-def _encode(block: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray | None]:
-    """Stored values and per-row scale (None for float32) of a float block."""
-    values = np.require(block, np.float32, ["C", "W"])
-    if dtype == "float32":
-        return values, None
-    scale = _power_of_two_scale(values)
-    # Dividing by a power of two is exact: the only rounding is float32 -> float16.
-    inverse = torch.from_numpy(1.0 / scale)[..., None]
-    return (torch.from_numpy(values) * inverse).half().numpy(), scale
-
-
-def _decode(stored: np.ndarray, scale: np.ndarray | None, out: torch.Tensor | None = None) -> np.ndarray:
-    """float32 values of stored rows (float16 ones times their per-row scale), into ``out``."""
-    values = torch.from_numpy(np.ascontiguousarray(stored))
-    if out is None:
-        out = torch.empty(values.shape, dtype=torch.float32)
-    if scale is None:
-        out.copy_(values)
-    else:  # one pass, float16 * float32 -> float32, no float32 temporary
-        torch.mul(values, torch.from_numpy(scale)[..., None], out=out)
-    return out.numpy()
 
 
 def _check_block(name: str, block: Any, shape: tuple[int, ...], rows: tuple[int, int]) -> np.ndarray:
@@ -611,7 +551,7 @@ class FeatureStore:
         ):
             if block is None:
                 continue
-            written[name], scale = _encode(block, self.layout.dtype)
+            written[name], scale = encode(block, self.layout.dtype)
             if scale is not None:
                 written[scale_name] = scale
         if chunk.self_influence is not None:
@@ -723,11 +663,11 @@ class FeatureStore:
             stored = stored[lo - c0 : hi - c0]
             scale = scales[0][lo - c0 : hi - c0] if f16 else None
             if segments is None:
-                _decode(stored, scale, target)
+                decode(stored, scale, target)
             else:
                 stored = stored[:, segments]
                 scale = None if scale is None else scale[:, segments]
-                target.copy_(torch.from_numpy(_decode(stored, scale)).sum(dim=1))
+                target.copy_(torch.from_numpy(decode(stored, scale)).sum(dim=1))
         return out
 
     def _check_segments(self, segments: Sequence[int]) -> list[int]:
@@ -791,65 +731,3 @@ class FeatureStore:
                 if i + 1 < len(starts):
                     pending = pool.submit(read, i + 1)
                 yield start, block
-
-
-def featurize(
-    store: FeatureStore, compute_chunk: ComputeChunk, *, progress: bool = True, group: ProcessGroup | None = None
-) -> FeaturizeReport:
-    """Compute and write every pending chunk of ``store``, in order.
-
-    ``compute_chunk(start, stop)`` returns the features of training rows [start, stop):
-    an array (stop - start, D), or a ``ChunkFeatures`` when the store also keeps
-    per-segment features or self-influence. Chunks already complete are checked against
-    their digests and skipped without calling it (damaged ones are recomputed), so calling
-    ``featurize`` again after an interruption (even SIGKILL) resumes where the earlier run
-    stopped and, for a deterministic ``compute_chunk``, ends with the same store as an
-    uninterrupted run.
-
-    The store's lock (``source_proj.features.lock``) is held throughout: a second writer
-    raises ``StoreLockedError`` naming this one. Each chunk is encoded and written by a
-    background thread while the next one is computed; memory use is bounded by two chunks.
-    A chunk is marked complete only once written, and on an exception the chunk being
-    written is finished first.
-
-    With a distributed ``group`` (``torch.distributed``; default: the current one) every rank
-    calls this on the same store: rank 0 holds the lock for the group, the ranks share the
-    digest checks and deal the pending chunks round-robin (``distributed.work.each_chunk``),
-    so a rerun with any number of processes computes exactly the chunks still pending. The
-    report lists the chunks computed by all ranks.
-    """
-    group = ProcessGroup.current() if group is None else group
-    layout = store.layout
-    show = progress and group.is_main
-    with group_lock(group, store.path):
-        with together(group, "checking the store's written chunks"):
-            mine = store.damaged_chunks(group.strided(store.written_chunks()), progress=show)
-        damaged = merge_mappings(group, mine)
-        if group.is_main:
-            store.reset_chunks(damaged)
-        pending = agreed(group, store.pending_chunks)
-        done_rows = layout.n_rows - sum(stop - start for start, stop in map(layout.chunk_range, pending))
-        with (
-            tqdm(total=layout.n_rows, initial=done_rows, unit="row", desc="featurize", disable=not show) as bar,
-            ThreadPoolExecutor(max_workers=1) as writer,
-        ):
-            writing: list[Future] = []
-
-            def work(index: int) -> None:
-                chunk = store.check_chunk(index, compute_chunk(*layout.chunk_range(index)))
-                if writing:
-                    writing.pop().result()
-                writing.append(writer.submit(store._write_checked, index, chunk))
-
-            def finish() -> None:
-                if writing:
-                    writing.pop().result()
-
-            def advance(batch: Sequence[int]) -> None:
-                bar.update(sum(stop - start for start, stop in map(layout.chunk_range, batch)))
-
-            each_chunk(group, pending, work, "featurisation", advance)
-            with together(group, "featurisation"):
-                finish()
-    return FeaturizeReport(tuple(pending), layout.n_chunks - len(pending), tuple(sorted(damaged)))
-
