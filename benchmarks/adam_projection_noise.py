@@ -32,7 +32,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from lds import FULL, described_as_sgd, source, train_and_project
-from source_proj.kernels.reference import matrix_block
 from torch.func import functional_call, grad, vmap
 
 from source_proj.attributor import SourceAttributor
@@ -44,6 +43,7 @@ from source_proj.evaluation import (
 )
 from source_proj.evaluation.baselines import tracin_scores
 from source_proj.evaluation.scenarios import Scenario, ScenarioRetrain, build
+from source_proj.kernels.reference import matrix_block
 from source_proj.trajectory.checkpoints import Trajectory
 from source_proj.trajectory.optimizer_state import Preconditioner
 

@@ -55,8 +55,8 @@ from source_proj.evaluation.baselines import (
 from source_proj.evaluation.projected_run import project_run
 from source_proj.evaluation.pruning import PruningConfig, PruningResult, pruning_curve
 from source_proj.evaluation.scenarios import Scenario, Stage, train_run
-from source_proj.gradients.tasks import ClassificationTask
 from source_proj.evaluation.training import TrainSettings
+from source_proj.gradients.tasks import ClassificationTask
 
 ROOT = Path(__file__).resolve().parent
 CACHE = ROOT / "cache" / "curation"

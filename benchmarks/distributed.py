@@ -45,8 +45,8 @@ def _data(rows: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _trajectory(workdir: Path, rows: int):
-    from source_proj.gradients.tasks import ClassificationTask
     from source_proj.evaluation.training import TrainSettings, train_sgd
+    from source_proj.gradients.tasks import ClassificationTask
 
     settings = TrainSettings(epochs=3, batch_size=64, lr=0.05, momentum=0.9, weight_decay=1e-4,
                              checkpoints_per_epoch=2, seed=0)

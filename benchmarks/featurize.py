@@ -21,9 +21,9 @@ import torch
 from torch import nn
 
 from source_proj.attributor import SourceAttributor
+from source_proj.evaluation.training import TrainSettings, train_sgd
 from source_proj.gradients.tasks import ClassificationTask
 from source_proj.projection.projected import projected_gradients
-from source_proj.evaluation.training import TrainSettings, train_sgd
 
 
 def segment_means_per_checkpoint(att: SourceAttributor, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -19,8 +19,8 @@ import torch
 
 from source_proj.attributor import SourceAttributor
 from source_proj.cli.demo import DIGITS_SETTINGS, digits_data, digits_model
-from source_proj.gradients.tasks import ClassificationTask
 from source_proj.evaluation.training import train_sgd
+from source_proj.gradients.tasks import ClassificationTask
 
 
 def main() -> None:

@@ -41,7 +41,6 @@ import inspect
 import json
 import os
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -215,8 +214,8 @@ def pretrained_body() -> dict[str, torch.Tensor]:
 
 def train_scenario(name: str, indices: np.ndarray, seed: int):
     """(model, trajectory) of scenario ``name`` trained on the attributed rows ``indices``."""
-    from source_proj.trajectory.checkpoints import Trajectory
     from source_proj.evaluation.training import train_adamw
+    from source_proj.trajectory.checkpoints import Trajectory
 
     data = scenario_data(name)
     model = build_model(data.kind, seed)

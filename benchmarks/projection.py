@@ -28,9 +28,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
 from source_proj.kernels import cpu_projection
 from source_proj.kernels.reference import RADEMACHER, matrix_block
-
 from source_proj.projection.jl import MATRIX_CACHE, ProjectionConfig, project
 
 SEED = 1234

@@ -31,6 +31,7 @@ import math
 import sys
 
 import torch
+
 from source_proj.errors import InputError
 
 if sys.byteorder != "little":  # torch itself supports only little-endian hosts

@@ -42,8 +42,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .reference import GAUSSIAN, KINDS, PRECISIONS, RADEMACHER, check_seed
 from source_proj.errors import InputError
+
+from .reference import GAUSSIAN, KINDS, PRECISIONS, RADEMACHER, check_seed
 
 _ROUND_A: tl.constexpr = tl.constexpr(0xD2511F53)
 _ROUND_B: tl.constexpr = tl.constexpr(0xCD9E8D57)

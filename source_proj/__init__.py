@@ -69,7 +69,6 @@ if TYPE_CHECKING:
     from source_proj.attributor import SourceAttributor
     from source_proj.config import SourceConfig
     from source_proj.errors import InputError, SourceProjError
-    from source_proj.store_fit import fit_store, open_store
     from source_proj.features.ledger import StoreError
     from source_proj.features.store import FeatureStore
     from source_proj.gradients.causal_lm import CausalLMTask, mask_prompt
@@ -77,6 +76,7 @@ if TYPE_CHECKING:
     from source_proj.gradients.per_example import NonFiniteError
     from source_proj.gradients.tasks import ClassificationTask, RegressionTask, Task
     from source_proj.retrieval.exact import exact_proponents_opponents, exact_topk
+    from source_proj.store_fit import fit_store, open_store
     from source_proj.trajectory.checkpoints import Checkpoint, Trajectory, TrajectoryError
     from source_proj.trajectory.hf_trainer import trainer_loss_reduction, trainer_trajectory
     from source_proj.trajectory.lr_history import LearningRateRecorder, scheduled_rates

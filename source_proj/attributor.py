@@ -43,9 +43,10 @@ from source_proj.distributed.failures import together
 from source_proj.distributed.gather import gather_rows
 from source_proj.distributed.group import ProcessGroup
 from source_proj.distributed.reduce import TreeSum, tree_total
+from source_proj.errors import InputError
 from source_proj.features.query_forms import QueryForm, query_form
-from source_proj.features.source import FeatureSource, MemoryFeatures
 from source_proj.features.rows import row_dot, segment_features
+from source_proj.features.source import FeatureSource, MemoryFeatures
 from source_proj.gradients.data import Examples, as_examples, row_shapes
 from source_proj.gradients.memory import feature_chunk
 from source_proj.gradients.model import ModelFunction, OutputSelector
@@ -63,6 +64,9 @@ from source_proj.projection.projected import (
     projected_gradients,
     with_seed,
 )
+from source_proj.retrieval.exact import TopK, exact_proponents_opponents, exact_topk
+from source_proj.retrieval.group import group_influence
+from source_proj.store_fit import fit_store, open_store
 from source_proj.trajectory.checkpoints import (
     Segment,
     Trajectory,
@@ -70,11 +74,7 @@ from source_proj.trajectory.checkpoints import (
     state_files,
 )
 from source_proj.trajectory.digests import FileDigests, StateDigests, fast_digest, state_digests
-from source_proj.retrieval.exact import TopK, exact_proponents_opponents, exact_topk
-from source_proj.retrieval.group import group_influence
-from source_proj.store_fit import fit_store, open_store
 from source_proj.trajectory.optimizer_state import Preconditioner
-from source_proj.errors import InputError
 
 FORMAT_VERSION = 1
 

@@ -7,10 +7,10 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from source_proj.errors import InputError
 from source_proj.gradients.memory import parse_bytes
 from source_proj.projection.jl import ProjectionConfig
 from source_proj.projection.projected import CURVATURE_MODES, STRUCTURES
-from source_proj.errors import InputError
 
 QUERY_MODES = ("auto", "final", "segment")
 

@@ -20,7 +20,6 @@ which ``store_config`` rebuilds the configuration for querying.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from pathlib import Path
@@ -33,9 +32,10 @@ from source_proj.config import RUNTIME_FIELDS, SourceConfig
 from source_proj.curvature.spectra import SegmentSpectrum
 from source_proj.distributed.failures import together
 from source_proj.distributed.gather import merge_mappings
-from source_proj.features.locking import group_lock
-from source_proj.features.ledger import array_digest
+from source_proj.errors import InputError
 from source_proj.features.featurize import FeaturizeReport, featurize
+from source_proj.features.ledger import array_digest
+from source_proj.features.locking import group_lock
 from source_proj.features.store import (
     ChunkFeatures,
     FeatureStore,
@@ -45,7 +45,6 @@ from source_proj.features.store import (
 from source_proj.gradients.data import Examples, as_examples
 from source_proj.gradients.memory import MemoryBudgetError
 from source_proj.trajectory.digests import FileDigests
-from source_proj.errors import InputError
 
 if TYPE_CHECKING:  # the attributor calls into this module; it never needs the class at run time
     from source_proj.attributor import SourceAttributor

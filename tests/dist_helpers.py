@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import multiprocessing as mp
-from contextlib import nullcontext
 import traceback
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 

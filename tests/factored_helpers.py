@@ -4,8 +4,8 @@
 from __future__ import annotations
 
 import torch
-from source_proj.kernels.reference import matrix_block
 
+from source_proj.kernels.reference import matrix_block
 from source_proj.projection.kronecker import FactoredProjection
 
 

@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 from tiny_models import dense_scores_from_parts
 
+from source_proj.evaluation.training import TrainSettings, train_sgd
 from source_proj.gradients.causal_lm import CausalLMTask
 from source_proj.gradients.data import split_columns
 from source_proj.trajectory.checkpoints import Trajectory
-from source_proj.evaluation.training import TrainSettings, train_sgd
 
 
 def tiny_gpt2(vocab: int = 10, positions: int = 16, width: int = 8, layers: int = 1, seed: int = 0,

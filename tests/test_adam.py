@@ -23,12 +23,12 @@ from tiny_models import (
 from torch import nn
 
 from source_proj.attributor import SourceAttributor
-from source_proj.store_fit import fit_store, open_store
+from source_proj.evaluation.training import AdamWSettings, train_adamw
 from source_proj.features.store import StoreMismatchError
 from source_proj.gradients.tasks import ClassificationTask
+from source_proj.store_fit import fit_store, open_store
 from source_proj.trajectory.checkpoints import Checkpoint, Trajectory, TrajectoryError
 from source_proj.trajectory.optimizer_state import Preconditioner, optimizer_param_order
-from source_proj.evaluation.training import AdamWSettings, train_adamw
 
 SETTINGS = AdamWSettings(
     epochs=3, batch_size=8, lr=0.02, weight_decay=0.05, warmup_fraction=0.2, checkpoints_per_epoch=1

@@ -17,11 +17,11 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from source_proj.attributor import SourceAttributor
 from source_proj.curvature.spectra import segment_spectra
+from source_proj.evaluation.training import TrainSettings, train_sgd
 from source_proj.gradients.data import as_examples
 from source_proj.gradients.per_example import NonFiniteError
 from source_proj.gradients.tasks import ClassificationTask
 from source_proj.trajectory.checkpoints import Checkpoint, Trajectory, TrajectoryError
-from source_proj.evaluation.training import TrainSettings, train_sgd
 
 
 def rel_err(a, b) -> float:

@@ -8,11 +8,11 @@ import torch
 from tiny_models import blobs, mlp
 
 from source_proj.attributor import SourceAttributor
-from source_proj.store_fit import fit_store, open_store
+from source_proj.evaluation.training import TrainSettings, train_sgd
 from source_proj.features.store import StoreMismatchError
 from source_proj.gradients.tasks import ClassificationTask
+from source_proj.store_fit import fit_store, open_store
 from source_proj.trajectory.checkpoints import Checkpoint
-from source_proj.evaluation.training import TrainSettings, train_sgd
 
 SETTINGS = TrainSettings(epochs=3, batch_size=8, lr=0.05, momentum=0.9, weight_decay=1e-3, checkpoints_per_epoch=1)
 

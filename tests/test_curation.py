@@ -22,8 +22,8 @@ from source_proj.curation import (
     suspicion_scores,
     training_labels,
 )
-from source_proj.gradients.tasks import ClassificationTask
 from source_proj.evaluation.training import TrainSettings, train_sgd
+from source_proj.gradients.tasks import ClassificationTask
 
 
 def _signals(n: int = 40, seed: int = 0) -> dict[str, np.ndarray]:

@@ -305,8 +305,8 @@ def test_factored_and_dense_scores_correlate_at_095_where_the_projection_noise_a
 
 # ------------------------------------------------------------------ feature store and benchmark runs
 def test_store_records_the_factored_sizes_and_refuses_the_other_structure(tmp_path):
-    from source_proj.store_fit import fit_store, open_store
     from source_proj.features.store import StoreMismatchError
+    from source_proj.store_fit import fit_store, open_store
 
     model, traj, train = trained_classifier(dims=(6, 8, 3), n=20)
 
@@ -377,8 +377,8 @@ def test_rank_one_fit_of_a_preconditioner_is_a_weighted_least_squares_optimum():
 def test_adamw_rescaling_is_exact_on_dense_parameters_and_rank_one_on_factored_weights():
     """P (S' (x) g) with S' = D^{1/2} on biases and its fitted rank-one a b^T on factored
     weights (``FactoredProjection.fit_scale``), for training gradients and curvature rows."""
-    from source_proj.projection.kronecker import rank_one_fit
     from source_proj.evaluation.training import AdamWSettings, train_adamw
+    from source_proj.projection.kronecker import rank_one_fit
 
     x, y = blobs(20, 12, 5, seed=0)
     model = nn.Sequential(nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 5))

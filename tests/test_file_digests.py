@@ -17,7 +17,7 @@ from source_proj.attributor import SourceAttributor
 from source_proj.evaluation.training import AdamWSettings, train_adamw
 from source_proj.gradients.tasks import ClassificationTask
 from source_proj.store_fit import fit_store, open_store
-from source_proj.trajectory.checkpoints import Trajectory, TrajectoryError
+from source_proj.trajectory.checkpoints import TrajectoryError
 from source_proj.trajectory.digests import CACHE_FILE, FileDigests, state_digests
 
 SETTINGS = dict(proj_dim=16, num_segments=2, progress=False)

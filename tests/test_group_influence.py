@@ -13,9 +13,9 @@ from store_helpers import chunk_features, dense_store
 from tiny_models import blobs, trained_classifier
 
 from source_proj.attributor import SourceAttributor
-from source_proj.store_fit import fit_store
 from source_proj.retrieval.bulk import score_matrix
 from source_proj.retrieval.group import group_influence, query_sum
+from source_proj.store_fit import fit_store
 
 # A float32 inner product of length D <= 64 is within 1e-5 |s| |f| of the exact one; a
 # float16 store adds at most 2^-11 |s| |f| (source_proj.features.store).

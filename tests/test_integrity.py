@@ -23,7 +23,7 @@ from tiny_models import trained_classifier
 from torch import nn
 
 from source_proj.attributor import SourceAttributor
-from source_proj.store_fit import check_training_data, fit_store, open_store
+from source_proj.features.featurize import featurize
 from source_proj.features.ledger import StoreCorruptError, StoreError
 from source_proj.features.lock import (
     StoreLock,
@@ -33,7 +33,6 @@ from source_proj.features.lock import (
     lock_path,
     read_holder,
 )
-from source_proj.features.featurize import featurize
 from source_proj.features.store import (
     DataMismatchError,
     FeatureStore,
@@ -45,6 +44,7 @@ from source_proj.gradients.per_example import NonFiniteError
 from source_proj.gradients.tasks import Task
 from source_proj.retrieval.exact import exact_proponents_opponents, exact_topk
 from source_proj.retrieval.ivf import IVFSettings, build_ivf, recall_at_k
+from source_proj.store_fit import check_training_data, fit_store, open_store
 
 CHUNK = 16  # rows per store chunk: 60 training rows -> 4 chunks, the last one partial
 

@@ -8,7 +8,6 @@ import functools
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,15 +16,15 @@ import torch.nn.functional as F
 from tiny_models import trained_classifier
 from torch import nn
 
+import source_proj.store_fit as fit_module
 from source_proj.attributor import SourceAttributor
 from source_proj.cli.task_spec import load_task
 from source_proj.errors import InputError
-import source_proj.store_fit as fit_module
-from source_proj.store_fit import fit_store
 from source_proj.features.store import FeatureStore, StoreLayout, StoreMismatchError
 from source_proj.gradients.causal_lm import CausalLMTask
 from source_proj.gradients.memory import MemoryBudgetError
 from source_proj.gradients.tasks import ClassificationTask, RegressionTask, Task
+from source_proj.store_fit import fit_store
 
 CHUNK = 16  # 60 training rows -> 4 store chunks
 

@@ -7,10 +7,10 @@ import pytest
 import torch
 from tiny_models import blobs, mlp
 
+from source_proj.evaluation.training import AdamWSettings, train_adamw
 from source_proj.gradients.tasks import ClassificationTask
 from source_proj.trajectory.checkpoints import Checkpoint, Trajectory, TrajectoryError
 from source_proj.trajectory.lr_history import LearningRateRecorder, scheduled_rates
-from source_proj.evaluation.training import AdamWSettings, train_adamw
 
 
 def one_cycle(opt):

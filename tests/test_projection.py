@@ -12,10 +12,10 @@ import math
 
 import pytest
 import torch
+
 from source_proj.kernels import cpu_projection, reference
 from source_proj.kernels.cpu_projection import project_cpu
 from source_proj.kernels.reference import GAUSSIAN, RADEMACHER, matrix_block, philox4x32
-
 from source_proj.projection.jl import ProjectionConfig, project
 
 M32 = 0xFFFFFFFF

@@ -17,8 +17,8 @@ from source_proj.evaluation.pruning import (
     mean_interval,
     pruning_curve,
 )
-from source_proj.gradients.tasks import ClassificationTask
 from source_proj.evaluation.training import TrainSettings, train_sgd
+from source_proj.gradients.tasks import ClassificationTask
 
 N = 200
 BAD = np.arange(0, N, 10)  # 20 harmful rows

@@ -10,8 +10,8 @@ import torch
 
 from source_proj.attributor import SourceAttributor
 from source_proj.cli.demo import digits_data, digits_model
-from source_proj.gradients.tasks import ClassificationTask
 from source_proj.evaluation.training import AdamWSettings, TrainSettings, train
+from source_proj.gradients.tasks import ClassificationTask
 
 
 @dataclass(frozen=True)

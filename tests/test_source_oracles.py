@@ -23,10 +23,10 @@ from tiny_models import (
 from torch import nn
 
 from source_proj.attributor import SourceAttributor
+from source_proj.evaluation.training import TrainSettings, train_sgd
 from source_proj.gradients.data import as_examples
 from source_proj.gradients.tasks import ClassificationTask
 from source_proj.trajectory.checkpoints import Checkpoint, Trajectory
-from source_proj.evaluation.training import TrainSettings, train_sgd
 
 
 def rel_err(a, b) -> float:

@@ -12,10 +12,10 @@ from tiny_models import blobs, mlp, trained_classifier
 from torch import nn
 
 from source_proj.attributor import SourceAttributor
+from source_proj.evaluation.training import AdamWSettings, train_adamw
 from source_proj.gradients.model import ModelFunction
 from source_proj.gradients.tasks import ClassificationTask
 from source_proj.trajectory.checkpoints import Trajectory, TrajectoryError
-from source_proj.evaluation.training import AdamWSettings, train_adamw
 
 # 24 rows in batches of 8: 3 steps per epoch, one checkpoint per epoch.
 SETTINGS = AdamWSettings(epochs=4, batch_size=8, lr=0.02, weight_decay=0.05, warmup_fraction=0.2)

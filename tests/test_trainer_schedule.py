@@ -11,7 +11,6 @@ import torch
 from lm_helpers import padded_batch, random_rows, tiny_gpt2
 
 from source_proj.trajectory.checkpoints import TrajectoryError
-from source_proj.trajectory.trainer_callback import SourceRecordCallback
 from source_proj.trajectory.hf_trainer import (
     RECORD_FILE,
     read_trainer_record,
@@ -19,6 +18,7 @@ from source_proj.trajectory.hf_trainer import (
     trainer_param_order,
     trainer_trajectory,
 )
+from source_proj.trajectory.trainer_callback import SourceRecordCallback
 
 pytest.importorskip("transformers")
 STEPS, SAVE, WARMUP, LR = 6, 2, 3, 0.05

@@ -17,7 +17,6 @@ pytest.importorskip("triton", reason="triton is not installed: the Triton kernel
 
 from source_proj.kernels.reference import GAUSSIAN, RADEMACHER, matrix_block  # noqa: E402
 from source_proj.kernels.triton_projection import Tiles, project_blocks_triton  # noqa: E402
-
 from source_proj.projection.jl import ProjectionConfig, project  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

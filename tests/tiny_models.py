@@ -7,13 +7,13 @@ import copy
 import numpy as np
 import scipy.linalg
 import torch
-from source_proj.kernels.reference import matrix_block
 from torch import nn
 from torch.func import functional_call
 
-from source_proj.gradients.tasks import ClassificationTask, RegressionTask, Task
-from source_proj.trajectory.checkpoints import Checkpoint, Trajectory
 from source_proj.evaluation.training import TrainSettings, train_sgd
+from source_proj.gradients.tasks import ClassificationTask, RegressionTask, Task
+from source_proj.kernels.reference import matrix_block
+from source_proj.trajectory.checkpoints import Checkpoint, Trajectory
 
 
 def rel_err(a, b) -> float:

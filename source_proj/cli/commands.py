@@ -13,8 +13,8 @@ exit code 2 (``--debug`` shows the traceback instead).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import csv
+import dataclasses
 import json
 import os
 import sys
@@ -191,8 +191,8 @@ def _fit(args: argparse.Namespace) -> int:
 def _store_attributor(args: argparse.Namespace, spec: Any) -> tuple[Any, Any]:
     """(store, attributor): the task's attributor with the settings the store was made with,
     and the store, checked against it."""
-    from source_proj.store_fit import check_training_data, open_store, store_config
     from source_proj.features.store import FeatureStore
+    from source_proj.store_fit import check_training_data, open_store, store_config
 
     config = store_config(FeatureStore.open(args.store), progress=not args.quiet, **_runtime(args))
     attributor = spec.attributor(config)

@@ -17,10 +17,10 @@ from typing import cast
 import torch
 from torch import nn
 
+from source_proj.errors import InputError
+from source_proj.evaluation.training import AdamWSettings, TrainSettings, train
 from source_proj.gradients.tasks import ClassificationTask
 from source_proj.trajectory.checkpoints import Checkpoint, Trajectory
-from source_proj.evaluation.training import AdamWSettings, TrainSettings, train
-from source_proj.errors import InputError
 
 DIGITS_SETTINGS = TrainSettings(
     epochs=12, batch_size=32, lr=0.05, momentum=0.9, weight_decay=5e-4, checkpoints_per_epoch=1, seed=0
@@ -104,9 +104,9 @@ def run_demo(
     ``optimizer``: "sgd" (SGD + momentum) or "adamw" (AdamW with warm-up + cosine; SOURCE
     then uses Adam's preconditioner from the saved optimizer states)."""
     from source_proj.attributor import SourceAttributor
-    from source_proj.store_fit import fit_store, open_store
     from source_proj.features.store import FeatureStore
     from source_proj.retrieval.exact import exact_proponents_opponents
+    from source_proj.store_fit import fit_store, open_store
 
     if optimizer not in DEMO_OPTIMIZERS:
         raise InputError(f"optimizer must be one of {sorted(DEMO_OPTIMIZERS)}, got {optimizer!r}")

@@ -43,9 +43,9 @@ from typing import Any
 
 from torch import nn
 
+from source_proj.errors import InputError
 from source_proj.gradients.tasks import Task
 from source_proj.trajectory.checkpoints import Trajectory
-from source_proj.errors import InputError
 
 TextColumn = str | Sequence[str] | None
 

@@ -23,6 +23,7 @@ optional), ``outputs`` (the three files written together, all or none).
 Layer: above the attributor, ``retrieval`` and ``evaluation``; only the command line is above it.
 """
 
+from source_proj.curation.outputs import write_curation, write_together
 from source_proj.curation.ranking import (
     curate,
     percentile_ranks,
@@ -30,7 +31,6 @@ from source_proj.curation.ranking import (
     row_weights,
     suspicion_scores,
 )
-from source_proj.curation.outputs import write_curation, write_together
 from source_proj.curation.settings import RANKINGS, CurationConfig
 from source_proj.curation.signals import (
     RowEffects,

@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from source_proj.evaluation.pruning import FULL, PruningResult
 from source_proj.errors import InputError
+from source_proj.evaluation.pruning import FULL, PruningResult
 
 
 def _figure(width: float, height: float) -> Any:

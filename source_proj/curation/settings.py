@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+
 from source_proj.errors import InputError
 
 RANKINGS = ("auto", "self_influence", "heldout_loss", "harm", "combined")

@@ -19,10 +19,10 @@ import torch
 from tqdm.auto import tqdm
 
 from source_proj.attributor import SourceAttributor
+from source_proj.errors import InputError
 from source_proj.features.store import FeatureStore
 from source_proj.gradients.data import as_examples
 from source_proj.retrieval.group import group_influence
-from source_proj.errors import InputError
 
 # Rows per forward pass or per block of query features (bounded memory, few calls).
 _BLOCK = 1024

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from source_proj.errors import InputError
 
 REQUIRED = ("row_id", "score", "rank", "flag", "weight")

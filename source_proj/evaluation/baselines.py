@@ -40,11 +40,11 @@ from torch.func import functional_call
 
 from source_proj.config import SourceConfig
 from source_proj.curvature.spectra import segment_spectra, transport_operators
+from source_proj.errors import InputError
 from source_proj.evaluation.projected_run import ProjectedRun
 from source_proj.features.query_forms import QueryForm, query_form
 from source_proj.features.rows import row_dot, segment_features
 from source_proj.trajectory.checkpoints import Segment
-from source_proj.errors import InputError
 
 
 def _source_train(

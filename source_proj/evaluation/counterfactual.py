@@ -21,8 +21,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from source_proj.evaluation.retraining import RetrainFn, RetrainJob, RetrainRunner
 from source_proj.errors import InputError
+from source_proj.evaluation.retraining import RetrainFn, RetrainJob, RetrainRunner
 
 RANDOM_BASELINE = "random (same class)"
 

@@ -24,9 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
+from source_proj.errors import InputError
 from source_proj.evaluation.retraining import RetrainFn, RetrainJob, RetrainRunner
 from source_proj.evaluation.stats import spearman
-from source_proj.errors import InputError
 
 _CACHE_FORMAT = 1
 

@@ -19,9 +19,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from source_proj.errors import InputError
 from source_proj.evaluation.ground_truth import LDSGroundTruth
 from source_proj.evaluation.stats import basic_bootstrap_interval, spearman
-from source_proj.errors import InputError
 
 RESAMPLE_KINDS = ("subsets", "queries")
 

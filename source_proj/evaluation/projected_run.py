@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from source_proj.attributor import SourceAttributor
 from source_proj.config import SourceConfig
+from source_proj.errors import InputError
 from source_proj.gradients.data import Examples, as_examples
 from source_proj.gradients.model import ModelFunction
 from source_proj.gradients.tasks import Task
@@ -36,7 +37,6 @@ from source_proj.projection.projected import (
     projected_gradients,
 )
 from source_proj.trajectory.checkpoints import Trajectory
-from source_proj.errors import InputError
 
 _CHUNK = 256
 
@@ -105,8 +105,13 @@ class ProjectedRun:
         if self.structure != "dense" and dim != self.dim:
             raise InputError("a factored projection does not nest: project the run again with the other k")
         scale = math.sqrt(self.dim / dim)
-        vec = lambda t: t[..., :dim] * scale
-        mat = lambda t: t[..., :dim, :dim] * scale**2
+
+        def vec(t: torch.Tensor) -> torch.Tensor:
+            return t[..., :dim] * scale
+
+        def mat(t: torch.Tensor) -> torch.Tensor:
+            return t[..., :dim, :dim] * scale**2
+
         return dataclasses.replace(
             self,
             train_grads=vec(self.train_grads),

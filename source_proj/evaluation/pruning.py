@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 from scipy.stats import t as student_t
 
-from source_proj.evaluation.retraining import RetrainJob, RetrainRunner
 from source_proj.errors import InputError
+from source_proj.evaluation.retraining import RetrainJob, RetrainRunner
 
 RANDOM = "random"
 FULL = "unpruned"

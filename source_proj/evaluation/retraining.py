@@ -21,6 +21,7 @@ from types import TracebackType
 
 import numpy as np
 from tqdm.auto import tqdm
+
 from source_proj.errors import InputError
 
 RetrainFn = Callable[[np.ndarray, int], np.ndarray]

@@ -26,10 +26,10 @@ import torch
 from sklearn.datasets import load_digits, make_friedman1
 from torch import nn
 
+from source_proj.errors import InputError
+from source_proj.evaluation.training import AdamWSettings, TrainSettings, train
 from source_proj.gradients.tasks import ClassificationTask, RegressionTask, Task
 from source_proj.trajectory.checkpoints import Checkpoint, Trajectory
-from source_proj.evaluation.training import AdamWSettings, TrainSettings, train
-from source_proj.errors import InputError
 
 SCENARIOS = ("digits", "digits-noisy", "digits-two-stage", "friedman", "digits-adamw", "digits-adamw-noisy")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 from scipy.stats import rankdata
+
 from source_proj.errors import InputError
 
 

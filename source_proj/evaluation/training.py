@@ -20,11 +20,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from source_proj.errors import InputError
 from source_proj.gradients.model import Inputs, call_module, take_rows
 from source_proj.gradients.tasks import Task
 from source_proj.trajectory.checkpoints import Checkpoint, Trajectory
 from source_proj.trajectory.lr_history import LearningRateRecorder
-from source_proj.errors import InputError
 
 
 @dataclass(frozen=True)

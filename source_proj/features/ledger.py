@@ -32,6 +32,7 @@ from typing import Any, cast
 import numpy as np
 import xxhash
 import zarr
+
 from source_proj.errors import InputError, SourceProjError
 
 # zarr writes files atomically (temporary file + rename) from this version on; older 3.0.x

@@ -48,6 +48,7 @@ import torch
 import zarr
 from tqdm.auto import tqdm
 
+from source_proj.errors import InputError
 from source_proj.features.codec import STORE_DTYPES, decode, encode
 from source_proj.features.ledger import (
     ChunkLedger,
@@ -58,7 +59,6 @@ from source_proj.features.ledger import (
     create_group_atomically,
     group_array,
 )
-from source_proj.errors import InputError
 
 FORMAT_VERSION = 2
 ATTRS_KEY = "source_proj_store"

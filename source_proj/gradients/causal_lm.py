@@ -41,6 +41,7 @@ from typing import ClassVar, cast
 
 import torch
 
+from source_proj.errors import InputError
 from source_proj.gradients.data import IGNORE_INDEX
 from source_proj.gradients.tasks import (
     Factor,
@@ -50,7 +51,6 @@ from source_proj.gradients.tasks import (
     softmax_factor,
     softmax_pseudo_gradient,
 )
-from source_proj.errors import InputError
 
 MEASUREMENTS = ("log_prob", "loss", "margin")
 

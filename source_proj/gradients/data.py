@@ -30,8 +30,8 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, default_collate
 
-from source_proj.gradients.model import Inputs, take_rows
 from source_proj.errors import InputError
+from source_proj.gradients.model import Inputs, take_rows
 
 IGNORE_INDEX = -100
 TARGET_KEYS = ("labels", "label")

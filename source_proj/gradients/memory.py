@@ -21,6 +21,7 @@ themselves, and the projection's tiles (a few MiB).
 from __future__ import annotations
 
 import re
+
 from source_proj.errors import InputError
 
 FLOAT_BYTES = 4

@@ -35,8 +35,8 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from source_proj.trajectory.checkpoints import TrajectoryError
 from source_proj.errors import InputError
+from source_proj.trajectory.checkpoints import TrajectoryError
 
 Inputs = torch.Tensor | tuple[torch.Tensor, ...] | Mapping[str, torch.Tensor]
 OutputSelector = str | Callable[[Any], torch.Tensor] | None

@@ -22,9 +22,9 @@ from dataclasses import dataclass
 
 import torch
 
+from source_proj.errors import InputError
 from source_proj.kernels.cpu_projection import MATRIX_CACHE, project_cpu
 from source_proj.kernels.reference import KINDS, PRECISIONS, RADEMACHER, check_seed
-from source_proj.errors import InputError
 
 __all__ = ["BACKENDS", "MATRIX_CACHE", "GradientBlocks", "ProjectionConfig", "project"]
 

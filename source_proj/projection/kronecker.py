@@ -57,9 +57,9 @@ from typing import Any
 
 import torch
 
+from source_proj.errors import InputError
 from source_proj.kernels.reference import matrix_block
 from source_proj.projection.jl import ProjectionConfig, project
-from source_proj.errors import InputError
 
 FACTOR_ROW_BASE = 2**62
 MAX_SIDE = 2**32

@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterable, Mapping
 
 import torch
 
-from source_proj.projection.layer_taps import LayerTaps, Tap, find_taps
+from source_proj.errors import InputError
 from source_proj.gradients.memory import curvature_batch
 from source_proj.gradients.model import Inputs, ModelFunction, take_rows
 from source_proj.gradients.per_example import (
@@ -48,7 +48,7 @@ from source_proj.projection.kronecker import (
     plan_budget,
     project_formed,
 )
-from source_proj.errors import InputError
+from source_proj.projection.layer_taps import LayerTaps, Tap, find_taps
 
 CURVATURE_MODES = ("exact", "sampled")  # SourceConfig also takes "auto": the task's default
 STRUCTURES = ("dense", "factored")

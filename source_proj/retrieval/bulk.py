@@ -38,10 +38,10 @@ import zarr
 from tqdm.auto import tqdm
 
 from source_proj.distributed.failures import together
-from source_proj.distributed.group import ProcessGroup
-from source_proj.features.locking import group_lock
-from source_proj.distributed.work import agreed, each_chunk
 from source_proj.distributed.gather import merge_mappings
+from source_proj.distributed.group import ProcessGroup
+from source_proj.distributed.work import agreed, each_chunk
+from source_proj.errors import InputError
 from source_proj.features.ledger import (
     ChunkLedger,
     StoreCorruptError,
@@ -51,9 +51,9 @@ from source_proj.features.ledger import (
     create_group_atomically,
     group_array,
 )
+from source_proj.features.locking import group_lock
 from source_proj.features.store import FeatureStore, StoreMismatchError
 from source_proj.retrieval.exact import check_queries
-from source_proj.errors import InputError
 
 ATTRS_KEY = "source_proj_bulk"
 # Marks score outputs whose ledger digests the values (absent from the older layout).

@@ -91,8 +91,8 @@ from tqdm.auto import tqdm
 
 from source_proj.distributed.gather import gather_rows
 from source_proj.distributed.group import ProcessGroup
-from source_proj.features.source import FeatureSource, MemoryFeatures
 from source_proj.errors import InputError
+from source_proj.features.source import FeatureSource, MemoryFeatures
 
 # Queries multiplied at once (as faiss does in its own searches).
 _QUERY_BLOCK = 4096

@@ -21,9 +21,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from source_proj.errors import InputError
 from source_proj.features.source import FeatureSource, MemoryFeatures
 from source_proj.retrieval.exact import check_queries
-from source_proj.errors import InputError
 
 
 def query_sum(

@@ -28,9 +28,9 @@ import faiss
 import numpy as np
 from tqdm.auto import tqdm
 
+from source_proj.errors import InputError, SourceProjError
 from source_proj.features.store import FeatureStore
 from source_proj.retrieval.exact import TopK, check_k, check_queries, exact_topk
-from source_proj.errors import InputError, SourceProjError
 
 _FACTORY_CODECS = {"flat": "Flat", "fp16": "SQfp16", "sq8": "SQ8"}
 _INDEX_FILE = "index.faiss"

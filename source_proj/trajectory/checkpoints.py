@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import torch
+
 from source_proj.errors import InputError
 
 OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")

@@ -23,6 +23,7 @@ import math
 from collections.abc import Callable, Sequence
 
 import torch
+
 from source_proj.errors import InputError
 
 
