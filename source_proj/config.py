@@ -5,12 +5,14 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from source_proj.errors import InputError
 from source_proj.gradients.memory import parse_bytes
-from source_proj.projection.jl import ProjectionConfig
-from source_proj.projection.projected import CURVATURE_MODES, STRUCTURES
+from source_proj.projection.options import CURVATURE_MODES, STRUCTURES
+
+if TYPE_CHECKING:
+    from source_proj.projection.jl import ProjectionConfig
 
 QUERY_MODES = ("auto", "final", "segment")
 
@@ -183,6 +185,9 @@ class SourceConfig:
 
     def projection(self) -> ProjectionConfig:
         """The projection settings."""
+        # Imported here: the command line builds its flags from this class without loading torch.
+        from source_proj.projection.jl import ProjectionConfig
+
         return ProjectionConfig(
             dim=self.proj_dim,
             seed=self.seed,

@@ -31,8 +31,8 @@ from source_proj.errors import InputError
 from source_proj.gradients.data import Examples, as_examples
 from source_proj.gradients.model import ModelFunction
 from source_proj.gradients.tasks import Task
+from source_proj.projection.options import CURVATURE_MODES
 from source_proj.projection.projected import (
-    CURVATURE_MODES,
     Projection,
     projected_gradients,
 )

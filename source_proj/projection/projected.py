@@ -49,9 +49,8 @@ from source_proj.projection.kronecker import (
     project_formed,
 )
 from source_proj.projection.layer_taps import LayerTaps, Tap, find_taps
+from source_proj.projection.options import CURVATURE_MODES, STRUCTURES
 
-CURVATURE_MODES = ("exact", "sampled")  # SourceConfig also takes "auto": the task's default
-STRUCTURES = ("dense", "factored")
 Projection = ProjectionConfig | FactoredProjection
 # name -> (numel,) D^{1/2} of a checkpoint, or it prepared for the factored projection
 # (``FactoredProjection.fit_scale``), or None (no preconditioner).
