@@ -187,9 +187,8 @@ def test_every_subcommand_shares_the_common_flags_and_warns_once(tmp_path, capsy
     parser = build_parser()
     subcommands = parser._subparsers._group_actions[0].choices
     for name, sub in subcommands.items():
-        if name != "demo":
-            flags = {flag for action in sub._actions for flag in action.option_strings}
-            assert {"--quiet", "--debug", "--device"} <= flags, name
+        flags = {flag for action in sub._actions for flag in action.option_strings}
+        assert {"--quiet", "--debug", "--device"} <= flags, name
     path = tmp_path / "noisy.py"
     path.write_text(WARNING_TASK)
     ref, store = f"{path}:task", str(tmp_path / "noisy.zarr")

@@ -90,7 +90,7 @@ def _each_warning_once() -> None:
                             "the batching rule")
 
 
-def _reporting_errors(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+def reporting_errors(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
     """Turn the library's own errors (``SourceProjError``: bad input, NaN/inf, a mismatched,
     damaged, locked or missing store, a bad task, a failed rank) and operating-system errors
     (a missing file, a full disk) into a one-line message and exit code 2, unless ``--debug``
@@ -533,7 +533,7 @@ def _verify_against_task(args: argparse.Namespace, store: Any) -> list[str]:
 def _common(parser: argparse.ArgumentParser, task_required: bool = True) -> None:
     _task_flags(parser, task_required, TASK_HELP)
     parser.add_argument("--store", required=True, help=STORE_HELP)
-    _shared_flags(parser)
+    shared_flags(parser)
 
 
 def _task_flags(parser: argparse.ArgumentParser, required: bool, task_help: str) -> None:
@@ -556,7 +556,7 @@ def _task_flags(parser: argparse.ArgumentParser, required: bool, task_help: str)
                        help="the task, where the architecture's name does not tell it")
 
 
-def _shared_flags(parser: argparse.ArgumentParser) -> None:
+def shared_flags(parser: argparse.ArgumentParser) -> None:
     """The flags every subcommand takes: --quiet, --debug, --device."""
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--debug", action="store_true", help="on an error, show the full traceback")
@@ -664,7 +664,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     fit.add_argument("--chunk-rows", type=_positive_int, default=4096, help="training rows per store chunk (default 4096)")
     _setting_flags(fit, recorded=True)
     _runtime_flags(fit)
-    fit.set_defaults(handler=_reporting_errors(_fit))
+    fit.set_defaults(handler=reporting_errors(_fit))
 
     score = sub.add_parser(
         "score",
@@ -676,7 +676,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     _query_flags(score)
     score.add_argument("--out", required=True, help="output zarr directory")
     score.add_argument("--query-block", type=_positive_int, default=1024, help="queries per written block (default 1024)")
-    score.set_defaults(handler=_reporting_errors(_score))
+    score.set_defaults(handler=reporting_errors(_score))
 
     topk = sub.add_parser(
         "topk",
@@ -702,7 +702,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     topk.add_argument("--shard-rows", type=_positive_int, default=65536,
                       help="training rows searched at a time by the exact search (memory bound; default 65536)")
     _output_flags(topk)
-    topk.set_defaults(handler=_reporting_errors(_topk))
+    topk.set_defaults(handler=reporting_errors(_topk))
 
     self_inf = sub.add_parser(
         "self-influence",
@@ -716,9 +716,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     self_inf.add_argument("--store", required=True, help=STORE_HELP)
     _task_flags(self_inf, False, "a task whose TaskSpec.train_text adds a train_text column")
     self_inf.add_argument("--top", type=_positive_int, help="only the first N rows (default all)")
-    _shared_flags(self_inf)
+    shared_flags(self_inf)
     _output_flags(self_inf)
-    self_inf.set_defaults(handler=_reporting_errors(_self_influence))
+    self_inf.set_defaults(handler=reporting_errors(_self_influence))
 
     cur = sub.add_parser(
         "curate",
@@ -753,7 +753,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     cur.add_argument("--explain", type=int, metavar="ROW", help="print the queries this training row helps and hurts most")
     cur.add_argument("-k", type=_positive_int, default=10, help="queries listed per direction with --explain (default 10)")
     cur.add_argument("--output", "-o", help="with --explain: output file (default: standard output)")
-    cur.set_defaults(handler=_reporting_errors(_curate))
+    cur.set_defaults(handler=reporting_errors(_curate))
 
     report = sub.add_parser(
         "report",
@@ -773,7 +773,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                         help="the tail of self-influence marked as flagged (default 0.05)")
     report.add_argument("--curation", metavar="DIR", help="a 'source-proj curate' output folder to show")
     report.add_argument("--output", "-o", default="report.html", help="the HTML file (default report.html)")
-    report.set_defaults(handler=_reporting_errors(_report), shard_rows=65536)
+    report.set_defaults(handler=reporting_errors(_report), shard_rows=65536)
 
     verify = sub.add_parser(
         "verify",
@@ -788,4 +788,4 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "damaged chunks",
     )
     _common(verify, task_required=False)
-    verify.set_defaults(handler=_reporting_errors(_verify))
+    verify.set_defaults(handler=reporting_errors(_verify))

@@ -96,13 +96,16 @@ def run_demo(
     top: int = 5,
     proj_dim: int = 512,
     optimizer: str = "sgd",
+    progress: bool = True,
+    device: str | None = None,
 ) -> None:
     """Train on digits, featurise the training set into a feature store under ``workdir``
     (resumed or reused on later runs), and print proponents/opponents of ``num_queries`` test
     digits found with the faiss index, and the most self-influential training rows.
 
     ``optimizer``: "sgd" (SGD + momentum) or "adamw" (AdamW with warm-up + cosine; SOURCE
-    then uses Adam's preconditioner from the saved optimizer states)."""
+    then uses Adam's preconditioner from the saved optimizer states). ``progress`` and
+    ``device`` are the attributor's run-time settings."""
     from source_proj.attributor import SourceAttributor
     from source_proj.features.store import FeatureStore
     from source_proj.retrieval.exact import exact_proponents_opponents
@@ -117,7 +120,8 @@ def run_demo(
     with torch.no_grad():
         accuracy = (run.model(x_test).argmax(1) == y_test).float().mean().item()
     print(f"  {len(run.trajectory.checkpoints)} checkpoints, test accuracy {accuracy:.3f}")
-    attributor = SourceAttributor(run.model, "classification", run.trajectory, proj_dim=proj_dim, seed=0)
+    attributor = SourceAttributor(run.model, "classification", run.trajectory, proj_dim=proj_dim, seed=0,
+                                  progress=progress, device=device)
     print(f"SOURCE: {attributor.num_segments} segments, projection to k={proj_dim} (Rademacher, seed 0)")
     tag = "" if optimizer == "sgd" else f"-{optimizer}"  # the SGD demo keeps its original file names
     path = Path(workdir) / f"features{tag}-k{proj_dim}.zarr"

@@ -137,12 +137,14 @@ def lm_run(output_dir: str | os.PathLike, settings: LMDemoSettings = LMDemoSetti
 
 def run_lm_demo(workdir: str | os.PathLike = "source-proj-demo-lm", num_queries: int = 4, top: int = 3,
                 proj_dim: int = 256, curvature_examples: int = 128,
-                settings: LMDemoSettings = LMDemoSettings()) -> torch.Tensor:
+                settings: LMDemoSettings = LMDemoSettings(), progress: bool = True,
+                device: str | None = None) -> torch.Tensor:
     """Train (or reuse) the demo model under ``workdir``, run SOURCE on its training
     sequences and print, for ``num_queries`` held-out sequences, the training sequences
     whose inclusion most raised (proponents) and lowered (opponents) their log-probability.
-    The Hessians use ``curvature_examples`` training sequences per checkpoint. Returns the
-    scores, (queries, training sequences)."""
+    The Hessians use ``curvature_examples`` training sequences per checkpoint; ``progress``
+    and ``device`` are the attributor's run-time settings. Returns the scores, (queries,
+    training sequences)."""
     from source_proj.attributor import SourceAttributor
     from source_proj.gradients.causal_lm import CausalLMTask
 
@@ -160,7 +162,7 @@ def run_lm_demo(workdir: str | os.PathLike = "source-proj-demo-lm", num_queries:
     print(f"  {len(run.train)} training sequences of {settings.length} characters, {p:,} parameters, "
           f"{len(run.trajectory.checkpoints)} checkpoints; held-out loss {loss:.3f} nats/character")
     attributor = SourceAttributor(run.model, task, run.trajectory, proj_dim=proj_dim, seed=0,
-                                  curvature_examples=curvature_examples)
+                                  curvature_examples=curvature_examples, progress=progress, device=device)
     print(f"SOURCE: {attributor.num_segments} segments, k={proj_dim}, {attributor.curvature} curvature "
           f"({curvature_examples} sequences per checkpoint)")
     attributor.fit(run.train)

@@ -10,7 +10,7 @@ import argparse
 import os
 import sys
 
-from source_proj.cli.commands import add_commands
+from source_proj.cli.commands import add_commands, reporting_errors, shared_flags
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -18,12 +18,12 @@ def _demo(args: argparse.Namespace) -> int:
         from source_proj.cli.lm_demo import run_lm_demo
 
         run_lm_demo(args.workdir or "source-proj-demo-lm", num_queries=args.queries, top=args.top or 3,
-                    proj_dim=args.proj_dim or 256)
+                    proj_dim=args.proj_dim or 256, progress=not args.quiet, device=args.device)
         return 0
     from source_proj.cli.demo import run_demo
 
     run_demo(args.workdir or "source-proj-demo", num_queries=args.queries, top=args.top or 5,
-             proj_dim=args.proj_dim or 512, optimizer=args.optimizer)
+             proj_dim=args.proj_dim or 512, optimizer=args.optimizer, progress=not args.quiet, device=args.device)
     return 0
 
 
@@ -57,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="train with SGD + momentum (default) or AdamW with warm-up + cosine; for AdamW, SOURCE "
         "uses Adam's preconditioner read from the saved optimizer states (the digits demo)",
     )
-    demo.set_defaults(handler=_demo)
+    shared_flags(demo)
+    demo.set_defaults(handler=reporting_errors(_demo))
     add_commands(sub)
     return parser
 
