@@ -13,7 +13,7 @@ functions of the inputs; see ``curvature``, ``features`` and ``projected``.
 Adam / AdamW trajectories: every gradient taken at checkpoint c (training rows, queries,
 Gauss-Newton factor rows, self-influence) is rescaled by that checkpoint's D_c^{1/2} before
 projection (``trajectory.optimizer_state``), which turns the SGD formulas into the
-preconditioned ones (math note, section 4). Approximations: D may differ between
+preconditioned ones (docs/math.md, section 9). Approximations: D may differ between
 checkpoints, and the cross terms D_l^{-1/2} D_l'^{1/2} between segments are dropped (each
 gradient is rescaled by its own checkpoint's D, the rescaled-space formulas are then those of
 SGD); Adam's coupled L2 decay lambda D is replaced by lambda c I (see ``optimizer_state``).

@@ -70,7 +70,7 @@ def test_mlp_projected_gradients_equal_kronecker_matrix_times_formed_gradients(t
 
 def test_mlp_scores_equal_dense_formula_with_the_kronecker_matrix():
     """Gradients, Gauss-Newton factor rows and queries all go through the factored projection:
-    the scores equal the math note's formula evaluated densely with P the explicit matrix."""
+    the scores equal the formula of docs/math.md evaluated densely with P the explicit matrix."""
     model, traj, train = trained_classifier(dims=(4, 6, 3), n=24)
     queries = blobs(4, 4, 3, seed=9)
     att = SourceAttributor(model, "classification", traj, proj_dim=30, seed=5, proj_structure="factored",

@@ -1,6 +1,6 @@
 """The estimator against independent oracles on tiny models.
 
-(a) a dense evaluation of the math note's formulas (autograd loops, scipy expm, inverse);
+(a) a dense evaluation of the formulas of docs/math.md (autograd loops, scipy expm, inverse);
 (b) one segment with t -> infinity equals influence functions (H + lambda I)^-1;
 (c) full-batch gradient descent on linear regression, plain and with a fixed diagonal
     preconditioner (Adam's D): exact unrolled differentiation;

@@ -99,7 +99,7 @@ def dense_source_scores(
     precond: list[torch.Tensor] | None = None,
     decays: list[float] | None = None,
 ) -> np.ndarray:
-    """The math note's formula evaluated densely: per-example autograd loops, scipy's expm and
+    """The formula of docs/math.md evaluated densely: per-example autograd loops, scipy's expm and
     an explicit inverse. ``proj`` None means no projection (P = I). ``query_mode`` "final":
     the final query gradient carried through later exp(-tH); "segment": each segment's mean
     query gradient against its own phi, no carrying. Only segments of

@@ -3,7 +3,7 @@
 Per-segment training features of example m (float32, (L, k)):
     F_l(m) = w_l * M_l g_l(m),   w_l = 1/N_l if m took part in segment l's stage, else 0,
 with g_l(m) the mean projected loss gradient over segment l's checkpoints and M_l from
-``curvature.transport_operators``. Query features carry the minus sign of the math note, so
+``curvature.transport_operators``. Query features carry the minus sign (docs/math.md, section 4), so
 
     score(q, m) = < Q(q), F(m) >    (> 0: including m raises the measurement of q).
 

@@ -5,7 +5,7 @@ the checkpoint's D^{1/2}), a batch of examples, and the projection, and returns 
 tensors in the projected space: gradients of a per-example objective (B, k), and
 Gauss-Newton factor rows (B, R, k).
 
-Preconditioned optimizers (math note, section 4): every per-example gradient block taken at a
+Preconditioned optimizers (docs/math.md, section 9): every per-example gradient block taken at a
 checkpoint is multiplied in place, element-wise, by that checkpoint's D^{1/2} (name -> (numel,)
 from ``trajectory.optimizer_state.Preconditioner.sqrt_scale``) before it is projected; no
 buffer beyond the per-example gradients is materialised. Factored weights, whose gradients are

@@ -6,7 +6,7 @@ theta <- theta - eta * D_c * m_hat (plus the decay), with
     D_c = 1 / (sqrt(v_c / (1 - beta2^step_c)) + eps)      (element-wise, per parameter),
 
 v_c the optimizer's ``exp_avg_sq`` (``max_exp_avg_sq`` with ``amsgrad``) and step_c its step
-count. SOURCE works in the coordinates rescaled by D^{1/2} (math note, section 4): every
+count. SOURCE works in the coordinates rescaled by D^{1/2} (docs/math.md, section 9): every
 gradient taken at checkpoint c is multiplied element-wise by D_c^{1/2} before it is projected,
 and the segment Hessian gains the decay term. :class:`Preconditioner` reads the states
 (``Checkpoint.optimizer_state``: a ``state_dict()``, a path to one, or a mapping name ->
