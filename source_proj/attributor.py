@@ -76,8 +76,6 @@ from source_proj.trajectory.checkpoints import (
 from source_proj.trajectory.digests import FileDigests, StateDigests, fast_digest, state_digests
 from source_proj.trajectory.optimizer_state import Preconditioner
 
-FORMAT_VERSION = 1
-
 
 @dataclass(frozen=True)
 class RowFeatures:
@@ -683,7 +681,6 @@ class SourceAttributor:
         """JSON-serialisable description of everything the features depend on."""
         cfg = self.config
         return {
-            "format_version": FORMAT_VERSION,
             "projection": {
                 **describe(self.projection),
                 **({"segment_seeds": [describe(p)["seed"] for p in self.projections]} if self.config.segment_projections else {}),

@@ -56,3 +56,17 @@ def test_topk_equals_a_sort_of_the_score_matrix(fitted):
         np.testing.assert_array_equal(only.ids, opponents.ids)
     with pytest.raises(ValueError, match="kind must be"):
         memory.topk(queries, 4, kind="best")
+
+
+def test_a_store_written_with_the_old_metadata_version_opens_for_the_same_attributor(fitted, tmp_path):
+    """Stores written before the store's format version became the only one carry the attributor's
+    metadata version (1) in their metadata; it is dropped on reading, so they keep opening."""
+    from source_proj.features.store import StoreLayout
+    from source_proj.store_fit import _metadata, check_store_settings
+
+    memory, _, _, _ = fitted
+    metadata = {**_metadata(memory), "format_version": 1}
+    layout = StoreLayout(n_rows=4, dim=memory.features.feature_dim(), dtype="float32", chunk_rows=4)
+    old = FeatureStore.create(tmp_path / "old.zarr", layout, metadata)
+    assert "format_version" not in FeatureStore.open(old.path).metadata
+    check_store_settings(memory, FeatureStore.open(old.path))  # no StoreMismatchError

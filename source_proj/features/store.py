@@ -61,6 +61,7 @@ from source_proj.features.ledger import (
 )
 
 FORMAT_VERSION = 2
+_LEGACY_METADATA_VERSION = "format_version"
 ATTRS_KEY = "source_proj_store"
 
 
@@ -254,7 +255,9 @@ class FeatureStore:
             )
         self.path = path
         self.layout = StoreLayout(**attrs["layout"])
-        self.metadata: dict[str, Any] = attrs["metadata"]
+        # The store's format version is the only one; stores written before it was kept alone also
+        # carry the attributor's own metadata version (always 1), which is dropped on reading.
+        self.metadata: dict[str, Any] = {k: v for k, v in attrs["metadata"].items() if k != _LEGACY_METADATA_VERSION}
         self.store_id: str = attrs["store_id"]
         self._group = group
         self._attrs = attrs
