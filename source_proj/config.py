@@ -21,6 +21,7 @@ def _setting(
     default: Any,
     help: str,
     *,
+    group: str = "estimator",
     recorded: bool = True,
     flag: str | None = None,
     kind: str = "choice",
@@ -32,6 +33,8 @@ def _setting(
     Args:
         default: the field's default.
         help: one line for the command line's help (the default is appended there).
+        group: "projection" (how gradients are compressed), "estimator" (how SOURCE turns them
+            into scores) or, for settings that are not recorded, "runtime" (where and how fast).
         recorded: whether the setting changes the features: recorded in stores and checked
             when one is reopened (False: how, not what, is computed; overridable at query time).
         flag: the command-line flag of ``source-proj fit`` (None: not on the command line).
@@ -41,7 +44,8 @@ def _setting(
             ``default``, so that older stores keep opening.
     """
     return field(default=default, metadata={
-        "help": help, "recorded": recorded, "flag": flag, "kind": kind, "choices": choices, "added": added,
+        "help": help, "group": group if recorded else "runtime", "recorded": recorded, "flag": flag, "kind": kind,
+        "choices": choices, "added": added,
     })
 
 
@@ -104,19 +108,20 @@ class SourceConfig:
     """
 
     proj_dim: int = _setting(1024, "projection dimension k (factored: the total shared out among the layers)",
-                             flag="--proj-dim", kind="positive")
-    seed: int = _setting(0, "seed of the random projection (and of sampled curvature)", flag="--seed", kind="int")
-    proj_kind: str = _setting("rademacher", "projection entries", flag="--proj-kind", choices=("rademacher", "gaussian"))
+                             flag="--proj-dim", kind="positive", group="projection")
+    seed: int = _setting(0, "seed of the random projection (and of sampled curvature)", flag="--seed", kind="int",
+                         group="projection")
+    proj_kind: str = _setting("rademacher", "projection entries", flag="--proj-kind", choices=("rademacher", "gaussian"),
+                              group="projection")
     proj_structure: str = _setting(
         "dense", "dense: every per-example gradient formed and projected; factored: linear, embedding and GPT-2 "
         "Conv1D weights projected by Kronecker factors without forming their gradients",
-        flag="--proj-structure", choices=STRUCTURES,
-    )
+        flag="--proj-structure", choices=STRUCTURES, group="projection")
     kronecker_terms: int = _setting(4, "Kronecker products summed per factored weight (more: closer to dense accuracy)",
-                                    flag="--kronecker-terms", kind="positive")
+                                    flag="--kronecker-terms", kind="positive", group="projection")
     backend: str = _setting("auto", "projection backend: auto, cpu or triton", recorded=False)
     proj_precision: str = _setting("highest", "GPU products of float32 gradients: highest, or tf32 (faster, ~4e-4 relative)",
-                                   flag="--proj-precision", choices=("highest", "tf32"))
+                                   flag="--proj-precision", choices=("highest", "tf32"), group="projection")
     num_segments: int = _setting(3, "segments per training stage, L", flag="--num-segments", kind="positive")
     curvature: str = _setting("auto", "Gauss-Newton Hessian: exact, or with sampled labels (cheaper for many outputs); "
                               "auto: the task's choice", flag="--curvature", choices=("auto", *CURVATURE_MODES))
@@ -132,7 +137,7 @@ class SourceConfig:
                                            flag="--keep-segments", kind="flag")
     segment_projections: bool = _setting(
         False, "project each segment with its own matrix (seed + segment index): independent JL errors per segment, "
-        "at the same k (per-segment query form only)", flag="--segment-projections", kind="flag", added=True,
+        "at the same k (per-segment query form only)", flag="--segment-projections", kind="flag", added=True, group="projection",
     )
     chunk_size: int | None = _setting(None, "examples per gradient batch (memory vs speed; default: what "
                                       "max_gradient_memory allows, at most 64)", recorded=False, flag="--batch-size",

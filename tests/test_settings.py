@@ -21,6 +21,11 @@ def test_every_setting_with_a_flag_is_on_the_fit_command_with_its_help_and_defau
     for f in flagged:
         assert f.metadata["flag"] in text
     assert "(default 1024)" in text and "(default off)" in text
+    sections = {"projection settings:": "--proj-dim", "estimator settings:": "--num-segments",
+                "runtime settings:": "--batch-size"}
+    for title, flag in sections.items():  # each flag listed under its field's group
+        section = text[text.index(title):].split("\n\n")[0]
+        assert f"  {flag}" in section
 
 
 def test_flags_become_settings_and_only_run_time_ones_apply_to_queries():

@@ -567,14 +567,17 @@ def shared_flags(parser: argparse.ArgumentParser) -> None:
 def _setting_flags(parser: argparse.ArgumentParser, recorded: bool) -> None:
     """A flag for every ``SourceConfig`` field that has one and is (``recorded``) or is not a
     recorded setting, generated from the field's metadata (``config._setting``): its name, how
-    it parses, its help and its default. Each flag's destination is the field's name; an
+    it parses, its help, its default and its help section (the field's group). Each flag's destination is the field's name; an
     absent flag is None (the task's ``TaskSpec.config``, then the default, apply)."""
     from source_proj.config import SourceConfig
 
+    groups: dict[str, Any] = {}
     for f in dataclasses.fields(SourceConfig):
         meta = f.metadata
         if meta["flag"] is None or meta["recorded"] != recorded:
             continue
+        if meta["group"] not in groups:
+            groups[meta["group"]] = parser.add_argument_group(f"{meta['group']} settings")
         default = "off" if meta["kind"] == "flag" else f.default
         options: dict[str, Any] = {"dest": f.name, "help": f"{meta['help']} (default {default})"}
         if meta["kind"] == "flag":
@@ -584,7 +587,7 @@ def _setting_flags(parser: argparse.ArgumentParser, recorded: bool) -> None:
         else:
             options["type"] = _positive_int if meta["kind"] == "positive" else int
             options["metavar"] = meta["flag"].lstrip("-").upper().replace("-", "_")
-        parser.add_argument(meta["flag"], **options)
+        groups[meta["group"]].add_argument(meta["flag"], **options)
 
 
 def _runtime_flags(parser: argparse.ArgumentParser) -> None:
