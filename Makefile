@@ -12,7 +12,7 @@ LOCK := requirements-lock.txt
 # The CPU build of torch on local disk; pinned here so no multi-GB CUDA build is pulled.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: install demo test lint lock bench
+.PHONY: install demo test lint lock bench docs
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml $(LOCK)
@@ -31,6 +31,12 @@ test: install
 # The linter and the type checker (settings in pyproject.toml); CI runs them before the tests.
 lint: install
 	$(VENV)/bin/ruff check
+
+# The documentation site (docs/, mkdocs.yml) into site/; --strict turns every warning (a broken
+# link, a docstring that does not match its signature) into a failure.
+docs: install
+	$(PY) -m pip install -q -c $(LOCK) -e ".[docs]"
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
 
 # A fresh environment with the newest release of every dependency that pyproject's ranges admit
 # (torch stays pinned to the local CPU build); the lock is rewritten only if the suite passes.

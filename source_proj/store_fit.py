@@ -246,7 +246,9 @@ def fit_store(
             ``source_proj.features.store``).
         chunk_rows: rows per store chunk (the unit of resumption and of memory use: one
             that does not fit in memory is refused first, see ``check_chunk_memory``).
-        stages, num_train, curvature_data: as for ``SourceAttributor.prepare``.
+        stages: as for ``SourceAttributor.prepare``.
+        num_train: as for ``SourceAttributor.prepare``.
+        curvature_data: as for ``SourceAttributor.prepare``.
 
     Returns:
         The complete store and what this call computed. Before any costly work: the store's
