@@ -66,7 +66,7 @@ class SourceConfig:
             r = 1 is the plain Kronecker projection; larger r brings its error towards an
             i.i.d. projection's at r times the cost of the factored products, which is small
             next to the model's forward and backward (4 terms: as fast as 1 on GPT-2 shapes,
-            half the LDS gap to dense on the MLP scenarios; README, "Factored projection").
+            half the LDS gap to dense on the MLP scenarios; docs/guides/factored.md).
         backend: "auto", "cpu" or "triton" for the projection.
         proj_precision: "highest" or "tf32" (faster Triton products of float32 gradients at
             ~4e-4 relative error; see ``ProjectionConfig``).
@@ -80,20 +80,20 @@ class SourceConfig:
         momentum_factor: time scale t = eta K with eta / (1 - beta) under heavy-ball
             momentum. Adam's beta1 is not a time factor (its bias-corrected first moment
             weights past gradients by weights summing to 1; measured: multiplying t by
-            1 / (1 - beta1) lowers the LDS, see README), so Adam runs use t = eta K.
+            1 / (1 - beta1) lowers the LDS, see docs/guides/adam.md), so Adam runs use t = eta K.
         time_scale: multiplies every segment's t (1.0 is the paper's value).
         query_mode: "final" (the paper's form: the query gradient at the final checkpoint,
             transported through later segments), "segment" (query gradients averaged over
             each segment's own checkpoints, no transport; features are L*k wide), or "auto"
             (default): "segment" for single-stage training, "final" for multi-stage runs.
-            The LDS benchmark chose this (see README, "Why the defaults").
+            The LDS benchmark chose this (see docs/settings.md, "Why the defaults").
         keep_segment_features: keep per-segment training features (needed for per-stage
             attribution in "final" mode; always kept in "segment" mode).
         segment_projections: project segment l with its own matrix, of seed ``seed + l``
             (mod 2^64), instead of one matrix for all (per-segment query form only: the
             paper's form carries query gradients across segments). The segments' JL errors
             are then independent and partly cancel in the sum over segments, at the same k
-            and storage (README, "Adam and AdamW runs"). Off by default; stores record it.
+            and storage (docs/guides/adam.md). Off by default; stores record it.
         chunk_size: examples per vmap batch (None: the most that ``max_gradient_memory``
             allows, at most 64). Per-example gradients are summed over a segment's
             checkpoints before projection, so two chunk x p float32 buffers (the running sum

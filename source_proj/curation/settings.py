@@ -28,7 +28,7 @@ class CurationConfig:
             - "heldout_loss": the row's loss at the final model plus its self-influence: the
               loss SOURCE predicts the row would have had it never been trained on (a
               leave-one-out loss). Needs the final losses. The best mislabel detector
-              measured (``benchmarks/results/curation.md``): as good as the loss when the
+              measured (``benchmarks/results/curation-detection.md``): as good as the loss when the
               model has not fitted the wrong labels yet, and far better once it has.
             - "harm": harm to a query set, the predicted rise of the set's summed loss when
               the row is included (group influence on the set's loss).

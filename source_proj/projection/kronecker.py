@@ -22,8 +22,8 @@ rank-one gradient u v^T (one token, or an MLP's per-example gradient) and Gaussi
 (:func:`rank_one_variance`; Rademacher entries at most that), against 2 / (k_r k_c) for an
 i.i.d. matrix: with one term the error is set by the smaller factor, not by the product, and
 r terms bring it down towards i.i.d. at r times the (small) cost. Gradients summed over many
-tokens in varied directions are closer to i.i.d. already. Measured figures: README,
-"Factored projection".
+tokens in varied directions are closer to i.i.d. already. Measured figures:
+docs/guides/factored.md.
 
 Layout (the contract with ``kernels.reference``; everything is a pure function of the seed):
 
@@ -335,7 +335,7 @@ class FactoredProjection:
         projected densely keep it exactly; each factored weight gets the rank-one stand-in
         a b^T of :func:`rank_one_fit` with weights D^{-2} = (sqrt(v_hat) + eps)^2, the
         gradient's second moment as Adam estimates it (coordinates that never saw a gradient
-        have almost no say). An approximation, measured in the README."""
+        have almost no say). An approximation, measured in docs/guides/factored.md."""
         fitted = {}
         for block in self.plan.blocks:
             root = scale[block.name].reshape(block.rows, block.cols)
