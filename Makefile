@@ -39,14 +39,16 @@ docs: install
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
 
 # A fresh environment with the newest release of every dependency that pyproject's ranges admit
-# (torch stays pinned to the local CPU build); the lock is rewritten only if the suite passes.
+# (torch stays pinned to the local CPU build); the lock is rewritten only if the suite and the
+# documentation build pass.
 lock:
 	rm -rf $(VENV)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_PIN)"
-	$(PY) -m pip install -q --upgrade -e ".[test]" "$(TORCH_PIN)"
+	$(PY) -m pip install -q --upgrade -e ".[test,docs]" "$(TORCH_PIN)"
 	$(PY) -m pytest -q -m "not slow"
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
 	{ echo "# Exact versions the test suite passed with (make lock, $$(date -u +%F), Python $$($(PY) -c 'import platform; print(platform.python_version())'))."; \
 	  echo "# make install uses it as a pip constraints file; pyproject.toml keeps the ranges."; \
 	  $(PY) -m pip freeze --all --exclude-editable | sed -E 's/^(torch==[^+]+)\+.*/\1/'; } > $(LOCK).new
