@@ -163,11 +163,11 @@ def run_task_spec(
 
     run = open_run(run_dir, task_type)
     config = run.model.config
-    read = dict(tokenizer=run.tokenizer, task_type=run.task_type, text_column=text_column,
+    read: dict[str, Any] = dict(tokenizer=run.tokenizer, task_type=run.task_type, text_column=text_column,
                 label_column=label_column, max_length=max_length, label2id=getattr(config, "label2id", None) or {},
                 num_labels=getattr(config, "num_labels", 0))
-    train_rows = tokenised_rows(train, **read)
-    query_rows = None if queries is None else tokenised_rows(queries, **read)
+    train_rows = tokenised_rows(os.fspath(train), **read)
+    query_rows = None if queries is None else tokenised_rows(os.fspath(queries), **read)
     return TaskSpec(
         model=run.model,
         task=_task(run, train_rows),

@@ -160,7 +160,7 @@ class ApproxIndex:
         if not 1 <= probes <= self.n_lists:
             raise InputError(f"n_probe must be in [1, {self.n_lists}], got {probes}")
         sign = -1.0 if opponents else 1.0
-        scores, ids = self.index.search(sign * q, k, params=faiss.SearchParametersIVF(nprobe=probes))
+        scores, ids = self.index.search(sign * q, k, params=faiss.SearchParametersIVF(nprobe=probes))  # type: ignore[arg-type, call-arg]  # faiss's stubs: sign * q stays float32, SearchParametersIVF takes nprobe
         scores *= sign
         short = np.nonzero((ids < 0).any(axis=1))[0]
         self.exact_fallbacks = len(short) if fallback else 0
