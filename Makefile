@@ -31,6 +31,7 @@ test: install
 # The linter and the type checker (settings in pyproject.toml); CI runs them before the tests.
 lint: install
 	$(VENV)/bin/ruff check
+	$(VENV)/bin/mypy
 
 # The documentation site (docs/, mkdocs.yml) into site/; --strict turns every warning (a broken
 # link, a docstring that does not match its signature) into a failure.
