@@ -66,7 +66,7 @@ def check_seed(seed: int) -> int:
 
 
 def philox4x32(
-    seed: int, c0: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor, c3: torch.Tensor
+    seed: int, c0: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor, c3: torch.Tensor | int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Philox4x32-10 on int64 tensors holding uint32 values (broadcastable shapes).
 
