@@ -405,7 +405,8 @@ def _measure(kind: str, *args: str) -> dict:
 
 def scale(n_rows: int, dim: int, n_query: int) -> str:
     from source_proj.features.featurize import featurize
-    from source_proj.features.store import FeatureStore, StoreLayout
+    from source_proj.features.layout import StoreLayout
+    from source_proj.features.store import FeatureStore
 
     work = Path(tempfile.mkdtemp(prefix="curation-scale-"))
     try:

@@ -44,7 +44,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from retrieval import FULL, QUICK, SyntheticFeatures, machine, write_results  # noqa: E402
 
 from source_proj.features.featurize import featurize  # noqa: E402
-from source_proj.features.store import FeatureStore, StoreLayout  # noqa: E402
+from source_proj.features.layout import StoreLayout  # noqa: E402
+from source_proj.features.store import FeatureStore  # noqa: E402
 from source_proj.retrieval.exact import SearchSettings, exact_topk  # noqa: E402
 
 SHIPPED = FeatureStore._read_chunk

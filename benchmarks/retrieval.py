@@ -51,7 +51,8 @@ import torch
 import zarr
 
 from source_proj.features.featurize import featurize
-from source_proj.features.store import FeatureStore, StoreLayout
+from source_proj.features.layout import StoreLayout
+from source_proj.features.store import FeatureStore
 from source_proj.retrieval.bulk import score_matrix
 from source_proj.retrieval.exact import (
     SearchSettings,

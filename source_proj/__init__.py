@@ -46,7 +46,7 @@ _EXPORTS = {
     "TrajectoryError": "source_proj.trajectory.checkpoints",
     "NonFiniteError": "source_proj.gradients.per_example",
     "MemoryBudgetError": "source_proj.gradients.memory",
-    "StoreError": "source_proj.features.ledger",
+    "StoreError": "source_proj.features.errors",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -69,7 +69,7 @@ if TYPE_CHECKING:
     from source_proj.attributor import SourceAttributor
     from source_proj.config import SourceConfig
     from source_proj.errors import InputError, SourceProjError
-    from source_proj.features.ledger import StoreError
+    from source_proj.features.errors import StoreError
     from source_proj.features.store import FeatureStore
     from source_proj.gradients.causal_lm import CausalLMTask, mask_prompt
     from source_proj.gradients.memory import MemoryBudgetError

@@ -33,15 +33,12 @@ from source_proj.curvature.spectra import SegmentSpectrum
 from source_proj.distributed.failures import together
 from source_proj.distributed.gather import merge_mappings
 from source_proj.errors import InputError
+from source_proj.features.errors import StoreMismatchError
 from source_proj.features.featurize import FeaturizeReport, featurize
+from source_proj.features.layout import ChunkFeatures, StoreLayout
 from source_proj.features.ledger import array_digest
 from source_proj.features.locking import group_lock
-from source_proj.features.store import (
-    ChunkFeatures,
-    FeatureStore,
-    StoreLayout,
-    StoreMismatchError,
-)
+from source_proj.features.store import FeatureStore
 from source_proj.gradients.data import Examples, as_examples
 from source_proj.gradients.memory import MemoryBudgetError
 from source_proj.trajectory.digests import FileDigests

@@ -7,11 +7,8 @@ from pathlib import Path
 import numpy as np
 
 from source_proj.features.featurize import featurize
-from source_proj.features.store import (
-    ChunkFeatures,
-    FeatureStore,
-    StoreLayout,
-)
+from source_proj.features.layout import ChunkFeatures, StoreLayout
+from source_proj.features.store import FeatureStore
 
 METADATA = {
     "projection": {"dim": 16, "seed": 3, "kind": "rademacher"},

@@ -24,7 +24,7 @@ from torch import nn
 
 from source_proj.attributor import SourceAttributor
 from source_proj.evaluation.training import AdamWSettings, train_adamw
-from source_proj.features.store import StoreMismatchError
+from source_proj.features.errors import StoreMismatchError
 from source_proj.gradients.tasks import ClassificationTask
 from source_proj.store_fit import fit_store, open_store
 from source_proj.trajectory.checkpoints import Checkpoint, Trajectory, TrajectoryError

@@ -9,7 +9,7 @@ from tiny_models import blobs, mlp
 
 from source_proj.attributor import SourceAttributor
 from source_proj.evaluation.training import TrainSettings, train_sgd
-from source_proj.features.store import StoreMismatchError
+from source_proj.features.errors import StoreMismatchError
 from source_proj.gradients.tasks import ClassificationTask
 from source_proj.store_fit import fit_store, open_store
 from source_proj.trajectory.checkpoints import Checkpoint

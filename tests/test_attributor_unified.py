@@ -61,7 +61,7 @@ def test_topk_equals_a_sort_of_the_score_matrix(fitted):
 def test_a_store_written_with_the_old_metadata_version_opens_for_the_same_attributor(fitted, tmp_path):
     """Stores written before the store's format version became the only one carry the attributor's
     metadata version (1) in their metadata; it is dropped on reading, so they keep opening."""
-    from source_proj.features.store import StoreLayout
+    from source_proj.features.layout import StoreLayout
     from source_proj.store_fit import _metadata, check_store_settings
 
     memory, _, _, _ = fitted

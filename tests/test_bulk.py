@@ -10,7 +10,8 @@ import pytest
 import zarr
 from store_helpers import chunk_features, dense_store
 
-from source_proj.features.store import FeatureStore, StoreMismatchError
+from source_proj.features.errors import StoreMismatchError
+from source_proj.features.store import FeatureStore
 from source_proj.retrieval.bulk import score_matrix, self_influence
 
 # float32 products of length D <= 32 are within 1e-5 |q| |f| of the float64 oracle;

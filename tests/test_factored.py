@@ -305,7 +305,7 @@ def test_factored_and_dense_scores_correlate_at_095_where_the_projection_noise_a
 
 # ------------------------------------------------------------------ feature store and benchmark runs
 def test_store_records_the_factored_sizes_and_refuses_the_other_structure(tmp_path):
-    from source_proj.features.store import StoreMismatchError
+    from source_proj.features.errors import StoreMismatchError
     from source_proj.store_fit import fit_store, open_store
 
     model, traj, train = trained_classifier(dims=(6, 8, 3), n=20)

@@ -23,8 +23,9 @@ from tiny_models import trained_classifier
 from torch import nn
 
 from source_proj.attributor import SourceAttributor
+from source_proj.features.errors import DataMismatchError, StoreCorruptError, StoreError, StoreMismatchError
 from source_proj.features.featurize import featurize
-from source_proj.features.ledger import StoreCorruptError, StoreError
+from source_proj.features.layout import StoreLayout
 from source_proj.features.lock import (
     StoreLock,
     StoreLockedError,
@@ -33,12 +34,7 @@ from source_proj.features.lock import (
     lock_path,
     read_holder,
 )
-from source_proj.features.store import (
-    DataMismatchError,
-    FeatureStore,
-    StoreLayout,
-    StoreMismatchError,
-)
+from source_proj.features.store import FeatureStore
 from source_proj.gradients.model import ModelFunction
 from source_proj.gradients.per_example import NonFiniteError
 from source_proj.gradients.tasks import Task

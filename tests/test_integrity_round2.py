@@ -20,7 +20,9 @@ import source_proj.store_fit as fit_module
 from source_proj.attributor import SourceAttributor
 from source_proj.cli.task_spec import load_task
 from source_proj.errors import InputError
-from source_proj.features.store import FeatureStore, StoreLayout, StoreMismatchError
+from source_proj.features.errors import StoreMismatchError
+from source_proj.features.layout import StoreLayout
+from source_proj.features.store import FeatureStore
 from source_proj.gradients.causal_lm import CausalLMTask
 from source_proj.gradients.memory import MemoryBudgetError
 from source_proj.gradients.tasks import ClassificationTask, RegressionTask, Task

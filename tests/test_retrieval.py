@@ -11,7 +11,9 @@ import pytest
 import torch
 from store_helpers import METADATA, chunk_features, dense_store
 
-from source_proj.features.store import FeatureStore, StoreIncompleteError, StoreLayout
+from source_proj.features.errors import StoreIncompleteError
+from source_proj.features.layout import StoreLayout
+from source_proj.features.store import FeatureStore
 from source_proj.retrieval import exact as retrieval
 from source_proj.retrieval.exact import (
     SearchSettings,

@@ -14,7 +14,7 @@ import torch
 from tiny_models import blobs, trained_classifier
 
 from source_proj.attributor import SourceAttributor
-from source_proj.features.store import StoreMismatchError
+from source_proj.features.errors import StoreMismatchError
 from source_proj.store_fit import fit_store, open_store, store_config
 
 K, SEED, SEGMENTS = 16, 5, 3

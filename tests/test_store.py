@@ -17,15 +17,10 @@ import pytest
 import zarr
 from store_helpers import METADATA, chunk_features, chunk_with_extras, dense_store
 
+from source_proj.features.errors import StoreError, StoreIncompleteError, StoreMismatchError
 from source_proj.features.featurize import featurize
-from source_proj.features.store import (
-    ChunkFeatures,
-    FeatureStore,
-    StoreError,
-    StoreIncompleteError,
-    StoreLayout,
-    StoreMismatchError,
-)
+from source_proj.features.layout import ChunkFeatures, StoreLayout
+from source_proj.features.store import FeatureStore
 
 # float16 stores round every value x to x(1 + d) with |d| <= 2^-11 (unit roundoff; the
 # per-row power-of-two scale keeps values out of the subnormal range): hence
@@ -191,7 +186,8 @@ _CHILD = textwrap.dedent(
     sys.path.insert(0, {tests!r})
     from store_helpers import METADATA, chunk_with_extras
     from source_proj.features.featurize import featurize
-    from source_proj.features.store import FeatureStore, StoreLayout
+    from source_proj.features.layout import StoreLayout
+    from source_proj.features.store import FeatureStore
 
     def compute(start, stop):
         with open({log!r}, "a") as log:

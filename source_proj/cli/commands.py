@@ -466,7 +466,7 @@ def _report(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------- verify
 def _verify(args: argparse.Namespace) -> int:
-    from source_proj.features.ledger import StoreCorruptError
+    from source_proj.features.errors import StoreCorruptError
     from source_proj.features.store import FeatureStore
     from source_proj.retrieval.bulk import is_output
 

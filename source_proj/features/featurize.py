@@ -14,8 +14,9 @@ from source_proj.distributed.failures import together
 from source_proj.distributed.gather import merge_mappings
 from source_proj.distributed.group import ProcessGroup
 from source_proj.distributed.work import agreed, each_chunk
+from source_proj.features.layout import ComputeChunk
 from source_proj.features.locking import group_lock
-from source_proj.features.store import ComputeChunk, FeatureStore
+from source_proj.features.store import FeatureStore
 
 
 @dataclass(frozen=True)

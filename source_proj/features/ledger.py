@@ -33,7 +33,8 @@ import numpy as np
 import xxhash
 import zarr
 
-from source_proj.errors import InputError, SourceProjError
+from source_proj.errors import InputError
+from source_proj.features.errors import StoreCorruptError
 
 # zarr writes files atomically (temporary file + rename) from this version on; older 3.0.x
 # versions write chunks in place, and a kill can leave a truncated ledger row.
@@ -50,14 +51,6 @@ if not zarr_version_ok(zarr.__version__):  # pragma: no cover - guarded by pypro
         f"source_proj needs zarr >= {'.'.join(map(str, MIN_ZARR))} (atomic file writes; crash safety relies "
         f"on them), found zarr {zarr.__version__}: pip install 'zarr>=3.1.3,<4'"
     )
-
-
-class StoreError(SourceProjError):
-    """Base class of the errors of feature stores and of the outputs written from them."""
-
-
-class StoreCorruptError(StoreError):
-    """Stored data fail their digest check, or a file of the store is missing or unreadable."""
 
 
 def create_group_atomically(path: Path, attributes: dict[str, Any], build: Callable[[zarr.Group], None]) -> None:

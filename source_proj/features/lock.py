@@ -35,7 +35,8 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from source_proj.features.ledger import StoreError, remove_leftovers
+from source_proj.features.errors import StoreError
+from source_proj.features.ledger import remove_leftovers
 
 
 class StoreLockedError(StoreError):

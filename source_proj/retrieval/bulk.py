@@ -42,17 +42,16 @@ from source_proj.distributed.gather import merge_mappings
 from source_proj.distributed.group import ProcessGroup
 from source_proj.distributed.work import agreed, each_chunk
 from source_proj.errors import InputError
+from source_proj.features.errors import StoreCorruptError, StoreError, StoreMismatchError
 from source_proj.features.ledger import (
     ChunkLedger,
-    StoreCorruptError,
-    StoreError,
     array_digest,
     chunk_digest,
     create_group_atomically,
     group_array,
 )
 from source_proj.features.locking import group_lock
-from source_proj.features.store import FeatureStore, StoreMismatchError
+from source_proj.features.store import FeatureStore
 from source_proj.retrieval.exact import check_queries
 
 ATTRS_KEY = "source_proj_bulk"
