@@ -27,6 +27,15 @@ rows start at the sum of the widths of the blocks before it (the ``row_offset``)
 
 from __future__ import annotations
 
+# kernels/ is the package source_proj.kernels (source_proj/kernels is a link to it) and has no
+# __init__.py, so it never hides the PyPI distribution named ``kernels`` (which transformers
+# imports): from the repository root Python finds only a namespace portion there, and any
+# installed ``kernels`` package takes precedence. Without one installed, the namespace could
+# still be imported; this refuses it (before anything else is loaded), and every other kernel
+# module imports this one, so they are refused too.
+if __package__ != "source_proj.kernels":
+    raise ModuleNotFoundError(f"No module named {__name__!r}: kernels/ is the package source_proj.kernels", name=__name__)
+
 import math
 import sys
 
