@@ -48,7 +48,7 @@ from source_proj.features.query_forms import QueryForm, query_form
 from source_proj.features.rows import row_dot, segment_features
 from source_proj.features.source import FeatureSource, MemoryFeatures
 from source_proj.gradients.data import Examples, as_examples, row_shapes
-from source_proj.gradients.memory import feature_chunk
+from source_proj.gradients.memory import activation_cost, feature_chunk
 from source_proj.gradients.model import ModelFunction, OutputSelector
 from source_proj.gradients.per_example import check_finite, dataset_rows
 from source_proj.gradients.task_names import resolve_task
@@ -109,7 +109,8 @@ class SourceAttributor:
             or a callable on the raw output.
 
     Raises ``MemoryBudgetError`` (a ValueError) before any work if one example's per-example
-    gradients, or an explicit ``chunk_size``'s, exceed ``max_gradient_memory``.
+    gradients, or an explicit ``chunk_size``'s, exceed ``max_gradient_memory``; and, with the
+    activations measured on the data's first row, when the data is checked.
     """
 
     def __init__(
@@ -346,10 +347,12 @@ class SourceAttributor:
         time; ``visit(start, stop, inputs, targets)`` is called with each chunk (the feature
         store digests them). ``chunks`` limits the pass to those chunk indices. Queries are
         validated the same way (``what="queries"``). Raises ``InputError`` starting with
-        ``what`` and naming the offending rows (indices into ``examples``) and values."""
+        ``what`` and naming the offending rows (indices into ``examples``) and values. Then sets
+        ``chunk_size`` for rows of this shape: the budget holds their gradient buffers and
+        activations (measured on row 0, ``gradients.memory``; ``MemoryBudgetError`` if not one)."""
         if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1:
             raise InputError(f"chunk_rows must be a positive int, got {chunk_rows!r}")
-        first_inputs, _ = examples.rows(0, 1, self.device)
+        first_inputs, first_targets = examples.rows(0, 1, self.device)
         params, consts = self._load(len(self.trajectory.checkpoints) - 1)
         try:
             with torch.no_grad():
@@ -369,6 +372,9 @@ class SourceAttributor:
                 raise InputError(f"{what}: {exc}") from exc
             if visit is not None:
                 visit(start, stop, inputs, targets)
+        activations = activation_cost(self.model_fn, params, consts, self.task.loss, first_inputs, first_targets)
+        width = gradient_width(self.projection, self.model_fn.num_params())
+        self.chunk_size = feature_chunk(width, self.budget, self.config.chunk_size, activations)
 
     def prepare(
         self,

@@ -1,28 +1,46 @@
-"""How much memory per-example gradients take, and how many fit a budget.
+"""How much memory per-example gradients take, and how many examples fit a budget.
 
-Per-example gradients are p float32 values per row (p = attributed parameters), at every
-checkpoint. The buffers, for a chunk of B examples:
+``SourceConfig(max_gradient_memory=...)`` bounds, for a chunk of B examples:
 
-* features and queries: 2 B p x 4 bytes (a segment's running sum over its checkpoints and one
-  checkpoint's gradients);
-* curvature: B R p x 4 bytes, R = factor rows per example (1 sampled, or 2 for a custom
-  task's Hessian-vector form; C exact: classes, T x V for a language model), plus the
-  factor itself, B C R x 8 bytes.
+* the per-example gradient buffers, p float32 values per row (p = attributed parameters, or
+  for the factored projection the parameters not factored plus the factored blocks'
+  coordinates), at every checkpoint: for features and queries 2 B p x 4 bytes (a segment's
+  running sum over its checkpoints and one checkpoint's gradients); for curvature B R p x 4
+  bytes, R = factor rows per example (1 sampled, or 2 for a custom task's Hessian-vector
+  form; C exact: classes, T x V for a language model), plus the factor itself, B C R x 8 bytes;
+* the activations of the B examples: what the model's forward and the task's loss save for
+  the backward pass, plus the model's output, **measured** for the model and the rows' shapes
+  (:func:`activation_cost`: a forward on one and on two copies of the first row under
+  ``torch.autograd.graph.saved_tensors_hooks``, counting each saved storage once) as a
+  per-example slope and a fixed part.
 
-``SourceConfig(max_gradient_memory=...)`` bounds these buffers: ``chunk_size`` is chosen from
-it when not given (at most ``DEFAULT_MAX_CHUNK``), an explicit ``chunk_size`` over it is
-refused, and curvature chunks are split into as many backward batches as the budget needs;
-a single example that does not fit is refused before anything runs. Not counted: the
-model's activations for B examples under ``vmap`` (forward and backward; for a transformer
-about B x layers x T x width x a small constant floats), the parameters and checkpoints
-themselves, and the projection's tiles (a few MiB).
+``chunk_size`` is chosen from the budget when not given (at most ``DEFAULT_MAX_CHUNK``), an
+explicit ``chunk_size`` over it is refused, curvature chunks are split into as many backward
+batches as the budget needs, and a single example that does not fit is refused before any
+pass runs (the error names the gradient and the activation parts).
+
+Not counted (the stated overhead, measured in benchmarks/results/memory-budget-2026-12-06.md):
+the parameters and the checkpoint being read (two copies of the attributed state at most), the
+projection's tiles and factors (a few MiB), the backward pass's transient gradients of the
+activations (a few layers' outputs per example at a time), the data rows, and the feature
+store's chunk buffers (``store_fit.check_chunk_memory``). The activations are measured with
+plain autograd (``torch.func`` refuses saved-tensor hooks); ``vmap`` over B examples saves B
+times one example's tensors, which the benchmark checks against peak RSS. Measured on the
+first row: rows of another shape (padded batches) are measured again when their shape is met
+at the start of a pass.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from functools import partial
+
+import torch
 
 from source_proj.errors import InputError
+from source_proj.gradients.model import Inputs, ModelFunction, take_rows
 
 FLOAT_BYTES = 4
 DEFAULT_MAX_CHUNK = 64
@@ -51,6 +69,93 @@ def parse_bytes(value: int | str) -> int:
     return int(number)
 
 
+@dataclass(frozen=True)
+class ActivationCost:
+    """Bytes the activations of a batch take: ``fixed + batch x per_example``.
+
+    Attributes:
+        per_example: bytes each example adds (tensors saved for the backward pass, and the
+            model's output).
+        fixed: bytes saved whatever the batch size (tensors derived from the parameters alone).
+    """
+
+    per_example: int = 0
+    fixed: int = 0
+
+    def of(self, batch: int) -> int:
+        """Bytes for ``batch`` examples."""
+        return self.fixed + batch * self.per_example
+
+
+NO_ACTIVATIONS = ActivationCost()
+
+def saved_bytes(run: Callable[[], Iterable[torch.Tensor]], exclude: Iterable[torch.Tensor] = ()) -> int:
+    """Bytes of the distinct storages autograd saves for the backward pass while ``run()``
+    executes (with gradients enabled), plus those of the tensors it returns; storages of
+    ``exclude`` (parameters, constants, inputs) are not counted. Each storage counts once
+    (views of one tensor, or a tensor saved by several operations)."""
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
+    sizes: dict[int, int] = {}
+
+    def note(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in skip:
+            sizes[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    # The saved tensors stay alive (the graph holds them) until ``returned`` is dropped, so no
+    # two of them share an address.
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(note, lambda t: t):
+        returned = list(run())
+    for t in returned:
+        note(t)
+    return sum(sizes.values())
+
+
+def _named_tensors(inputs: Inputs) -> list[tuple[object, torch.Tensor]]:
+    if isinstance(inputs, Mapping):
+        return list(inputs.items())
+    return list(enumerate(inputs if isinstance(inputs, tuple) else (inputs,)))
+
+
+def activation_cost(
+    fn: ModelFunction,
+    params: dict[str, torch.Tensor],
+    consts: dict[str, torch.Tensor],
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    inputs: Inputs,
+    targets: torch.Tensor,
+) -> ActivationCost:
+    """The activations' bytes of ``fn``'s forward and ``loss`` (outputs, targets) -> (B,) on
+    rows shaped like the first of ``inputs``: :func:`saved_bytes` of one and of two copies of
+    that row (parameters differentiable, so that every tensor their gradients need is
+    saved); the difference is the per-example part. Measured once per row shape and cached
+    in ``fn.runtime``."""
+    cache = fn.runtime.setdefault("activations", {})
+    key = tuple((name, tuple(x.shape[1:]), x.dtype) for name, x in _named_tensors(inputs))
+    if key not in cache:
+        rows = {b: (take_rows(inputs, [0] * b), targets[[0] * b]) for b in (1, 2)}
+        data = [t for x, y in rows.values() for _, t in [*_named_tensors(x), (None, y)]]
+        exclude = [*params.values(), *consts.values(), *data]
+        differentiable = {n: v.detach().requires_grad_() for n, v in params.items()}
+        held: list = []
+
+        def run(batch: int) -> tuple[torch.Tensor, ...]:
+            x, y = rows[batch]
+            outputs = fn.call(differentiable, consts, x)
+            value = loss(outputs, y).sum()
+            # torch.func's grad differentiates with create_graph=True: what the backward pass
+            # saves (the activations' gradients, mostly) lives until it returns, so it counts
+            # too. Its result is held (with that graph) until the count is done.
+            held.append(torch.autograd.grad(value, list(differentiable.values()), create_graph=True, allow_unused=True))
+            return outputs, value
+
+        one, two = (saved_bytes(partial(run, b), exclude) for b in (1, 2))
+        held.clear()
+        cache[key] = ActivationCost(per_example=max(two - one, 0), fixed=max(2 * one - two, 0))
+    return cache[key]
+
+
 def _advice(num_params: int) -> str:
     return (
         f"raise max_gradient_memory, or attribute through fewer than the {num_params:,} parameters "
@@ -58,37 +163,55 @@ def _advice(num_params: int) -> str:
     )
 
 
-def feature_chunk(num_params: int, budget: int, chunk_size: int | None) -> int:
-    """Examples per feature/query chunk: ``chunk_size`` if its 2 B p x 4 bytes fit ``budget``
-    (else MemoryBudgetError), or the most that fit, at most ``DEFAULT_MAX_CHUNK``."""
+def _parts(gradients: str, activations: ActivationCost, batch: int) -> str:
+    """The two parts of a need, for messages: ``gradients`` (their bytes and formula) and the
+    activations of ``batch`` examples."""
+    return (
+        f"{gradients} and {activations.of(batch):,} bytes of activations ({batch} x {activations.per_example:,} "
+        f"measured per example + {activations.fixed:,} fixed)"
+    )
+
+
+def feature_chunk(
+    num_params: int, budget: int, chunk_size: int | None, activations: ActivationCost = NO_ACTIVATIONS
+) -> int:
+    """Examples per feature/query chunk: ``chunk_size`` if its 2 B p x 4 bytes of gradient
+    buffers and its activations fit ``budget`` (else MemoryBudgetError), or the most that fit,
+    at most ``DEFAULT_MAX_CHUNK``."""
     per_row = 2 * num_params * FLOAT_BYTES
     if chunk_size is not None:
-        if chunk_size * per_row > budget:
+        if chunk_size * per_row + activations.of(chunk_size) > budget:
             raise MemoryBudgetError(
-                f"chunk_size={chunk_size} needs {chunk_size * per_row:,} bytes of per-example gradients "
-                f"(2 x {chunk_size} rows x {num_params:,} parameters x 4 bytes), over max_gradient_memory="
-                f"{budget:,} bytes: lower chunk_size or {_advice(num_params)}"
+                f"chunk_size={chunk_size} needs " + _parts(
+                    f"{chunk_size * per_row:,} bytes of per-example gradients (2 x {chunk_size} rows x "
+                    f"{num_params:,} parameters x 4 bytes)", activations, chunk_size
+                ) + f", over max_gradient_memory={budget:,} bytes: lower chunk_size or {_advice(num_params)}"
             )
         return chunk_size
-    fits = budget // per_row
+    fits = (budget - activations.fixed) // (per_row + activations.per_example)
     if fits < 1:
         raise MemoryBudgetError(
-            f"one example's per-example gradients need {per_row:,} bytes (2 x {num_params:,} parameters "
-            f"x 4 bytes), over max_gradient_memory={budget:,} bytes: {_advice(num_params)}"
+            "one example's " + _parts(
+                f"per-example gradients need {per_row:,} bytes (2 x {num_params:,} parameters x 4 bytes)", activations, 1
+            ) + f", over max_gradient_memory={budget:,} bytes: {_advice(num_params)}"
         )
     return int(min(DEFAULT_MAX_CHUNK, fits))
 
 
-def curvature_batch(num_params: int, outputs: int, factor_rows: int, budget: int) -> int:
+def curvature_batch(
+    num_params: int, outputs: int, factor_rows: int, budget: int, activations: ActivationCost = NO_ACTIVATIONS
+) -> int:
     """Examples per backward batch of the curvature pass: the most whose factor rows
-    (R p x 4 bytes each) and factor (C R x 8 bytes) fit ``budget``; MemoryBudgetError if
-    one example does not fit."""
+    (R p x 4 bytes each), factor (C R x 8 bytes) and activations fit ``budget``;
+    MemoryBudgetError if one example does not fit."""
     per_example = factor_rows * (num_params * FLOAT_BYTES + outputs * 8)
-    fits = budget // per_example
+    fits = (budget - activations.fixed) // (per_example + activations.per_example)
     if fits < 1:
         raise MemoryBudgetError(
-            f"the curvature pass needs {per_example:,} bytes per example ({factor_rows:,} Gauss-Newton factor "
-            f"rows x {num_params:,} parameters x 4 bytes), over max_gradient_memory={budget:,} bytes: use "
-            f"curvature='sampled' (one row per example) or {_advice(num_params)}"
+            "the curvature pass needs, per example, " + _parts(
+                f"{per_example:,} bytes of factor rows ({factor_rows:,} Gauss-Newton factor rows x {num_params:,} "
+                "parameters x 4 bytes, and the factor)", activations, 1
+            ) + f", over max_gradient_memory={budget:,} bytes: use curvature='sampled' (one row per example) or "
+            f"{_advice(num_params)}"
         )
     return int(fits)

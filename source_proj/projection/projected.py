@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterable, Mapping
 import torch
 
 from source_proj.errors import InputError
-from source_proj.gradients.memory import curvature_batch
+from source_proj.gradients.memory import activation_cost, curvature_batch
 from source_proj.gradients.model import Inputs, ModelFunction, take_rows
 from source_proj.gradients.per_example import (
     ExampleFn,
@@ -241,8 +241,8 @@ def projected_gn_factors(
     ``scale``): R = C rows ("exact") or one random draw ("sampled": a pseudo-label per
     example for classification, per position for language models; see
     ``Task.sampled_hessian_factor``). With ``budget`` (bytes), the backward passes take as
-    many examples at a time as their factor rows fit in it (``gradients.memory.curvature_batch``;
-    MemoryBudgetError if one example does not).
+    many examples at a time as their factor rows and activations (measured once per row shape)
+    fit in it (``gradients.memory.curvature_batch``; MemoryBudgetError if one example does not).
     """
     if mode not in CURVATURE_MODES:
         raise InputError(f"curvature mode must be one of {CURVATURE_MODES}, got {mode!r}")
@@ -254,7 +254,11 @@ def projected_gn_factors(
     else:
         sampled, signs = task.sampled_hessian_factor(outputs, targets, generator)
         rank = sampled.shape[2]
-    step = batch if budget is None else curvature_batch(gradient_width(projection, fn.num_params()), width, rank, budget)
+    if budget is None:
+        step = batch
+    else:
+        activations = activation_cost(fn, params, consts, task.loss, inputs, targets)
+        step = curvature_batch(gradient_width(projection, fn.num_params()), width, rank, budget, activations)
     parts = []
     for start in range(0, batch, step):
         stop = min(batch, start + step)
