@@ -99,9 +99,12 @@ class SourceConfig:
             checkpoints before projection, so two chunk x p float32 buffers (the running sum
             and one checkpoint's gradients). Larger chunks project faster per row.
         max_gradient_memory: bytes (or "4GiB"-style text) that per-example gradient buffers
-            may take: 2 x chunk x p x 4 for features, chunk x R x p x 4 for R curvature
-            factor rows per example (see ``gradients.memory``). An explicit ``chunk_size`` over
-            it, or one example over it, is refused before any work.
+            and the chunk's activations may take: 2 x chunk x p x 4 for features, chunk x R x
+            p x 4 for R curvature factor rows per example, plus the activations the model and
+            loss keep for the backward pass, measured for the model on the data's first row
+            (see ``gradients.memory``, which also states what is not counted: parameters,
+            checkpoints, projection tiles). An explicit ``chunk_size`` over it, or one example
+            over it, is refused before any work.
         device: where gradients are computed (None: the model's device).
         progress: show one progress bar per pass (curvature, features, queries, search).
         verbose: also show the bars nested inside a pass (each checkpoint's curvature chunks).
@@ -142,7 +145,8 @@ class SourceConfig:
     chunk_size: int | None = _setting(None, "examples per gradient batch (memory vs speed; default: what "
                                       "max_gradient_memory allows, at most 64)", recorded=False, flag="--batch-size",
                                       kind="positive")
-    max_gradient_memory: int | str = _setting("4GiB", "memory that per-example gradient buffers may take", recorded=False)
+    max_gradient_memory: int | str = _setting("4GiB", "memory that per-example gradient buffers and activations may take",
+                                                recorded=False)
     device: str | None = _setting(None, "where gradients are computed (default: the model's device)", recorded=False)
     progress: bool = _setting(True, "progress bars, one per pass", recorded=False)
     verbose: bool = _setting(False, "also the progress bars nested inside a pass", recorded=False)

@@ -147,7 +147,8 @@ def activation_cost(
             # torch.func's grad differentiates with create_graph=True: what the backward pass
             # saves (the activations' gradients, mostly) lives until it returns, so it counts
             # too. Its result is held (with that graph) until the count is done.
-            held.append(torch.autograd.grad(value, list(differentiable.values()), create_graph=True, allow_unused=True))
+            if value.requires_grad:  # else nothing to differentiate: the forward's count is all
+                held.append(torch.autograd.grad(value, list(differentiable.values()), create_graph=True, allow_unused=True))
             return outputs, value
 
         one, two = (saved_bytes(partial(run, b), exclude) for b in (1, 2))
