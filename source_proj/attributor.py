@@ -22,10 +22,12 @@ SGD); Adam's coupled L2 decay lambda D is replaced by lambda c I (see ``optimize
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
-from collections.abc import Callable, Collection, Hashable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Hashable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import numpy as np
 import torch
@@ -90,6 +92,20 @@ class RowFeatures:
     features: torch.Tensor
     segment_features: torch.Tensor | None
     self_influence: torch.Tensor
+
+
+Method = TypeVar("Method", bound=Callable[..., Any])
+
+
+def _one_reading(method: Method) -> Method:
+    """``method`` run in a :meth:`SourceAttributor.reading_pass`: each checkpoint read once."""
+
+    @functools.wraps(method)
+    def wrapped(self: SourceAttributor, *args: Any, **kwargs: Any) -> Any:
+        with self.reading_pass():
+            return method(self, *args, **kwargs)
+
+    return cast(Method, wrapped)
 
 
 class SourceAttributor:
@@ -159,6 +175,9 @@ class SourceAttributor:
             self._read_state(i)
         self.file_digests = FileDigests()
         self._digests: dict[int, StateDigests] = {}
+        # Inside reading_pass(): checkpoint -> (its files' identity, state) and Adam's D^{1/2} (CPU).
+        self._held: dict[int, tuple[tuple | None, dict]] | None = None
+        self._held_scales: dict[int, dict[str, torch.Tensor]] = {}
         # Adam's preconditioner: every checkpoint's optimizer state checked once here.
         self.preconditioner = Preconditioner.build(trajectory, model, self.model_fn.names)
         self.spectra: list[SegmentSpectrum] | None = None
@@ -178,9 +197,32 @@ class SourceAttributor:
         source = self.trajectory.checkpoints[index].state
         return None if isinstance(source, Mapping) else state_files(source)
 
+    @contextmanager
+    def reading_pass(self) -> Iterator[None]:
+        """A pass over data (a fit, a range of training rows, a set of queries) in which each
+        checkpoint and each Adam state is read once: what was read is kept until the pass ends
+        (checkpoint files memory-mapped as loaded, D^{1/2} on the CPU) and given again to every
+        chunk of rows, a checkpoint only while its files are unchanged (``Checkpoint.identity``:
+        a file written since is read and checked again, so one replaced is still refused).
+        Passes nest: the outermost keeps the states."""
+        if self._held is not None:
+            yield
+            return
+        self._held = {}
+        try:
+            yield
+        finally:
+            self._held = None
+            self._held_scales = {}
+
     def _state(self, index: int) -> dict:
         """Checkpoint ``index`` as the model's state dict, checked against its recorded digest
-        (every read: a file replaced during a run is refused, not mixed into the results)."""
+        (every read: a file replaced during a run is refused, not mixed into the results; in a
+        :meth:`reading_pass`, read once and kept while its files are unchanged)."""
+        identity = self.trajectory.checkpoints[index].identity()
+        held = None if self._held is None else self._held.get(index)
+        if held is not None and held[0] == identity:
+            return held[1]
         state = self._read_state(index)
         known = self._known_digests(index)
         if known is None:
@@ -192,6 +234,8 @@ class SourceAttributor:
                 f"checkpoint {index}{where} changed during the run (its contents differ from when they were "
                 "first read or recorded): restore it, or start again with the new file"
             )
+        if self._held is not None:
+            self._held[index] = (identity, state)
         return state
 
     def _known_digests(self, index: int) -> StateDigests | None:
@@ -215,10 +259,14 @@ class SourceAttributor:
         """SHA-256 of each checkpoint's state under the model's names (a tied key present or
         absent gives the same digest): cached for files unchanged since they were hashed
         (``use_file_digests``), else read and hashed now."""
-        return [
-            (self._known_digests(i) or self._record_digests(i, self._read_state(i))).sha256
-            for i in range(len(self.trajectory.checkpoints))
-        ]
+        return [self._checked_digests(i).sha256 for i in range(len(self.trajectory.checkpoints))]
+
+    def _checked_digests(self, index: int) -> StateDigests:
+        known = self._known_digests(index)
+        if known is not None:
+            return known
+        self._state(index)  # records them (and keeps the state in a pass)
+        return self._digests[index]
 
     def use_file_digests(self, cache: FileDigests) -> None:
         """Take digests of checkpoint files from ``cache`` (e.g. the one a store keeps) where the
@@ -249,15 +297,23 @@ class SourceAttributor:
     def gradient_scale(self, index: int) -> Scale:
         """Adam's D^{1/2} at checkpoint ``index`` as this attributor's projection applies it
         (None without a preconditioner): name -> (numel,) for the dense projection (read again
-        when needed: p floats), ``FittedScale`` for the factored one (fitted once per
-        checkpoint and kept: its rank-one parts and the dense parameters' scales are small)."""
+        when needed: p floats; once per :meth:`reading_pass`, kept on the CPU), ``FittedScale``
+        for the factored one (fitted once per checkpoint and kept: its rank-one parts and the
+        dense parameters' scales are small)."""
         if index in self._fitted_scales:
             return self._fitted_scales[index]
-        scale = self.preconditioner.sqrt_scale(index, self.device)
-        if scale is not None and isinstance(self.projection, FactoredProjection):
-            fitted = self._fitted_scales[index] = self.projection.fit_scale(scale)
+        scale = self._held_scales.get(index)
+        if scale is None:
+            scale = self.preconditioner.sqrt_scale(index, "cpu")
+            if scale is None:
+                return None
+            if self._held is not None:
+                self._held_scales[index] = scale
+        on_device = {n: v.to(self.device) for n, v in scale.items()}
+        if isinstance(self.projection, FactoredProjection):
+            fitted = self._fitted_scales[index] = self.projection.fit_scale(on_device)
             return fitted
-        return scale
+        return on_device
 
     def _progress(self, items: Iterable[int], desc: str, show: bool = True, nested: bool = False) -> tqdm:
         """``items`` with a progress bar (on rank 0 only, when progress is on and ``show``; a bar
@@ -512,6 +568,7 @@ class SourceAttributor:
         self_inf = row_dot(own, features)
         return RowFeatures(features, per_segment if self.keeps_segment_features else None, self_inf)
 
+    @_one_reading
     def featurize_range(self, examples: Examples, start: int, stop: int, progress: bool = False) -> RowFeatures:
         """Features of training rows [start, stop), computed ``chunk_size`` rows at a time."""
         step = self.chunk_size
@@ -537,6 +594,7 @@ class SourceAttributor:
         chunks, step = self.group.span(-(-n // self.chunk_size)), self.chunk_size
         return min(n, chunks.start * step), min(n, chunks.stop * step)
 
+    @_one_reading
     def fit(
         self,
         train_data: Any,
@@ -587,6 +645,7 @@ class SourceAttributor:
         return self.features
 
     # ----------------------------------------------------------------- queries
+    @_one_reading
     def query_features(
         self, queries: Any, measurement: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
     ) -> torch.Tensor:

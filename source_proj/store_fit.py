@@ -271,7 +271,8 @@ def fit_store(
     check_chunk_memory(layout, available_memory())
     _check_writable(path)
     group = attributor.group
-    with group_lock(group, path):
+    # One reading pass: the data check, the curvature and every store chunk read each checkpoint once.
+    with group_lock(group, path), attributor.reading_pass():
         with together(group, "checking the existing store"):
             existing = FeatureStore.open(path) if path.exists() else None
             if existing is not None:  # refuse other settings before reading the data

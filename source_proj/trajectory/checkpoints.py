@@ -75,6 +75,23 @@ class Checkpoint:
             return self.state
         return load_state_file(self.state)
 
+    def identity(self) -> tuple | None:
+        """What must be unchanged for a state loaded from ``state`` to still be its contents:
+        per file of :func:`state_files`, its device, inode, size and modification and change
+        times (any write or ``utime`` sets the change time, which cannot be set back); None
+        for a state given as a mapping. Raises TrajectoryError naming a file that cannot be
+        examined."""
+        if isinstance(self.state, Mapping):
+            return None
+        out = []
+        for file in state_files(self.state):
+            try:
+                found = file.stat()
+            except OSError as exc:
+                raise TrajectoryError(f"could not examine checkpoint file {os.fspath(file)!r}: {exc}") from exc
+            out.append((os.fspath(file), found.st_dev, found.st_ino, found.st_size, found.st_mtime_ns, found.st_ctime_ns))
+        return tuple(out)
+
 
 # Model weight files of a save_pretrained / Trainer checkpoint directory, in order of preference.
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
