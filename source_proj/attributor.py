@@ -64,6 +64,7 @@ from source_proj.projection.projected import (
     make_projection,
     projected_gn_factors,
     projected_gradients,
+    resolve_structure,
     with_seed,
 )
 from source_proj.retrieval.exact import TopK, exact_proponents_opponents, exact_topk
@@ -144,6 +145,9 @@ class SourceAttributor:
         self.task = resolve_task(task)
         self.trajectory = trajectory
         self.model_fn = ModelFunction.build(model.eval(), param_names, output)
+        # "auto" resolved for this model: stores record (and reopen with) the structure used.
+        structure = resolve_structure(self.config.proj_structure, self.model_fn)
+        self.config = dataclasses.replace(self.config, proj_structure=structure)
         self.curvature = self.config.resolved_curvature(self.task.default_curvature)
         self.budget = self.config.gradient_budget()
         self.query_form: QueryForm = query_form(self.config.resolved_query_mode(len(trajectory.stages)))

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from source_proj.errors import InputError
 from source_proj.gradients.memory import parse_bytes
-from source_proj.projection.options import CURVATURE_MODES, STRUCTURES
+from source_proj.projection.options import AUTO_DENSE_MAX_PARAMS, CURVATURE_MODES, STRUCTURES
 
 if TYPE_CHECKING:
     from source_proj.projection.jl import ProjectionConfig
@@ -58,10 +58,16 @@ class SourceConfig:
             shared out among the layers).
         seed: seed of the random projection (and of sampled curvature).
         proj_kind: "rademacher" or "gaussian" projection entries.
-        proj_structure: "dense" (default: every per-example gradient is formed and projected
-            by one i.i.d. matrix) or "factored" (weights of ``nn.Linear``, ``nn.Embedding`` and
-            GPT-2 ``Conv1D`` layers projected by Kronecker factors through hooks, their
-            gradients never formed; other parameters dense; see ``projection.kronecker``).
+        proj_structure: "dense" (every per-example gradient is formed and projected by one
+            i.i.d. matrix), "factored" (weights of ``nn.Linear``, ``nn.Embedding`` and GPT-2
+            ``Conv1D`` layers projected by Kronecker factors through hooks, their gradients
+            never formed; other parameters dense; see ``projection.kronecker``) or "auto"
+            (default): "dense" for models of at most 100,000 attributed parameters, where the
+            dense projection costs at most about 4x the factored pass and is 0.02-0.17 LDS more
+            accurate, or whose factorable weights are under half their parameters; "factored"
+            otherwise, where dense costs 8x-90x more (``projection.options.auto_structure``,
+            docs/settings.md). The attributor resolves it per model, and stores record the
+            resolved structure.
         kronecker_terms: r, Kronecker products summed per factored weight (1..256; default 4):
             r = 1 is the plain Kronecker projection; larger r brings its error towards an
             i.i.d. projection's at r times the cost of the factored products, which is small
@@ -117,9 +123,10 @@ class SourceConfig:
     proj_kind: str = _setting("rademacher", "projection entries", flag="--proj-kind", choices=("rademacher", "gaussian"),
                               group="projection")
     proj_structure: str = _setting(
-        "dense", "dense: every per-example gradient formed and projected; factored: linear, embedding and GPT-2 "
-        "Conv1D weights projected by Kronecker factors without forming their gradients",
-        flag="--proj-structure", choices=STRUCTURES, group="projection")
+        "auto", "dense: every per-example gradient formed and projected; factored: linear, embedding and GPT-2 "
+        "Conv1D weights projected by Kronecker factors without forming their gradients; auto: dense for models of "
+        f"at most {AUTO_DENSE_MAX_PARAMS:,} parameters (or mostly of other layers), factored otherwise",
+        flag="--proj-structure", choices=("auto", *STRUCTURES), group="projection")
     kronecker_terms: int = _setting(4, "Kronecker products summed per factored weight (more: closer to dense accuracy)",
                                     flag="--kronecker-terms", kind="positive", group="projection")
     backend: str = _setting("auto", "projection backend: auto, cpu or triton", recorded=False)
@@ -153,8 +160,8 @@ class SourceConfig:
 
     def __post_init__(self) -> None:
         self.projection()  # validates proj_dim, seed, kind, backend, precision
-        if self.proj_structure not in STRUCTURES:
-            raise InputError(f"proj_structure must be one of {STRUCTURES}, got {self.proj_structure!r}")
+        if self.proj_structure not in ("auto", *STRUCTURES):
+            raise InputError(f"proj_structure must be one of {('auto', *STRUCTURES)}, got {self.proj_structure!r}")
         if isinstance(self.kronecker_terms, bool) or not isinstance(self.kronecker_terms, int) or not 1 <= self.kronecker_terms <= 256:
             raise InputError(f"kronecker_terms must be an int in [1, 256], got {self.kronecker_terms!r}")
         if self.curvature not in ("auto", *CURVATURE_MODES):

@@ -52,9 +52,10 @@ def _source_train(
 ) -> tuple[ProjectedRun, tuple[Segment, ...], QueryForm, torch.Tensor, torch.Tensor]:
     """(run at ``config.proj_dim``, segments, query form, per-segment mean training gradients
     (N, L, k) float64, training features (N, D)) of SOURCE with ``config`` on ``run``."""
-    if (config.seed, config.proj_kind, config.proj_structure) != (run.seed, run.kind, run.structure):
+    structure = run.structure if config.proj_structure == "auto" else config.proj_structure  # no model to resolve it
+    if (config.seed, config.proj_kind, structure) != (run.seed, run.kind, run.structure):
         raise InputError(
-            f"config projects with seed {config.seed} ({config.proj_kind}, {config.proj_structure}) but the run "
+            f"config projects with seed {config.seed} ({config.proj_kind}, {structure}) but the run "
             f"was projected with seed {run.seed} ({run.kind}, {run.structure})"
         )
     if run.structure != "dense" and (config.proj_dim, config.kronecker_terms) != (run.budget, run.kronecker_terms):
@@ -90,7 +91,7 @@ def source_scores(run: ProjectedRun, config: SourceConfig) -> torch.Tensor:
 
     Uses ``num_segments``, ``momentum_factor``, ``time_scale``, ``curvature``, ``query_mode``,
     ``proj_dim`` (<= the run's; smaller dims use :meth:`ProjectedRun.truncate`), and checks
-    that ``seed``, ``proj_kind`` and ``proj_structure`` (and for factored runs ``proj_dim`` and
+    that ``seed``, ``proj_kind`` and ``proj_structure`` ("auto": the run's) (and for factored runs ``proj_dim`` and
     ``kronecker_terms``) are the run's. Equals ``SourceAttributor(config)``'s
     scores on the same run up to float32 round-off.
     """

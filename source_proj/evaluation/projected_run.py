@@ -163,7 +163,8 @@ def project_run(
             computed: the final pooled Hessian too is exact only when "exact" is asked for
             (else of the first mode, see ``ProjectedRun.final_curvature``).
         progress: show a progress bar over checkpoints.
-        structure, kronecker_terms: the projection's structure (``SourceConfig.proj_structure``)
+        structure, kronecker_terms: the projection's structure (``SourceConfig.proj_structure``;
+            the run records "auto" as the structure it resolved to)
             and, when factored, its Kronecker terms.
     """
     missing = [s for s in trajectory.stages if s not in stage_data]
@@ -221,7 +222,7 @@ def project_run(
         decays=final_engine.preconditioner.decays,
         default_curvature=task.default_curvature,
         final_curvature=final_mode,
-        structure=structure,
+        structure=final_engine.config.proj_structure,  # "auto" resolved for the model
         kronecker_terms=kronecker_terms,
         budget=proj_dim,
     )

@@ -2,5 +2,32 @@
 ``SourceConfig`` declares its fields (and the command line its flags) from them without loading
 torch."""
 
-STRUCTURES = ("dense", "factored")
+STRUCTURES = ("dense", "factored")  # what a projection is made with; SourceConfig also takes "auto"
 CURVATURE_MODES = ("exact", "sampled")  # SourceConfig also takes "auto": the task's default
+
+# proj_structure="auto" (docs/settings.md, "Why the defaults"): dense up to this many attributed
+# parameters, where the dense projection (p x k products per row) costs at most about four times
+# the factored pass (GPT-2 shapes, k = 1024, one CPU thread: 2.0x at 36k parameters, 4.1x at
+# 121k; 8.1x at 366k, 9.7x at 834k) and the factored one would lose 0.02-0.17 LDS.
+AUTO_DENSE_MAX_PARAMS = 100_000  # benchmarks/results/auto-structure-2026-12-06.md
+# ... and dense where the factorable weights are less than this share of the attributed
+# parameters: the others are formed and projected densely either way.
+AUTO_MIN_FACTORABLE_SHARE = 0.5
+
+
+def auto_structure(
+    num_params: int,
+    factorable_params: int,
+    *,
+    dense_max_params: int = AUTO_DENSE_MAX_PARAMS,
+    min_factorable_share: float = AUTO_MIN_FACTORABLE_SHARE,
+) -> str:
+    """The structure ``proj_structure="auto"`` resolves to for a model with ``num_params``
+    attributed parameters, ``factorable_params`` of them in weights the factored projection
+    can take (``nn.Linear``, ``nn.Embedding``, GPT-2 ``Conv1D``): "dense" when the model is
+    small enough that the dense projection is cheap (``num_params <= dense_max_params``) or
+    when the factorable weights are less than ``min_factorable_share`` of its parameters,
+    "factored" otherwise."""
+    if num_params <= dense_max_params or factorable_params < min_factorable_share * num_params:
+        return "dense"
+    return "factored"

@@ -20,6 +20,9 @@ Two projection structures (``SourceConfig.proj_structure``), dispatched here and
   embedding layers are projected by Kronecker factors through forward hooks, their gradients
   never formed (``projection.kronecker``, ``projection.layer_taps``); every other attributed
   parameter goes through the dense projection.
+
+``SourceConfig``'s "auto" (its default) is resolved to one of them per model by
+:func:`resolve_structure` before a projection is made.
 """
 
 from __future__ import annotations
@@ -49,7 +52,13 @@ from source_proj.projection.kronecker import (
     project_formed,
 )
 from source_proj.projection.layer_taps import LayerTaps, Tap, find_taps
-from source_proj.projection.options import CURVATURE_MODES, STRUCTURES
+from source_proj.projection.options import (
+    AUTO_DENSE_MAX_PARAMS,
+    AUTO_MIN_FACTORABLE_SHARE,
+    CURVATURE_MODES,
+    STRUCTURES,
+    auto_structure,
+)
 
 Projection = ProjectionConfig | FactoredProjection
 # name -> (numel,) D^{1/2} of a checkpoint, or it prepared for the factored projection
@@ -64,6 +73,24 @@ def _taps(fn: ModelFunction) -> tuple[dict[str, tuple[int, int]], tuple[Tap, ...
     if "taps" not in fn.runtime:
         fn.runtime["taps"] = find_taps(fn.model, fn.names, fn.aliases)
     return fn.runtime["taps"]
+
+
+def resolve_structure(
+    structure: str,
+    fn: ModelFunction,
+    *,
+    dense_max_params: int = AUTO_DENSE_MAX_PARAMS,
+    min_factorable_share: float = AUTO_MIN_FACTORABLE_SHARE,
+) -> str:
+    """``structure`` itself, or for "auto" the structure :func:`~source_proj.projection.options.auto_structure`
+    picks from ``fn``'s attributed parameters and the factorable weights among them (the
+    thresholds are its arguments)."""
+    if structure != "auto":
+        return structure
+    weights, _ = _taps(fn)
+    factorable = sum(rows * cols for rows, cols in weights.values())
+    return auto_structure(fn.num_params(), factorable, dense_max_params=dense_max_params,
+                          min_factorable_share=min_factorable_share)
 
 
 def make_projection(config: ProjectionConfig, structure: str, fn: ModelFunction, terms: int = 1) -> Projection:
