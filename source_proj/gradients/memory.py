@@ -20,14 +20,23 @@ batches as the budget needs, and a single example that does not fit is refused b
 pass runs (the error names the gradient and the activation parts).
 
 Not counted (the stated overhead, measured in benchmarks/results/memory-budget-2026-12-06.md):
-the parameters and the checkpoint being read (two copies of the attributed state at most), the
-projection's tiles and factors (a few MiB), the backward pass's transient gradients of the
-activations (a few layers' outputs per example at a time), the data rows, and the feature
-store's chunk buffers (``store_fit.check_chunk_memory``). The activations are measured with
-plain autograd (``torch.func`` refuses saved-tensor hooks); ``vmap`` over B examples saves B
-times one example's tensors, which the benchmark checks against peak RSS. Measured on the
-first row: rows of another shape (padded batches) are measured again when their shape is met
-at the start of a pass.
+
+* the parameters and the checkpoint being read, the data rows, the feature store's chunk
+  buffers (``store_fit.check_chunk_memory``), the projection's tiles (a few MiB);
+* the CPU projection's matrix cache (``projection.jl.MATRIX_CACHE``, at most 1 GiB by
+  default): the dense projection keeps its p x k matrix there when it fits (p k / 8 bytes for
+  Rademacher entries), e.g. 292 MiB for 10M parameters at k = 256;
+* memory the allocator keeps after it is freed: with glibc's default settings a fit's peak
+  resident memory was 1.3-1.5 x the budget's count (the live bytes were within a few percent
+  of it); ``MALLOC_MMAP_THRESHOLD_=65536`` in the environment returns freed blocks at once.
+
+The activations are measured with plain autograd (``torch.func`` refuses saved-tensor hooks);
+``vmap`` over B examples holds B times one example's tensors (checked against peak resident
+memory in the benchmark, within 4 %). Measured on the first row: rows of another shape
+(padded batches) are measured again when their shape is met at the start of a pass. The
+count takes every attributed weight's gradient, so it is an upper bound for the factored
+projection, whose weights are held constant (its hooks' projected sides, a few k-wide floats
+per token, are not counted).
 """
 
 from __future__ import annotations
