@@ -44,9 +44,9 @@ import torch
 from source_proj.errors import InputError
 from source_proj.gradients.data import IGNORE_INDEX
 from source_proj.gradients.tasks import (
-    Factor,
     LossFn,
     Task,
+    exponential_noise,
     integer_labels,
     softmax_factor,
     softmax_pseudo_gradient,
@@ -206,11 +206,17 @@ class CausalLMTask(Task):
         full = torch.einsum("btvw,ts->btvsw", blocks, eye).reshape(batch, length * vocab, length * vocab)
         return full.to(outputs.dtype)
 
-    def sampled_hessian_factor(
-        self, outputs: torch.Tensor, targets: torch.Tensor, generator: torch.Generator
-    ) -> Factor:
+    def sampling_noise(
+        self, targets: torch.Tensor, output_shape: tuple[int, ...], generator: torch.Generator
+    ) -> torch.Tensor:
+        """Exp(1) noise (B, T', V) for one pseudo-label per target position (none drawn at
+        padding or other ignored positions)."""
+        logits, _, mask = token_targets(torch.empty(output_shape, device="meta"), targets, self.shift, self.ignore_index)
+        return exponential_noise(tuple(logits.shape), generator, where=mask)
+
+    def sampled_columns(self, outputs: torch.Tensor, targets: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """One column (B, T*V, 1): sqrt(s) sum_t (p_t - e_{y_t}), y_t ~ p_t at target positions."""
         logits, weight = self._positions(outputs, targets)
-        draws = softmax_pseudo_gradient(logits, generator, where=weight > 0)  # none at padding
-        column = self._full_length(draws * weight[..., None])
-        return column.reshape(outputs.shape[0], -1, 1).to(outputs.dtype), None
+        draws = softmax_pseudo_gradient(logits, noise) * weight[..., None]
+        column = self._full_length(torch.where(weight[..., None] > 0, draws, 0.0))
+        return column.reshape(outputs.shape[0], -1, 1).to(outputs.dtype)

@@ -10,7 +10,10 @@ model returns them ((B, C) class logits, (B, T, V) token logits, ...) and ``targ
 one value per example, (B,). Hessian factors index the outputs flattened row-major,
 C = prod(O): ``hessian_factor`` returns A (B, C, R); ``sampled_hessian_factor`` returns
 ``(columns (B, C, R), signs)`` with E[sum_r signs_r a_r a_r^T] = A A^T (``signs`` None
-meaning all +1).
+meaning all +1). The built-in tasks draw their sampled factor's randomness before the model
+runs (``sampling_noise``) and form its column from the outputs with a function that runs
+inside the per-example gradients' own forward (``sampled_columns``): the curvature pass then
+needs no forward of its own (``projection.projected.projected_gn_factors``).
 """
 
 from __future__ import annotations
@@ -251,7 +254,10 @@ class Task:
         self, outputs: torch.Tensor, targets: torch.Tensor, generator: torch.Generator
     ) -> Factor:
         """One random draw per example: (columns (B, C, R), signs (R,) or None), R = 1 with
-        ``sample``, 2 otherwise (see the class docstring)."""
+        ``sample`` or :attr:`draws_before_forward`, 2 otherwise (see the class docstring)."""
+        if self.draws_before_forward:
+            noise = self.sampling_noise(targets, tuple(outputs.shape), generator).to(outputs.device)
+            return self.sampled_columns(outputs.detach(), targets, noise), None
         batch = outputs.shape[0]
         out = outputs.detach().to(torch.float64).requires_grad_(True)
         with torch.enable_grad():
@@ -264,6 +270,29 @@ class Task:
             (hxi,) = torch.autograd.grad((grad * xi).sum(), out)
         columns = torch.stack([(xi + hxi) / 2, (xi - hxi) / 2], dim=-1).reshape(batch, -1, 2)
         return columns.to(outputs.dtype), torch.tensor([1.0, -1.0], dtype=outputs.dtype, device=outputs.device)
+
+    @property
+    def draws_before_forward(self) -> bool:
+        """Whether the sampled factor is :meth:`sampled_columns` of :meth:`sampling_noise`
+        (a task that defines both and keeps this class's ``sampled_hessian_factor``): not a
+        ``sample`` function's draw nor the Hessian-vector form, which need the outputs first."""
+        cls = type(self)
+        return cls.sampling_noise is not Task.sampling_noise and cls.sampled_hessian_factor is Task.sampled_hessian_factor
+
+    def sampling_noise(
+        self, targets: torch.Tensor, output_shape: tuple[int, ...], generator: torch.Generator
+    ) -> torch.Tensor:
+        """The random numbers of one sampled draw for a batch whose outputs have
+        ``output_shape`` (B, *O), drawn on the CPU from ``generator`` before the model runs:
+        (B, ...), what :meth:`sampled_columns` takes (tasks with :attr:`draws_before_forward`)."""
+        raise NotImplementedError(f"{type(self).__name__} draws its sampled factor from the outputs")
+
+    def sampled_columns(self, outputs: torch.Tensor, targets: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """The sampled factor's columns (B, C, 1) from ``outputs`` (B, *O, no gradient needed)
+        and the draw's ``noise`` (:meth:`sampling_noise`), on the outputs' device: the same
+        draw for any B (it runs under ``vmap``, one example at a time, inside the gradients'
+        own forward)."""
+        raise NotImplementedError(f"{type(self).__name__} draws its sampled factor from the outputs")
 
 
 def integer_labels(targets: torch.Tensor, requirement: str, first_row: int) -> torch.Tensor:
@@ -299,25 +328,32 @@ def softmax_factor(logits: torch.Tensor) -> torch.Tensor:
     return torch.diag_embed(root) - probs[..., :, None] * root[..., None, :]
 
 
-def softmax_pseudo_gradient(
-    logits: torch.Tensor, generator: torch.Generator, where: torch.Tensor | None = None
+def exponential_noise(
+    shape: tuple[int, ...], generator: torch.Generator, where: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """p - e_y with one label y ~ softmax(logits) per row of the last axis (float64): the
-    cross-entropy gradient at a pseudo-label, E[(p - e_y)(p - e_y)^T] = diag(p) - p p^T.
-
-    With ``where`` (bool, the leading shape of ``logits``), labels are drawn only at its True
-    rows, in row-major order (zeros elsewhere), so the draws do not depend on how many other
-    rows (e.g. padding) there are.
-    """
-    probs = torch.softmax(logits.detach().to(torch.float64), dim=-1)
-    chosen = torch.ones(probs.shape[:-1], dtype=torch.bool, device=probs.device) if where is None else where
-    picked = probs[chosen]
-    out = torch.zeros_like(probs)
-    if picked.shape[0] == 0:
-        return out
-    labels = torch.multinomial(picked.cpu(), 1, generator=generator)[:, 0].to(probs.device)
-    out[chosen] = picked - F.one_hot(labels, probs.shape[-1]).to(probs.dtype)
+    """Exp(1) draws, float64 on the CPU, of ``shape`` (..., C): the noise of one label per
+    row of the last axis (:func:`softmax_pseudo_gradient`). With ``where`` (bool, ``shape[:-1]``)
+    only its True rows are drawn, in row-major order (1 elsewhere), so the draws do not depend
+    on how many other rows (e.g. padding) there are. ``torch.multinomial`` draws one sample
+    the same way, so a generator gives the labels it would."""
+    if where is None:
+        return torch.empty(shape, dtype=torch.float64).exponential_(generator=generator)
+    out = torch.ones(shape, dtype=torch.float64)
+    chosen = where.cpu()
+    count = int(chosen.sum())
+    if count:
+        out[chosen] = torch.empty(count, shape[-1], dtype=torch.float64).exponential_(generator=generator)
     return out
+
+
+def softmax_pseudo_gradient(logits: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """p - e_y per row of the last axis (float64), p = softmax(logits) and y = argmax p / E
+    for the row's Exp(1) ``noise`` E (:func:`exponential_noise`): y ~ p (the first of
+    independent exponential clocks of rates p to ring), so this is the cross-entropy gradient
+    at a pseudo-label, E[(p - e_y)(p - e_y)^T] = diag(p) - p p^T. Runs under ``vmap``."""
+    probs = torch.softmax(logits.detach().to(torch.float64), dim=-1)
+    labels = (probs / noise).argmax(dim=-1, keepdim=True)
+    return probs - (labels == torch.arange(probs.shape[-1], device=probs.device)).to(probs.dtype)
 
 
 @dataclass(frozen=True)
@@ -349,11 +385,15 @@ class ClassificationTask(Task):
     def hessian_factor(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return softmax_factor(outputs).to(outputs.dtype)
 
-    def sampled_hessian_factor(
-        self, outputs: torch.Tensor, targets: torch.Tensor, generator: torch.Generator
-    ) -> Factor:
-        # One pseudo-label y ~ p per example: the CE gradient's output part is p - e_y.
-        return softmax_pseudo_gradient(outputs, generator).to(outputs.dtype)[..., None], None
+    def sampling_noise(
+        self, targets: torch.Tensor, output_shape: tuple[int, ...], generator: torch.Generator
+    ) -> torch.Tensor:
+        """Exp(1) noise per class (B, C): one pseudo-label per example."""
+        return exponential_noise(output_shape, generator)
+
+    def sampled_columns(self, outputs: torch.Tensor, targets: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """p - e_y (B, C, 1), the CE gradient's output part at the pseudo-label y ~ p."""
+        return softmax_pseudo_gradient(outputs, noise).to(outputs.dtype)[..., None]
 
 
 def _flat(outputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -382,8 +422,12 @@ class RegressionTask(Task):
         eye = torch.eye(outputs[0].numel(), dtype=outputs.dtype, device=outputs.device)
         return math.sqrt(2.0) * eye.expand(outputs.shape[0], -1, -1)
 
-    def sampled_hessian_factor(
-        self, outputs: torch.Tensor, targets: torch.Tensor, generator: torch.Generator
-    ) -> Factor:
-        # sqrt(2) xi with Rademacher xi: E[2 xi xi^T] = 2 I.
-        return math.sqrt(2.0) * rademacher((outputs.shape[0], outputs[0].numel(), 1), generator, outputs), None
+    def sampling_noise(
+        self, targets: torch.Tensor, output_shape: tuple[int, ...], generator: torch.Generator
+    ) -> torch.Tensor:
+        """Rademacher xi per output (B, C), float64."""
+        return rademacher((output_shape[0], math.prod(output_shape[1:])), generator, torch.zeros((), dtype=torch.float64))
+
+    def sampled_columns(self, outputs: torch.Tensor, targets: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """sqrt(2) xi (B, C, 1): E[2 xi xi^T] = 2 I."""
+        return math.sqrt(2.0) * noise.to(outputs.dtype)[..., None]

@@ -267,20 +267,35 @@ def projected_gn_factors(
     d outputs^2, outputs flattened), the rows are P D^{1/2} J_i^T A_i (D = I without
     ``scale``): R = C rows ("exact") or one random draw ("sampled": a pseudo-label per
     example for classification, per position for language models; see
-    ``Task.sampled_hessian_factor``). With ``budget`` (bytes), the backward passes take as
+    ``Task.sampled_hessian_factor``; a task that :attr:`~Task.draws_before_forward` has its
+    draw's noise drawn first and each column formed from the outputs of the gradients' own
+    forward, so the batch is not run forward on its own). With ``budget`` (bytes), the backward passes take as
     many examples at a time as their factor rows and activations (measured once per row shape)
     fit in it (``gradients.memory.curvature_batch``; MemoryBudgetError if one example does not).
     """
     if mode not in CURVATURE_MODES:
         raise InputError(f"curvature mode must be one of {CURVATURE_MODES}, got {mode!r}")
-    outputs = fn.forward(params, consts, inputs)
-    check_finite(outputs, f"model outputs at {where}")
-    batch, width = outputs.shape[0], outputs[0].numel()
-    if mode == "exact":  # C x C factors (C = width), formed one backward batch at a time
-        signs, rank = None, width
+    batch = int(targets.shape[0])
+    drawn = mode == "sampled" and task.draws_before_forward
+    if drawn:  # one row's forward gives the outputs' shape, which the noise needs
+        probe = fn.forward(params, consts, take_rows(inputs, slice(0, 1)))
+        width, signs, rank = probe[0].numel(), None, 1
+        noise = task.sampling_noise(targets, (batch, *probe.shape[1:]), generator).to(probe.device)
+
+        def drawn_objective(out: torch.Tensor, y: torch.Tensor, flat_noise: torch.Tensor | None) -> torch.Tensor:
+            # This example's column from its own outputs (no gradient through the draw).
+            assert flat_noise is not None, "the noise is passed as the extra argument"
+            column = task.sampled_columns(out.detach(), y, flat_noise.reshape(1, *noise.shape[1:]))
+            return factor_objective(out, y, column[..., 0])
     else:
-        sampled, signs = task.sampled_hessian_factor(outputs, targets, generator)
-        rank = sampled.shape[2]
+        outputs = fn.forward(params, consts, inputs)
+        check_finite(outputs, f"model outputs at {where}")
+        width = outputs[0].numel()
+        if mode == "exact":  # C x C factors (C = width), formed one backward batch at a time
+            signs, rank = None, width
+        else:
+            sampled, signs = task.sampled_hessian_factor(outputs, targets, generator)
+            rank = sampled.shape[2]
     if budget is None:
         step = batch
     else:
@@ -289,12 +304,15 @@ def projected_gn_factors(
     parts = []
     for start in range(0, batch, step):
         stop = min(batch, start + step)
-        if mode == "exact":
+        objective = drawn_objective if drawn else factor_objective
+        if drawn:  # (rows, noise per row, one column)
+            factor = noise[start:stop].reshape(stop - start, -1, 1)
+        elif mode == "exact":
             factor = task.hessian_factor(outputs[start:stop], targets[start:stop])
         else:
             factor = sampled[start:stop]
         grads, blocks = _per_example(
-            fn, params, consts, factor_objective, take_rows(inputs, slice(start, stop)), targets[start:stop],
+            fn, params, consts, objective, take_rows(inputs, slice(start, stop)), targets[start:stop],
             projection, factor.detach(), scale,
         )
         flat = {n: g.reshape(-1, g.shape[-1]) for n, g in grads.items()}
