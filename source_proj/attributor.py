@@ -147,7 +147,8 @@ class SourceAttributor:
         self.model_fn = ModelFunction.build(model.eval(), param_names, output)
         # "auto" resolved for this model: stores record (and reopen with) the structure used.
         structure = resolve_structure(self.config.proj_structure, self.model_fn)
-        self.config = dataclasses.replace(self.config, proj_structure=structure)
+        blocks = self.config.resolved_curvature_blocks(structure)
+        self.config = dataclasses.replace(self.config, proj_structure=structure, curvature_blocks=blocks)
         self.curvature = self.config.resolved_curvature(self.task.default_curvature)
         self.budget = self.config.gradient_budget()
         self.query_form: QueryForm = query_form(self.config.resolved_query_mode(len(trajectory.stages)))
@@ -156,6 +157,11 @@ class SourceAttributor:
         )
         self.projection = make_projection(
             self.config.projection(), self.config.proj_structure, self.model_fn, self.config.kronecker_terms
+        )
+        # The coordinates' layers when each segment's Hessian is block-diagonal over them.
+        self.curvature_groups = (
+            self.projection.plan.layer_groups()
+            if blocks == "layer" and isinstance(self.projection, FactoredProjection) else None
         )
         # Each segment's projection: its own (segment_projections) or the one for all.
         self.projections = (self.projection,) * len(self.segments)
@@ -474,7 +480,8 @@ class SourceAttributor:
             desc="curvature", disable=not (self.config.progress and self.group.is_main), unit="checkpoint",
         ):
             hessians[index] = self.checkpoint_hessian(index, per_stage[self.trajectory.checkpoints[index].stage])
-        self.set_curvature(segment_spectra(self.segments, hessians, self.preconditioner.decays, used), weights)
+        spectra = segment_spectra(self.segments, hessians, self.preconditioner.decays, used, self.curvature_groups)
+        self.set_curvature(spectra, weights)
         return examples
 
     def set_curvature(self, spectra: Sequence[SegmentSpectrum], weights: Sequence[float]) -> None:

@@ -7,6 +7,11 @@ eigendecomposed in float64, H_l = V diag(s) V^T, and with t_l = eta_l K_l
 
     S_l   = exp(-t_l H_l)                 = V diag(exp(-t s)) V^T
     phi_l = (I - exp(-t_l H_l)) H_l^{-1}  = V diag(-expm1(-t s) / s) V^T   (-> t as s -> 0)
+
+With coordinate groups (the factored projection's layers, ``KroneckerPlan.layer_groups``),
+H_l is first restricted to its diagonal blocks, one per group, and each block is
+eigendecomposed on its own: V is then block-diagonal (up to the order of the coordinates),
+and so are S_l and phi_l. The eigenproblems stay as small as a layer's share of k.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from source_proj.errors import InputError
 from source_proj.threads import one_thread
 from source_proj.trajectory.checkpoints import Segment
 
@@ -75,9 +81,12 @@ def gauss_newton_gram(rows: torch.Tensor, signs: torch.Tensor | None = None) -> 
         return (weighted.T @ flat).to(torch.float64)
 
 
-def segment_spectrum(hessians: list[torch.Tensor], weight_decay: float, time: float) -> SegmentSpectrum:
+def segment_spectrum(
+    hessians: list[torch.Tensor], weight_decay: float, time: float, groups: torch.Tensor | None = None
+) -> SegmentSpectrum:
     """Eigendecompose the mean of the checkpoints' projected Hessians (k, k) plus
-    ``weight_decay`` times I.
+    ``weight_decay`` times I: whole, or restricted to the diagonal blocks of ``groups``
+    ((k,) integer label per coordinate; None: one block).
 
     Negative eigenvalues (round-off of a PSD matrix) are clamped to 0.
     """
@@ -85,8 +94,24 @@ def segment_spectrum(hessians: list[torch.Tensor], weight_decay: float, time: fl
     mean = 0.5 * (mean + mean.T)
     mean.diagonal().add_(weight_decay)
     with one_thread():
-        evals, evecs = torch.linalg.eigh(mean)
+        evals, evecs = torch.linalg.eigh(mean) if groups is None else _block_eigh(mean, groups)
     return SegmentSpectrum(evals.clamp_min(0.0), evecs, float(time))
+
+
+def _block_eigh(matrix: torch.Tensor, groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvalues (k,) and eigenvectors (k, k) of ``matrix`` restricted to the diagonal blocks
+    of ``groups``: each block's eigenvectors fill its own rows and columns."""
+    k = matrix.shape[0]
+    if groups.shape != (k,):
+        raise InputError(f"curvature groups must label each of the {k} coordinates, got shape {tuple(groups.shape)}")
+    evals = torch.empty(k, dtype=matrix.dtype)
+    evecs = torch.zeros(k, k, dtype=matrix.dtype)
+    for label in torch.unique(groups):
+        index = torch.nonzero(groups == label).squeeze(1)
+        values, vectors = torch.linalg.eigh(matrix[index][:, index])
+        evals[index] = values
+        evecs[index[:, None], index[None, :]] = vectors
+    return evals, evecs
 
 
 def segment_spectra(
@@ -94,9 +119,11 @@ def segment_spectra(
     hessians: Mapping[int, torch.Tensor] | torch.Tensor,
     decay: float | Sequence[float],
     used: Collection[int] | None = None,
+    groups: torch.Tensor | None = None,
 ) -> list[SegmentSpectrum]:
     """Each segment's spectrum from the projected Hessians (k, k) of its checkpoints
-    (``hessians[c]``: a mapping, or all of them stacked (C, k, k)).
+    (``hessians[c]``: a mapping, or all of them stacked (C, k, k)), block-diagonal over
+    ``groups`` when given (see :func:`segment_spectrum`).
 
     ``decay`` is the rate added to the diagonal: one number (the weight decay lambda), or one
     per checkpoint (``Preconditioner.decays``), averaged over each segment's checkpoints.
@@ -109,7 +136,7 @@ def segment_spectra(
         k = hessians[segments[min(used)].checkpoints[0]].shape[0]
         flat = torch.zeros(k, dtype=torch.float64), torch.eye(k, dtype=torch.float64)
     return [
-        segment_spectrum([hessians[c] for c in seg.checkpoints], _segment_decay(decay, seg), seg.time)
+        segment_spectrum([hessians[c] for c in seg.checkpoints], _segment_decay(decay, seg), seg.time, groups)
         if used is None or index in used
         else SegmentSpectrum(*flat, seg.time)
         for index, seg in enumerate(segments)

@@ -201,6 +201,26 @@ class KroneckerPlan:
             "rest_dim": self.rest_dim,
         }
 
+    def layer_groups(self) -> torch.Tensor:
+        """(dim,) int64: the layer of each feature coordinate, for a block-diagonal curvature.
+
+        A weight's layer is its name up to its first all-digit part (``transformer.h.0`` for
+        ``transformer.h.0.mlp.c_fc.weight``, ``0`` for a ``Sequential``'s ``0.weight``); a weight
+        outside numbered layers (an embedding, a head) is a layer of its own; the densely
+        projected remainder (biases, norms) is one more. Groups are numbered in order of
+        first appearance.
+        """
+        labels: dict[str, int] = {}
+        parts = []
+        for block in self.blocks:
+            names = block.name.split(".")
+            cut = next((i + 1 for i, part in enumerate(names) if part.isdigit()), len(names))
+            label = labels.setdefault(".".join(names[:cut]), len(labels))
+            parts.append(torch.full((block.dim,), label, dtype=torch.int64))
+        if self.rest_dim:
+            parts.append(torch.full((self.rest_dim,), len(labels), dtype=torch.int64))
+        return torch.cat(parts)
+
 
 def plan_budget(
     weights: Mapping[str, tuple[int, int]], rest: Mapping[str, int], budget: int, terms: int = 1
