@@ -68,6 +68,30 @@ def test_mlp_projected_gradients_equal_kronecker_matrix_times_formed_gradients(t
     assert rel_err(got, want) < 1e-5
 
 
+def test_loop_fallback_hooks_equal_kronecker_matrix_times_formed_gradients_and_factor_rows():
+    """The hooks outside ``vmap`` (the one-example-at-a-time fallback of models that cannot run
+    under it), for gradients and for exact Gauss-Newton factor rows (several columns per
+    example), against the explicit matrix applied to autograd's gradients."""
+    model, traj, (x, y) = trained_classifier(dims=(5, 7, 3), n=6)
+    fn = ModelFunction.build(model)
+    fn.runtime["loop"] = True
+    projection = make_projection(ProjectionConfig(24, seed=2), "factored", fn, 2)
+    matrix = explicit_matrix(projection, numels(model))
+    task = ClassificationTask()
+    state = traj.checkpoints[-1].load()
+    params, consts = fn.split_state(state, torch.device("cpu"))
+    got = projected_gradients(fn, [(params, consts, "last", None)], task.loss, x, y, projection)
+    formed = torch.stack([flat_grad(model, state, lambda m, i=i: task.loss(m(x[i : i + 1]), y[i : i + 1])[0])
+                          for i in range(len(y))])
+    assert rel_err(got, formed @ matrix.T) < 1e-5
+    rows, _ = projected_gn_factors(fn, params, consts, task, x, y, projection, "exact", torch.Generator(), "last")
+    factor = task.hessian_factor(fn.forward(params, consts, x), y)
+    dense_rows = per_example_gradients(fn, params, consts, factor_objective, x, y, factor)
+    formed_rows = torch.cat([dense_rows[n] for n in fn.names], dim=-1).double()
+    assert rows.shape == (len(y), 3, projection.dim)
+    assert rel_err(rows, formed_rows @ matrix.T) < 1e-5
+
+
 def test_mlp_scores_equal_dense_formula_with_the_kronecker_matrix():
     """Gradients, Gauss-Newton factor rows and queries all go through the factored projection:
     the scores equal the formula of docs/math.md evaluated densely with P the explicit matrix."""
