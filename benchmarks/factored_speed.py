@@ -14,6 +14,10 @@ own), on the same ROWS sequences of TOKENS byte tokens:
     biases and norms), no weight gradient: the floor of any pass that never forms them;
 (b) bare: ``per_example_gradients`` of every parameter (vmap + grad; the per-example floor of
     the dense structure);
+(b0) untapped: ``per_example_gradients`` of the parameters the factored projection does not
+    tap (biases, norms), the tapped weights held constant and no hooks: (b0) - (a0) is what
+    the per-example batching (``vmap``) costs, (c) - (b0) what the hooks and the
+    bookkeeping of the featurisation add;
 (c) factored: ``SourceAttributor.featurize_rows`` with ``proj_structure="factored"`` at one
     checkpoint (k and Kronecker terms below; zero curvature, as ``factored.py`` sets it).
 
@@ -76,7 +80,7 @@ def _timed(call) -> tuple[float, float]:
 
 
 def measure(size: str) -> dict:
-    """The three passes of the module docstring at ``size``, in this process."""
+    """The passes of the module docstring at ``size``, in this process."""
     from source_proj.gradients.per_example import loss_objective, per_example_gradients
 
     torch.set_num_threads(1)
@@ -89,7 +93,8 @@ def measure(size: str) -> dict:
         model.zero_grad(set_to_none=True)
         model(input_ids=ids, labels=ids).loss.backward()
 
-    frozen = [dict(model.named_parameters())[b.name] for b in att.projection_at(0).plan.blocks]
+    tapped = {b.name for b in att.projection_at(0).plan.blocks}
+    frozen = [dict(model.named_parameters())[name] for name in tapped]
 
     def plain_frozen() -> None:
         for weight in frozen:
@@ -107,9 +112,15 @@ def measure(size: str) -> dict:
     def bare() -> None:
         per_example_gradients(att.model_fn, params, consts, loss_objective(att.task.loss), inputs, targets)
 
+    untapped_params = {n: v for n, v in params.items() if n not in tapped}
+    held = {**consts, **{n: params[n] for n in tapped}}
+
+    def untapped() -> None:
+        per_example_gradients(att.model_fn, untapped_params, held, loss_objective(att.task.loss), inputs, targets)
+
     factored()  # the first call checks the hooks against autograd once per model: not timed
     plain()
-    passes = {"plain": plain, "frozen": plain_frozen, "factored": factored, "bare": bare}
+    passes = {"plain": plain, "frozen": plain_frozen, "untapped": untapped, "factored": factored, "bare": bare}
     times: dict[str, list[tuple[float, float]]] = {k: [] for k in passes}
     peaks = {}
     for _ in range(REPEATS):
@@ -155,13 +166,15 @@ def table(results: list[dict], label: str) -> str:
         "",
         "Times: wall / CPU seconds; ratios to (a): wall / CPU.",
         "",
-        "| model | params | (a) plain fwd+bwd | (a0) weights frozen | (b) bare per-example | (c) factored "
-        "featurize_rows | (a0)/(a) | (b)/(a) | (c)/(a) | peak RSS before (b) | peak RSS |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| model | params | (a) plain fwd+bwd | (a0) weights frozen | (b0) untapped per-example | (b) bare "
+        "per-example | (c) factored featurize_rows | (a0)/(a) | (b0)/(a) | (b)/(a) | (c)/(a) | peak RSS before (b) "
+        "| peak RSS |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
+    passes = ("frozen", "untapped", "bare", "factored")
     for r in results:
-        cells = [f"{r[k]:.3f} / {r[k + '_cpu']:.3f} s" for k in ("plain", "frozen", "bare", "factored")]
-        ratios = [f"{r[k] / r['plain']:.2f} / {r[k + '_cpu'] / r['plain_cpu']:.2f}x" for k in ("frozen", "bare", "factored")]
+        cells = [f"{r[k]:.3f} / {r[k + '_cpu']:.3f} s" for k in ("plain", *passes)]
+        ratios = [f"{r[k] / r['plain']:.2f} / {r[k + '_cpu'] / r['plain_cpu']:.2f}x" for k in passes]
         lines.append(
             f"| {r['size']} | {r['params'] / 1e6:.1f}M | " + " | ".join(cells + ratios)
             + f" | {r['peak_before_bare'] / 2**30:.2f} GiB | {r['peak'] / 2**30:.2f} GiB |"

@@ -267,6 +267,11 @@ class Side:
         rows = self.matrix[index]
         return rows if self.scale is None else rows * self.scale[index][..., None]
 
+    def transpose_apply(self, e: torch.Tensor) -> torch.Tensor:
+        """(..., k) -> (..., d): e @ (diag(scale) F)^T, whose gradient w.r.t. e is ``apply``."""
+        out = e if self.matrix is None else e @ self.matrix.to(e.dtype).T
+        return out if self.scale is None else out * self.scale.to(out.dtype)
+
 
 def outer_sum(row_part: torch.Tensor, col_part: torch.Tensor, terms: int = 1) -> torch.Tensor:
     """r^(-1/2) sum_s sum_t a_{t,s} b_{t,s}^T flattened row-major, float32: from the r terms'

@@ -9,10 +9,10 @@ then needs only F^T of each side per token:
 
 * the input side is projected in the forward hook and returned as an auxiliary output
   (an embedding looks its rows up);
-* the output side comes out of the backward pass: the hook passes the module's output
-  through an identity whose backward hands a zero perturbation e of shape (..., k) (one per
-  call) F^T times the output gradient, as d objective / d e of ``output + e @ F^T`` would be
-  (``_OutputTap``), and the weight is held constant, so its gradient is never formed.
+* the output side comes out of the backward pass: the hook adds ``e @ F^T`` to the module's
+  output for a zero perturbation e of shape (..., k) (one per call), so d objective / d e is
+  F^T times the output gradient, and the weight is held constant, so its gradient is never
+  formed.
 
 :class:`LayerTaps` installs the hooks for one pass (``torch.func`` transforms, the loop
 fallback and nested factor columns alike); ``per_example.per_example_tapped`` drives them.
@@ -104,27 +104,6 @@ def find_taps(model: nn.Module, names: tuple[str, ...], aliases: Mapping[str, st
     return weights, tuple(taps)
 
 
-class _OutputTap(torch.autograd.Function):
-    """The identity on a module's output, whose backward also hands the perturbation e
-    (..., k) the output side's projection (g * scale) @ F of the output gradient g: the
-    gradients of ``output + e @ (diag(scale) F)^T`` at e = 0, without that product and sum in
-    the forward (a skinny matmul and a pass over the output per call)."""
-
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(output: torch.Tensor, e: torch.Tensor, side: Side) -> torch.Tensor:
-        return output
-
-    @staticmethod
-    def setup_context(ctx, inputs: tuple, output: torch.Tensor) -> None:
-        ctx.side = inputs[2]
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
-        return grad, ctx.side.apply(grad), None
-
-
 class LayerTaps:
     """The hooks of one factored pass: taps plus each weight's (row, column) :class:`Side`.
 
@@ -187,7 +166,7 @@ class LayerTaps:
     @contextmanager
     def active(self, perturbations: Mapping[str, torch.Tensor]) -> Iterator[dict[str, torch.Tensor]]:
         """Hooks of the differentiated pass: each call's input side projected into the yielded
-        dict (key "tap.call"), and its output tied to ``perturbations[key]`` by ``_OutputTap``."""
+        dict (key "tap.call"), and ``perturbations[key] @ F^T`` added to its output."""
         captured: dict[str, torch.Tensor] = {}
 
         def hook(tap: Tap, key: str, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
@@ -211,7 +190,7 @@ class LayerTaps:
                 captured[key] = rows
             else:
                 captured[key] = input_side.apply(x)
-            return _OutputTap.apply(output, e, output_side)
+            return output + output_side.transpose_apply(e)
 
         with self._hooked(hook):
             yield captured
