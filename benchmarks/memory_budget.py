@@ -45,6 +45,7 @@ BUDGETS = {"0.5GiB": GIB // 2, "2GiB": 2 * GIB}
 ROWS = {"factored": 64, "dense": 8}  # dense: the projection to k of p floats per row is the slow part
 PROJ_DIM = 256
 VMAP_ROWS = (8, 16)
+READING = "## Reading"
 
 
 def resident() -> int:
@@ -134,7 +135,8 @@ def mib(n: float) -> str:
 
 
 def write(results: list[dict], out: Path) -> None:
-    """The markdown tables (rewritten after every measurement)."""
+    """The markdown tables (rewritten after every measurement; a ``## Reading`` section after
+    them is kept)."""
     loads = [r["load"] for r in results]
     lines = [
         f"# Memory budget: peak memory of a fit against max_gradient_memory, {datetime.date.today()}",
@@ -179,7 +181,9 @@ def write(results: list[dict], out: Path) -> None:
             f"{mib(r['per_example'])} | {mib(r['counted'])} | {mib(r['added'])} | "
             f"{r['added'] / BUDGETS[r['budget']]:.2f} | {mib(r['added'] - r['counted'])} | {r['seconds']:.0f} s |"
         )
-    out.write_text("\n".join(lines) + "\n")
+    # A hand-written reading of the figures, below the tables, is kept when they are rewritten.
+    reading = out.read_text().partition(READING)[2] if out.exists() else ""
+    out.write_text("\n".join(lines) + "\n" + (f"\n{READING}{reading}" if reading else ""))
 
 
 def main() -> None:
