@@ -183,7 +183,7 @@ def write_report(results: list[dict], out: Path) -> None:
         f"Machine: {'; '.join(dict.fromkeys(r['machine'] for r in results))}; torch {torch.__version__}, "
         "1 thread, `nice -n 10`, shared machine (times are noisy). Scenarios, ground truths (M = 60 x R = 3) "
         "and the cached SOURCE-defaults and EK-FAC scores are those of `lm_lds.py` "
-        "(results/lm-lds-2026-12-06.md); k = 1024 unless stated. How each variant is made: "
+        "(results/lm-lds-2026-12-06.md, which has their times); k = 1024 unless stated. How each variant is made: "
         "`benchmarks/lm_lds_ablations.py`'s docstring.",
         "",
     ]
@@ -193,7 +193,7 @@ def write_report(results: list[dict], out: Path) -> None:
                   "| fit+score (s) |", "| --- | --- | --- | --- | --- | --- |"]
         lines += [f"| {row['method']} | {row['lds']:.3f} | [{row['low']:.3f}, {row['high']:.3f}] | "
                   + " | ".join(f"{g[0]:+.3f} [{g[1]:+.3f}, {g[2]:+.3f}]" for g in row["gaps"])
-                  + f" | {row['seconds']:.1f} |" for row in r["rows"]]
+                  + (" | - |" if np.isnan(row["seconds"]) else f" | {row['seconds']:.1f} |") for row in r["rows"]]
         lines += ["", f"Best EK-FAC: {r['references'][0]}.", ""]
     out.write_text("\n".join(lines) + "\n")
     print(out.read_text())
