@@ -26,9 +26,9 @@ Not counted (the stated overhead, measured in benchmarks/results/memory-budget-2
 * the CPU projection's matrix cache (``projection.jl.MATRIX_CACHE``, at most 1 GiB by
   default): the dense projection keeps its p x k matrix there when it fits (p k / 8 bytes for
   Rademacher entries), e.g. 292 MiB for 10M parameters at k = 256;
-* memory the allocator keeps after it is freed: with glibc's default settings a fit's peak
-  resident memory was 1.3-1.5 x the budget's count (the live bytes were within a few percent
-  of it); ``MALLOC_MMAP_THRESHOLD_=65536`` in the environment returns freed blocks at once.
+* memory the allocator keeps after it is freed: with glibc's default settings a factored
+  fit's peak resident memory grew by 1.3-1.5 x the budget (with freed blocks returned, by the
+  count, within 2 %); ``MALLOC_MMAP_THRESHOLD_=65536`` in the environment returns them at once.
 
 The activations are measured with plain autograd (``torch.func`` refuses saved-tensor hooks);
 ``vmap`` over B examples holds B times one example's tensors (checked against peak resident
