@@ -116,3 +116,20 @@ def test_features_do_not_depend_on_the_chosen_chunk():
     assert (chunked.chunk_size, whole.chunk_size) == (3, 10)
     torch.testing.assert_close(chunked.train_features, whole.train_features, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(chunked.self_influence(), whole.self_influence(), rtol=1e-5, atol=1e-9)
+
+
+def test_curvature_batches_hold_factor_rows_and_activations():
+    """Exact curvature: C factor rows of p floats and the C x C factor in float64 per example,
+    4 (132 x 4 + 4 x 8) = 2,240 bytes, plus its activations and the 8 fixed bytes: one byte
+    less than one example's total is refused naming the activations; exactly one example's
+    total runs in backward batches of one, with the Hessian of an unsplit pass."""
+    data = as_examples(rows(6, 20, seed=2))
+    one = C * (4 * NUM_PARAMS + 8 * C) + hand_count(20) + 8
+    reference = attributor(curvature="exact").checkpoint_hessian(0, data)
+    fits = attributor(curvature="exact", chunk_size=1, max_gradient_memory=one)
+    fits.chunk_size = 6  # one chunk of curvature rows: the budget splits it into backward batches
+    torch.testing.assert_close(fits.checkpoint_hessian(0, data), reference, rtol=1e-6, atol=1e-9)
+    short = attributor(curvature="exact", chunk_size=1, max_gradient_memory=one - 1)
+    needs = rf"curvature pass needs, per example, 2,240 bytes of factor rows .* and {hand_count(20) + 8:,} bytes of activations"
+    with pytest.raises(MemoryBudgetError, match=needs):
+        short.checkpoint_hessian(0, data)
