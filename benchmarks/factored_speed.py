@@ -47,7 +47,7 @@ from factored import SIZES, TOKENS
 from lm import gpt2, peak_rss
 
 ROOT = Path(__file__).resolve().parent
-ROWS, DIM, TERMS, REPEATS = 16, 1024, 4, 3
+ROWS, DIM, TERMS, REPEATS = 16, 1024, 4, 5
 
 
 def _setup(size: str):
