@@ -76,8 +76,8 @@ def setup(size: str, rows: int):
 
 def vmap_check(size: str, batch: int) -> dict:
     """Peak added by the per-example gradients of ``batch`` sequences, and the prediction."""
+    from source_proj.gradients.activations import activation_cost
     from source_proj.gradients.causal_lm import CausalLMTask
-    from source_proj.gradients.memory import activation_cost
     from source_proj.gradients.per_example import loss_objective, per_example_gradients
 
     model, fn, _, ids = setup(size, batch)

@@ -49,8 +49,9 @@ from source_proj.errors import InputError
 from source_proj.features.query_forms import QueryForm, query_form
 from source_proj.features.rows import row_dot, segment_features
 from source_proj.features.source import FeatureSource, MemoryFeatures
+from source_proj.gradients.activations import activation_cost
 from source_proj.gradients.data import Examples, as_examples, row_shapes
-from source_proj.gradients.memory import activation_cost, feature_chunk
+from source_proj.gradients.memory import feature_chunk
 from source_proj.gradients.model import ModelFunction, OutputSelector
 from source_proj.gradients.per_example import check_finite, dataset_rows
 from source_proj.gradients.task_names import resolve_task

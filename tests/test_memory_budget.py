@@ -24,8 +24,9 @@ import torch
 from torch import nn
 
 from source_proj.attributor import SourceAttributor
+from source_proj.gradients.activations import activation_cost
 from source_proj.gradients.data import as_examples
-from source_proj.gradients.memory import ActivationCost, MemoryBudgetError, activation_cost, feature_chunk
+from source_proj.gradients.memory import ActivationCost, MemoryBudgetError, feature_chunk
 from source_proj.gradients.model import ModelFunction
 from source_proj.gradients.task_names import resolve_task
 from source_proj.trajectory.checkpoints import Checkpoint, Trajectory

@@ -33,7 +33,8 @@ from collections.abc import Callable, Iterable, Mapping
 import torch
 
 from source_proj.errors import InputError
-from source_proj.gradients.memory import activation_cost, curvature_batch
+from source_proj.gradients.activations import activation_cost
+from source_proj.gradients.memory import curvature_batch
 from source_proj.gradients.model import Inputs, ModelFunction, take_rows
 from source_proj.gradients.per_example import (
     ExampleFn,
