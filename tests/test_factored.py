@@ -98,7 +98,8 @@ def test_mlp_scores_equal_dense_formula_with_the_kronecker_matrix():
     model, traj, train = trained_classifier(dims=(4, 6, 3), n=24)
     queries = blobs(4, 4, 3, seed=9)
     att = SourceAttributor(model, "classification", traj, proj_dim=30, seed=5, proj_structure="factored",
-                           num_segments=2, query_mode="final", chunk_size=7, progress=False).fit(train)
+                           num_segments=2, query_mode="final", chunk_size=7, progress=False,
+                           curvature_blocks="full").fit(train)  # the formula's whole k x k Hessian
     matrix = explicit_matrix(att.projection, numels(model))
     dense = dense_source_scores(model, ClassificationTask(), traj, train, queries, matrix, 2, query_mode="final")
     assert np.abs(dense).max() > 1e-3
