@@ -72,7 +72,8 @@ def _source_train(
         run = run.truncate(config.proj_dim)
     trajectory = run.trajectory
     segments = trajectory.segments(config.num_segments, config.momentum_factor, config.time_scale)
-    spectra = segment_spectra(segments, run.hessians[curvature], run.decays)
+    groups = run.layer_groups if config.resolved_curvature_blocks(run.structure) == "layer" else None
+    spectra = segment_spectra(segments, run.hessians[curvature], run.decays, groups=groups)
     form = query_form(config.resolved_query_mode(len(trajectory.stages)))
     operators = transport_operators(spectra, transport=form.transports)
     size = run.stage_sizes[run.attributed_stage]
@@ -89,7 +90,7 @@ def _source_train(
 def source_scores(run: ProjectedRun, config: SourceConfig) -> torch.Tensor:
     """SOURCE scores (n_query, N) float64 with ``config``'s estimator settings.
 
-    Uses ``num_segments``, ``momentum_factor``, ``time_scale``, ``curvature``, ``query_mode``,
+    Uses ``num_segments``, ``momentum_factor``, ``time_scale``, ``curvature``, ``curvature_blocks``, ``query_mode``,
     ``proj_dim`` (<= the run's; smaller dims use :meth:`ProjectedRun.truncate`), and checks
     that ``seed``, ``proj_kind`` and ``proj_structure`` ("auto": the run's) (and for factored runs ``proj_dim`` and
     ``kronecker_terms``) are the run's. Equals ``SourceAttributor(config)``'s

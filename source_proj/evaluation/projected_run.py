@@ -31,6 +31,7 @@ from source_proj.errors import InputError
 from source_proj.gradients.data import Examples, as_examples
 from source_proj.gradients.model import ModelFunction
 from source_proj.gradients.tasks import Task
+from source_proj.projection.kronecker import FactoredProjection
 from source_proj.projection.options import CURVATURE_MODES
 from source_proj.projection.projected import (
     Projection,
@@ -68,6 +69,8 @@ class ProjectedRun:
         decays: (C,) the rate added to each checkpoint's Hessian diagonal (the weight decay,
             or Adam's coupled-L2 stand-in; ``Preconditioner.decays``).
         default_curvature: the task's curvature mode for ``SourceConfig(curvature="auto")``.
+        layer_groups: (k,) the layer of each coordinate of a factored projection
+            (``KroneckerPlan.layer_groups``, for ``curvature_blocks="layer"``); None when dense.
     """
 
     trajectory: Trajectory
@@ -86,6 +89,7 @@ class ProjectedRun:
     structure: str = "dense"
     kronecker_terms: int = 4
     budget: int = 0
+    layer_groups: torch.Tensor | None = None
 
     @property
     def dim(self) -> int:
@@ -225,4 +229,5 @@ def project_run(
         structure=final_engine.config.proj_structure,  # "auto" resolved for the model
         kronecker_terms=kronecker_terms,
         budget=proj_dim,
+        layer_groups=projection.plan.layer_groups() if isinstance(projection, FactoredProjection) else None,
     )
