@@ -56,7 +56,7 @@ from source_proj.gradients.model import ModelFunction, OutputSelector
 from source_proj.gradients.per_example import check_finite, dataset_rows
 from source_proj.gradients.task_names import resolve_task
 from source_proj.gradients.tasks import Task
-from source_proj.projection.kronecker import FactoredProjection
+from source_proj.projection.kronecker import FactoredProjection, FittedScale
 from source_proj.projection.projected import (
     Projection,
     Scale,
@@ -179,6 +179,8 @@ class SourceAttributor:
         self.chunk_size = feature_chunk(width, self.budget, self.config.chunk_size)
         self.group = ProcessGroup.current()
         self._fitted_scales: dict[int, Scale] = {}
+        # Rank-one fits of D^{1/2} (factored projection) taken from a store: checkpoint -> fits.
+        self._stored_fits: dict[int, Mapping[str, tuple[torch.Tensor, torch.Tensor]]] = {}
         self.device = torch.device(self.config.device) if self.config.device else next(model.parameters()).device
         # Fail early on a checkpoint that does not fit the model (names and shapes: the values
         # of a memory-mapped file are not read here). Contents are digested on first need.
@@ -322,9 +324,44 @@ class SourceAttributor:
                 self._held_scales[index] = scale
         on_device = {n: v.to(self.device) for n, v in scale.items()}
         if isinstance(self.projection, FactoredProjection):
-            fitted = self._fitted_scales[index] = self.projection.fit_scale(on_device)
+            stored = self._stored_fits.get(index)
+            fitted = self._fitted_scales[index] = (
+                self.projection.fit_scale(on_device) if stored is None else FittedScale(
+                    {n: on_device[n] for n in self.projection.plan.rest},
+                    {n: (a.to(self.device), b.to(self.device)) for n, (a, b) in stored.items()},
+                )
+            )
             return fitted
         return on_device
+
+    def _fit_key(self, index: int) -> str:
+        """What the rank-one fit of checkpoint ``index``'s D^{1/2} is a function of: its optimizer
+        state (the moments' digest taken when the preconditioner read it), Adam's beta2 and eps,
+        and the projection's blocks."""
+        state = self.preconditioner.fast_digests[index]
+        return repr((state, self.trajectory.betas[1], self.trajectory.eps, describe(self.projection)))
+
+    def rank_one_fits(self) -> dict[str, Any]:
+        """The rank-one fits of Adam's D^{1/2} made so far by the factored projection (the costly
+        part of preparing a checkpoint's rescaling: ``FactoredProjection.fit_scale``), as CPU
+        tensors keyed by what each is a function of (``use_rank_one_fits`` takes them back)."""
+        return {
+            self._fit_key(i): {n: (a.cpu(), b.cpu()) for n, (a, b) in scale.rank_one.items()}
+            for i, scale in self._fitted_scales.items()
+            if isinstance(scale, FittedScale)
+        }
+
+    def use_rank_one_fits(self, fits: Mapping[str, Any]) -> None:
+        """Take rank-one fits saved by :meth:`rank_one_fits` for each checkpoint whose optimizer
+        state, Adam settings and projection are those they were fitted with (the key says); the
+        others are fitted when first needed. The exact part (D^{1/2} of the densely projected
+        parameters) is still read from the optimizer state, checked as every read is."""
+        if not (self.trajectory.preconditioned and isinstance(self.projection, FactoredProjection)):
+            return
+        for index in range(len(self.trajectory.checkpoints)):
+            stored = fits.get(self._fit_key(index))
+            if stored is not None:
+                self._stored_fits[index] = stored
 
     def _progress(self, items: Iterable[int], desc: str, show: bool = True, nested: bool = False) -> tqdm:
         """``items`` with a progress bar (on rank 0 only, when progress is on and ``show``; a bar

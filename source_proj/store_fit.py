@@ -21,6 +21,7 @@ which ``store_config`` rebuilds the configuration for querying.
 from __future__ import annotations
 
 import os
+import pickle
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -48,6 +49,33 @@ if TYPE_CHECKING:  # the attributor calls into this module; it never needs the c
 
 # Metadata known only after the curvature pass (checked then, not before it).
 _AFTER_PREPARE = ("stages", "segment_weights")
+# Beside the store: the factored projection's rank-one fits of Adam's D^{1/2} (a cache).
+FITS_FILE = "rank_one_fits.pt"
+
+
+def load_rank_one_fits(path: str | os.PathLike) -> dict[str, Any]:
+    """The rank-one fits kept beside the store at ``path`` (``SourceAttributor.rank_one_fits``;
+    empty if absent or unreadable: a fit missing from it is only computed again)."""
+    try:
+        fits = torch.load(Path(path) / FITS_FILE, weights_only=True)
+    except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError):
+        return {}
+    return fits if isinstance(fits, dict) else {}
+
+
+def save_rank_one_fits(attributor: SourceAttributor, path: str | os.PathLike) -> None:
+    """Add the attributor's rank-one fits to those kept beside the store at ``path``, atomically
+    (queries then skip fitting them: ``open_store``); a folder that cannot be written is left."""
+    fits = {**load_rank_one_fits(path), **attributor.rank_one_fits()}
+    if not fits:
+        return
+    target = Path(path) / FITS_FILE
+    temporary = target.with_name(f".{FITS_FILE}.{os.getpid()}.tmp")
+    try:
+        torch.save(fits, temporary)
+        os.replace(temporary, target)
+    except OSError:
+        temporary.unlink(missing_ok=True)
 
 
 def store_config(store: FeatureStore, **runtime: Any) -> SourceConfig:
@@ -304,6 +332,8 @@ def fit_store(
         report = featurize(
             store, _compute_chunk(attributor, examples, keep_segments), progress=attributor.config.progress, group=group
         )
+        if group.is_main:
+            save_rank_one_fits(attributor, path)
     return store, report
 
 
@@ -330,13 +360,16 @@ def open_store(attributor: SourceAttributor, path: str | os.PathLike) -> Feature
 
     The checkpoints' digests come from the store's cache for files whose size and modification
     time are unchanged (``trajectory.digests``): a query reads only the checkpoints it needs,
-    each checked against its recorded digest as it is read."""
+    each checked against its recorded digest as it is read. The factored projection's rank-one
+    fits of Adam's D^{1/2} come from the fit's cache (``FITS_FILE``), each for the optimizer
+    state (by digest), Adam settings and projection it was fitted with."""
     store = FeatureStore.open(path)
     cached = FileDigests.load(path)
     known = len(cached.entries)
     attributor.use_file_digests(cached)
     check_store_settings(attributor, store)
     store.require_complete()
+    attributor.use_rank_one_fits(load_rank_one_fits(path))
     if len(cached.entries) != known and attributor.group.is_main:
         cached.save(path)
     return store
