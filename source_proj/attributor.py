@@ -444,6 +444,7 @@ class SourceAttributor:
         *,
         chunks: Collection[int] | None = None,
         what: str = "training data",
+        measure: bool = True,
     ) -> None:
         """Validate every row for the task before any costly pass: the model runs on the
         first row (inputs of the shape it takes) and every target suits the task (e.g. class
@@ -453,7 +454,9 @@ class SourceAttributor:
         validated the same way (``what="queries"``). Raises ``InputError`` starting with
         ``what`` and naming the offending rows (indices into ``examples``) and values. Then sets
         ``chunk_size`` for rows of this shape: the budget holds their gradient buffers and
-        activations (measured on row 0, ``gradients.memory``; ``MemoryBudgetError`` if not one)."""
+        activations (measured on row 0, ``gradients.activations``; ``MemoryBudgetError`` if not
+        one), unless ``measure`` is False (a set of one row: computed in one chunk whatever the
+        measure, which itself holds two copies of the row, more than computing it takes)."""
         if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1:
             raise InputError(f"chunk_rows must be a positive int, got {chunk_rows!r}")
         first_inputs, first_targets = examples.rows(0, 1, self.device)
@@ -476,6 +479,8 @@ class SourceAttributor:
                 raise InputError(f"{what}: {exc}") from exc
             if visit is not None:
                 visit(start, stop, inputs, targets)
+        if not measure:
+            return
         activations = activation_cost(self.model_fn, params, consts, self.task.loss, first_inputs, first_targets)
         width = gradient_width(self.projection, self.model_fn.num_params())
         self.chunk_size = feature_chunk(width, self.budget, self.config.chunk_size, activations)
@@ -704,7 +709,8 @@ class SourceAttributor:
         Under ``torch.distributed`` the ranks share the queries and every rank gets all of Q.
         """
         examples = as_examples(queries, "queries")
-        self.check_training_data(examples, what="queries")  # as training rows: labels, input shapes
+        # As training rows: labels, input shapes (one query's activations need no measuring).
+        self.check_training_data(examples, what="queries", measure=len(examples) > 1)
         measure = measurement or self.task.measurement
         groups: list[tuple[int, ...]]
         groups = self.query_form.query_checkpoints(self.segments, len(self.trajectory.checkpoints))

@@ -153,17 +153,23 @@ def _combined(tag: str, digests: list[int]) -> int:
 
 
 def training_data_digests(
-    attributor: SourceAttributor, examples: Examples, chunk_rows: int, *, chunks: Sequence[int] | None = None
+    attributor: SourceAttributor,
+    examples: Examples,
+    chunk_rows: int,
+    *,
+    chunks: Sequence[int] | None = None,
+    measure: bool = True,
 ) -> list[int]:
     """Validate the targets of the rows of the given store chunks (default all) for the
-    attributor's task and return each chunk's ``rows_digest`` of (inputs, targets)."""
+    attributor's task and return each chunk's ``rows_digest`` of (inputs, targets); with
+    ``measure``, set the attributor's ``chunk_size`` for featurising them (``check_training_data``)."""
     digests: dict[int, int] = {}
     wanted = None if chunks is None else set(chunks)
 
     def visit(start: int, stop: int, inputs: Any, targets: torch.Tensor) -> None:
         digests[start // chunk_rows] = rows_digest((inputs, targets))
 
-    attributor.check_training_data(examples, chunk_rows, visit, chunks=wanted)
+    attributor.check_training_data(examples, chunk_rows, visit, chunks=wanted, measure=measure)
     return [digests[c] for c in sorted(digests)]
 
 
@@ -173,12 +179,14 @@ def check_training_data(
     """Raise unless ``train_data`` are the rows ``store`` was made from: the same number of
     rows (``StoreMismatchError`` on ``layout.n_rows``) and, for the given chunks (default
     all: a full pass over the data), the same inputs and targets (``DataMismatchError``
-    naming the first differing chunk)."""
+    naming the first differing chunk). The rows' activations are not measured: no
+    featurisation of them follows."""
     examples = as_examples(train_data)
     if len(examples) != store.layout.n_rows:
         raise StoreMismatchError(store.path, "layout.n_rows", store.layout.n_rows, len(examples))
     chunks = sorted(set(range(store.layout.n_chunks) if chunks is None else chunks))
-    store.check_data_digests(training_data_digests(attributor, examples, store.layout.chunk_rows, chunks=chunks), chunks)
+    digests = training_data_digests(attributor, examples, store.layout.chunk_rows, chunks=chunks, measure=False)
+    store.check_data_digests(digests, chunks)
 
 
 def _check_writable(path: Path) -> None:
