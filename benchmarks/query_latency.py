@@ -82,13 +82,11 @@ def peak_rss() -> int:
 def setup(work: Path, size: str, rows: int, n_checkpoints: int, steps: int) -> None:
     """Train the run, save its checkpoints, write the task file and fit the store."""
     import torch
-    from transformers import GPT2Config
+    from transformers import GPT2Config, GPT2LMHeadModel
 
     width, layers, heads = SIZES[size]
     config = dict(vocab_size=VOCAB, n_positions=TOKENS, n_embd=width, n_layer=layers, n_head=heads,
                   resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
-    from transformers import GPT2LMHeadModel
-
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(**config, attn_implementation="eager"))
     gen = torch.Generator().manual_seed(0)
@@ -99,7 +97,7 @@ def setup(work: Path, size: str, rows: int, n_checkpoints: int, steps: int) -> N
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=decay)
     checkpoints = []
     for c in range(n_checkpoints):
-        for s in range(steps):
+        for _ in range(steps):
             batch = train[torch.randint(0, rows, (8,), generator=gen)]
             loss = model(input_ids=batch, labels=batch).loss
             opt.zero_grad()
