@@ -107,7 +107,7 @@ def setup(work: Path, size: str, rows: int, n_checkpoints: int, steps: int) -> N
         torch.save(model.state_dict(), work / state)
         torch.save(opt.state_dict(), work / optim)
         checkpoints.append({"state": state, "optimizer": optim, "steps": steps, "lr": lr})
-    settings = {"proj_dim": 1024, "proj_structure": "auto"}
+    settings = {"proj_dim": 1024, "proj_structure": "auto", "num_segments": min(3, n_checkpoints)}
     meta = {"config": config, "checkpoints": checkpoints, "weight_decay": decay, "settings": settings}
     (work / "run.json").write_text(json.dumps(meta))
     (work / "task.py").write_text(TASK_FILE)
