@@ -79,11 +79,11 @@ def _timed(call) -> tuple[float, float]:
     return time.perf_counter() - wall, time.process_time() - cpu
 
 
-def measure(size: str) -> dict:
-    """The passes of the module docstring at ``size``, in this process."""
+def measure(size: str, threads: int = 1) -> dict:
+    """The passes of the module docstring at ``size``, in this process, on ``threads`` torch threads."""
     from source_proj.gradients.per_example import loss_objective, per_example_gradients
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads)
     model, ids, att, examples = _setup(size)
     p = sum(q.numel() for q in model.parameters())
     inputs, targets = examples.rows(0, ROWS)
@@ -131,7 +131,7 @@ def measure(size: str) -> dict:
     best = {k: min(t[0] for t in v) for k, v in times.items()}
     cpu = {f"{k}_cpu": min(t[1] for t in v) for k, v in times.items()}
     return {"size": size, "params": p, "dim": att.proj_dim, **best, **cpu,
-            "peak_before_bare": peaks["before_bare"], "peak": peak_rss(), "load": os.getloadavg()[0]}
+            "peak_before_bare": peaks["before_bare"], "peak": peak_rss(), "load": os.getloadavg()[0], "threads": threads}
 
 
 def profile(size: str, top: int) -> str:
@@ -159,7 +159,8 @@ def _machine() -> str:
 def table(results: list[dict], label: str) -> str:
     """Markdown table of ``measure`` results (times in seconds, ratios to the plain pass)."""
     lines = [
-        f"{label}: {datetime.date.today()}, {_machine()}, one torch thread of {len(os.sched_getaffinity(0))} shared "
+        f"{label}: {datetime.date.today()}, {_machine()}, {results[0]['threads']} torch thread(s) of "
+        f"{len(os.sched_getaffinity(0))} shared "
         f"cores, 1-minute load average {min(r['load'] for r in results):.1f}-{max(r['load'] for r in results):.1f}, "
         f"torch {torch.__version__}; {ROWS} sequences x {TOKENS} tokens, k = {DIM}, {TERMS} Kronecker terms, "
         f"fastest of {REPEATS} interleaved repeats.",
@@ -189,10 +190,11 @@ def main() -> None:
     parser.add_argument("--label", default="factored featurisation vs plain forward+backward")
     parser.add_argument("--top", type=int, default=25, help="profile rows")
     parser.add_argument("--out", type=Path, help="append the table to this file")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of the speed measurements")
     args = parser.parse_args()
     sizes = args.sizes.split(",")
     if args.part == "_measure":
-        print(json.dumps(measure(sizes[0])))
+        print(json.dumps(measure(sizes[0], args.threads)))
         return
     if args.part == "profile":
         for size in sizes:
@@ -200,7 +202,7 @@ def main() -> None:
         return
     results = []
     for size in sizes:
-        cmd = [sys.executable, __file__, "_measure", "--sizes", size]
+        cmd = [sys.executable, __file__, "_measure", "--sizes", size, "--threads", str(args.threads)]
         line = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
         results.append(json.loads(line))
         print(results[-1], flush=True)

@@ -283,7 +283,8 @@ def test_kronecker_projection_is_isotropic_and_its_rank_one_error_is_as_stated(t
 # ------------------------------------------------------------------ against dense
 def _digits_mlp_scores(width: int, k: int, runs: tuple[tuple[str, int], ...]) -> dict[tuple[str, int], np.ndarray]:
     """Scores (10 queries x 200 rows, flattened) of a 64-``width``-10 digits MLP trained with
-    SGD, exact curvature, one segment, for each (structure, seed) of ``runs`` at total k."""
+    SGD, exact curvature, one segment, for each (structure, seed) of ``runs`` at total k; the
+    whole k x k Hessian for both structures, so that only the projections differ."""
     from sklearn.datasets import load_digits
 
     from source_proj.evaluation.training import TrainSettings, train_sgd
@@ -300,7 +301,8 @@ def _digits_mlp_scores(width: int, k: int, runs: tuple[tuple[str, int], ...]) ->
     scores = {}
     for structure, seed in runs:
         att = SourceAttributor(model, "classification", traj, proj_dim=k, proj_structure=structure, seed=seed,
-                               num_segments=1, chunk_size=200, curvature="exact", progress=False).fit(train)
+                               num_segments=1, chunk_size=200, curvature="exact", curvature_blocks="full",
+                               progress=False).fit(train)
         assert 0.99 * k <= att.proj_dim <= k  # factored: k unless whole blocks leave some over
         scores[structure, seed] = att.score(queries).numpy().reshape(-1)
     return scores
