@@ -18,6 +18,16 @@ EK-FAC damping and to SOURCE at its defaults. Variants:
   factored projection's own error from its interaction with Adam's rescaling;
 * the dense projection with Adam's D^{1/2} replaced, on the weights the factored projection
   factors, by the rank-one stand-in it uses (``rank_one_fit``): is that stand-in the cost?
+* a *grouped* dense projection: the parameters split by layer (a name's prefix up to its first
+  numbered part, e.g. ``transformer.h.0``; other parameters by their module, e.g.
+  ``transformer.wte``), each group projected by its own i.i.d. matrix to k_g coordinates with
+  sum k_g = k, shared in proportion to the groups' parameter counts (as the factored projection
+  shares k) or to their gradient energy: the root mean square norm of the D^{1/2}-rescaled
+  per-example loss gradients of at most 64 rows of the last stage at the final checkpoint (the
+  allocation that minimises the summed JL variance of inner products, sum_g |u_g| |v_g| / k_g);
+  with the whole Hessian or with one block per group. A device: the library's ``project`` is
+  replaced within the fit (training rows, queries and curvature factors alike) and the
+  attributor's ``curvature_groups`` set by hand.
 
 Ablation devices patch library internals inside this process only (documented per variant).
 """
@@ -50,6 +60,13 @@ VARIANTS: dict[str, dict] = {
     "factored, run described as SGD (no preconditioner)": {"proj_structure": "factored", "curvature_blocks": "full",
                                                            "_sgd": True},
     "dense, Adam's D^1/2 rank-one on factorable weights": {"_rank_one_scale": True},
+    "grouped dense, k shared by parameter count, whole Hessian": {"_grouped": "numel", "_layer_blocks": False},
+    "grouped dense, k shared by parameter count, layer blocks": {"_grouped": "numel", "_layer_blocks": True},
+    "grouped dense, k shared by gradient energy, whole Hessian": {"_grouped": "energy", "_layer_blocks": False},
+    "grouped dense, k shared by gradient energy, layer blocks": {"_grouped": "energy", "_layer_blocks": True},
+    "dense (the defaults), projection seed 1": {"seed": 1},
+    "grouped dense, k shared by gradient energy, layer blocks, projection seed 1": {
+        "_grouped": "energy", "_layer_blocks": True, "seed": 1},
 }
 
 
@@ -111,6 +128,79 @@ def rank_one_scales(attributor, plan) -> None:
     object.__setattr__(attributor.preconditioner, "sqrt_scale", approximate)  # a frozen dataclass
 
 
+def layer_key(name: str) -> str:
+    """A parameter's group in the grouped projection: its name up to the first numbered part,
+    else its module's name."""
+    parts = name.split(".")
+    cut = next((i + 1 for i, part in enumerate(parts) if part.isdigit()), None)
+    return ".".join(parts[:cut] if cut else parts[:-1]) or name
+
+
+def group_energy(attributor, data, members: dict[str, list[str]]) -> list[float]:
+    """Per group, the root mean square norm of the D^{1/2}-rescaled per-example loss gradients
+    of at most 64 rows of the last stage at the final checkpoint."""
+    from source_proj.gradients.per_example import loss_objective, per_example_gradients
+
+    final = len(attributor.trajectory.checkpoints) - 1
+    stage = data.stages[-1]
+    rows = torch.arange(min(64, len(stage.targets)))
+    with attributor.reading_pass():
+        params, consts = attributor._load(final)
+        grads = per_example_gradients(attributor.model_fn, params, consts, loss_objective(attributor.task.loss),
+                                      bench.take(stage.inputs, rows), stage.targets[rows])
+        scale = attributor.gradient_scale(final)
+    energy = []
+    for names in members.values():
+        total = 0.0
+        for name in names:
+            block = grads[name].reshape(len(rows), -1).double()
+            if scale is not None:
+                block = block * scale[name].double()
+            total += float(block.pow(2).sum(1).mean())
+        energy.append(total ** 0.5)
+    return energy
+
+
+@contextlib.contextmanager
+def grouped_projection(attributor, data, share_by: str, layer_blocks: bool) -> Iterator[None]:
+    """Within the block, ``attributor`` projects each parameter group with its own i.i.d.
+    matrix (module docstring), and restricts the Hessians to the groups' blocks if asked."""
+    import source_proj.projection.projected as projected
+    from source_proj.projection.jl import ProjectionConfig
+    from source_proj.projection.kronecker import share_budget
+
+    names = list(attributor.model_fn.names)
+    members: dict[str, list[str]] = {}
+    for name in names:
+        members.setdefault(layer_key(name), []).append(name)
+    numel = {n: p.numel() for n, p in attributor.model_fn.model.named_parameters()}
+    sizes = [float(sum(numel[n] for n in group)) for group in members.values()]
+    weights = group_energy(attributor, data, members) if share_by == "energy" else sizes
+    k = attributor.proj_dim
+    shares = share_budget([max(1, round(w / max(weights) * 1e9)) for w in weights], k)
+    shares[max(range(len(shares)), key=weights.__getitem__)] += k - sum(shares)
+    config = attributor.projection
+    original = projected.project
+
+    def project(grads, settings, row_offset=0):
+        if not isinstance(grads, dict):
+            return original(grads, settings, row_offset)
+        return torch.cat([
+            original([grads[n] for n in group], ProjectionConfig(share, config.seed + 1 + g, config.kind))
+            for g, (group, share) in enumerate(zip(members.values(), shares))
+        ], dim=1)
+
+    projected.project = project
+    if layer_blocks:
+        attributor.curvature_groups = torch.cat(
+            [torch.full((share,), g, dtype=torch.int64) for g, share in enumerate(shares)])
+    try:
+        yield
+    finally:
+        projected.project = original
+        attributor.curvature_groups = None
+
+
 def variant_scores(model, trajectory, data, spec: dict) -> torch.Tensor:
     """SOURCE scores (n_query, N) of one variant (``lm_lds.source_scores`` with the devices)."""
     from source_proj.attributor import SourceAttributor
@@ -130,7 +220,9 @@ def variant_scores(model, trajectory, data, spec: dict) -> torch.Tensor:
         rank_one_scales(attributor, plan)
     curvature = {s.label: (s.inputs, s.targets) for s in data.stages} if len(data.stages) > 1 else None
     parts = []
-    with block_diagonal(weight_spans(plan) if spec.get("_weight_blocks") else None):
+    grouped = (grouped_projection(attributor, data, spec["_grouped"], spec["_layer_blocks"]) if "_grouped" in spec
+               else contextlib.nullcontext())
+    with grouped, block_diagonal(weight_spans(plan) if spec.get("_weight_blocks") else None):
         for stage in data.stages:
             attributor.fit((stage.inputs, stage.targets), stages=(stage.label,), curvature_data=curvature)
             parts.append(attributor.score(data.queries))
