@@ -86,11 +86,13 @@ def _over_examples(fn: ModelFunction, per_example: Callable, shared, batched: di
 
 
 def _over_columns(fn: ModelFunction, per_example: Callable, shared, batched: dict, inputs: Inputs,
-                  targets: torch.Tensor, extra: torch.Tensor):
+                  targets: torch.Tensor, extra: torch.Tensor | None):
     """``_over_examples`` with ``per_example`` also mapped over the R columns of ``extra``
-    (B, C, R): results (B, R, ...). A single column (a sampled factor) is passed as (B, C)
-    without a ``vmap`` over columns, whose batching costs ~10% of a small model's gradients,
-    and its results get their column axis back."""
+    (B, C, R): results (B, R, ...) (None: no columns, results (B, ...)). A single column (a
+    sampled factor) is passed as (B, C) without a ``vmap`` over columns, whose batching costs
+    ~10% of a small model's gradients, and its results get their column axis back."""
+    if extra is None:
+        return _over_examples(fn, per_example, shared, batched, inputs, targets, None)
     if extra.shape[-1] != 1:
         columns = vmap(per_example, in_dims=(None, None, None, None, -1))
         return _over_examples(fn, columns, shared, batched, inputs, targets, extra)
@@ -130,9 +132,7 @@ def per_example_gradients(
         out = fn.forward_one(p, consts, x)
         return objective(out, y[None], None if e is None else e[None])
 
-    if extra is None:
-        return _flat(_over_examples(fn, grad(one), params, {}, inputs, targets, None), 1)
-    return _flat(_over_columns(fn, grad(one), params, {}, inputs, targets, extra), 2)
+    return _flat(_over_columns(fn, grad(one), params, {}, inputs, targets, extra), 1 if extra is None else 2)
 
 
 class Taps(Protocol):
@@ -184,10 +184,7 @@ def per_example_tapped(
         return objective(out, y[None], None if e is None else e[None]), dict(captured)
 
     per_example = grad(one, argnums=(0, 1), has_aux=True)
-    if extra is None:
-        (grads, output_grads), captured = _over_examples(fn, per_example, rest, perturbations, inputs, targets, None)
-    else:
-        (grads, output_grads), captured = _over_columns(fn, per_example, rest, perturbations, inputs, targets, extra)
+    (grads, output_grads), captured = _over_columns(fn, per_example, rest, perturbations, inputs, targets, extra)
     lead = 1 if extra is None else 2
     return _flat(grads, lead), taps.combine(output_grads, captured, lead)
 

@@ -302,10 +302,10 @@ def projected_gn_factors(
     else:
         activations = activation_cost(fn, params, consts, task.loss, inputs, targets)
         step = curvature_batch(gradient_width(projection, fn.num_params()), width, rank, budget, activations)
+    objective = drawn_objective if drawn else factor_objective
     parts = []
     for start in range(0, batch, step):
         stop = min(batch, start + step)
-        objective = drawn_objective if drawn else factor_objective
         if drawn:  # (rows, noise per row, one column)
             factor = noise[start:stop].reshape(stop - start, -1, 1)
         elif mode == "exact":
