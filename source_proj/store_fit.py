@@ -42,7 +42,7 @@ from source_proj.features.locking import group_lock
 from source_proj.features.store import FeatureStore
 from source_proj.gradients.data import Examples, as_examples
 from source_proj.gradients.memory import MemoryBudgetError
-from source_proj.trajectory.digests import FileDigests
+from source_proj.trajectory.digests import FileDigests, write_cache
 
 if TYPE_CHECKING:  # the attributor calls into this module; it never needs the class at run time
     from source_proj.attributor import SourceAttributor
@@ -67,15 +67,8 @@ def save_rank_one_fits(attributor: SourceAttributor, path: str | os.PathLike) ->
     """Add the attributor's rank-one fits to those kept beside the store at ``path``, atomically
     (queries then skip fitting them: ``open_store``); a folder that cannot be written is left."""
     fits = {**load_rank_one_fits(path), **attributor.rank_one_fits()}
-    if not fits:
-        return
-    target = Path(path) / FITS_FILE
-    temporary = target.with_name(f".{FITS_FILE}.{os.getpid()}.tmp")
-    try:
-        torch.save(fits, temporary)
-        os.replace(temporary, target)
-    except OSError:
-        temporary.unlink(missing_ok=True)
+    if fits:
+        write_cache(Path(path) / FITS_FILE, lambda temporary: torch.save(fits, temporary))
 
 
 def store_config(store: FeatureStore, **runtime: Any) -> SourceConfig:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -116,10 +116,16 @@ class FileDigests:
     def save(self, folder: str | os.PathLike) -> None:
         """Write the cache into ``folder`` atomically; a folder that cannot be written is left
         as it is (the next query re-hashes)."""
-        target = Path(folder) / CACHE_FILE
-        temporary = target.with_name(f".{CACHE_FILE}.{os.getpid()}.tmp")
-        try:
-            temporary.write_text(json.dumps({"version": _CACHE_VERSION, "entries": self.entries}, indent=1))
-            os.replace(temporary, target)
-        except OSError:
-            temporary.unlink(missing_ok=True)
+        text = json.dumps({"version": _CACHE_VERSION, "entries": self.entries}, indent=1)
+        write_cache(Path(folder) / CACHE_FILE, lambda temporary: temporary.write_text(text))
+
+
+def write_cache(target: Path, write: Callable[[Path], object]) -> None:
+    """Write a cache file atomically: ``write(temporary)`` then a rename over ``target``. A
+    cache only saves work, so a folder that cannot be written is left as it is."""
+    temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        write(temporary)
+        os.replace(temporary, target)
+    except OSError:
+        temporary.unlink(missing_ok=True)
