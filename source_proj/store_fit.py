@@ -304,8 +304,9 @@ def fit_store(
     with group_lock(group, path), attributor.reading_pass():
         with together(group, "checking the existing store"):
             existing = FeatureStore.open(path) if path.exists() else None
+            # An existing store's cache; for a new one, the attributor's (saved beside the store below).
+            use_file_digests(attributor, attributor.file_digests if existing is None else FileDigests.load(path))
             if existing is not None:  # refuse other settings before reading the data
-                attributor.use_file_digests(FileDigests.load(path))
                 check_store_settings(attributor, existing)
                 existing.check_layout(layout)
         digests = _shared_digests(attributor, examples, layout)
@@ -325,7 +326,7 @@ def fit_store(
         with together(group, "creating the store"):  # rank 0 alone creates it and writes metadata
             if group.is_main:
                 store = FeatureStore.open_or_create(path, layout, _metadata(attributor), digests)  # checks stages, weights
-                attributor.file_digests.save(path)  # later queries need not re-hash the checkpoints
+                attributor.file_digests.save(path)  # later queries need not re-hash the checkpoints and states
                 if stored is None:
                     store.write_curvature(*_curvature_arrays(attributor))
         if not group.is_main:
@@ -359,21 +360,30 @@ def open_store(attributor: SourceAttributor, path: str | os.PathLike) -> Feature
     """Open the complete store at ``path`` for ``attributor``'s queries, checking that it was
     made with the same model, trajectory and settings (``StoreMismatchError`` otherwise).
 
-    The checkpoints' digests come from the store's cache for files whose size and modification
-    time are unchanged (``trajectory.digests``): a query reads only the checkpoints it needs,
-    each checked against its recorded digest as it is read. The factored projection's rank-one
-    fits of Adam's D^{1/2} come from the fit's cache (``FITS_FILE``), each for the optimizer
-    state (by digest), Adam settings and projection it was fitted with."""
+    The checkpoints' and optimizer states' digests come from the store's cache for files whose
+    size and modification time are unchanged (``trajectory.digests``): a query reads only the
+    checkpoints and states it needs, each checked against its recorded digest as it is read.
+    The factored projection's rank-one fits of Adam's D^{1/2} come from the fit's cache
+    (``FITS_FILE``), each for the optimizer state (by digest), Adam settings and projection it
+    was fitted with."""
     store = FeatureStore.open(path)
     cached = FileDigests.load(path)
-    known = len(cached.entries)
-    attributor.use_file_digests(cached)
+    known = dict(cached.entries)
+    use_file_digests(attributor, cached)
     check_store_settings(attributor, store)
     store.require_complete()
     attributor.use_rank_one_fits(load_rank_one_fits(path))
-    if len(cached.entries) != known and attributor.group.is_main:
+    if cached.entries != known and attributor.group.is_main:  # files hashed now (new, or changed since)
         cached.save(path)
     return store
+
+
+def use_file_digests(attributor: SourceAttributor, cache: FileDigests) -> None:
+    """``attributor`` takes the digests of its checkpoint files and of its optimizer-state files
+    (``Preconditioner.use_file_digests``) from ``cache`` where the files are unchanged, and adds
+    those it computes later to it."""
+    attributor.use_file_digests(cache)
+    attributor.preconditioner.use_file_digests(cache)
 
 
 def stage_restriction(

@@ -9,6 +9,10 @@ checkpoints costs more than a query, so:
   size and modification time (``mtime_ns``); a file whose size and time are unchanged is not
   read again. A store keeps this cache beside its data (``file_digests.json``), so that queries
   against it do not re-hash; ``verify`` ignores it and re-hashes everything.
+* Optimizer-state files (Adam's second moments, ``optimizer_state.Preconditioner``) are cached
+  the same way, with the digests of the moments read from them, the step count and the decay
+  factor, under a *context* (the attributed parameters and the Adam settings they were read
+  with): an unchanged state file is not read to check a store.
 * Every time a pass reads a checkpoint it takes the *fast* digest (xxh3-128, at memory speed) of
   what it read and compares it with the one recorded with the SHA-256: a file replaced during a
   run (or replaced with its time preserved) is caught at its next read instead of silently
@@ -88,19 +92,30 @@ class FileDigests:
 
     def get(self, files: Sequence[Path]) -> StateDigests | None:
         """The digests recorded for ``files``, if none of them has changed since."""
+        entry = self.entry(files)
+        return None if entry is None else StateDigests(entry["sha256"], entry["fast"])
+
+    def entry(self, files: Sequence[Path], context: str = "") -> dict | None:
+        """Everything recorded for ``files`` with ``context`` (the digests and the values given
+        to :meth:`put`), if none of the files has changed since."""
         try:
             identity = _identity(files)
         except OSError:
             return None
         entry = self.entries.get(identity[0][0])
-        if entry is None or entry.get("files") != identity:
+        if entry is None or entry.get("files") != identity or entry.get("context", "") != context:
             return None
-        return StateDigests(entry["sha256"], entry["fast"])
+        return entry
 
-    def put(self, files: Sequence[Path], digests: StateDigests) -> None:
-        """Record the digests of ``files`` as they are now."""
+    def put(self, files: Sequence[Path], digests: StateDigests, context: str = "", **values: object) -> None:
+        """Record the digests of ``files`` as they are now. ``context``: what else the
+        recorded values depend on (an entry is only found again with the same context);
+        ``values``: more JSON values computed from the files' contents."""
         identity = _identity(files)
-        self.entries[identity[0][0]] = {"files": identity, "sha256": digests.sha256, "fast": digests.fast}
+        self.entries[identity[0][0]] = {
+            "files": identity, "sha256": digests.sha256, "fast": digests.fast,
+            **({"context": context} if context else {}), **values,
+        }
 
     @classmethod
     def load(cls, folder: str | os.PathLike) -> FileDigests:

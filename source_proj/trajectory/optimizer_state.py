@@ -50,14 +50,16 @@ import hashlib
 import math
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any, cast
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple, cast
 
 import torch
 import xxhash
 from torch import nn
 
 from source_proj.trajectory.checkpoints import Trajectory, TrajectoryError
+from source_proj.trajectory.digests import FileDigests, StateDigests
 
 # What a step count and second moment look like after resolution: name -> (step, v).
 Moments = dict[str, tuple[float, torch.Tensor]]
@@ -279,7 +281,7 @@ def _from_mapping(
     return {n: (float(step), state[n]) for n in names}
 
 
-def _check_moment(name: str, v: Any, shape: torch.Size, where: str) -> torch.Tensor:
+def _check_moment(name: str, v: Any, shape: torch.Size, where: str, values: bool = True) -> torch.Tensor:
     if not isinstance(v, torch.Tensor):
         raise TrajectoryError(f"{where}: exp_avg_sq of {name!r} is a {type(v).__name__}, not a tensor")
     if tuple(v.shape) != tuple(shape):
@@ -288,6 +290,8 @@ def _check_moment(name: str, v: Any, shape: torch.Size, where: str) -> torch.Ten
             f"{tuple(shape)}; if the parameters were given to the optimizer in another order than "
             "named_parameters(), pass Trajectory(param_order=...)"
         )
+    if not values:
+        return v
     v = v.detach().to("cpu", torch.float32)
     if not bool(torch.isfinite(v).all()) or bool((v < 0).any()):
         raise TrajectoryError(f"{where}: exp_avg_sq of {name!r} holds negative, NaN or inf values")
@@ -379,40 +383,50 @@ def check_step_counts(trajectory: Trajectory, recorded: Sequence[float | None]) 
         previous = index
 
 
-@dataclass(frozen=True)
+class _Checked(NamedTuple):
+    """What the values of a checkpoint's second moments gave: their digests and (Adam's coupled
+    L2) the decay factor c."""
+
+    digests: StateDigests
+    factor: float
+
+
+@dataclass
 class Preconditioner:
     """Adam's preconditioner per checkpoint of a trajectory, for the attributed parameters.
 
-    Build with :meth:`build`, which reads every checkpoint's optimizer state once, checks it
-    (shapes, parameter count, step counts, frozen parameters, betas/eps recorded in the state)
-    and records its digest and decay; :meth:`sqrt_scale` reads a state again when it is needed.
+    Build with :meth:`build`, which opens every checkpoint's optimizer state (memory-mapped) and
+    checks its structure against the model and the trajectory: parameters, shapes, param
+    groups' settings, step counts. What needs the moments' values (their check: finite, not
+    negative; their digests; Adam's coupled decay factor) is done per checkpoint when first
+    needed (:attr:`digests`, :attr:`decays`, :meth:`moments`), and taken from the cache of
+    :meth:`use_file_digests` for a state file unchanged since it was hashed; :meth:`sqrt_scale`
+    reads a state again when it is needed, checked against the fast digest.
 
     Attributes:
         trajectory: the run.
         names: the attributed parameter names (the order of the gradient blocks).
         shapes: name -> shape of every model parameter.
         param_order: the names in optimizer order (``trajectory.param_order`` or the model's).
-        decays: per checkpoint, the rate added to the projected Hessian's diagonal.
-        digests: per checkpoint, :func:`moments_digest` of its second moments (empty when the
-            optimizer has no preconditioner).
-        fast_digests: the same, fast (``moments_digest(..., fast=True)``): every later read of a
-            state must give it (a state file replaced during a run is refused).
+        steps: per checkpoint, the step count its state records (None for a mapping name ->
+            ``exp_avg_sq``; empty when the optimizer has no preconditioner).
+        file_digests: the cache of state-file digests by file identity (:meth:`use_file_digests`).
     """
 
     trajectory: Trajectory
     names: tuple[str, ...]
     shapes: Mapping[str, torch.Size]
     param_order: tuple
-    decays: tuple[float, ...]
-    digests: tuple[str, ...]
-    fast_digests: tuple[str, ...] = ()
+    steps: tuple[float | None, ...] = ()
+    file_digests: FileDigests = field(default_factory=FileDigests, compare=False, repr=False)
+    _checked: dict[int, _Checked] = field(default_factory=dict, init=False, compare=False, repr=False)
 
     @classmethod
     def build(cls, trajectory: Trajectory, model: nn.Module, names: Sequence[str]) -> Preconditioner:
         """Check every checkpoint's optimizer state against ``model`` for the attributed
         parameters ``names`` and the states' step counts against the trajectory
         (:func:`check_step_counts`); raises ``TrajectoryError`` naming the checkpoint and
-        parameter."""
+        parameter. The moments' values are not read here (see the class docstring)."""
         shapes = {n: p.shape for n, p in model.named_parameters()}
         order = trajectory.param_order if trajectory.param_order is not None else default_param_order(model)
         grouped = bool(order) and not isinstance(order[0], str)
@@ -420,41 +434,111 @@ class Preconditioner:
         unknown = sorted(set(flat) - set(shapes))
         if unknown:
             raise TrajectoryError(f"param_order names parameters the model does not have: {unknown}")
-        count = len(trajectory.checkpoints)
-        if not trajectory.preconditioned:
-            return cls(trajectory, tuple(names), shapes, tuple(order), (trajectory.weight_decay,) * count, ())
-        partial = cls(trajectory, tuple(names), shapes, tuple(order), (), ())
-        decays, digests, fast, recorded = [], [], [], []
-        beta2, eps = trajectory.betas[1], trajectory.eps
-        coupled = trajectory.optimizer == "adam" and trajectory.weight_decay > 0
-        for index in range(count):
-            moments, step = partial._read(index)
-            recorded.append(step)
-            digests.append(moments_digest(moments))
-            fast.append(moments_digest(moments, fast=True))
-            factor = coupled_decay_factor(moments, beta2, eps) if coupled else 1.0
-            decays.append(trajectory.weight_decay * factor)
-        check_step_counts(trajectory, recorded)
-        return cls(trajectory, tuple(names), shapes, tuple(order), tuple(decays), tuple(digests), tuple(fast))
+        built = cls(trajectory, tuple(names), shapes, tuple(order))
+        if trajectory.preconditioned:
+            built.steps = tuple(built._read(i, values=False)[1] for i in range(len(trajectory.checkpoints)))
+            check_step_counts(trajectory, built.steps)
+        return built
+
+    def use_file_digests(self, cache: FileDigests) -> None:
+        """Take the digests, step counts and decay factors of optimizer-state files from
+        ``cache`` (e.g. the one a store keeps) where the file's identity (size, modification
+        time) is unchanged and it was read for the same parameters and Adam settings; those
+        computed later are added to it. Every later read of a state is still checked."""
+        self.file_digests = cache
+
+    @property
+    def digests(self) -> tuple[str, ...]:
+        """Per checkpoint, :func:`moments_digest` of its second moments (empty when the
+        optimizer has no preconditioner): cached for unchanged state files, else read now."""
+        return tuple(self._checked_at(i).digests.sha256 for i in self._preconditioned())
+
+    @property
+    def fast_digests(self) -> tuple[str, ...]:
+        """The same, fast (``moments_digest(..., fast=True)``): every later read of a state must
+        give it (a state file replaced during a run is refused)."""
+        return tuple(self._checked_at(i).digests.fast for i in self._preconditioned())
+
+    @property
+    def decays(self) -> tuple[float, ...]:
+        """Per checkpoint, :meth:`decay`."""
+        return tuple(self.decay(i) for i in range(len(self.trajectory.checkpoints)))
+
+    def decay(self, index: int) -> float:
+        """The decay rate added to the projected Hessian of checkpoint ``index``: lambda
+        (SGD, heavy-ball, AdamW), or lambda * c for Adam's coupled L2 (module docstring)."""
+        decay = self.trajectory.weight_decay
+        return decay * self._checked_at(index).factor if self._coupled() else decay
 
     def moments(self, index: int) -> Moments:
         """(step, v) per attributed parameter at checkpoint ``index``, checked (v float32, CPU)
-        and compared with what :meth:`build` read (``TrajectoryError`` if the state changed)."""
-        moments = self._read(index)[0]
-        if self.fast_digests and moments_digest(moments, fast=True) != self.fast_digests[index]:
-            where = state_location(self._state_source(index), index)
-            raise TrajectoryError(f"{where} changed during the run (its second moments differ from when it was "
-                                  "first read): restore it, or start again with the new file")
+        and compared with what was first read or cached (``TrajectoryError`` if the state changed)."""
+        moments, step = self._read(index)
+        known = self._known(index)
+        if known is None:
+            self._record(index, moments, step)
+        elif moments_digest(moments, fast=True) != known.digests.fast:
+            raise self._changed(index, "its second moments differ")
         return moments
+
+    def _preconditioned(self) -> range:
+        return range(len(self.trajectory.checkpoints) if self.trajectory.preconditioned else 0)
+
+    def _coupled(self) -> bool:
+        return self.trajectory.optimizer == "adam" and self.trajectory.weight_decay > 0
+
+    def _checked_at(self, index: int) -> _Checked:
+        known = self._known(index)
+        return known if known is not None else self._record(index, *self._read(index))
+
+    def _known(self, index: int) -> _Checked | None:
+        """What checkpoint ``index``'s moments gave when read in this run, or as cached for its
+        unchanged state file (with the step count :meth:`build` checked)."""
+        if index not in self._checked:
+            files = self._files(index)
+            entry = None if files is None else self.file_digests.entry(files, self._context(index))
+            if entry is not None and entry.get("step") == self.steps[index]:
+                self._checked[index] = _Checked(StateDigests(entry["sha256"], entry["fast"]), float(entry["factor"]))
+        return self._checked.get(index)
+
+    def _record(self, index: int, moments: Moments, step: float | None) -> _Checked:
+        if step != self.steps[index]:
+            raise self._changed(index, "its step count differs")
+        factor = coupled_decay_factor(moments, self.trajectory.betas[1], self.trajectory.eps) if self._coupled() else 1.0
+        checked = self._checked[index] = _Checked(
+            StateDigests(moments_digest(moments), moments_digest(moments, fast=True)), factor
+        )
+        files = self._files(index)
+        if files is not None:
+            self.file_digests.put(files, checked.digests, self._context(index), step=step, factor=factor)
+        return checked
+
+    def _changed(self, index: int, how: str) -> TrajectoryError:
+        where = state_location(self._state_source(index), index)
+        return TrajectoryError(f"{where} changed during the run ({how} from when it was first read): restore it, "
+                               "or start again with the new file")
+
+    def _files(self, index: int) -> list[Path] | None:
+        source = self._state_source(index)
+        return None if isinstance(source, Mapping) else [Path(source)]
+
+    def _context(self, index: int) -> str:
+        """What checkpoint ``index``'s moments, step and decay factor depend on besides its file."""
+        t = self.trajectory
+        shapes = sorted((n, tuple(s)) for n, s in self.shapes.items())
+        described = (self.names, shapes, self.param_order, t.betas, t.eps, t.optimizer, t.weight_decay,
+                     t.cumulative_steps(index))
+        return hashlib.sha256(repr(described).encode()).hexdigest()[:32]
 
     def _state_source(self, index: int) -> Mapping[str, Any] | str | os.PathLike:
         source = self.trajectory.checkpoints[index].optimizer_state
         assert source is not None, "a preconditioned trajectory has an optimizer state at every checkpoint"
         return source
 
-    def _read(self, index: int) -> tuple[Moments, float | None]:
+    def _read(self, index: int, values: bool = True) -> tuple[Moments, float | None]:
         """:meth:`moments` and the step count the state records (its attributed parameters'
-        largest; None for a mapping name -> ``exp_avg_sq``, which records none)."""
+        largest; None for a mapping name -> ``exp_avg_sq``, which records none); without
+        ``values`` the moments are checked for type and shape only, and not read."""
         source = self._state_source(index)
         where = state_location(source, index)
         state = load_optimizer_state(source, where)
@@ -464,7 +548,7 @@ class Preconditioner:
         else:
             raw = _from_mapping(state, self.trajectory.cumulative_steps(index), self.names, list(self.shapes), where)
             recorded = None
-        return {n: (step, _check_moment(n, v, self.shapes[n], where)) for n, (step, v) in raw.items()}, recorded
+        return {n: (step, _check_moment(n, v, self.shapes[n], where, values)) for n, (step, v) in raw.items()}, recorded
 
     def sqrt_scale(self, index: int, device: torch.device | str = "cpu") -> dict[str, torch.Tensor] | None:
         """D^{1/2} at checkpoint ``index``: name -> (numel,) float32 on ``device``, in the
@@ -476,8 +560,3 @@ class Preconditioner:
             n: inverse_denominator(v, step, beta2, eps).sqrt_().reshape(-1).to(device)
             for n, (step, v) in self.moments(index).items()
         }
-
-    def decay(self, index: int) -> float:
-        """The decay rate added to the projected Hessian of checkpoint ``index``: lambda
-        (SGD, heavy-ball, AdamW), or lambda * c for Adam's coupled L2 (module docstring)."""
-        return self.decays[index]
