@@ -206,17 +206,24 @@ def _store_attributor(args: argparse.Namespace, spec: Any) -> tuple[Any, Any]:
 def _query_setup(args: argparse.Namespace) -> tuple[Any, Any, Any, list[int] | None, Any]:
     """(store, attributor, query features (n_query, D) float32, segments or None, the TaskSpec)."""
     from source_proj.cli.task_spec import TaskSpecError
-    from source_proj.store_fit import stage_restriction
 
     spec = _load_spec(args)
     if spec.queries is None:
         raise TaskSpecError(f"{_spec_name(args)} gives no queries (TaskSpec.queries, or --queries with --run) to explain")
     store, attributor = _store_attributor(args, spec)
-    queries = attributor.query_features(spec.queries).numpy()
-    segments = None
-    if args.stage is not None:
-        queries, segments = stage_restriction(attributor, store, args.stage, queries)
+    queries, segments = _query_features(args, store, attributor, spec.queries)
     return store, attributor, queries, segments, spec
+
+
+def _query_features(args: argparse.Namespace, store: Any, attributor: Any, rows: Any) -> tuple[Any, list[int] | None]:
+    """(query features (n_query, D) float32, segments or None) of the query ``rows`` (``--stage``
+    restricts them to that stage's segments)."""
+    from source_proj.store_fit import stage_restriction
+
+    queries = attributor.query_features(rows).numpy()
+    if args.stage is None:
+        return queries, None
+    return stage_restriction(attributor, store, args.stage, queries)
 
 
 def _given_settings(args: argparse.Namespace) -> dict[str, Any]:
@@ -335,10 +342,20 @@ def _ivf_index(args: argparse.Namespace, store: Any, queries: Any) -> Any:
 
 def _topk(args: argparse.Namespace) -> int:
     _check_output(args.output)
+    if args.query_files is not None:
+        return _topk_stream(args)
     store, _, queries, segments, spec = _query_setup(args)
     results = _topk_results(args, store, queries, segments)
-    query_text, train_text = spec.texts("queries"), spec.texts("train")
-    records = [
+    records, columns = _topk_records(results, spec.texts("queries"), spec.texts("train"))
+    _write_records(records, columns, args.format, args.output)
+    return 0
+
+
+def _topk_records(
+    results: dict[str, Any], query_text: list[str] | None, train_text: list[str] | None
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """The output rows of ``topk`` (one per result) and their columns."""
+    records: list[dict[str, Any]] = [
         {"query": q, "kind": kind, "rank": rank + 1, "train_id": int(found.ids[q, rank]),
          "score": float(found.scores[q, rank])}
         for kind, found in results.items()
@@ -354,8 +371,68 @@ def _topk(args: argparse.Namespace) -> int:
         columns.insert(columns.index("train_id") + 1, "train_text")
         for r in records:
             r["train_text"] = train_text[r["train_id"]]
-    _write_records(records, columns, args.format, args.output)
-    return 0
+    return records, columns
+
+
+def _topk_stream(args: argparse.Namespace) -> int:
+    """``topk --query-files``: the task and the store are opened once, then each query file
+    listed (one path per line) is answered as soon as its line is read, with one JSON line
+    (flushed). A query set that fails gives an error line naming its file and the next is
+    answered; the exit code is then 2."""
+    from source_proj.distributed.group import ProcessGroup
+
+    if ProcessGroup.current().distributed:
+        raise InputError("--query-files runs in one process (it reads the list as it comes); run it without torchrun")
+    if getattr(args, "run", None) is not None:
+        raise InputError("--query-files needs --task (query files hold rows saved with torch.save); with --run, give "
+                         "each query set with --queries")
+    spec = _load_spec(args)
+    store, attributor = _store_attributor(args, spec)
+    train_text = spec.texts("train")
+    failed = 0
+    with _query_list(args.query_files) as paths, _output(args.output) as out:
+        for line in iter(paths.readline, ""):
+            path = line.strip()
+            if not path:
+                continue
+            try:
+                queries, segments = _query_features(args, store, attributor, _query_rows(path))
+                records, _ = _topk_records(_topk_results(args, store, queries, segments), None, train_text)
+                answer: dict[str, Any] = {"query_file": path, "results": records}
+            except (SourceProjError, OSError) as exc:
+                if args.debug:
+                    raise
+                failed += 1
+                _log(f"source-proj topk: error: query file {path}: {exc}")
+                answer = {"query_file": path, "error": str(exc)}
+            out.write(json.dumps(answer) + "\n")
+            out.flush()
+    return 2 if failed else 0
+
+
+@contextmanager
+def _query_list(path: str) -> Iterator[TextIO]:
+    """The list of query files: standard input for "-", else the file ``path``."""
+    if path == "-":
+        yield sys.stdin
+        return
+    with open(path) as handle:
+        yield handle
+
+
+def _query_rows(path: str) -> Any:
+    """The query rows saved with ``torch.save`` in ``path``, in a form ``TaskSpec.queries``
+    takes (an (inputs, targets) tuple of tensors, a dict of tensors such as {"input_ids": ...});
+    ``InputError`` naming the file for one that is not a torch file."""
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except OSError:
+        raise
+    except Exception as exc:
+        reason = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise InputError(f"query file {path} cannot be read as rows saved with torch.save: {reason}") from exc
 
 
 def _self_influence(args: argparse.Namespace) -> int:
@@ -704,6 +781,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     topk.add_argument("--ivf-recall", type=float, default=0.95, help="recall@k the IVF index is tuned to (default 0.95)")
     topk.add_argument("--shard-rows", type=_positive_int, default=65536,
                       help="training rows searched at a time by the exact search (memory bound; default 65536)")
+    topk.add_argument("--query-files", metavar="LIST|-",
+                      help="many query sets in one process (start-up paid once): instead of the task's queries, "
+                      "answer the query files listed in LIST (- : standard input), one path per line, each as soon "
+                      "as its line is read; a query file holds rows saved with torch.save in a form TaskSpec.queries "
+                      "takes. Writes one JSON line per file, flushed: {\"query_file\": path, \"results\": [objects "
+                      "as with --json]}, or {\"query_file\": path, \"error\": message} and on to the next line "
+                      "(exit code 2 at the end). Needs --task")
     _output_flags(topk)
     topk.set_defaults(handler=reporting_errors(_topk))
 
