@@ -42,7 +42,7 @@ from source_proj.curvature.spectra import (
     transport_operators,
 )
 from source_proj.distributed.failures import together
-from source_proj.distributed.gather import gather_rows
+from source_proj.distributed.gather import gather_rows, merge_mappings
 from source_proj.distributed.group import ProcessGroup
 from source_proj.distributed.reduce import TreeSum, tree_total
 from source_proj.errors import InputError
@@ -53,15 +53,17 @@ from source_proj.gradients.activations import activation_cost
 from source_proj.gradients.data import Examples, as_examples, row_shapes
 from source_proj.gradients.memory import feature_chunk
 from source_proj.gradients.model import ModelFunction, OutputSelector
-from source_proj.gradients.per_example import check_finite, dataset_rows
+from source_proj.gradients.per_example import check_finite, dataset_rows, loss_objective, per_example_gradients
 from source_proj.gradients.task_names import resolve_task
 from source_proj.gradients.tasks import Task
+from source_proj.projection.grouped import ENERGY_ROWS, GroupedProjection, squared_norms
 from source_proj.projection.kronecker import FactoredProjection, FittedScale
 from source_proj.projection.projected import (
     Projection,
     Scale,
     describe,
     gradient_width,
+    layer_groups,
     make_projection,
     projected_gn_factors,
     projected_gradients,
@@ -156,24 +158,14 @@ class SourceAttributor:
         self.segments: tuple[Segment, ...] = trajectory.segments(
             self.config.num_segments, self.config.momentum_factor, self.config.time_scale
         )
-        self.projection = make_projection(
+        if self.config.segment_projections and not self.query_form.per_segment:
+            raise InputError(
+                "segment_projections needs the per-segment query form (query_mode='segment'): the "
+                f"{self.query_mode!r} form carries query gradients across segments, in one projection"
+            )
+        self._install_projection(make_projection(
             self.config.projection(), self.config.proj_structure, self.model_fn, self.config.kronecker_terms
-        )
-        # The coordinates' layers when each segment's Hessian is block-diagonal over them.
-        self.curvature_groups = (
-            self.projection.plan.layer_groups()
-            if blocks == "layer" and isinstance(self.projection, FactoredProjection) else None
-        )
-        # Each segment's projection: its own (segment_projections) or the one for all.
-        self.projections = (self.projection,) * len(self.segments)
-        if self.config.segment_projections:
-            if not self.query_form.per_segment:
-                raise InputError(
-                    "segment_projections needs the per-segment query form (query_mode='segment'): the "
-                    f"{self.query_mode!r} form carries query gradients across segments, in one projection"
-                )
-            seeds = [(self.config.seed + l) % 2**64 for l in range(len(self.segments))]
-            self.projections = tuple(with_seed(self.projection, s) for s in seeds)
+        ))
         self._segment_of = {c: l for l, seg in enumerate(self.segments) for c in seg.checkpoints}
         width = gradient_width(self.projection, self.model_fn.num_params())
         self.chunk_size = feature_chunk(width, self.budget, self.config.chunk_size)
@@ -305,7 +297,62 @@ class SourceAttributor:
 
     def projection_at(self, index: int) -> Projection:
         """The projection of the gradients taken at checkpoint ``index`` (its segment's)."""
-        return self.projections[self._segment_of[index]]
+        projection = self.projections[self._segment_of[index]]
+        if isinstance(projection, GroupedProjection) and not projection.measured:
+            raise InputError(
+                "the grouped projection's shares are measured on the training rows: call fit() or prepare() (or "
+                "measure_projection(train_data)) first, or use_store() with the store it was fitted into"
+            )
+        return projection
+
+    def _install_projection(self, projection: Projection) -> None:
+        """Use ``projection``: each segment's copy (its own seed with ``segment_projections``)
+        and, with ``curvature_blocks="layer"``, the coordinates' layers."""
+        self.projection = projection
+        self.projections: tuple[Projection, ...] = (projection,) * len(self.segments)
+        if self.config.segment_projections:
+            seeds = [(self.config.seed + l) % 2**64 for l in range(len(self.segments))]
+            self.projections = tuple(with_seed(projection, s) for s in seeds)
+        # The coordinates' layers when each segment's Hessian is block-diagonal over them.
+        self.curvature_groups = layer_groups(projection) if self.config.curvature_blocks == "layer" else None
+
+    @_one_reading
+    def measure_projection(self, train_data: Any) -> None:
+        """Measure the grouped projection's shares (``proj_structure="grouped"``; nothing to do
+        for the others, or once measured): each layer's root mean square norm of the rescaled
+        per-example loss gradients at the final checkpoint, over at most ``ENERGY_ROWS`` evenly
+        spaced rows of ``train_data`` (``projection.grouped``). :meth:`prepare` calls it; under
+        ``torch.distributed`` every rank takes rank 0's shares."""
+        projection = self.projection
+        if not isinstance(projection, GroupedProjection) or projection.measured:
+            return
+        examples = as_examples(train_data)
+        count = min(ENERGY_ROWS, len(examples))
+        rows = torch.linspace(0, len(examples) - 1, count).round().long().unique().tolist()
+        final = len(self.trajectory.checkpoints) - 1
+        params, consts = self._load(final)
+        scale = self.gradient_scale(final)
+        assert not isinstance(scale, FittedScale), "a grouped projection takes D^{1/2} as it is"
+        totals = torch.zeros(len(projection.groups), dtype=torch.float64)
+        for start in range(0, len(rows), self.chunk_size):
+            chosen = rows[start : start + self.chunk_size]
+            inputs, targets = examples.take(chosen, self.device)
+            with dataset_rows(chosen):
+                grads = per_example_gradients(self.model_fn, params, consts, loss_objective(self.task.loss), inputs, targets)
+            totals += squared_norms(grads, projection.groups, scale)
+        energies = (totals / len(rows)).sqrt().tolist()
+        energies = merge_mappings(self.group, {"energies": energies} if self.group.is_main else {})["energies"]
+        self._install_projection(projection.with_energies(energies))
+
+    def use_recorded_projection(self, recorded: Mapping[str, Any]) -> None:
+        """Take the grouped projection's shares from ``recorded`` (a feature store's description
+        of its projection) when it describes this attributor's groups; otherwise nothing (the
+        store's settings check then names the difference)."""
+        projection = self.projection
+        if isinstance(projection, GroupedProjection) and not projection.measured:
+            adopted = projection.with_recorded_shares(recorded)
+            if adopted is not None:
+                self._install_projection(adopted)
 
     def gradient_scale(self, index: int) -> Scale:
         """Adam's D^{1/2} at checkpoint ``index`` as this attributor's projection applies it
@@ -509,6 +556,7 @@ class SourceAttributor:
             the rows as :class:`Examples`.
         """
         examples = as_examples(train_data)
+        self.measure_projection(examples)
         stages = tuple(self.trajectory.stages if stages is None else stages)
         weights = self.segment_weights(len(examples), stages, num_train)
         # Only these segments' curvature can change the scores (the query form says which).

@@ -64,7 +64,9 @@ class SourceConfig:
         proj_structure: "dense" (every per-example gradient is formed and projected by one
             i.i.d. matrix), "factored" (weights of ``nn.Linear``, ``nn.Embedding`` and GPT-2
             ``Conv1D`` layers projected by Kronecker factors through hooks, their gradients
-            never formed; other parameters dense; see ``projection.kronecker``) or "auto"
+            never formed; other parameters dense; see ``projection.kronecker``), "grouped"
+            (gradients formed as for dense, each layer projected by its own i.i.d. matrix, k
+            shared among layers by their measured gradient energy; ``projection.grouped``) or "auto"
             (default): "dense" for models of at most 100,000 attributed parameters, where the
             dense projection costs at most about 4x the factored pass and is 0.02-0.17 LDS more
             accurate, or whose factorable weights are under half their parameters; "factored"
@@ -87,10 +89,10 @@ class SourceConfig:
         curvature_examples: examples per checkpoint used for the Hessian (None: all of the
             stage's curvature data; otherwise a fixed seeded subset).
         curvature_blocks: "full" (each segment's k x k Hessian as it is), "layer" (restricted
-            to one diagonal block per layer of the factored projection's split, each block
-            eigendecomposed on its own: ``KroneckerPlan.layer_groups``; factored projection
-            only), or "auto" (default): "layer" with the factored projection, "full" with the
-            dense one. Measured on the LM benchmark's three scenarios with the factored
+            to one diagonal block per layer of the factored or grouped projection's split, each
+            block eigendecomposed on its own: ``projection.projected.layer_groups``; not with
+            the dense projection, whose coordinates mix the layers), or "auto" (default):
+            "layer" with the factored and grouped projections, "full" with the dense one. Measured on the LM benchmark's three scenarios with the factored
             projection, "layer" scores +0.074, -0.005 and +0.099 LDS against "full"
             (docs/settings.md, "Why the defaults"); stores record the resolved value.
         momentum_factor: time scale t = eta K with eta / (1 - beta) under heavy-ball
@@ -134,7 +136,8 @@ class SourceConfig:
                               group="projection")
     proj_structure: str = _setting(
         "auto", "dense: every per-example gradient formed and projected; factored: linear, embedding and GPT-2 "
-        "Conv1D weights projected by Kronecker factors without forming their gradients; auto: dense for models of "
+        "Conv1D weights projected by Kronecker factors without forming their gradients; grouped: as dense, one "
+        "matrix per layer with k shared by gradient energy; auto: dense for models of "
         f"at most {AUTO_DENSE_MAX_PARAMS:,} parameters (or mostly of other layers), factored otherwise",
         flag="--proj-structure", choices=("auto", *STRUCTURES), group="projection")
     kronecker_terms: int = _setting(4, "Kronecker products summed per factored weight (more: closer to dense accuracy)",
@@ -148,8 +151,8 @@ class SourceConfig:
     curvature_examples: int | None = _setting(None, "training rows per checkpoint for the Hessian (default: all)",
                                               flag="--curvature-examples", kind="positive")
     curvature_blocks: str = _setting(
-        "auto", "segment Hessians whole (full) or one block per layer of the factored projection (layer); auto: "
-        "layer when factored, full when dense", flag="--curvature-blocks", choices=CURVATURE_BLOCKS, added=True,
+        "auto", "segment Hessians whole (full) or one block per layer of the factored or grouped projection "
+        "(layer); auto: layer when factored or grouped, full when dense", flag="--curvature-blocks", choices=CURVATURE_BLOCKS, added=True,
         legacy="full",
     )
     momentum_factor: bool = _setting(True, "scale segment time by 1 / (1 - momentum) under heavy-ball momentum")
@@ -205,14 +208,16 @@ class SourceConfig:
 
     def resolved_curvature_blocks(self, structure: str) -> str:
         """"full" or "layer": ``curvature_blocks`` with "auto" resolved for the projection
-        ``structure`` ("dense" or "factored"); "layer" needs the factored projection."""
+        ``structure`` (one of ``STRUCTURES``); "layer" needs a projection whose coordinates
+        belong to layers (not "dense")."""
         blocks = self.curvature_blocks
         if blocks == "auto":
-            return "layer" if structure == "factored" else "full"
-        if blocks == "layer" and structure != "factored":
+            return "full" if structure == "dense" else "layer"
+        if blocks == "layer" and structure == "dense":
             raise InputError(
-                f"curvature_blocks='layer' needs proj_structure='factored' (its layers are the blocks); this model's "
-                f"projection is {structure!r}: use curvature_blocks='full' or 'auto'"
+                "curvature_blocks='layer' needs proj_structure='factored' or 'grouped' (their layers are the blocks); "
+                "this model's projection is 'dense', whose coordinates mix every layer: use curvature_blocks='full' "
+                "or 'auto', or proj_structure='grouped'"
             )
         return blocks
 

@@ -307,6 +307,7 @@ def fit_store(
             # An existing store's cache; for a new one, the attributor's (saved beside the store below).
             use_file_digests(attributor, attributor.file_digests if existing is None else FileDigests.load(path))
             if existing is not None:  # refuse other settings before reading the data
+                attributor.use_recorded_projection(existing.metadata["projection"])
                 check_store_settings(attributor, existing)
                 existing.check_layout(layout)
         digests = _shared_digests(attributor, examples, layout)
@@ -370,6 +371,7 @@ def open_store(attributor: SourceAttributor, path: str | os.PathLike) -> Feature
     cached = FileDigests.load(path)
     known = dict(cached.entries)
     use_file_digests(attributor, cached)
+    attributor.use_recorded_projection(store.metadata["projection"])
     check_store_settings(attributor, store)
     store.require_complete()
     attributor.use_rank_one_fits(load_rank_one_fits(path))

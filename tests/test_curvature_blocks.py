@@ -3,9 +3,8 @@
 import pytest
 import torch
 from lm_helpers import tiny_gpt2
-from tiny_models import trained_classifier
+from tiny_models import small_attributor, small_run
 
-from source_proj.attributor import SourceAttributor
 from source_proj.config import SourceConfig
 from source_proj.curvature.spectra import segment_spectrum
 from source_proj.errors import InputError
@@ -61,13 +60,10 @@ def test_layer_groups_follow_numbered_layers_and_keep_other_weights_apart():
 
 @pytest.fixture(scope="module")
 def run():
-    return trained_classifier(dims=(6, 8, 3), n=24, epochs=3, ckpts_per_epoch=1)
+    return small_run()
 
 
-def _attributor(run, **settings) -> SourceAttributor:
-    model, traj, _ = run
-    return SourceAttributor(model, "classification", traj, proj_dim=24, chunk_size=8, progress=False, num_segments=1,
-                            **settings)
+_attributor = small_attributor
 
 
 def test_factored_default_is_block_diagonal_over_layers_and_dense_stays_full(run):

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from source_proj.attributor import SourceAttributor
 from source_proj.evaluation.training import TrainSettings, train_sgd
 from source_proj.gradients.tasks import ClassificationTask, RegressionTask, Task
 from source_proj.kernels.reference import matrix_block
@@ -49,6 +50,18 @@ def trained_classifier(
     )
     ckpts = train_sgd(model, ClassificationTask(), x, y, settings)
     return model, settings.trajectory(ckpts), (x, y)
+
+
+def small_run() -> tuple[nn.Module, Trajectory, tuple[torch.Tensor, torch.Tensor]]:
+    """A 6-8-3 MLP classifier trained 3 epochs (one checkpoint each) on 24 rows."""
+    return trained_classifier(dims=(6, 8, 3), n=24, epochs=3, ckpts_per_epoch=1)
+
+
+def small_attributor(run: tuple, **settings) -> SourceAttributor:
+    """A classification attributor over ``run`` (:func:`small_run`): k = 24, chunks of 8, one segment."""
+    model, traj, _ = run
+    return SourceAttributor(model, "classification", traj, proj_dim=24, chunk_size=8, progress=False, num_segments=1,
+                            **settings)
 
 
 def flat_grad(model: nn.Module, state, fn) -> torch.Tensor:

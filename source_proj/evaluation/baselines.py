@@ -60,7 +60,7 @@ def _source_train(
         )
     if run.structure != "dense" and (config.proj_dim, config.kronecker_terms) != (run.budget, run.kronecker_terms):
         raise InputError(
-            f"a factored run (k = {run.budget}, {run.kronecker_terms} terms) cannot be scored at k = "
+            f"a {run.structure} run (k = {run.budget}, {run.kronecker_terms} terms) cannot be scored at k = "
             f"{config.proj_dim} with {config.kronecker_terms} terms: project it again"
         )
     curvature = config.resolved_curvature(run.default_curvature)

@@ -11,7 +11,8 @@ does (describe the same checkpoints as "sgd" for the unpreconditioned quantities
 Dense projections nest: entry (i, j) of the random matrix R does not depend on k, so the
 projection to k' < k is ``v[:, :k'] * sqrt(k / k')`` (and a Hessian's leading k' x k' block
 times k / k'). :meth:`ProjectedRun.truncate` uses that for the projection-dimension ablation.
-Factored projections (``structure="factored"``) do not nest: their runs cannot be truncated.
+Factored and grouped projections (``structure="factored"``, ``"grouped"``) do not nest: their runs
+cannot be truncated.
 """
 
 from __future__ import annotations
@@ -31,10 +32,10 @@ from source_proj.errors import InputError
 from source_proj.gradients.data import Examples, as_examples
 from source_proj.gradients.model import ModelFunction
 from source_proj.gradients.tasks import Task
-from source_proj.projection.kronecker import FactoredProjection
 from source_proj.projection.options import CURVATURE_MODES
 from source_proj.projection.projected import (
     Projection,
+    layer_groups,
     projected_gradients,
 )
 from source_proj.trajectory.checkpoints import Trajectory
@@ -49,7 +50,7 @@ class ProjectedRun:
     Attributes:
         trajectory: the run's checkpoints (C of them) and optimizer settings.
         seed: seed of the projection; kind: its entry distribution.
-        structure: "dense" or "factored"; kronecker_terms: the factored projection's r;
+        structure: "dense", "factored" or "grouped"; kronecker_terms: the factored projection's r;
         budget: the k it was asked for (``dim`` is what the factored budget gave).
         attributed_stage: the stage whose rows are attributed.
         stage_sizes: stage -> number of rows the stage trained on.
@@ -69,8 +70,8 @@ class ProjectedRun:
         decays: (C,) the rate added to each checkpoint's Hessian diagonal (the weight decay,
             or Adam's coupled-L2 stand-in; ``Preconditioner.decays``).
         default_curvature: the task's curvature mode for ``SourceConfig(curvature="auto")``.
-        layer_groups: (k,) the layer of each coordinate of a factored projection
-            (``KroneckerPlan.layer_groups``, for ``curvature_blocks="layer"``); None when dense.
+        layer_groups: (k,) the layer of each coordinate of a factored or grouped projection
+            (``projection.projected.layer_groups``, for ``curvature_blocks="layer"``); None when dense.
     """
 
     trajectory: Trajectory
@@ -107,7 +108,7 @@ class ProjectedRun:
         if not 1 <= dim <= self.dim:
             raise InputError(f"can only truncate to 1..{self.dim} dimensions, got {dim}")
         if self.structure != "dense" and dim != self.dim:
-            raise InputError("a factored projection does not nest: project the run again with the other k")
+            raise InputError(f"a {self.structure} projection does not nest: project the run again with the other k")
         scale = math.sqrt(self.dim / dim)
 
         def vec(t: torch.Tensor) -> torch.Tensor:
@@ -185,9 +186,11 @@ def project_run(
     engines = {mode: SourceAttributor(model, task, trajectory, config, curvature=mode) for mode in modes}
     final_mode = "exact" if "exact" in engines else modes[0]
     final_engine = engines[final_mode]
-    fn, projection = final_engine.model_fn, final_engine.projection
     data = {s: as_examples(d, f"data of stage {s!r}") for s, d in stage_data.items()}
     attributed = data[attributed_stage]
+    for engine in engines.values():  # a grouped projection's shares, from the attributed rows (one rule)
+        engine.measure_projection(attributed)
+    fn, projection = final_engine.model_fn, final_engine.projection
     query_examples = as_examples(queries, "queries")
     last = len(trajectory.checkpoints) - 1
     train_grads, query_grads = [], []
@@ -229,5 +232,5 @@ def project_run(
         structure=final_engine.config.proj_structure,  # "auto" resolved for the model
         kronecker_terms=kronecker_terms,
         budget=proj_dim,
-        layer_groups=projection.plan.layer_groups() if isinstance(projection, FactoredProjection) else None,
+        layer_groups=layer_groups(projection),
     )

@@ -60,6 +60,7 @@ import torch
 from source_proj.errors import InputError
 from source_proj.kernels.reference import matrix_block
 from source_proj.projection.jl import ProjectionConfig, project
+from source_proj.projection.layer_names import layer_key
 
 FACTOR_ROW_BASE = 2**62
 MAX_SIDE = 2**32
@@ -115,16 +116,19 @@ def split_kronecker(target: int, rows: int, cols: int, terms: int = 1) -> tuple[
     return k_rows, k_cols, 1 if k_rows == rows or k_cols == cols else terms
 
 
-def share_budget(sizes: Sequence[int], budget: int) -> list[int]:
-    """Integer shares of ``budget`` proportional to ``sizes``, each in [1, size] (water-filling:
-    capped blocks are fixed and the rest re-shared). Sum <= budget; ValueError when the budget
-    cannot give every block one dimension."""
+def share_budget(sizes: Sequence[int], budget: int, weights: Sequence[float] | None = None) -> list[int]:
+    """Integer shares of ``budget`` proportional to ``weights`` (default: ``sizes``), each in
+    [1, size] (water-filling: capped blocks are fixed and the rest re-shared). Sum <= budget;
+    ValueError when the budget cannot give every block one dimension."""
     if any(s < 1 for s in sizes):
         raise InputError(f"block sizes must be >= 1, got {list(sizes)}")
+    weights = [float(s) for s in sizes] if weights is None else [float(w) for w in weights]
+    if len(weights) != len(sizes) or not all(math.isfinite(w) and w >= 0 for w in weights):
+        raise InputError(f"share weights must be finite, >= 0 and one per block, got {weights}")
     if budget < len(sizes):
         raise InputError(
             f"proj_dim={budget} is below the number of projected blocks ({len(sizes)}: one per factored "
-            "weight, one for the other parameters); raise proj_dim"
+            "weight or parameter group, one for the other parameters); raise proj_dim"
         )
     fixed: dict[int, float] = {}
     while True:
@@ -132,16 +136,16 @@ def share_budget(sizes: Sequence[int], budget: int) -> list[int]:
         if not free:
             break
         left = budget - sum(fixed.values())
-        total = sum(sizes[i] for i in free)
+        total = sum(weights[i] for i in free)
         changed = False
         for i in free:
-            share = left * sizes[i] / total
+            share = left * weights[i] / total if total > 0 else left / len(free)
             if share >= sizes[i] or share < 1:
                 fixed[i] = float(sizes[i]) if share >= sizes[i] else 1.0
                 changed = True
         if not changed:
             for i in free:
-                fixed[i] = left * sizes[i] / total
+                fixed[i] = left * weights[i] / total if total > 0 else left / len(free)
             break
     return [max(1, min(sizes[i], int(math.floor(fixed[i] + 1e-9)))) for i in range(len(sizes))]
 
@@ -204,18 +208,16 @@ class KroneckerPlan:
     def layer_groups(self) -> torch.Tensor:
         """(dim,) int64: the layer of each feature coordinate, for a block-diagonal curvature.
 
-        A weight's layer is its name up to its first all-digit part (``transformer.h.0`` for
-        ``transformer.h.0.mlp.c_fc.weight``, ``0`` for a ``Sequential``'s ``0.weight``); a weight
-        outside numbered layers (an embedding, a head) is a layer of its own; the densely
-        projected remainder (biases, norms) is one more. Groups are numbered in order of
-        first appearance.
+        A weight's layer is :func:`~source_proj.projection.layer_names.layer_key` of its name
+        (``transformer.h.0`` for ``transformer.h.0.mlp.c_fc.weight``, ``0`` for a
+        ``Sequential``'s ``0.weight``), so a weight outside numbered layers (an embedding, a
+        head) is a layer of its own; the densely projected remainder (biases, norms) is one
+        more. Groups are numbered in order of first appearance.
         """
         labels: dict[str, int] = {}
         parts = []
         for block in self.blocks:
-            names = block.name.split(".")
-            cut = next((i + 1 for i, part in enumerate(names) if part.isdigit()), len(names))
-            label = labels.setdefault(".".join(names[:cut]), len(labels))
+            label = labels.setdefault(layer_key(block.name), len(labels))
             parts.append(torch.full((block.dim,), label, dtype=torch.int64))
         if self.rest_dim:
             parts.append(torch.full((self.rest_dim,), len(labels), dtype=torch.int64))

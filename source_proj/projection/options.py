@@ -2,7 +2,7 @@
 ``SourceConfig`` declares its fields (and the command line its flags) from them without loading
 torch."""
 
-STRUCTURES = ("dense", "factored")  # what a projection is made with; SourceConfig also takes "auto"
+STRUCTURES = ("dense", "factored", "grouped")  # what a projection is made with; SourceConfig also takes "auto"
 CURVATURE_MODES = ("exact", "sampled")  # SourceConfig also takes "auto": the task's default
 
 # proj_structure="auto" (docs/settings.md, "Why the defaults"): dense up to this many attributed

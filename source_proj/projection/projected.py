@@ -19,7 +19,10 @@ Two projection structures (``SourceConfig.proj_structure``), dispatched here and
 * "factored" (a :class:`FactoredProjection`): weights of linear, GPT-2 ``Conv1D`` and
   embedding layers are projected by Kronecker factors through forward hooks, their gradients
   never formed (``projection.kronecker``, ``projection.layer_taps``); every other attributed
-  parameter goes through the dense projection.
+  parameter goes through the dense projection;
+* "grouped" (a :class:`GroupedProjection`): the per-example gradients are formed as for
+  "dense", and each layer's are projected by its own i.i.d. matrix, k shared among the layers
+  by their measured gradient energy (``projection.grouped``).
 
 ``SourceConfig``'s "auto" (its default) is resolved to one of them per model by
 :func:`resolve_structure` before a projection is made.
@@ -45,6 +48,7 @@ from source_proj.gradients.per_example import (
     per_example_tapped,
 )
 from source_proj.gradients.tasks import Task
+from source_proj.projection.grouped import GroupedProjection
 from source_proj.projection.jl import ProjectionConfig, project
 from source_proj.projection.kronecker import (
     FactoredProjection,
@@ -52,6 +56,7 @@ from source_proj.projection.kronecker import (
     plan_budget,
     project_formed,
 )
+from source_proj.projection.layer_names import layer_members
 from source_proj.projection.layer_taps import LayerTaps, Tap, find_taps
 from source_proj.projection.options import (
     AUTO_DENSE_MAX_PARAMS,
@@ -61,7 +66,7 @@ from source_proj.projection.options import (
     auto_structure,
 )
 
-Projection = ProjectionConfig | FactoredProjection
+Projection = ProjectionConfig | FactoredProjection | GroupedProjection
 # name -> (numel,) D^{1/2} of a checkpoint, or it prepared for the factored projection
 # (``FactoredProjection.fit_scale``), or None (no preconditioner).
 Scale = Mapping[str, torch.Tensor] | FittedScale | None
@@ -95,15 +100,19 @@ def resolve_structure(
 
 
 def make_projection(config: ProjectionConfig, structure: str, fn: ModelFunction, terms: int = 1) -> Projection:
-    """The projection of ``fn``'s attributed parameters: ``config`` itself ("dense"), or the
+    """The projection of ``fn``'s attributed parameters: ``config`` itself ("dense"), the
     factored projection with ``config.dim`` shared out as a total budget and up to ``terms``
-    Kronecker products per weight ("factored")."""
+    Kronecker products per weight ("factored"), or the grouped projection of ``fn``'s layers,
+    its shares still to be measured (``GroupedProjection.with_energies``; "grouped")."""
     if structure not in STRUCTURES:
         raise InputError(f"proj_structure must be one of {STRUCTURES}, got {structure!r}")
     if structure == "dense":
         return config
-    weights, _ = _taps(fn)
     shapes = dict(fn.model.named_parameters())
+    if structure == "grouped":
+        groups = layer_members(fn.names)
+        return GroupedProjection(config, groups, tuple(sum(shapes[n].numel() for n in g) for g in groups))
+    weights, _ = _taps(fn)
     rest = {n: shapes[n].numel() for n in fn.names if n not in weights}
     return FactoredProjection(config, plan_budget(weights, rest, config.dim, terms))
 
@@ -112,7 +121,20 @@ def with_seed(projection: Projection, seed: int) -> Projection:
     """The same projection (structure, sizes, kind, backend) drawn from another seed."""
     if isinstance(projection, FactoredProjection):
         return dataclasses.replace(projection, config=dataclasses.replace(projection.config, seed=seed), _cache={})
+    if isinstance(projection, GroupedProjection):
+        return dataclasses.replace(projection, config=dataclasses.replace(projection.config, seed=seed))
     return dataclasses.replace(projection, seed=seed)
+
+
+def layer_groups(projection: Projection) -> torch.Tensor | None:
+    """(dim,) int64: the layer of each feature coordinate (``FactoredProjection``'s blocks or
+    ``GroupedProjection``'s groups), for ``curvature_blocks="layer"``; None for the dense
+    projection, whose coordinates mix every layer."""
+    if isinstance(projection, FactoredProjection):
+        return projection.plan.layer_groups()
+    if isinstance(projection, GroupedProjection):
+        return projection.layer_groups()
+    return None
 
 
 def gradient_width(projection: Projection, num_params: int) -> int:
@@ -125,9 +147,10 @@ def gradient_width(projection: Projection, num_params: int) -> int:
 
 def describe(projection: Projection) -> dict:
     """JSON-serialisable description of a projection (recorded in feature stores): dim, seed
-    and kind, and for the factored structure ``structure="factored"`` and every block's sizes
-    (a dense description has no ``structure`` entry, as stores written before it had none)."""
-    if isinstance(projection, FactoredProjection):
+    and kind, and for the factored and grouped structures ``structure`` and every block's or
+    group's sizes (a dense description has no ``structure`` entry, as stores written before it
+    had none)."""
+    if isinstance(projection, (FactoredProjection, GroupedProjection)):
         return {"dim": projection.dim, **projection.describe()}
     return {"dim": projection.dim, "seed": projection.seed, "kind": projection.kind}
 
@@ -205,6 +228,8 @@ def _finish(projection: Projection, grads: dict[str, torch.Tensor], blocks: dict
     if isinstance(projection, FactoredProjection):
         rows = next(iter((*grads.values(), *blocks.values()))).shape[0]
         return projection.assemble(blocks, grads, rows)
+    if isinstance(projection, GroupedProjection):
+        return projection.project(grads)
     return project(grads, projection)
 
 

@@ -1,0 +1,139 @@
+"""SOURCE's projection structures on the LM benchmark, averaged over projection seeds, against
+kronfluence's EK-FAC re-run in the same process (issue #22: accuracy and time at the defaults).
+
+    nice -n 10 python benchmarks/lm_lds_seeds.py                      # every scenario, 3 seeds
+    nice -n 10 python benchmarks/lm_lds_seeds.py --scenarios classify --seeds 2
+
+Reuses ``lm_lds.py``'s scenarios and cached ground truths (M = 60 x R = 3; run ``lm_lds.py``
+first). For each scenario: kronfluence's EK-FAC at every damping of ``lm_lds.KRON_DAMPINGS``
+(its own venv, timed here), then SOURCE through ``SourceAttributor`` at the library's defaults
+with each ``proj_structure`` in ``--structures``, at each projection seed. A single projection
+seed moves one LDS by up to 0.07 here, so each structure is summarised by the mean over seeds
+of its LDS, with a basic bootstrap interval over the ground truth's subsets (every seed's LDS
+on the same resampled subsets), and the paired difference to the best EK-FAC damping (picked on
+the benchmark's own ground truth, which flatters it). Time: one seed's fit + score, median over
+seeds, against the best damping's factor fit + score.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import statistics
+from collections.abc import Sequence
+from pathlib import Path
+
+import lm_lds as bench
+import numpy as np
+import torch
+
+BOOTSTRAP = 1000
+
+
+def seed_mean_lds(score_sets: Sequence[np.ndarray], truth, reference: np.ndarray | None = None) -> tuple[float, float, float]:
+    """Mean over score matrices (one per seed) of their LDS, minus ``reference``'s LDS if given,
+    with its basic bootstrap 95% interval over the ground truth's subsets."""
+    from source_proj.evaluation.lds import predicted_group_effects
+    from source_proj.evaluation.stats import basic_bootstrap_interval, spearman
+
+    actual = truth.mean
+    predicted = [predicted_group_effects(np.asarray(s, dtype=np.float64), truth.masks) for s in score_sets]
+    base = None if reference is None else predicted_group_effects(np.asarray(reference, dtype=np.float64), truth.masks)
+
+    def value(idx):
+        ours = np.mean([np.nanmean(spearman(p[idx], actual[idx], axis=-2), axis=-1) for p in predicted], axis=0)
+        return ours if base is None else ours - np.nanmean(spearman(base[idx], actual[idx], axis=-2), axis=-1)
+
+    estimate = float(value(np.arange(len(actual))))
+    idx = np.random.default_rng(0).integers(0, len(actual), size=(BOOTSTRAP, len(actual)))
+    return (estimate, *basic_bootstrap_interval(estimate, value(idx), 0.95))
+
+
+def run_scenario(name: str, structures: Sequence[str], seeds: Sequence[int]) -> dict:
+    """EK-FAC at every damping and SOURCE per structure and seed on scenario ``name``."""
+    from source_proj.evaluation import LDSConfig, compute_ground_truth, linear_datamodeling_score
+
+    torch.set_num_threads(1)
+    data = bench.scenario_data(name)
+    config = LDSConfig(num_subsets=60, repeats=3)
+    cache = bench.CACHE / f"lm-lds-{name}-{config.num_subsets}x{config.repeats}.npz"
+    if not cache.is_file():
+        raise SystemExit(f"run benchmarks/lm_lds.py --scenarios {name} first (needs {cache.name})")
+    truth = compute_ground_truth(bench.Retrain(name), data.num_train, config, workers=1, progress=False,
+                                 cache_path=cache, setup_key=f"lm-lds-v1-{name}")
+    model, trajectory = bench.train_scenario(name, np.arange(data.num_train), bench.FULL_SEED)
+    kron = bench.kron_methods(model, data)
+    if not kron:
+        raise SystemExit(f"kronfluence's venv is missing ({bench.KRON_PYTHON}): see lm_lds.py")
+    best = max(kron, key=lambda label: linear_datamodeling_score(kron[label][0], truth).score)
+    rows = []
+    for label, (scores, seconds) in kron.items():
+        estimate, low, high = seed_mean_lds([scores], truth)
+        rows.append({"method": label, "lds": estimate, "low": low, "high": high, "per_seed": [],
+                     "gap": seed_mean_lds([scores], truth, kron[best][0]), "seconds": seconds})
+    for structure in structures:
+        score_sets, times = [], []
+        for seed in seeds:
+            scores, seconds = bench.timed(lambda: bench.source_scores(
+                model, trajectory, data, {"proj_structure": structure, "seed": seed}))
+            score_sets.append(scores)
+            times.append(seconds)
+            print(f"{name}: {structure} seed {seed}: {linear_datamodeling_score(scores, truth)} ({seconds:.1f} s)",
+                  flush=True)
+        estimate, low, high = seed_mean_lds(score_sets, truth)
+        rows.append({
+            "method": f"SOURCE defaults, proj_structure={structure}", "lds": estimate, "low": low, "high": high,
+            "per_seed": [linear_datamodeling_score(s, truth).score for s in score_sets],
+            "gap": seed_mean_lds(score_sets, truth, kron[best][0]), "seconds": statistics.median(times),
+        })
+    return {"scenario": name, "rows": rows, "best": best, "seeds": list(seeds), "machine": bench.machine(),
+            "kron_seconds": kron[best][1]}
+
+
+def write_report(results: list[dict], out: Path) -> None:
+    """The markdown table of every scenario."""
+    lines = [
+        f"# LM benchmark: SOURCE's projection structures over projection seeds, against EK-FAC, {datetime.date.today()}",
+        "",
+        f"Machine: {'; '.join(dict.fromkeys(r['machine'] for r in results))}; torch {torch.__version__}, 1 thread, "
+        "`nice -n 10`, shared machine (times are noisy). Scenarios and ground truths (M = 60 x R = 3) are those of "
+        "`lm_lds.py` (results/lm-lds-2026-12-06.md). EK-FAC is kronfluence 1.0.1, run in this process's run; "
+        "SOURCE is `SourceAttributor` at the library's defaults, k = 1024, except `proj_structure`. LDS of SOURCE: "
+        "mean over projection seeds; intervals: basic bootstrap 95% over subsets, every seed on the same resampled "
+        "subsets. Time: fit + score, s (SOURCE: median over seeds). How it is made: `benchmarks/lm_lds_seeds.py`.",
+        "",
+    ]
+    for r in results:
+        lines += [f"## {r['scenario']}", "",
+                  f"Seeds {r['seeds']}; best EK-FAC damping (on this ground truth): {r['best']}.", "",
+                  "| method | LDS | 95% CI | per seed | minus best EK-FAC [paired 95% CI] | fit+score (s) | time / EK-FAC |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
+        for row in r["rows"]:
+            gap = row["gap"]
+            per_seed = ", ".join(f"{v:.3f}" for v in row["per_seed"]) or "-"
+            lines.append(f"| {row['method']} | {row['lds']:.3f} | [{row['low']:.3f}, {row['high']:.3f}] | {per_seed} | "
+                         f"{gap[0]:+.3f} [{gap[1]:+.3f}, {gap[2]:+.3f}] | {row['seconds']:.1f} | "
+                         f"{row['seconds'] / r['kron_seconds']:.2f} |")
+        lines.append("")
+    out.write_text("\n".join(lines) + "\n")
+    print(out.read_text())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--scenarios", default=",".join(bench.SCENARIOS))
+    parser.add_argument("--structures", default="dense,grouped")
+    parser.add_argument("--seeds", type=int, default=3, help="projection seeds 0 .. n-1")
+    parser.add_argument("--label", default="", help="suffix of the report's name")
+    args = parser.parse_args()
+    for name in args.scenarios.split(","):
+        result = run_scenario(name, args.structures.split(","), range(args.seeds))
+        (bench.CACHE / f"lm-lds-seeds-{name}{args.label}.json").write_text(json.dumps(result))
+    results = [json.loads(p.read_text()) for name in bench.SCENARIOS
+               if (p := bench.CACHE / f"lm-lds-seeds-{name}{args.label}.json").is_file()]
+    write_report(results, bench.ROOT / "results" / f"lm-lds-seeds-{datetime.date.today()}{args.label}.md")
+
+
+if __name__ == "__main__":
+    main()
