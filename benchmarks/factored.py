@@ -231,7 +231,7 @@ def distortion(out: Path, seeds: int = 5) -> None:
 
 # ------------------------------------------------------------------------- LDS
 def lds(out: Path, quick: bool, runs: int, terms: tuple[int, ...], workers: int | None,
-        names: tuple[str, ...] | None = None) -> None:
+        names: tuple[str, ...] | None = None, grouped: bool = False) -> None:
     sys.path.insert(0, str(ROOT))
     from lds import (  # the LDS benchmark's own settings and helpers
         FULL,
@@ -261,7 +261,7 @@ def lds(out: Path, quick: bool, runs: int, terms: tuple[int, ...], workers: int 
     started = time.time()
     rows: dict[str, dict[str, list[float]]] = {}
     intervals: dict[str, dict[str, str]] = {}
-    variants = [("dense", 1), *(("factored", t) for t in terms)]
+    variants = [("dense", 1), *(("factored", t) for t in terms), *([("grouped", 1)] if grouped else [])]
     names = names or SCENARIOS
     for name in names:
         scenario = build(name)
@@ -275,7 +275,7 @@ def lds(out: Path, quick: bool, runs: int, terms: tuple[int, ...], workers: int 
         for seed in range(runs):
             model, trajectory = train_run(scenario, np.arange(scenario.num_train), RUN_SEED + seed)
             for structure, r in variants:
-                label = "dense" if structure == "dense" else f"factored, {r} term(s)"
+                label = structure if structure != "factored" else f"factored, {r} term(s)"
                 run = project_run(model, scenario.task(), trajectory, data, scenario.attributed.label, queries, k,
                                   seed=seed, progress=False, curvature_modes=("exact",),
                                   structure=structure, kronecker_terms=r)
@@ -287,12 +287,14 @@ def lds(out: Path, quick: bool, runs: int, terms: tuple[int, ...], workers: int 
                     intervals.setdefault(label, {})[name] = f"[{result.ci_low:.3f}, {result.ci_high:.3f}]"
             print(name, seed, {m: v[name][-1] for m, v in rows.items()}, flush=True)
     lines = [
-        f"# LDS: factored vs dense projection ({'quick' if quick else 'full'}), {datetime.date.today()}",
+        f"# LDS: {'factored and grouped' if grouped else 'factored'} vs dense projection "
+        f"({'quick' if quick else 'full'}), {datetime.date.today()}",
         "",
         f"Scenarios and ground truth of `benchmarks/lds.py` (M = {settings.num_subsets} subsets, R as there), "
         f"k = {k}, SOURCE with the library's defaults (exact Gauss-Newton), {runs} independently trained runs "
-        "per scenario, each projected both ways with the same seed. Cells: mean LDS over the runs (run 0's 95% "
-        "bootstrap interval); the difference row is factored minus dense, mean and range over runs.",
+        "per scenario, each projected every way with the same seed (grouped: `proj_structure='grouped'` with "
+        "its default curvature, one Hessian block per layer). Cells: mean LDS over the runs (run 0's 95% "
+        "bootstrap interval); each difference row is that structure minus dense, mean and range over runs.",
         "",
         "| projection | " + " | ".join(names) + " |",
         "|---|" + "---|" * len(names),
@@ -322,6 +324,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3, help="trained runs per scenario (lds)")
     parser.add_argument("--workers", type=int, default=None, help="retraining processes for missing ground truth")
     parser.add_argument("--scenarios", default=None, help="lds: comma-separated scenarios (default all)")
+    parser.add_argument("--grouped", action="store_true", help="lds: add proj_structure='grouped'")
     parser.add_argument("--out", type=Path, default=None, help="the table's file (default: results/factored-<part>...md)")
     args = parser.parse_args()
     results = ROOT / "results"
@@ -336,7 +339,7 @@ def main() -> None:
     else:
         out = args.out or results / ("factored-lds-quick.md" if args.quick else "factored-lds.md")
         names = tuple(args.scenarios.split(",")) if args.scenarios else None
-        lds(out, args.quick, 2 if args.quick else args.runs, terms, args.workers, names)
+        lds(out, args.quick, 2 if args.quick else args.runs, terms, args.workers, names, args.grouped)
 
 
 if __name__ == "__main__":
