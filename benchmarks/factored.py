@@ -261,7 +261,10 @@ def lds(out: Path, quick: bool, runs: int, terms: tuple[int, ...], workers: int 
     started = time.time()
     rows: dict[str, dict[str, list[float]]] = {}
     intervals: dict[str, dict[str, str]] = {}
-    variants = [("dense", 1), *(("factored", t) for t in terms), *([("grouped", 1)] if grouped else [])]
+    # (structure, Kronecker terms, curvature_blocks): "auto" resolves by the model (MLPs: "full").
+    variants = [("dense", 1, "auto"), *(("factored", t, "auto") for t in terms)]
+    if grouped:
+        variants += [("grouped", 1, "auto"), ("grouped", 1, "layer"), ("factored", terms[-1], "layer")]
     names = names or SCENARIOS
     for name in names:
         scenario = build(name)
@@ -274,13 +277,14 @@ def lds(out: Path, quick: bool, runs: int, terms: tuple[int, ...], workers: int 
         queries = _tensors(scenario.query_inputs, scenario.query_targets)
         for seed in range(runs):
             model, trajectory = train_run(scenario, np.arange(scenario.num_train), RUN_SEED + seed)
-            for structure, r in variants:
-                label = structure if structure != "factored" else f"factored, {r} term(s)"
+            for structure, r, blocks in variants:
+                label = (structure if structure != "factored" else f"factored, {r} term(s)") + (
+                    ", layer blocks" if blocks == "layer" else "")
                 run = project_run(model, scenario.task(), trajectory, data, scenario.attributed.label, queries, k,
                                   seed=seed, progress=False, curvature_modes=("exact",),
                                   structure=structure, kronecker_terms=r)
                 scores = source_scores(run, SourceConfig(proj_dim=k, seed=seed, progress=False, proj_structure=structure,
-                                                         kronecker_terms=r))
+                                                         kronecker_terms=r, curvature_blocks=blocks))
                 result = linear_datamodeling_score(np.asarray(scores), truth, num_bootstrap=settings.bootstrap)
                 rows.setdefault(label, {}).setdefault(name, []).append(result.score)
                 if seed == 0:
@@ -292,8 +296,8 @@ def lds(out: Path, quick: bool, runs: int, terms: tuple[int, ...], workers: int 
         "",
         f"Scenarios and ground truth of `benchmarks/lds.py` (M = {settings.num_subsets} subsets, R as there), "
         f"k = {k}, SOURCE with the library's defaults (exact Gauss-Newton), {runs} independently trained runs "
-        "per scenario, each projected every way with the same seed (grouped: `proj_structure='grouped'` with "
-        "its default curvature, one Hessian block per layer). Cells: mean LDS over the runs (run 0's 95% "
+        "per scenario, each projected every way with the same seed (`curvature_blocks` at its default, which is "
+        "the whole Hessian for these MLPs, unless the row says layer blocks). Cells: mean LDS over the runs (run 0's 95% "
         "bootstrap interval); each difference row is that structure minus dense, mean and range over runs.",
         "",
         "| projection | " + " | ".join(names) + " |",

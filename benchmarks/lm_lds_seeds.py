@@ -50,8 +50,18 @@ def seed_mean_lds(score_sets: Sequence[np.ndarray], truth, reference: np.ndarray
     return (estimate, *basic_bootstrap_interval(estimate, value(idx), 0.95))
 
 
+def parse_variant(text: str) -> dict:
+    """SourceConfig overrides from ``structure[:field=value,...]`` (e.g. ``grouped:proj_dim=2048``)."""
+    structure, _, rest = text.partition(":")
+    overrides: dict = {"proj_structure": structure}
+    for item in filter(None, rest.split(",")):
+        key, _, value = item.partition("=")
+        overrides[key] = json.loads(value) if value[:1].isdigit() or value in ("true", "false") else value
+    return overrides
+
+
 def run_scenario(name: str, structures: Sequence[str], seeds: Sequence[int]) -> dict:
-    """EK-FAC at every damping and SOURCE per structure and seed on scenario ``name``."""
+    """EK-FAC at every damping and SOURCE per structure (``parse_variant``) and seed on scenario ``name``."""
     from source_proj.evaluation import LDSConfig, compute_ground_truth, linear_datamodeling_score
 
     torch.set_num_threads(1)
@@ -76,14 +86,14 @@ def run_scenario(name: str, structures: Sequence[str], seeds: Sequence[int]) -> 
         score_sets, times = [], []
         for seed in seeds:
             scores, seconds = bench.timed(lambda: bench.source_scores(
-                model, trajectory, data, {"proj_structure": structure, "seed": seed}))
+                model, trajectory, data, {**parse_variant(structure), "seed": seed}))
             score_sets.append(scores)
             times.append(seconds)
             print(f"{name}: {structure} seed {seed}: {linear_datamodeling_score(scores, truth)} ({seconds:.1f} s)",
                   flush=True)
         estimate, low, high = seed_mean_lds(score_sets, truth)
         rows.append({
-            "method": f"SOURCE defaults, proj_structure={structure}", "lds": estimate, "low": low, "high": high,
+            "method": "SOURCE defaults, " + ", ".join(f"{k}={v}" for k, v in parse_variant(structure).items()), "lds": estimate, "low": low, "high": high,
             "per_seed": [linear_datamodeling_score(s, truth).score for s in score_sets],
             "gap": seed_mean_lds(score_sets, truth, kron[best][0]), "seconds": statistics.median(times),
         })
@@ -123,12 +133,13 @@ def write_report(results: list[dict], out: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scenarios", default=",".join(bench.SCENARIOS))
-    parser.add_argument("--structures", default="dense,grouped")
+    parser.add_argument("--structures", default="dense;grouped",
+                        help="';'-separated variants: a structure, then optional ':field=value,...' overrides")
     parser.add_argument("--seeds", type=int, default=3, help="projection seeds 0 .. n-1")
     parser.add_argument("--label", default="", help="suffix of the report's name")
     args = parser.parse_args()
     for name in args.scenarios.split(","):
-        result = run_scenario(name, args.structures.split(","), range(args.seeds))
+        result = run_scenario(name, args.structures.split(";"), range(args.seeds))
         (bench.CACHE / f"lm-lds-seeds-{name}{args.label}.json").write_text(json.dumps(result))
     results = [json.loads(p.read_text()) for name in bench.SCENARIOS
                if (p := bench.CACHE / f"lm-lds-seeds-{name}{args.label}.json").is_file()]

@@ -63,6 +63,7 @@ from source_proj.projection.projected import (
     Scale,
     describe,
     gradient_width,
+    has_embeddings,
     layer_groups,
     make_projection,
     projected_gn_factors,
@@ -150,7 +151,7 @@ class SourceAttributor:
         self.model_fn = ModelFunction.build(model.eval(), param_names, output)
         # "auto" resolved for this model: stores record (and reopen with) the structure used.
         structure = resolve_structure(self.config.proj_structure, self.model_fn)
-        blocks = self.config.resolved_curvature_blocks(structure)
+        blocks = self.config.resolved_curvature_blocks(structure, has_embeddings(self.model_fn))
         self.config = dataclasses.replace(self.config, proj_structure=structure, curvature_blocks=blocks)
         self.curvature = self.config.resolved_curvature(self.task.default_curvature)
         self.budget = self.config.gradient_budget()
@@ -449,9 +450,11 @@ class SourceAttributor:
         The curvature examples are taken ``chunk_size`` at a time; under ``torch.distributed``
         each rank computes a contiguous share of the chunks and the chunks' Gram matrices are
         summed in a fixed tree (``TreeSum``), so the result is bit-identical for any number of
-        processes (with the same ``chunk_size``).
+        processes (with the same ``chunk_size``). A grouped projection whose shares no fit has
+        measured yet takes them from ``examples`` (:meth:`measure_projection`).
         """
         examples = as_examples(examples, f"curvature data at checkpoint {index}")
+        self.measure_projection(examples)  # a grouped projection's shares, if no fit measured them yet
         params, consts = self._load(index)
         scale = self.gradient_scale(index)
         count = len(examples)

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from source_proj.errors import InputError
 from source_proj.gradients.memory import parse_bytes
-from source_proj.projection.options import AUTO_DENSE_MAX_PARAMS, CURVATURE_MODES, STRUCTURES
+from source_proj.projection.options import AUTO_DENSE_MAX_PARAMS, CURVATURE_MODES, STRUCTURES, auto_curvature_blocks
 
 if TYPE_CHECKING:
     from source_proj.projection.jl import ProjectionConfig
@@ -206,13 +206,14 @@ class SourceConfig:
         """"exact" or "sampled": ``curvature`` with "auto" resolved to the task's ``default``."""
         return default if self.curvature == "auto" else self.curvature
 
-    def resolved_curvature_blocks(self, structure: str) -> str:
+    def resolved_curvature_blocks(self, structure: str, embeddings: bool) -> str:
         """"full" or "layer": ``curvature_blocks`` with "auto" resolved for the projection
-        ``structure`` (one of ``STRUCTURES``); "layer" needs a projection whose coordinates
-        belong to layers (not "dense")."""
+        ``structure`` (one of ``STRUCTURES``) of a model with attributed embedding tables or
+        not (``projection.options.auto_curvature_blocks``); "layer" needs a projection whose
+        coordinates belong to layers (not "dense")."""
         blocks = self.curvature_blocks
         if blocks == "auto":
-            return "full" if structure == "dense" else "layer"
+            return auto_curvature_blocks(structure, embeddings)
         if blocks == "layer" and structure == "dense":
             raise InputError(
                 "curvature_blocks='layer' needs proj_structure='factored' or 'grouped' (their layers are the blocks); "

@@ -42,7 +42,7 @@ def test_lm_scores_equal_dense_formula_with_padding_and_ignored_labels(monkeypat
     p = sum(q.numel() for q in model.parameters())
     # chunk_size 3: the library pads within chunks of different lengths; the oracle never pads.
     att = SourceAttributor(model, task, traj, proj_dim=p, num_segments=2, curvature="exact",
-                           chunk_size=3, progress=False).fit(as_columns(train))
+                           chunk_size=3, progress=False, proj_structure="dense").fit(as_columns(train))
     got = att.score(as_columns(queries)).numpy()
     dense = dense_lm_scores(model, traj, train, queries, 2, reduction, measure)
     assert np.abs(dense).max() > 1e-3

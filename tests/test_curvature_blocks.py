@@ -11,7 +11,7 @@ from source_proj.errors import InputError
 from source_proj.features.errors import StoreMismatchError
 from source_proj.gradients.model import ModelFunction
 from source_proj.projection.jl import ProjectionConfig
-from source_proj.projection.projected import make_projection
+from source_proj.projection.projected import has_embeddings, make_projection, resolve_structure
 from source_proj.store_fit import fit_store, open_store
 
 
@@ -66,9 +66,10 @@ def run():
 _attributor = small_attributor
 
 
-def test_factored_default_is_block_diagonal_over_layers_and_dense_stays_full(run):
-    factored = _attributor(run, proj_structure="factored")
-    assert factored.config.curvature_blocks == "layer"
+def test_layer_blocks_are_block_diagonal_over_layers_and_dense_stays_full(run):
+    # An MLP (no embedding tables) keeps the whole Hessian by default, factored or not.
+    assert _attributor(run, proj_structure="factored").config.curvature_blocks == "full"
+    factored = _attributor(run, proj_structure="factored", curvature_blocks="layer")
     factored.fit(run[2])
     # Oracle: the segment's Hessian from the public per-checkpoint function, restricted to the
     # layers' blocks by hand (MLP layers "0" and "2", then the biases), through matrix_exp.
@@ -81,7 +82,7 @@ def test_factored_default_is_block_diagonal_over_layers_and_dense_stays_full(run
     h = _masked(0.5 * (hessian + hessian.T), groups) + factored.preconditioner.decays[0] * torch.eye(groups.numel(),
                                                                                                  dtype=torch.float64)
     torch.testing.assert_close(factored.spectra[0].exp(), torch.linalg.matrix_exp(-segment.time * h), rtol=0, atol=1e-10)
-    full = _attributor(run, proj_structure="factored", curvature_blocks="full").fit(run[2])
+    full = _attributor(run, proj_structure="factored").fit(run[2])
     assert not torch.allclose(full.train_features, factored.train_features, rtol=1e-3, atol=0)
     dense = _attributor(run, proj_structure="dense")
     assert dense.config.curvature_blocks == "full" and dense.curvature_groups is None
@@ -98,10 +99,26 @@ def test_layer_blocks_need_the_factored_projection(run):
 
 def test_store_records_the_blocks_and_refuses_the_other_curvature(run, tmp_path):
     path = tmp_path / "factored.zarr"
-    store, _ = fit_store(_attributor(run, proj_structure="factored"), run[2], path, chunk_rows=8)
+    store, _ = fit_store(_attributor(run, proj_structure="factored", curvature_blocks="layer"), run[2], path,
+                         chunk_rows=8)
     assert store.metadata["source_config"]["curvature_blocks"] == "layer"
-    open_store(_attributor(run, proj_structure="factored"), path)
     open_store(_attributor(run, proj_structure="factored", curvature_blocks="layer"), path)
-    # A factored store written before the setting existed was "full": it must not pass for "layer".
-    with pytest.raises(StoreMismatchError, match="curvature_blocks"):
-        open_store(_attributor(run, proj_structure="factored", curvature_blocks="full"), path)
+    # A factored store written before the setting existed was "full": it must not pass for "layer";
+    # nor may "auto", which resolves to "full" for this MLP.
+    for blocks in ("full", "auto"):
+        with pytest.raises(StoreMismatchError, match="curvature_blocks"):
+            open_store(_attributor(run, proj_structure="factored", curvature_blocks=blocks), path)
+
+
+def test_auto_blocks_follow_embedding_tables():
+    # GPT-2 (token and position embeddings): one block per layer under factored and grouped.
+    gpt2 = ModelFunction.build(tiny_gpt2(vocab=10, positions=8, width=8, layers=2).eval(), None, None)
+    assert has_embeddings(gpt2)
+    assert resolve_structure("auto", gpt2) == "grouped"  # 1,792 parameters: small, with embeddings
+    config = SourceConfig()
+    assert [config.resolved_curvature_blocks(s, has_embeddings(gpt2)) for s in ("dense", "factored", "grouped")] == [
+        "full", "layer", "layer"]
+    mlp_fn = ModelFunction.build(torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Tanh(), torch.nn.Linear(5, 2)),
+                                 None, None)
+    assert not has_embeddings(mlp_fn) and resolve_structure("auto", mlp_fn) == "dense"
+    assert [config.resolved_curvature_blocks(s, False) for s in ("dense", "factored", "grouped")] == ["full"] * 3

@@ -98,9 +98,8 @@ def _attributor(run, **settings) -> SourceAttributor:
 def test_measured_shares_follow_the_layers_gradient_rms(run) -> None:
     model, traj, (x, y) = run
     attributor = _attributor(run)
-    assert attributor.config.curvature_blocks == "layer"
     with pytest.raises(InputError, match="measure_projection"):
-        attributor.checkpoint_hessian(0, (x, y))
+        attributor.query_features((x[:2], y[:2]))
     attributor.measure_projection((x, y))
     # Oracle: every row's loss gradient at the final checkpoint, one row at a time with autograd.
     model.load_state_dict(traj.checkpoints[-1].load())
@@ -119,7 +118,8 @@ def test_measured_shares_follow_the_layers_gradient_rms(run) -> None:
 
 
 def test_grouped_segment_curvature_is_block_diagonal_over_the_groups(run) -> None:
-    attributor = _attributor(run).fit(run[2])
+    assert _attributor(run).curvature_groups is None  # an MLP keeps the whole Hessian by default
+    attributor = _attributor(run, curvature_blocks="layer").fit(run[2])
     groups = attributor.curvature_groups
     assert groups is not None and groups.tolist() == attributor.projection.layer_groups().tolist()
     segment = attributor.segments[0]

@@ -37,7 +37,7 @@ def test_sampled_only_run_forms_no_exact_curvature_and_tracin_equals_direct_grad
     task = CausalLMTask(reduction="sum")
     traj = train_lm(model, train, task=task, epochs=3)  # project_run's engines cut 3 segments
     p = sum(q.numel() for q in model.parameters())
-    run = project_run(model, task, traj, {0: as_columns(train)}, 0, as_columns(queries), p,
+    run = project_run(model, task, traj, {0: as_columns(train)}, 0, as_columns(queries), p, structure="dense",
                       curvature_modes=("sampled",), progress=False)
     assert set(run.hessians) == {"sampled"} and run.final_curvature == "sampled"
     # One stage: the pooled final Hessian is the last checkpoint's sampled one, not recomputed.
@@ -61,7 +61,8 @@ def test_checkpoint_hessian_takes_lm_columns(monkeypatch):
     task = CausalLMTask(reduction="sum")
     traj = train_lm(model, rows, epochs=1, task=task)
     p = sum(q.numel() for q in model.parameters())
-    att = SourceAttributor(model, task, traj, proj_dim=p, num_segments=1, curvature="exact", progress=False)
+    att = SourceAttributor(model, task, traj, proj_dim=p, num_segments=1, curvature="exact", progress=False,
+                           proj_structure="dense")
     # Rows of different lengths in one dict of columns: padded by the library, never by the oracle.
     got = att.checkpoint_hessian(0, as_columns(rows))
     want = oracle_gn_hessian(_with_state(model, traj.checkpoints[0].load()), rows, "sum")

@@ -45,10 +45,10 @@ def test_gpt2_above_the_threshold_resolves_factored_by_its_factorable_share():
     factorable = vocab * width + positions * width + layers * 12 * width**2
     others = layers * 13 * width + 2 * width
     assert fn.num_params() == factorable + others
-    assert resolve_structure("auto", fn) == "dense"  # 1,824 parameters: under the default threshold
+    assert resolve_structure("auto", fn) == "grouped"  # 1,824 parameters, embeddings: under the default threshold
     share = factorable / (factorable + others)
     assert resolve_structure("auto", fn, dense_max_params=1000, min_factorable_share=share) == "factored"
-    assert resolve_structure("auto", fn, dense_max_params=1000, min_factorable_share=share + 1e-9) == "dense"
+    assert resolve_structure("auto", fn, dense_max_params=1000, min_factorable_share=share + 1e-9) == "grouped"
     assert resolve_structure("auto", fn, dense_max_params=1000) == "factored"  # the default share, 0.5
 
 

@@ -72,7 +72,10 @@ def _source_train(
         run = run.truncate(config.proj_dim)
     trajectory = run.trajectory
     segments = trajectory.segments(config.num_segments, config.momentum_factor, config.time_scale)
-    groups = run.layer_groups if config.resolved_curvature_blocks(run.structure) == "layer" else None
+    # "auto" as the run's model resolved it; an explicit value does not depend on the model.
+    blocks = run.curvature_blocks if config.curvature_blocks == "auto" else config.resolved_curvature_blocks(
+        run.structure, embeddings=False)
+    groups = run.layer_groups if blocks == "layer" else None
     spectra = segment_spectra(segments, run.hessians[curvature], run.decays, groups=groups)
     form = query_form(config.resolved_query_mode(len(trajectory.stages)))
     operators = transport_operators(spectra, transport=form.transports)
@@ -90,7 +93,8 @@ def _source_train(
 def source_scores(run: ProjectedRun, config: SourceConfig) -> torch.Tensor:
     """SOURCE scores (n_query, N) float64 with ``config``'s estimator settings.
 
-    Uses ``num_segments``, ``momentum_factor``, ``time_scale``, ``curvature``, ``curvature_blocks``, ``query_mode``,
+    Uses ``num_segments``, ``momentum_factor``, ``time_scale``, ``curvature``, ``curvature_blocks`` ("auto": the
+    run's), ``query_mode``,
     ``proj_dim`` (<= the run's; smaller dims use :meth:`ProjectedRun.truncate`), and checks
     that ``seed``, ``proj_kind`` and ``proj_structure`` ("auto": the run's) (and for factored runs ``proj_dim`` and
     ``kronecker_terms``) are the run's. Equals ``SourceAttributor(config)``'s

@@ -72,6 +72,8 @@ class ProjectedRun:
         default_curvature: the task's curvature mode for ``SourceConfig(curvature="auto")``.
         layer_groups: (k,) the layer of each coordinate of a factored or grouped projection
             (``projection.projected.layer_groups``, for ``curvature_blocks="layer"``); None when dense.
+        curvature_blocks: "full" or "layer", what ``SourceConfig(curvature_blocks="auto")``
+            resolved to for the model (``projection.options.auto_curvature_blocks``).
     """
 
     trajectory: Trajectory
@@ -91,6 +93,7 @@ class ProjectedRun:
     kronecker_terms: int = 4
     budget: int = 0
     layer_groups: torch.Tensor | None = None
+    curvature_blocks: str = "full"
 
     @property
     def dim(self) -> int:
@@ -233,4 +236,5 @@ def project_run(
         kronecker_terms=kronecker_terms,
         budget=proj_dim,
         layer_groups=layer_groups(projection),
+        curvature_blocks=final_engine.config.curvature_blocks,  # "auto" resolved for the model
     )

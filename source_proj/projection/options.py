@@ -18,16 +18,28 @@ AUTO_MIN_FACTORABLE_SHARE = 0.5
 def auto_structure(
     num_params: int,
     factorable_params: int,
+    embeddings: bool = False,
     *,
     dense_max_params: int = AUTO_DENSE_MAX_PARAMS,
     min_factorable_share: float = AUTO_MIN_FACTORABLE_SHARE,
 ) -> str:
     """The structure ``proj_structure="auto"`` resolves to for a model with ``num_params``
     attributed parameters, ``factorable_params`` of them in weights the factored projection
-    can take (``nn.Linear``, ``nn.Embedding``, GPT-2 ``Conv1D``): "dense" when the model is
-    small enough that the dense projection is cheap (``num_params <= dense_max_params``) or
-    when the factorable weights are less than ``min_factorable_share`` of its parameters,
-    "factored" otherwise."""
+    can take (``nn.Linear``, ``nn.Embedding``, GPT-2 ``Conv1D``), and attributed embedding
+    tables or not (``embeddings``): where the model is small enough that forming and
+    projecting its per-example gradients is cheap (``num_params <= dense_max_params``) or
+    its factorable weights are less than ``min_factorable_share`` of its parameters, "grouped"
+    for a model with embeddings (language models and other transformers: one i.i.d. matrix
+    and one Hessian block per layer, docs/settings.md) and "dense" for the others; "factored"
+    otherwise."""
     if num_params <= dense_max_params or factorable_params < min_factorable_share * num_params:
-        return "dense"
+        return "grouped" if embeddings else "dense"
     return "factored"
+
+
+def auto_curvature_blocks(structure: str, embeddings: bool) -> str:
+    """What ``curvature_blocks="auto"`` resolves to: "layer" (one Hessian block per layer) for a
+    model with embedding tables under a projection whose coordinates belong to layers
+    ("factored", "grouped"), "full" otherwise. The blocks gain LDS on transformers and lose it
+    on MLPs (docs/settings.md, "Why the defaults")."""
+    return "layer" if embeddings and structure != "dense" else "full"

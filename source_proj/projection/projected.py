@@ -89,14 +89,20 @@ def resolve_structure(
     min_factorable_share: float = AUTO_MIN_FACTORABLE_SHARE,
 ) -> str:
     """``structure`` itself, or for "auto" the structure :func:`~source_proj.projection.options.auto_structure`
-    picks from ``fn``'s attributed parameters and the factorable weights among them (the
-    thresholds are its arguments)."""
+    picks from ``fn``'s attributed parameters, the factorable weights among them and whether
+    it has embedding tables (:func:`has_embeddings`; the thresholds are its arguments)."""
     if structure != "auto":
         return structure
     weights, _ = _taps(fn)
     factorable = sum(rows * cols for rows, cols in weights.values())
-    return auto_structure(fn.num_params(), factorable, dense_max_params=dense_max_params,
+    return auto_structure(fn.num_params(), factorable, has_embeddings(fn), dense_max_params=dense_max_params,
                           min_factorable_share=min_factorable_share)
+
+
+def has_embeddings(fn: ModelFunction) -> bool:
+    """Whether an ``nn.Embedding``'s table is among ``fn``'s attributed parameters (the mark of
+    a language model or another transformer, for the "auto" settings)."""
+    return any(tap.kind == "embedding" for tap in _taps(fn)[1])
 
 
 def make_projection(config: ProjectionConfig, structure: str, fn: ModelFunction, terms: int = 1) -> Projection:
