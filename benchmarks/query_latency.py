@@ -211,10 +211,12 @@ def floor(work: Path) -> dict:
             "query gradients, again in the process": again, "search, again in the process": search_again}
 
 
-COLD_FLOOR = """import sys
-sys.path.insert(0, {bench!r})
-from query_latency import cold_floor
-cold_floor({work!r})
+# Loads this file by its path: benchmarks/ on sys.path would shadow modules (distributed, projection, ...).
+COLD_FLOOR = """import importlib.util
+spec = importlib.util.spec_from_file_location("query_latency", {path!r})
+module = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(module)
+module.cold_floor({work!r})
 """
 
 
@@ -328,7 +330,7 @@ def cli(work: Path) -> dict:
     import_wall, import_cpu, _ = _timed_command([sys.executable, "-c", "import torch"])
     model_wall, _, _ = _timed_command([sys.executable, "-c", "import torch; from transformers import GPT2Config, GPT2LMHeadModel"])
     script = work / "cold_floor.py"
-    script.write_text(COLD_FLOOR.format(bench=str(ROOT), work=str(work)))
+    script.write_text(COLD_FLOOR.format(path=str(Path(__file__).resolve()), work=str(work)))
     cold_wall, _, out = _timed_command([sys.executable, str(script)])
     cold = json.loads(out.strip().splitlines()[-1])
     if cold["proponents"] != _cli_proponents(work):
