@@ -184,7 +184,8 @@ class SourceAttributor:
         # Inside reading_pass(): checkpoint -> (its files' identity, state) and Adam's D^{1/2} (CPU).
         self._held: dict[int, tuple[tuple | None, dict]] | None = None
         self._held_scales: dict[int, dict[str, torch.Tensor]] = {}
-        # Adam's preconditioner: every checkpoint's optimizer state checked once here.
+        # Adam's preconditioner: each optimizer state's structure and step counts checked here,
+        # its moments' values when first needed.
         self.preconditioner = Preconditioner.build(trajectory, model, self.model_fn.names)
         self.spectra: list[SegmentSpectrum] | None = None
         self.operators: torch.Tensor | None = None
