@@ -77,6 +77,7 @@ def measure(size: str, structure: str, dim: int, terms: int) -> dict:
                            proj_structure=structure, kronecker_terms=terms, chunk_size=ROWS,
                            max_gradient_memory="16GiB")
     examples = as_examples(data)
+    att.measure_projection(examples)  # the grouped projection's shares (nothing for the others)
     # The features' cost does not depend on the curvature's values: zero curvature (S = I,
     # phi = t I) spares the dense path a curvature pass through its whole matrix.
     k = att.proj_dim
