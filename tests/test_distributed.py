@@ -54,10 +54,13 @@ def _everything() -> dict[str, torch.Tensor]:
     """Curvature (exact and sampled), in-memory features, self-influence and query features."""
     model, trajectory, (x, y) = trained_classifier(n=44)
     out = {}
-    for mode in ("exact", "sampled"):
+    # The grouped projection's shares are measured on rank 0 and taken by every rank.
+    settings = {"exact": {}, "sampled": {"curvature": "sampled"},
+                "grouped": {"proj_structure": "grouped", "curvature_blocks": "layer"}}
+    for mode, extra in settings.items():
         attributor = SourceAttributor(
-            model, "classification", trajectory, proj_dim=16, chunk_size=6, curvature=mode,
-            keep_segment_features=True, query_mode="final", progress=False,
+            model, "classification", trajectory, proj_dim=16, chunk_size=6, keep_segment_features=True,
+            query_mode="final", progress=False, **extra,
         )
         attributor.fit((x, y))
         out[f"{mode}/hessian"] = attributor.checkpoint_hessian(1, as_examples((x, y)))
@@ -76,6 +79,7 @@ def test_in_memory_fit_bit_identical_for_any_world_size(tmp_path):
     finally:
         torch.set_num_threads(2)
     assert not torch.equal(single["exact/features"], single["sampled/features"])
+    assert not torch.equal(single["exact/features"], single["grouped/features"])
     for world in (2, 3):
         for rank, result in enumerate(run_ranks(world, _everything, (), tmp_path)):
             assert "ok" in result, result.get("traceback")
