@@ -5,7 +5,7 @@ parameters; nothing downloaded), sequences of 64 tokens, sampled curvature, dens
 projections. Two measurements, each made for the code before the change (``--before``, a
 commit: its ``source_proj`` is exported with ``git archive`` and imported instead of this
 tree's) and after it (``--after``, a commit, or by default this tree), in child processes run
-in interleaved rounds:
+in interleaved rounds, each structure's timings and the reads in a fresh process of their own:
 
 * CPU time per row (``time.process_time`` of a one-thread process: other processes on shared
   cores barely move it, wall time does) of the curvature pass at one checkpoint
@@ -13,7 +13,8 @@ in interleaved rounds:
   gradient and one projection per row in both), measured alternately, their ratio per
   repeat, and within the curvature pass the forwards of whole batches
   (``ModelFunction.forward`` with B > 1) and the pseudo-label draws (``torch.multinomial``
-  before, ``Tensor.exponential_`` after: the same random numbers);
+  before, ``Tensor.exponential_`` after: the same random numbers), and the process's peak
+  resident memory (VmHWM, ``lm.peak_rss``) at the end of its repeats;
 * reads of each checkpoint file (``load_state_file``) during construction, an in-memory fit,
   a set of queries and a fit into a feature store, with 3 checkpoint files and 4 chunks of rows.
 
@@ -38,6 +39,7 @@ import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+STRUCTURES = ("dense", "factored")
 TOKENS, VOCAB, ROWS, CHUNK = 64, 1024, 32, 8
 
 
@@ -163,13 +165,15 @@ def _reads() -> dict:
     return phases
 
 
-def child(repeats: int, proj_dim: int) -> None:
-    """One side's measurements, as JSON on stdout."""
+def child(what: str, repeats: int, proj_dim: int) -> None:
+    """One measurement of one side, as JSON on stdout: ``what`` is a structure (its timings and
+    this process's peak resident memory, bytes, at their end) or "reads"."""
     import torch
+    from lm import peak_rss  # a sibling script (this script's folder is on sys.path)
 
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
-    result = {"timings": {s: _timings(s, repeats, proj_dim) for s in ("dense", "factored")}, "reads": _reads()}
+    result = _reads() if what == "reads" else {**_timings(what, repeats, proj_dim), "peak": peak_rss()}
     print(json.dumps(result))
 
 
@@ -179,11 +183,12 @@ def _export(commit: str, folder: Path) -> None:
     subprocess.run(["tar", "-x", "-C", str(folder)], input=archive, check=True)
 
 
-def _run_side(source: Path | None, repeats: int, proj_dim: int) -> dict:
+def _run_side(source: Path | None, what: str, repeats: int, proj_dim: int) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     if source is not None:  # the exported tree comes before the editable install on sys.path
         env["PYTHONPATH"] = str(source)
-    done = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", "--repeats", str(repeats), "--proj-dim", str(proj_dim)],
+    done = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", what, "--repeats", str(repeats),
+                           "--proj-dim", str(proj_dim)],
                           env=env, check=True, capture_output=True, text=True, cwd=tempfile.gettempdir())
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -201,7 +206,7 @@ def _machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} (1 thread)"
 
 
-def _report(sides: dict[str, list[dict]], commits: tuple[str, str], loads: tuple[float, float], proj_dim: int) -> str:
+def _report(sides: dict[str, dict], commits: tuple[str, str], loads: tuple[float, float], proj_dim: int) -> str:
     date = datetime.date.today().isoformat()
     lines = [
         f"# Curvature pass vs feature pass, and checkpoint reads per pass, {date}",
@@ -212,17 +217,20 @@ def _report(sides: dict[str, list[dict]], commits: tuple[str, str], loads: tuple
         f"Before: {commits[0]}; after: {commits[1]} (commits exported with git archive). Child processes in "
         "interleaved rounds; CPU seconds of the one-thread process per row, median (min) over all repeats of "
         "all rounds; the ratio is the median (range) of each repeat's curvature / feature pass, measured one "
-        "after the other.",
+        "after the other. Each structure's rounds run in fresh processes; peak RSS is the largest over its "
+        "rounds of the process's peak resident memory (VmHWM) at the end of its repeats (Python, torch, "
+        "transformers and the model included).",
         "",
         "## CPU time per row (ms)",
         "",
         "| structure | code | curvature pass | of which batch forwards | of which label draws | feature pass "
-        "| curvature / features |",
-        "|---|---|---|---|---|---|---|",
+        "| curvature / features | peak RSS (MiB) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    for structure in ("dense", "factored"):
-        for side, results in sides.items():
-            merged = {key: [v for r in results for v in r["timings"][structure][key]]
+    for structure in STRUCTURES:
+        for side, measured in sides.items():
+            results = measured["timings"][structure]
+            merged = {key: [v for r in results for v in r[key]]
                       for key in ("curvature", "features", "batch_forward", "draws")}
             med = {key: 1e3 * statistics.median(v) for key, v in merged.items()}
             low = {key: 1e3 * min(v) for key, v in merged.items()}
@@ -230,10 +238,11 @@ def _report(sides: dict[str, list[dict]], commits: tuple[str, str], loads: tuple
             lines.append(
                 f"| {structure} | {side} | {med['curvature']:.2f} ({low['curvature']:.2f}) | "
                 f"{med['batch_forward']:.2f} | {med['draws']:.2f} | {med['features']:.2f} ({low['features']:.2f}) | "
-                f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f}) |"
+                f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f}) | "
+                f"{max(r['peak'] for r in results) / 2**20:.0f} |"
             )
     lines += ["", "## Reads of each checkpoint file (3 files)", "", "| phase | before | after |", "|---|---|---|"]
-    before, after = sides["before"][0]["reads"], sides["after"][0]["reads"]
+    before, after = sides["before"]["reads"], sides["after"]["reads"]
     for phase in after:
         def shown(found: dict) -> str:
             return ", ".join(f"{name}: {count}" for name, count in found.items()) or "none"
@@ -250,22 +259,26 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--proj-dim", type=int, default=256)
     parser.add_argument("--out", type=Path)
-    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=(*STRUCTURES, "reads"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        child(args.repeats, args.proj_dim)
+        child(args.child, args.repeats, args.proj_dim)
         return
     if args.before is None:
         parser.error("--before <commit> is needed")
     start_load = os.getloadavg()[0]
-    sides: dict[str, list[dict]] = {"before": [], "after": []}
+    sides: dict[str, dict] = {side: {"timings": {s: [] for s in STRUCTURES}} for side in ("before", "after")}
     with tempfile.TemporaryDirectory() as before, tempfile.TemporaryDirectory() as after:
         _export(args.before, Path(before))
         if args.after is not None:
             _export(args.after, Path(after))
+        sources = {"before": Path(before), "after": None if args.after is None else Path(after)}
         for _ in range(args.rounds):
-            sides["before"].append(_run_side(Path(before), args.repeats, args.proj_dim))
-            sides["after"].append(_run_side(None if args.after is None else Path(after), args.repeats, args.proj_dim))
+            for structure in STRUCTURES:
+                for side, source in sources.items():
+                    sides[side]["timings"][structure].append(_run_side(source, structure, args.repeats, args.proj_dim))
+        for side, source in sources.items():
+            sides[side]["reads"] = _run_side(source, "reads", args.repeats, args.proj_dim)
     text = _report(sides, (args.before, args.after or "this tree"), (start_load, os.getloadavg()[0]), args.proj_dim)
     if args.out:
         args.out.write_text(text)
