@@ -16,6 +16,11 @@ process, ``--repeats`` times (median, min):
   ``source_proj.curation`` (for ``curate --rank-by``'s choices), beyond the torch import every
   command makes anyway.
 
+Each row also gives the largest over the repeats of its process's peak resident memory (VmHWM,
+``lm.peak_rss``, read after the timings; the four phases run in one process and share its
+figure; for the whole command, ``os.wait4``'s ``ru_maxrss``, the same high-water mark, since the
+command runs unmodified).
+
 ``python -X importtime`` of the parse step gives the modules that cost most to import. The
 table is appended, under ``--label`` (e.g. "before" / "after" a change), with the machine's
 load, to ``benchmarks/results/cli-startup-<date>.md``.
@@ -39,10 +44,13 @@ from pathlib import Path
 
 WORDS = "abcdefghij"
 PHASES = ("imports + parser", "build the run", "store + query features", "search")
+# imported after the timings: lm (a sibling script) imports torch at its top
+_PEAK_RSS = f"import sys; sys.path.insert(0, {str(Path(__file__).resolve().parent)!r}); from lm import peak_rss"
 _CURATION_IMPORT = (
-    "import time, torch; t = time.perf_counter(); import source_proj.curation; print(time.perf_counter() - t)"
+    "import json, time, torch; t = time.perf_counter(); import source_proj.curation; dt = time.perf_counter() - t; "
+    f"{_PEAK_RSS}; print(json.dumps([dt, peak_rss()]))"
 )
-_DRIVER = """
+_DRIVER = f"""
 import json, sys, time
 t0 = time.perf_counter()
 from source_proj.cli.main import build_parser
@@ -56,7 +64,8 @@ queries = attributor.query_features(spec.queries).numpy()
 t3 = time.perf_counter()
 commands._exact_results(args, store, queries, None, ["proponents", "opponents"])
 t4 = time.perf_counter()
-print(json.dumps([t1 - t0, t2 - t1, t3 - t2, t4 - t3]))
+{_PEAK_RSS}
+print(json.dumps([t1 - t0, t2 - t1, t3 - t2, t4 - t3, peak_rss()]))
 """
 
 
@@ -103,6 +112,19 @@ def _run(command: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run(command, check=True, capture_output=True, text=True)
 
 
+def _whole_command(argv: list[str]) -> tuple[float, int]:
+    """Wall seconds and peak resident memory (bytes, the kernel's ``ru_maxrss`` of the child) of
+    ``python -m source_proj.cli.main`` with ``argv``."""
+    start = time.perf_counter()
+    child = subprocess.Popen([sys.executable, "-m", "source_proj.cli.main", *argv], stdout=subprocess.DEVNULL)
+    _, status, usage = os.wait4(child.pid, 0)
+    wall = time.perf_counter() - start
+    child.returncode = os.waitstatus_to_exitcode(status)
+    if child.returncode:
+        raise subprocess.CalledProcessError(child.returncode, child.args)
+    return wall, usage.ru_maxrss * 1024
+
+
 def _import_costs(argv: list[str], top: int = 8) -> list[tuple[str, float]]:
     """The ``top`` modules with the largest cumulative import time (s) of the parse step."""
     code = "import sys; from source_proj.cli.main import build_parser; build_parser().parse_args(sys.argv[1:])"
@@ -126,21 +148,30 @@ def main() -> None:
     work = Path(args.workdir or tempfile.mkdtemp(prefix="cli-startup-"))
     work.mkdir(parents=True, exist_ok=True)
     argv = _setup(work)
-    phases, whole, cpu, curation = [], [], [], []
+    phases, whole, cpu, curation, peaks = [], [], [], [], {"driver": [], "whole": [], "curation": []}
     for _ in range(args.repeats):
-        phases.append(json.loads(_run([sys.executable, "-c", _DRIVER, *argv]).stdout.strip().splitlines()[-1]))
-        before, start = os.times(), time.perf_counter()
-        _run([sys.executable, "-m", "source_proj.cli.main", *argv])
-        whole.append(time.perf_counter() - start)
+        *times, peak = json.loads(_run([sys.executable, "-c", _DRIVER, *argv]).stdout.strip().splitlines()[-1])
+        phases.append(times)
+        peaks["driver"].append(peak)
+        before = os.times()
+        wall, peak = _whole_command(argv)
+        whole.append(wall)
+        peaks["whole"].append(peak)
         after = os.times()
         cpu.append(after.children_user + after.children_system - before.children_user - before.children_system)
-        curation.append(float(_run([sys.executable, "-c", _CURATION_IMPORT]).stdout))
-    rows = [(name, [p[i] for p in phases]) for i, name in enumerate(PHASES)] + [
-        ("whole command", whole), ("whole command, CPU time", cpu), ("curation import after torch", curation)]
+        seconds, peak = json.loads(_run([sys.executable, "-c", _CURATION_IMPORT]).stdout)
+        curation.append(seconds)
+        peaks["curation"].append(peak)
+    rows = [(name, [p[i] for p in phases], peaks["driver"]) for i, name in enumerate(PHASES)] + [
+        ("whole command", whole, peaks["whole"]), ("whole command, CPU time", cpu, peaks["whole"]),
+        ("curation import after torch", curation, peaks["curation"])]
     lines = [f"\n## {args.label}\n", f"{datetime.datetime.now():%Y-%m-%d %H:%M}, {platform.machine()}, "
              f"{os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}, {args.repeats} repeats\n",
-             "| phase | median (s) | min (s) |", "|---|---|---|"]
-    lines += [f"| {name} | {statistics.median(t):.2f} | {min(t):.2f} |" for name, t in rows]
+             "peak RSS: the largest over the repeats of the peak resident memory (VmHWM) of the row's process; "
+             "the four phases run in one process and share its figure.\n",
+             "| phase | median (s) | min (s) | peak RSS (MiB) |", "|---|---|---|---|"]
+    lines += [f"| {name} | {statistics.median(t):.2f} | {min(t):.2f} | {max(peak) / 2**20:.0f} |"
+              for name, t, peak in rows]
     lines += ["", "largest cumulative imports of the parse step (`python -X importtime`):", "",
               "| module | s |", "|---|---|"]
     lines += [f"| {name} | {seconds:.2f} |" for name, seconds in _import_costs(argv)]
