@@ -9,7 +9,13 @@ from typing import TYPE_CHECKING, Any
 
 from source_proj.errors import InputError
 from source_proj.gradients.memory import parse_bytes
-from source_proj.projection.options import AUTO_DENSE_MAX_PARAMS, CURVATURE_MODES, STRUCTURES, auto_curvature_blocks
+from source_proj.projection.options import (
+    AUTO_DENSE_MAX_PARAMS,
+    AUTO_GROUPED_MAX_PARAMS,
+    CURVATURE_MODES,
+    STRUCTURES,
+    auto_curvature_blocks,
+)
 
 if TYPE_CHECKING:
     from source_proj.projection.jl import ProjectionConfig
@@ -67,10 +73,12 @@ class SourceConfig:
             never formed; other parameters dense; see ``projection.kronecker``), "grouped"
             (gradients formed as for dense, each layer projected by its own i.i.d. matrix, k
             shared among layers by their measured gradient energy; ``projection.grouped``) or "auto"
-            (default): "dense" for models of at most 100,000 attributed parameters, where the
-            dense projection costs at most about 4x the factored pass and is 0.02-0.17 LDS more
-            accurate, or whose factorable weights are under half their parameters; "factored"
-            otherwise, where dense costs 8x-90x more (``projection.options.auto_structure``,
+            (default): for a model with embedding tables (a language model, a transformer)
+            "grouped" up to 10M attributed parameters, where it costs at most about 3x the
+            factored pass and was 0.01-0.07 LDS more accurate; for other models "dense" up to
+            100,000, where it costs at most about 4x the factored pass and is 0.02-0.17 LDS
+            more accurate; either at any size when the factorable weights are under half the
+            parameters; "factored" otherwise (``projection.options.auto_structure``,
             docs/settings.md). The attributor resolves it per model, and stores record the
             resolved structure.
         kronecker_terms: r, Kronecker products summed per factored weight (1..256; default 4):
@@ -137,8 +145,9 @@ class SourceConfig:
     proj_structure: str = _setting(
         "auto", "dense: every per-example gradient formed and projected; factored: linear, embedding and GPT-2 "
         "Conv1D weights projected by Kronecker factors without forming their gradients; grouped: as dense, one "
-        "matrix per layer with k shared by gradient energy; auto: dense for models of "
-        f"at most {AUTO_DENSE_MAX_PARAMS:,} parameters (or mostly of other layers), factored otherwise",
+        "matrix per layer with k shared by gradient energy; auto: grouped for models with embedding tables of at "
+        f"most {AUTO_GROUPED_MAX_PARAMS:,} parameters, dense for others of at most {AUTO_DENSE_MAX_PARAMS:,} (either "
+        "when mostly of other layers), factored otherwise",
         flag="--proj-structure", choices=("auto", *STRUCTURES), group="projection")
     kronecker_terms: int = _setting(4, "Kronecker products summed per factored weight (more: closer to dense accuracy)",
                                     flag="--kronecker-terms", kind="positive", group="projection")

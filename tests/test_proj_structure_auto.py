@@ -46,10 +46,12 @@ def test_gpt2_above_the_threshold_resolves_factored_by_its_factorable_share():
     others = layers * 13 * width + 2 * width
     assert fn.num_params() == factorable + others
     assert resolve_structure("auto", fn) == "grouped"  # 1,824 parameters, embeddings: under the default threshold
+    # With embeddings the grouped threshold counts, not the dense one.
+    assert resolve_structure("auto", fn, dense_max_params=0, grouped_max_params=fn.num_params()) == "grouped"
     share = factorable / (factorable + others)
-    assert resolve_structure("auto", fn, dense_max_params=1000, min_factorable_share=share) == "factored"
-    assert resolve_structure("auto", fn, dense_max_params=1000, min_factorable_share=share + 1e-9) == "grouped"
-    assert resolve_structure("auto", fn, dense_max_params=1000) == "factored"  # the default share, 0.5
+    assert resolve_structure("auto", fn, grouped_max_params=1000, min_factorable_share=share) == "factored"
+    assert resolve_structure("auto", fn, grouped_max_params=1000, min_factorable_share=share + 1e-9) == "grouped"
+    assert resolve_structure("auto", fn, grouped_max_params=1000) == "factored"  # the default share, 0.5
 
 
 class _MostlyTable(nn.Module):

@@ -13,6 +13,10 @@ AUTO_DENSE_MAX_PARAMS = 100_000  # benchmarks/results/auto-structure-2026-12-06.
 # ... and dense where the factorable weights are less than this share of the attributed
 # parameters: the others are formed and projected densely either way.
 AUTO_MIN_FACTORABLE_SHARE = 0.5
+# Models with embedding tables keep the grouped projection up to this many attributed
+# parameters: it costs 1.0-3.1x the factored pass from 36k to 9.6M parameters (GPT-2 shapes,
+# k = 1024, one CPU thread; 2.7x at 9.6M) and scored 0.014-0.074 LDS above it on the LM scenarios.
+AUTO_GROUPED_MAX_PARAMS = 10_000_000  # benchmarks/results/auto-structure-grouped-2026-12-06.md
 
 
 def auto_structure(
@@ -21,19 +25,23 @@ def auto_structure(
     embeddings: bool = False,
     *,
     dense_max_params: int = AUTO_DENSE_MAX_PARAMS,
+    grouped_max_params: int = AUTO_GROUPED_MAX_PARAMS,
     min_factorable_share: float = AUTO_MIN_FACTORABLE_SHARE,
 ) -> str:
     """The structure ``proj_structure="auto"`` resolves to for a model with ``num_params``
     attributed parameters, ``factorable_params`` of them in weights the factored projection
     can take (``nn.Linear``, ``nn.Embedding``, GPT-2 ``Conv1D``), and attributed embedding
-    tables or not (``embeddings``): where the model is small enough that forming and
-    projecting its per-example gradients is cheap (``num_params <= dense_max_params``) or
-    its factorable weights are less than ``min_factorable_share`` of its parameters, "grouped"
-    for a model with embeddings (language models and other transformers: one i.i.d. matrix
-    and one Hessian block per layer, docs/settings.md) and "dense" for the others; "factored"
-    otherwise."""
-    if num_params <= dense_max_params or factorable_params < min_factorable_share * num_params:
-        return "grouped" if embeddings else "dense"
+    tables or not (``embeddings``).
+
+    A model with embeddings (language models and other transformers) gets "grouped" (one i.i.d.
+    matrix and one Hessian block per layer, docs/settings.md) up to ``grouped_max_params``; a
+    model without gets "dense" up to ``dense_max_params``, where forming and projecting its
+    per-example gradients is cheap. Either gets that structure at any size when its factorable
+    weights are less than ``min_factorable_share`` of its parameters; "factored" otherwise."""
+    formed = "grouped" if embeddings else "dense"
+    limit = grouped_max_params if embeddings else dense_max_params
+    if num_params <= limit or factorable_params < min_factorable_share * num_params:
+        return formed
     return "factored"
 
 

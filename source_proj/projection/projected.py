@@ -60,6 +60,7 @@ from source_proj.projection.layer_names import layer_members
 from source_proj.projection.layer_taps import LayerTaps, Tap, find_taps
 from source_proj.projection.options import (
     AUTO_DENSE_MAX_PARAMS,
+    AUTO_GROUPED_MAX_PARAMS,
     AUTO_MIN_FACTORABLE_SHARE,
     CURVATURE_MODES,
     STRUCTURES,
@@ -86,6 +87,7 @@ def resolve_structure(
     fn: ModelFunction,
     *,
     dense_max_params: int = AUTO_DENSE_MAX_PARAMS,
+    grouped_max_params: int = AUTO_GROUPED_MAX_PARAMS,
     min_factorable_share: float = AUTO_MIN_FACTORABLE_SHARE,
 ) -> str:
     """``structure`` itself, or for "auto" the structure :func:`~source_proj.projection.options.auto_structure`
@@ -96,7 +98,7 @@ def resolve_structure(
     weights, _ = _taps(fn)
     factorable = sum(rows * cols for rows, cols in weights.values())
     return auto_structure(fn.num_params(), factorable, has_embeddings(fn), dense_max_params=dense_max_params,
-                          min_factorable_share=min_factorable_share)
+                          grouped_max_params=grouped_max_params, min_factorable_share=min_factorable_share)
 
 
 def has_embeddings(fn: ModelFunction) -> bool:
