@@ -24,15 +24,17 @@ def _run(folder):
     return model, SETTINGS.trajectory(ckpts), (x, y)
 
 
-def _attributor(model, traj):
-    return SourceAttributor(model, "classification", traj, proj_dim=16, chunk_size=4, progress=False)
+def _attributor(model, traj, **settings):
+    return SourceAttributor(model, "classification", traj, proj_dim=16, chunk_size=4, progress=False, **settings)
 
 
-def test_interrupted_fit_resumes_from_stored_curvature_with_identical_features(tmp_path, monkeypatch):
+# The grouped projection's shares, measured when the fit began, come back from the store on resume.
+@pytest.mark.parametrize("settings", [{}, {"proj_structure": "grouped", "curvature_blocks": "layer"}])
+def test_interrupted_fit_resumes_from_stored_curvature_with_identical_features(tmp_path, monkeypatch, settings):
     model, traj, train = _run(tmp_path / "ckpts")
-    whole, _ = fit_store(_attributor(model, traj), train, tmp_path / "whole.zarr", chunk_rows=8)
+    whole, _ = fit_store(_attributor(model, traj, **settings), train, tmp_path / "whole.zarr", chunk_rows=8)
 
-    broken = _attributor(model, traj)
+    broken = _attributor(model, traj, **settings)
     calls = {"n": 0}
     original = broken.featurize_rows
 
@@ -46,15 +48,17 @@ def test_interrupted_fit_resumes_from_stored_curvature_with_identical_features(t
     with pytest.raises(KeyboardInterrupt):
         fit_store(broken, train, tmp_path / "resumed.zarr", chunk_rows=8)
 
-    resumed = _attributor(model, traj)
+    resumed = _attributor(model, traj, **settings)
     monkeypatch.setattr(resumed, "checkpoint_hessian", lambda *a: pytest.fail("curvature recomputed on resume"))
+    monkeypatch.setattr(resumed, "measure_projection", lambda *a: pytest.fail("shares measured again on resume"))
     store, report = fit_store(resumed, train, tmp_path / "resumed.zarr", chunk_rows=8)
     assert store.is_complete
     assert report.computed_chunks == (2, 3, 4) and report.skipped_chunks == 2  # nothing done twice
     np.testing.assert_array_equal(store.read_rows(0, 40), whole.read_rows(0, 40))
     np.testing.assert_array_equal(store.self_influence(), whole.self_influence())
     # ...and equal to the in-memory attributor.
-    memory = _attributor(model, traj).fit(train)
+    memory = _attributor(model, traj, **settings).fit(train)
+    assert resumed.projection == memory.projection
     np.testing.assert_allclose(store.read_rows(0, 40), memory.train_features.numpy(), rtol=1e-6, atol=1e-9)
 
 
