@@ -587,7 +587,7 @@ class SourceAttributor:
                 f"expected {self.num_segments} segment spectra and weights, got {len(spectra)} and {len(weights)}"
             )
         self.spectra = list(spectra)
-        self.operators = transport_operators(self.spectra, transport=self.query_form.transports)
+        self.operators = transport_operators(self.spectra, self.query_form.transports, self.curvature_groups)
         self.weights = torch.tensor(list(weights), dtype=torch.float64)
         self.stages = tuple(dict.fromkeys(seg.stage for seg, w in zip(self.segments, weights) if w > 0))
 

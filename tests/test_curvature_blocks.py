@@ -6,7 +6,7 @@ from lm_helpers import tiny_gpt2
 from tiny_models import small_attributor, small_run
 
 from source_proj.config import SourceConfig
-from source_proj.curvature.spectra import segment_spectrum
+from source_proj.curvature.spectra import SegmentSpectrum, segment_spectrum, transport_operators
 from source_proj.errors import InputError
 from source_proj.features.errors import StoreMismatchError
 from source_proj.gradients.model import ModelFunction
@@ -34,6 +34,28 @@ def test_block_spectrum_equals_the_matrix_functions_of_the_block_restricted_hess
                                rtol=0, atol=1e-12)
     # The eigenvectors never mix coordinates of different groups.
     assert torch.count_nonzero(spectrum.eigenvectors[groups[:, None] != groups[None, :]]) == 0
+
+
+@pytest.mark.parametrize("transport", [True, False])
+def test_blockwise_transport_operators_equal_the_whole_matrix_products(transport):
+    gen = torch.Generator().manual_seed(1)
+    k = 12
+    groups = torch.tensor([2, 2, 0, 0, 0, 1, 2, 1, 1, 0, 2, 2])
+    spectra = []
+    for t in (0.5, 2.0, 1.0):
+        factor = torch.randn(k, 6, generator=gen, dtype=torch.float64)
+        spectra.append(segment_spectrum([factor @ factor.T], 0.01, t, groups))
+    spectra.append(SegmentSpectrum(torch.zeros(k, dtype=torch.float64), torch.eye(k, dtype=torch.float64), 0.7))
+    # Oracle: the products of the whole k x k matrices, S_L ... S_{l+1} phi_l (or phi_l alone).
+    expected = []
+    for l, spectrum in enumerate(spectra):
+        op = spectrum.phi()
+        for later in spectra[l + 1 :] if transport else []:
+            op = later.exp() @ op  # S_{l+1} first, S_L last
+        expected.append(op)
+    got = transport_operators(spectra, transport, groups)
+    torch.testing.assert_close(got, torch.stack(expected), rtol=0, atol=1e-12)
+    assert torch.count_nonzero(got[:, groups[:, None] != groups[None, :]]) == 0
 
 
 def test_layer_groups_follow_numbered_layers_and_keep_other_weights_apart():

@@ -8,10 +8,11 @@ eigendecomposed in float64, H_l = V diag(s) V^T, and with t_l = eta_l K_l
     S_l   = exp(-t_l H_l)                 = V diag(exp(-t s)) V^T
     phi_l = (I - exp(-t_l H_l)) H_l^{-1}  = V diag(-expm1(-t s) / s) V^T   (-> t as s -> 0)
 
-With coordinate groups (the factored projection's layers, ``KroneckerPlan.layer_groups``),
-H_l is first restricted to its diagonal blocks, one per group, and each block is
-eigendecomposed on its own: V is then block-diagonal (up to the order of the coordinates),
-and so are S_l and phi_l. The eigenproblems stay as small as a layer's share of k.
+With coordinate groups (the factored or grouped projection's layers,
+``projection.projected.layer_groups``), H_l is first restricted to its diagonal blocks, one per
+group, and each block is eigendecomposed on its own: V is then block-diagonal (up to the order
+of the coordinates), and so are S_l, phi_l and the transport operators, which are formed block
+by block. The eigenproblems and products stay as small as a layer's share of k.
 """
 
 from __future__ import annotations
@@ -151,13 +152,33 @@ def _segment_decay(decay: float | Sequence[float], segment: Segment) -> float:
     return rates[0] if len(set(rates)) == 1 else sum(rates) / len(rates)
 
 
-def transport_operators(spectra: list[SegmentSpectrum], transport: bool = True) -> torch.Tensor:
+def transport_operators(
+    spectra: list[SegmentSpectrum], transport: bool = True, groups: torch.Tensor | None = None
+) -> torch.Tensor:
     """M_l for each segment, (L, k, k) float64.
 
     With ``transport`` (the paper's form): M_l = S_L ... S_{l+1} phi_l, so that a perturbation
     made in segment l is carried to the final parameters. Without: M_l = phi_l (for query
     gradients taken at each segment's own checkpoints).
+
+    With ``groups`` ((k,) labels), every spectrum must be block-diagonal over them (as
+    :func:`segment_spectrum` makes them with the same groups, and a zero-curvature placeholder
+    is): then so is every M_l, and each block is computed on its own, in sum_g k_g^3
+    operations rather than k^3.
     """
+    if groups is None:
+        return _operators(spectra, transport)
+    k = spectra[0].eigenvectors.shape[0]
+    out = torch.zeros(len(spectra), k, k, dtype=torch.float64)
+    for label in torch.unique(groups):
+        index = torch.nonzero(groups == label).squeeze(1)
+        block = [SegmentSpectrum(s.eigenvalues[index], s.eigenvectors[index][:, index], s.time) for s in spectra]
+        out[:, index[:, None], index[None, :]] = _operators(block, transport)
+    return out
+
+
+def _operators(spectra: list[SegmentSpectrum], transport: bool) -> torch.Tensor:
+    """:func:`transport_operators` on whole matrices."""
     ops = []
     carried = torch.eye(spectra[0].eigenvectors.shape[0], dtype=torch.float64)
     with one_thread():
