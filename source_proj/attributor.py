@@ -341,6 +341,8 @@ class SourceAttributor:
             inputs, targets = examples.take(chosen, self.device)
             with dataset_rows(chosen):
                 grads = per_example_gradients(self.model_fn, params, consts, loss_objective(self.task.loss), inputs, targets)
+                for name, block in grads.items():
+                    check_finite(block, f"gradients of {name!r} at checkpoint {final}")
             totals += squared_norms(grads, projection.groups, scale)
         energies = (totals / len(rows)).sqrt().tolist()
         energies = merge_mappings(self.group, {"energies": energies} if self.group.is_main else {})["energies"]

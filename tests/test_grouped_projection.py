@@ -19,6 +19,7 @@ from source_proj.errors import InputError
 from source_proj.evaluation import scenarios
 from source_proj.evaluation.baselines import source_scores
 from source_proj.evaluation.projected_run import project_run
+from source_proj.gradients.per_example import NonFiniteError
 from source_proj.kernels.reference import matrix_block
 from source_proj.projection.grouped import GroupedProjection, energy_shares, squared_norms
 from source_proj.projection.jl import ProjectionConfig, project
@@ -161,3 +162,13 @@ def test_baselines_project_a_grouped_run_like_the_attributor() -> None:
     got = source_scores(run, config)
     scale = float(torch.as_tensor(expected).abs().max())
     np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=1e-4, atol=1e-5 * scale)
+
+
+def test_non_finite_gradients_are_named_before_any_share_is_set(run) -> None:
+    _, _, (x, y) = run
+    bad = x.clone()
+    bad[5, 0] = float("nan")
+    attributor = _attributor(run)
+    with pytest.raises(NonFiniteError, match=r"first bad rows \[5\] of the data"):
+        attributor.measure_projection((bad, y))
+    assert not attributor.projection.measured
