@@ -68,6 +68,9 @@ def test_energy_shares_by_hand() -> None:
     assert energy_shares([2, 3], [1.0, 5.0], 10) == (2, 3)
     with pytest.raises(InputError, match="below the number of projected blocks"):
         energy_shares([5, 5, 5], [1.0, 1.0, 1.0], 2)
+    # Refused when the projection is made, before any fit: every layer needs a coordinate.
+    with pytest.raises(InputError, match="proj_dim=2 is below the number of layers"):
+        GroupedProjection(ProjectionConfig(dim=2), (("a",), ("b",), ("c",)), (7, 5, 9))
 
 
 def test_layer_names() -> None:
