@@ -103,7 +103,7 @@ class GroupedProjection:
     def __post_init__(self) -> None:
         if self.config.dim < len(self.groups):
             raise InputError(f"proj_dim={self.config.dim} is below the number of layers the grouped projection gives one "
-                             f"coordinate at least ({len(self.groups)}); raise proj_dim")
+                             f"coordinate at least ({len(self.groups)}); raise proj_dim, or use proj_structure='dense'")
         if len(self.sizes) != len(self.groups) or (self.shares and len(self.shares) != len(self.groups)):
             raise InputError(f"a grouped projection needs one size and one share per group, got {len(self.groups)} "
                              f"groups, {len(self.sizes)} sizes and {len(self.shares)} shares")
