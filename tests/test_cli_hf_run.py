@@ -268,3 +268,30 @@ def test_a_sequence_classifier_run_is_classification_with_named_labels(tmp_path,
         assert [r["train_id"] for r in got] == scores[q].argsort(descending=True)[:3].tolist()
         for r in got:
             assert r["score"] == pytest.approx(float(scores[q, r["train_id"]]), rel=1e-4, abs=1e-7)
+
+
+def test_query_files_of_a_trainer_run_are_data_files_answered_in_one_process(run, tmp_path, capsys):
+    root, _, _ = run
+    files = ["--run", str(root / "run"), "--train", str(root / "train.jsonl")]
+    store = str(tmp_path / "feats.zarr")
+    assert main(["fit", *files, "--store", store, "--quiet", *SETTINGS]) == 0
+    assert main(["topk", *files, "--queries", str(root / "queries.jsonl"), "--store", store, "-k", "3", "--quiet",
+                 "--json"]) == 0
+    separate = json.loads(capsys.readouterr().out)
+    # The same query file listed twice, and a missing one between them: one JSON line each.
+    listed = tmp_path / "list.txt"
+    missing = str(tmp_path / "absent.jsonl")
+    listed.write_text(f"{root / 'queries.jsonl'}\n{missing}\n{root / 'queries.jsonl'}\n")
+    code = main(["topk", *files, "--store", store, "-k", "3", "--quiet", "--query-files", str(listed)])
+    out = capsys.readouterr()
+    assert code == 2
+    answers = [json.loads(line) for line in out.out.splitlines()]
+    assert [a["query_file"] for a in answers] == [str(root / "queries.jsonl"), missing, str(root / "queries.jsonl")]
+    assert missing in answers[1]["error"]
+    for answer in (answers[0], answers[2]):
+        got = answer["results"]
+        assert len(got) == len(separate) > 0
+        for mine, theirs in zip(got, separate):
+            assert (mine["query"], mine["kind"], mine["rank"], mine["train_id"]) == (
+                theirs["query"], theirs["kind"], theirs["rank"], theirs["train_id"])
+            assert mine["score"] == pytest.approx(theirs["score"], rel=1e-6, abs=1e-9)

@@ -40,16 +40,22 @@ STORE_HELP = "the feature store directory written by 'source-proj fit'"
 
 def _load_spec(args: argparse.Namespace) -> Any:
     """The TaskSpec of ``--task``, or of ``--run`` with the ``--train`` / ``--queries`` data files."""
+    return _load_spec_and_reader(args)[0]
+
+
+def _load_spec_and_reader(args: argparse.Namespace) -> tuple[Any, Callable[[str], Any]]:
+    """(:func:`_load_spec`, a function reading one more query file as the task's queries are
+    given: rows saved with ``torch.save`` for ``--task``, a data file for ``--run``)."""
     if getattr(args, "run", None) is None:
         from source_proj.cli.task_spec import load_task
 
-        return load_task(args.task)
-    from source_proj.cli.hf_run import run_task_spec
+        return load_task(args.task), _query_rows
+    from source_proj.cli.hf_run import run_task_and_reader
 
     if args.train is None:
         raise InputError(f"--run {args.run} needs --train FILE|DIR: the training rows the run was trained on")
-    return run_task_spec(args.run, args.train, args.queries, task_type=args.task_type, text_column=args.text_column,
-                         label_column=args.label_column, max_length=args.max_length)
+    return run_task_and_reader(args.run, args.train, args.queries, task_type=args.task_type,
+                               text_column=args.text_column, label_column=args.label_column, max_length=args.max_length)
 
 
 def _spec_name(args: argparse.Namespace) -> str:
@@ -383,10 +389,7 @@ def _topk_stream(args: argparse.Namespace) -> int:
 
     if ProcessGroup.current().distributed:
         raise InputError("--query-files runs in one process (it reads the list as it comes); run it without torchrun")
-    if getattr(args, "run", None) is not None:
-        raise InputError("--query-files needs --task (query files hold rows saved with torch.save); with --run, give "
-                         "each query set with --queries")
-    spec = _load_spec(args)
+    spec, read_queries = _load_spec_and_reader(args)
     store, attributor = _store_attributor(args, spec)
     train_text = spec.texts("train")
     failed = 0
@@ -396,7 +399,7 @@ def _topk_stream(args: argparse.Namespace) -> int:
             if not path:
                 continue
             try:
-                queries, segments = _query_features(args, store, attributor, _query_rows(path))
+                queries, segments = _query_features(args, store, attributor, read_queries(path))
                 records, _ = _topk_records(_topk_results(args, store, queries, segments), None, train_text)
                 answer: dict[str, Any] = {"query_file": path, "results": records}
             except (SourceProjError, OSError) as exc:
@@ -785,9 +788,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                       help="many query sets in one process (start-up paid once): instead of the task's queries, "
                       "answer the query files listed in LIST (- : standard input), one path per line, each as soon "
                       "as its line is read; a query file holds rows saved with torch.save in a form TaskSpec.queries "
-                      "takes. Writes one JSON line per file, flushed: {\"query_file\": path, \"results\": [objects "
-                      "as with --json]}, or {\"query_file\": path, \"error\": message} and on to the next line "
-                      "(exit code 2 at the end). Needs --task")
+                      "takes (--task), or is a data file read as --queries is (--run). Writes one JSON line per file, "
+                      "flushed: {\"query_file\": path, \"results\": [objects as with --json]}, or "
+                      "{\"query_file\": path, \"error\": message} and on to the next line (exit code 2 at the end)")
     _output_flags(topk)
     topk.set_defaults(handler=reporting_errors(_topk))
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -146,7 +147,7 @@ def _task(run: HFRun, train: Rows) -> Any:
     return CausalLMTask(reduction=reduction, shift=False, measure="log_prob")
 
 
-def run_task_spec(
+def run_task_and_reader(
     run_dir: str | os.PathLike,
     train: str | os.PathLike,
     queries: str | os.PathLike | None = None,
@@ -155,10 +156,12 @@ def run_task_spec(
     text_column: str = "text",
     label_column: str | None = None,
     max_length: int | None = None,
-) -> TaskSpec:
+) -> tuple[TaskSpec, Callable[[str], Any]]:
     """The :class:`TaskSpec` of the Trainer run ``run_dir`` with training rows from the data
     file or folder ``train`` and query rows from ``queries`` (see the module docstring and
-    :mod:`source_proj.cli.data_files`); texts are the rows' tokens decoded."""
+    :mod:`source_proj.cli.data_files`; texts are the rows' tokens decoded), and a function that
+    reads one more query data file (a path) as ``queries`` is read, with the run's tokenizer,
+    task type and labels (``topk --query-files``: the run is opened once for all of them)."""
     from source_proj.trajectory.hf_trainer import trainer_trajectory
 
     run = open_run(run_dir, task_type)
@@ -168,7 +171,7 @@ def run_task_spec(
                 num_labels=getattr(config, "num_labels", 0))
     train_rows = tokenised_rows(os.fspath(train), **read)
     query_rows = None if queries is None else tokenised_rows(os.fspath(queries), **read)
-    return TaskSpec(
+    spec = TaskSpec(
         model=run.model,
         task=_task(run, train_rows),
         trajectory=trainer_trajectory(run.path, model=run.model),
@@ -177,3 +180,4 @@ def run_task_spec(
         train_text="text",
         query_text=None if query_rows is None else "text",
     )
+    return spec, lambda path: tokenised_rows(path, **read).dataset()
