@@ -107,12 +107,16 @@ def _block_eigh(matrix: torch.Tensor, groups: torch.Tensor) -> tuple[torch.Tenso
         raise InputError(f"curvature groups must label each of the {k} coordinates, got shape {tuple(groups.shape)}")
     evals = torch.empty(k, dtype=matrix.dtype)
     evecs = torch.zeros(k, k, dtype=matrix.dtype)
-    for label in torch.unique(groups):
-        index = torch.nonzero(groups == label).squeeze(1)
+    for index in _group_indices(groups):
         values, vectors = torch.linalg.eigh(matrix[index][:, index])
         evals[index] = values
         evecs[index[:, None], index[None, :]] = vectors
     return evals, evecs
+
+
+def _group_indices(groups: torch.Tensor) -> list[torch.Tensor]:
+    """The coordinates of each group of ``groups`` ((k,) labels), in increasing label order."""
+    return [torch.nonzero(groups == label).squeeze(1) for label in torch.unique(groups)]
 
 
 def segment_spectra(
@@ -170,8 +174,7 @@ def transport_operators(
         return _operators(spectra, transport)
     k = spectra[0].eigenvectors.shape[0]
     out = torch.zeros(len(spectra), k, k, dtype=torch.float64)
-    for label in torch.unique(groups):
-        index = torch.nonzero(groups == label).squeeze(1)
+    for index in _group_indices(groups):
         block = [SegmentSpectrum(s.eigenvalues[index], s.eigenvectors[index][:, index], s.time) for s in spectra]
         out[:, index[:, None], index[None, :]] = _operators(block, transport)
     return out

@@ -137,16 +137,13 @@ def share_budget(sizes: Sequence[int], budget: int, weights: Sequence[float] | N
             break
         left = budget - sum(fixed.values())
         total = sum(weights[i] for i in free)
-        changed = False
-        for i in free:
-            share = left * weights[i] / total if total > 0 else left / len(free)
-            if share >= sizes[i] or share < 1:
-                fixed[i] = float(sizes[i]) if share >= sizes[i] else 1.0
-                changed = True
-        if not changed:
-            for i in free:
-                fixed[i] = left * weights[i] / total if total > 0 else left / len(free)
+        shares = {i: left * weights[i] / total if total > 0 else left / len(free) for i in free}
+        capped = {i: float(sizes[i]) if shares[i] >= sizes[i] else 1.0
+                  for i in free if shares[i] >= sizes[i] or shares[i] < 1}
+        if not capped:
+            fixed.update(shares)
             break
+        fixed.update(capped)
     return [max(1, min(sizes[i], int(math.floor(fixed[i] + 1e-9)))) for i in range(len(sizes))]
 
 

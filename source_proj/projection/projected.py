@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import torch
 
@@ -58,14 +59,7 @@ from source_proj.projection.kronecker import (
 )
 from source_proj.projection.layer_names import layer_members
 from source_proj.projection.layer_taps import LayerTaps, Tap, find_taps
-from source_proj.projection.options import (
-    AUTO_DENSE_MAX_PARAMS,
-    AUTO_GROUPED_MAX_PARAMS,
-    AUTO_MIN_FACTORABLE_SHARE,
-    CURVATURE_MODES,
-    STRUCTURES,
-    auto_structure,
-)
+from source_proj.projection.options import CURVATURE_MODES, STRUCTURES, auto_structure
 
 Projection = ProjectionConfig | FactoredProjection | GroupedProjection
 # name -> (numel,) D^{1/2} of a checkpoint, or it prepared for the factored projection
@@ -82,23 +76,17 @@ def _taps(fn: ModelFunction) -> tuple[dict[str, tuple[int, int]], tuple[Tap, ...
     return fn.runtime["taps"]
 
 
-def resolve_structure(
-    structure: str,
-    fn: ModelFunction,
-    *,
-    dense_max_params: int = AUTO_DENSE_MAX_PARAMS,
-    grouped_max_params: int = AUTO_GROUPED_MAX_PARAMS,
-    min_factorable_share: float = AUTO_MIN_FACTORABLE_SHARE,
-) -> str:
+def resolve_structure(structure: str, fn: ModelFunction, **thresholds: Any) -> str:
     """``structure`` itself, or for "auto" the structure :func:`~source_proj.projection.options.auto_structure`
     picks from ``fn``'s attributed parameters, the factorable weights among them and whether
-    it has embedding tables (:func:`has_embeddings`; the thresholds are its arguments)."""
+    it has embedding tables (:func:`has_embeddings`); ``thresholds``: its keyword arguments
+    (``dense_max_params``, ``grouped_max_params``, ``min_factorable_share``), its defaults
+    otherwise."""
     if structure != "auto":
         return structure
     weights, _ = _taps(fn)
     factorable = sum(rows * cols for rows, cols in weights.values())
-    return auto_structure(fn.num_params(), factorable, has_embeddings(fn), dense_max_params=dense_max_params,
-                          grouped_max_params=grouped_max_params, min_factorable_share=min_factorable_share)
+    return auto_structure(fn.num_params(), factorable, has_embeddings(fn), **thresholds)
 
 
 def has_embeddings(fn: ModelFunction) -> bool:
