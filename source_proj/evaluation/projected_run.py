@@ -35,6 +35,7 @@ from source_proj.gradients.tasks import Task
 from source_proj.projection.options import CURVATURE_MODES
 from source_proj.projection.projected import (
     Projection,
+    describe,
     layer_groups,
     projected_gradients,
 )
@@ -191,9 +192,11 @@ def project_run(
     final_engine = engines[final_mode]
     data = {s: as_examples(d, f"data of stage {s!r}") for s, d in stage_data.items()}
     attributed = data[attributed_stage]
-    for engine in engines.values():  # a grouped projection's shares, from the attributed rows (one rule)
-        engine.measure_projection(attributed)
+    # A grouped projection's shares, measured once on the attributed rows, for every engine.
+    final_engine.measure_projection(attributed)
     fn, projection = final_engine.model_fn, final_engine.projection
+    for engine in engines.values():
+        engine.use_recorded_projection(describe(projection))
     query_examples = as_examples(queries, "queries")
     last = len(trajectory.checkpoints) - 1
     train_grads, query_grads = [], []
