@@ -100,8 +100,10 @@ class SourceConfig:
             to one diagonal block per layer of the factored or grouped projection's split, each
             block eigendecomposed on its own: ``projection.projected.layer_groups``; not with
             the dense projection, whose coordinates mix the layers), or "auto" (default):
-            "layer" with the factored and grouped projections, "full" with the dense one. Measured on the LM benchmark's three scenarios with the factored
-            projection, "layer" scores +0.074, -0.005 and +0.099 LDS against "full"
+            "layer" for a model with embedding tables under the factored or grouped projection,
+            "full" otherwise (``projection.options.auto_curvature_blocks``). On the LM
+            benchmark the blocks gained LDS (factored: +0.074, -0.005, +0.099 against "full";
+            grouped: +0.006, +0.041, +0.064), on the MLP scenarios they lost on three of six
             (docs/settings.md, "Why the defaults"); stores record the resolved value.
         momentum_factor: time scale t = eta K with eta / (1 - beta) under heavy-ball
             momentum. Adam's beta1 is not a time factor (its bias-corrected first moment
@@ -161,8 +163,8 @@ class SourceConfig:
                                               flag="--curvature-examples", kind="positive")
     curvature_blocks: str = _setting(
         "auto", "segment Hessians whole (full) or one block per layer of the factored or grouped projection "
-        "(layer); auto: layer when factored or grouped, full when dense", flag="--curvature-blocks", choices=CURVATURE_BLOCKS, added=True,
-        legacy="full",
+        "(layer); auto: layer for models with embedding tables under those projections, full otherwise",
+        flag="--curvature-blocks", choices=CURVATURE_BLOCKS, added=True, legacy="full",
     )
     momentum_factor: bool = _setting(True, "scale segment time by 1 / (1 - momentum) under heavy-ball momentum")
     time_scale: float = _setting(1.0, "multiplies every segment's time eta K")
