@@ -5,7 +5,8 @@ kronfluence's EK-FAC re-run in the same process (issue #22: accuracy and time at
     nice -n 10 python benchmarks/lm_lds_seeds.py --scenarios classify --seeds 2
 
 Reuses ``lm_lds.py``'s scenarios and cached ground truths (M = 60 x R = 3; run ``lm_lds.py``
-first). For each scenario: kronfluence's EK-FAC at every damping of ``lm_lds.KRON_DAMPINGS``
+first); ``--more-subsets 180`` appends 180 further subsets (M = 240, retrained once and cached,
+about 10 CPU-minutes per scenario here), which halves the intervals' width. For each scenario: kronfluence's EK-FAC at every damping of ``lm_lds.KRON_DAMPINGS``
 (its own venv, timed here), then SOURCE through ``SourceAttributor`` at the library's defaults
 with each ``proj_structure`` in ``--structures``, at each projection seed. A single projection
 seed moves one LDS by up to 0.07 here, so each structure is summarised by the mean over seeds
@@ -60,11 +61,14 @@ def parse_variant(text: str) -> dict:
     return overrides
 
 
-def run_scenario(name: str, structures: Sequence[str], seeds: Sequence[int]) -> dict:
-    """EK-FAC at every damping and SOURCE per structure (``parse_variant``) and seed on scenario ``name``."""
-    from source_proj.evaluation import LDSConfig, compute_ground_truth, linear_datamodeling_score
+def ground_truth(name: str, more_subsets: int):
+    """The scenario's M = 60 x R = 3 ground truth (``lm_lds.py``'s), with ``more_subsets`` > 0
+    further subsets drawn with another seed (LDSConfig seed 1; retrained here once, then cached)
+    appended: M = 60 + more_subsets. More subsets narrow the intervals; every subset is an
+    independent uniform draw, so the two sets together are one larger ground truth."""
+    from source_proj.evaluation import LDSConfig, compute_ground_truth
+    from source_proj.evaluation.ground_truth import LDSGroundTruth
 
-    torch.set_num_threads(1)
     data = bench.scenario_data(name)
     config = LDSConfig(num_subsets=60, repeats=3)
     cache = bench.CACHE / f"lm-lds-{name}-{config.num_subsets}x{config.repeats}.npz"
@@ -72,6 +76,25 @@ def run_scenario(name: str, structures: Sequence[str], seeds: Sequence[int]) -> 
         raise SystemExit(f"run benchmarks/lm_lds.py --scenarios {name} first (needs {cache.name})")
     truth = compute_ground_truth(bench.Retrain(name), data.num_train, config, workers=1, progress=False,
                                  cache_path=cache, setup_key=f"lm-lds-v1-{name}")
+    if more_subsets <= 0:
+        return truth
+    extra_config = LDSConfig(num_subsets=more_subsets, repeats=config.repeats, seed=1)
+    extra = compute_ground_truth(bench.Retrain(name), data.num_train, extra_config, workers=2, progress=True,
+                                 cache_path=bench.CACHE / f"lm-lds-{name}-{more_subsets}x{config.repeats}-seed1.npz",
+                                 setup_key=f"lm-lds-v1-{name}")
+    return LDSGroundTruth(masks=np.concatenate([truth.masks, extra.masks]),
+                          measurements=np.concatenate([truth.measurements, extra.measurements]),
+                          key=f"{truth.key}+{extra.key}")
+
+
+def run_scenario(name: str, structures: Sequence[str], seeds: Sequence[int], more_subsets: int = 0) -> dict:
+    """EK-FAC at every damping and SOURCE per structure (``parse_variant``) and seed on scenario
+    ``name``, against its ground truth (``ground_truth``)."""
+    from source_proj.evaluation import linear_datamodeling_score
+
+    torch.set_num_threads(1)
+    data = bench.scenario_data(name)
+    truth = ground_truth(name, more_subsets)
     model, trajectory = bench.train_scenario(name, np.arange(data.num_train), bench.FULL_SEED)
     kron = bench.kron_methods(model, data)
     if not kron:
@@ -98,7 +121,21 @@ def run_scenario(name: str, structures: Sequence[str], seeds: Sequence[int]) -> 
             "gap": seed_mean_lds(score_sets, truth, kron[best][0]), "seconds": statistics.median(times),
         })
     return {"scenario": name, "rows": rows, "best": best, "seeds": list(seeds), "machine": bench.machine(),
-            "kron_seconds": kron[best][1]}
+            "kron_seconds": kron[best][1], "subsets": int(truth.masks.shape[0]),
+            "reliability": truth.noise().split_half_reliability}
+
+
+def overlap_line(result: dict) -> str:
+    """Whether the library defaults' interval lies clear of the best EK-FAC damping's (#22's goal:
+    a lead of >= 0.05 with intervals that do not overlap)."""
+    rows = {row["method"]: row for row in result["rows"]}
+    ours = next(row for label, row in rows.items() if label.startswith("SOURCE defaults, proj_structure=auto"))
+    best = rows[result["best"]]
+    lead = ours["lds"] - best["lds"]
+    clear = ours["low"] > best["high"]
+    return (f"Defaults minus best EK-FAC: {lead:+.3f}; intervals [{ours['low']:.3f}, {ours['high']:.3f}] and "
+            f"[{best['low']:.3f}, {best['high']:.3f}] {'do not overlap' if clear else 'overlap'}: the goal is "
+            f"{'met' if clear and lead >= 0.05 else 'not met'}.")
 
 
 def write_report(results: list[dict], out: Path) -> None:
@@ -107,8 +144,9 @@ def write_report(results: list[dict], out: Path) -> None:
         f"# LM benchmark: SOURCE's projection structures over projection seeds, against EK-FAC, {datetime.date.today()}",
         "",
         f"Machine: {'; '.join(dict.fromkeys(r['machine'] for r in results))}; torch {torch.__version__}, 1 thread, "
-        "`nice -n 10`, shared machine (times are noisy). Scenarios and ground truths (M = 60 x R = 3) are those of "
-        "`lm_lds.py` (results/lm-lds-2026-12-06.md). EK-FAC is kronfluence 1.0.1, run in this process's run; "
+        "`nice -n 10`, shared machine (times are noisy). Scenarios are those of `lm_lds.py` "
+        "(results/lm-lds-2026-12-06.md); ground truths: its M = 60 x R = 3 subsets, plus `--more-subsets` further "
+        "subsets drawn with another seed where M is larger. EK-FAC is kronfluence 1.0.1, run in this process's run; "
         "SOURCE is `SourceAttributor` at the library's defaults, k = 1024, except `proj_structure`. LDS of SOURCE: "
         "mean over projection seeds; intervals: basic bootstrap 95% over subsets, every seed on the same resampled "
         "subsets. Time: fit + score, s (SOURCE: median over seeds). How it is made: `benchmarks/lm_lds_seeds.py`.",
@@ -116,7 +154,9 @@ def write_report(results: list[dict], out: Path) -> None:
     ]
     for r in results:
         lines += [f"## {r['scenario']}", "",
-                  f"Seeds {r['seeds']}; best EK-FAC damping (on this ground truth): {r['best']}.", "",
+                  f"Seeds {r['seeds']}; ground truth M = {r.get('subsets', 60)} x R = 3 (split-half reliability "
+                  f"{r.get('reliability', float('nan')):.2f}); best EK-FAC damping (on this ground truth): {r['best']}.",
+                  "", overlap_line(r), "",
                   "| method | LDS | 95% CI | per seed | minus best EK-FAC [paired 95% CI] | fit+score (s) | time / EK-FAC |",
                   "| --- | --- | --- | --- | --- | --- | --- |"]
         for row in r["rows"]:
@@ -137,9 +177,11 @@ def main() -> None:
                         help="';'-separated variants: a structure, then optional ':field=value,...' overrides")
     parser.add_argument("--seeds", type=int, default=3, help="projection seeds 0 .. n-1")
     parser.add_argument("--label", default="", help="suffix of the report's name")
+    parser.add_argument("--more-subsets", type=int, default=0,
+                        help="further ground-truth subsets (another draw seed) appended to the 60")
     args = parser.parse_args()
     for name in args.scenarios.split(","):
-        result = run_scenario(name, args.structures.split(";"), range(args.seeds))
+        result = run_scenario(name, args.structures.split(";"), range(args.seeds), args.more_subsets)
         (bench.CACHE / f"lm-lds-seeds-{name}{args.label}.json").write_text(json.dumps(result))
     results = [json.loads(p.read_text()) for name in bench.SCENARIOS
                if (p := bench.CACHE / f"lm-lds-seeds-{name}{args.label}.json").is_file()]
