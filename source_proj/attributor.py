@@ -155,14 +155,15 @@ class SourceAttributor:
         self.config = dataclasses.replace(self.config, proj_structure=structure, curvature_blocks=blocks)
         self.curvature = self.config.resolved_curvature(self.task.default_curvature)
         self.budget = self.config.gradient_budget()
-        self.query_form: QueryForm = query_form(self.config.resolved_query_mode(len(trajectory.stages)))
         self.segments: tuple[Segment, ...] = trajectory.segments(
             self.config.num_segments, self.config.momentum_factor, self.config.time_scale
         )
+        self.query_form: QueryForm = query_form(self.config.resolved_query_mode(len(trajectory.stages)), self.segments)
         if self.config.segment_projections and not self.query_form.per_segment:
             raise InputError(
-                "segment_projections needs the per-segment query form (query_mode='segment'): the "
-                f"{self.query_mode!r} form carries query gradients across segments, in one projection"
+                "segment_projections needs the per-segment query form (query_mode='segment', or 'auto' "
+                f"on a run of one stage): the {self.query_mode!r} form carries query gradients across "
+                "segments, in one projection"
             )
         self._install_projection(make_projection(
             self.config.projection(), self.config.proj_structure, self.model_fn, self.config.kronecker_terms
@@ -436,7 +437,7 @@ class SourceAttributor:
 
     @property
     def query_mode(self) -> str:
-        """The query form's name, "final" or "segment" (``query_form`` holds its choices)."""
+        """The query form's name, "final", "segment" or "staged" (``query_form`` holds its choices)."""
         return self.query_form.name
 
     @property
@@ -567,7 +568,7 @@ class SourceAttributor:
         weights = self.segment_weights(len(examples), stages, num_train)
         # Only these segments' curvature can change the scores (the query form says which).
         attributed = [l for l, w in enumerate(weights) if w > 0]
-        used = self.query_form.curvature_segments(attributed, self.num_segments)
+        used = self.query_form.curvature_segments(attributed)
         per_stage = self._curvature_sources(
             examples, curvature_data, stages, {self.segments[l].stage for l in used}
         )
@@ -589,7 +590,7 @@ class SourceAttributor:
                 f"expected {self.num_segments} segment spectra and weights, got {len(spectra)} and {len(weights)}"
             )
         self.spectra = list(spectra)
-        self.operators = transport_operators(self.spectra, self.query_form.transports, self.curvature_groups)
+        self.operators = transport_operators(self.spectra, self.query_form.carried, self.curvature_groups)
         self.weights = torch.tensor(list(weights), dtype=torch.float64)
         self.stages = tuple(dict.fromkeys(seg.stage for seg, w in zip(self.segments, weights) if w > 0))
 
@@ -657,7 +658,7 @@ class SourceAttributor:
         # before their one projection, and at the final checkpoint on its own when the query form
         # takes query gradients there (for the self-influence).
         final_grad = None
-        if not self.query_form.per_segment:
+        if self.query_form.carries:
             final_grad = self._projected_sum([final_index], self.task.loss, inputs, targets)
         for l, seg in enumerate(self.segments):
             if weights[l] == 0:
@@ -686,7 +687,7 @@ class SourceAttributor:
         ]
         if not parts:
             k, n_seg = self.proj_dim, self.num_segments
-            width = self.query_form.feature_width(k, n_seg)
+            width = self.query_form.feature_width(k)
             segments = torch.zeros(0, n_seg, k) if self.keeps_segment_features else None
             return RowFeatures(torch.zeros(0, width), segments, torch.zeros(0, dtype=torch.float64))
         # every part has its segment features when they are kept
@@ -779,17 +780,6 @@ class SourceAttributor:
                 parts.append(torch.cat(per_group, dim=1).cpu())
         return gather_rows(self.group, torch.cat(parts))
 
-    def _features_for(self, stage: Hashable | None) -> torch.Tensor:
-        if self.train_features is None:
-            raise RuntimeError("call fit() before scoring")
-        if stage is None:
-            return self.train_features
-        if self.train_segment_features is None:
-            raise InputError("per-stage scores need per-segment features: set keep_segment_features=True")
-        mask = torch.zeros(self.num_segments, dtype=torch.bool)
-        mask[self.stage_segments(stage)] = True
-        return self.query_form.combine(self.train_segment_features, mask)
-
     def stage_segments(self, stage: Hashable) -> list[int]:
         """Indices of the segments of training stage ``stage``: its label, or the label's text
         (as given on a command line)."""
@@ -808,8 +798,8 @@ class SourceAttributor:
         disk instead).
         """
         source = self._source()
-        if isinstance(source, MemoryFeatures):
-            return self.query_features(queries) @ self._features_for(stage).T
+        if isinstance(source, MemoryFeatures) and stage is None:
+            return self.query_features(queries) @ source.features.T
         q, segments = self._restricted_queries(queries, stage)
         blocks = [torch.from_numpy(q) @ torch.from_numpy(rows).T for _, rows in source.iter_blocks(16384, segments)]
         return torch.cat(blocks, dim=1)
@@ -820,7 +810,7 @@ class SourceAttributor:
         if stage is None:
             return q, None
         stored = self._source().n_segments > 0
-        return self.query_form.restrict_queries(q, self.stage_segments(stage), self.num_segments, stored)
+        return self.query_form.restrict_queries(q, self.stage_segments(stage), stored)
 
     def topk(
         self, queries: Any, k: int, *, kind: str = "both", stage: Hashable | None = None, progress: bool | None = None

@@ -20,7 +20,7 @@ from source_proj.projection.options import (
 if TYPE_CHECKING:
     from source_proj.projection.jl import ProjectionConfig
 
-QUERY_MODES = ("auto", "final", "segment")
+QUERY_MODES = ("auto", "final", "segment", "staged")
 CURVATURE_BLOCKS = ("auto", "full", "layer")
 
 
@@ -112,11 +112,14 @@ class SourceConfig:
         time_scale: multiplies every segment's t (1.0 is the paper's value).
         query_mode: "final" (the paper's form: the query gradient at the final checkpoint,
             transported through later segments), "segment" (query gradients averaged over
-            each segment's own checkpoints, no transport; features are L*k wide), or "auto"
-            (default): "segment" for single-stage training, "final" for multi-stage runs.
-            The LDS benchmark chose this (see docs/settings.md, "Why the defaults").
+            each segment's own checkpoints, no transport; features are L*k wide), "staged"
+            (per segment within the last training stage, final for the earlier stages;
+            (L_last + 1)*k wide), or "auto" (default): "segment" for single-stage training,
+            "staged" for multi-stage runs. The LDS benchmarks chose this (see
+            docs/settings.md, "Why the defaults").
         keep_segment_features: keep per-segment training features (needed for per-stage
-            attribution in "final" mode; always kept in "segment" mode).
+            attribution in "final" mode, and in "staged" mode for some but not all of the
+            stages before the last; always kept in "segment" mode).
         segment_projections: project segment l with its own matrix, of seed ``seed + l``
             (mod 2^64), instead of one matrix for all (per-segment query form only: the
             paper's form carries query gradients across segments). The segments' JL errors
@@ -169,8 +172,9 @@ class SourceConfig:
     momentum_factor: bool = _setting(True, "scale segment time by 1 / (1 - momentum) under heavy-ball momentum")
     time_scale: float = _setting(1.0, "multiplies every segment's time eta K")
     query_mode: str = _setting(
-        "auto", "query gradients at the final checkpoint, transported (the paper's form), or averaged per segment; "
-        "auto: per segment for one training stage, final for several", flag="--query-mode", choices=QUERY_MODES,
+        "auto", "query gradients at the final checkpoint, transported (final: the paper's form), averaged per "
+        "segment (segment), or per segment within the last stage and final for earlier stages (staged); "
+        "auto: segment for one training stage, staged for several", flag="--query-mode", choices=QUERY_MODES,
     )
     keep_segment_features: bool = _setting(False, "also store per-segment features (for --stage in score and topk)",
                                            flag="--keep-segments", kind="flag")
@@ -208,10 +212,12 @@ class SourceConfig:
             raise InputError(f"curvature_examples must be >= 1 or None, got {self.curvature_examples}")
 
     def resolved_query_mode(self, num_stages: int) -> str:
-        """"final" or "segment": ``query_mode`` with "auto" resolved for a run of ``num_stages``."""
+        """``query_mode`` with "auto" resolved for a run of ``num_stages``: "segment" for one
+        stage, "staged" for several (which is the per-segment form within the last stage and
+        the final form for the earlier ones; ``features.query_forms``)."""
         if self.query_mode != "auto":
             return self.query_mode
-        return "segment" if num_stages == 1 else "final"
+        return "segment" if num_stages == 1 else "staged"
 
     def resolved_curvature(self, default: str) -> str:
         """"exact" or "sampled": ``curvature`` with "auto" resolved to the task's ``default``."""

@@ -93,7 +93,7 @@ def _metadata(attributor: SourceAttributor) -> dict[str, Any]:
 
 def _feature_dim(attributor: SourceAttributor) -> int:
     k = attributor.proj_dim
-    return attributor.query_form.feature_width(k, attributor.num_segments)
+    return attributor.query_form.feature_width(k)
 
 
 def _keeps_segments(attributor: SourceAttributor) -> bool:
@@ -401,6 +401,6 @@ def stage_restriction(
     """
     chosen = attributor.stage_segments(stage)
     try:
-        return attributor.query_form.restrict_queries(queries, chosen, attributor.num_segments, store.layout.n_segments > 0)
+        return attributor.query_form.restrict_queries(queries, chosen, store.layout.n_segments > 0)
     except InputError as exc:
         raise InputError(f"feature store {store.path}: {exc}") from None

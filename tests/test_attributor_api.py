@@ -221,9 +221,32 @@ def test_per_stage_scores_add_up_and_isolate_a_stage():
     assert not torch.allclose(pre, fine)
     with pytest.raises(TrajectoryError, match="unknown stage 'warmup'"):
         att.score(queries, stage="warmup")
-    no_segments = SourceAttributor(model, "classification", traj, proj_dim=12, num_segments=2, progress=False).fit(both)
+    no_segments = SourceAttributor(model, "classification", traj, proj_dim=12, num_segments=2, progress=False,
+                                   query_mode="final").fit(both)
     with pytest.raises(ValueError, match="keep_segment_features=True"):
         no_segments.score(queries, stage="pre")
+
+
+def test_staged_form_scores_the_last_stage_per_segment_and_carries_the_earlier_one():
+    """The default on two stages ("staged") equals the per-segment form on the last stage's
+    rows and the paper's form on the earlier stage's (each checked against the dense formula
+    above and in test_source_oracles), and splits by stage without per-segment features."""
+    model, traj, stage1, stage2 = two_stage_run()
+    both = (torch.cat([stage1[0], stage2[0]]), torch.cat([stage1[1], stage2[1]]))
+    queries = blobs(4, 4, 3, seed=3)
+    kw = dict(proj_dim=12, num_segments=2, progress=False)
+    staged = SourceAttributor(model, "classification", traj, **kw).fit(both)
+    assert staged.query_mode == "staged" and staged.train_features.shape[1] == 12 * 3  # 2 own blocks + 1 carried
+    fine = SourceAttributor(model, "classification", traj, query_mode="segment", **kw)
+    fine.fit(both, stages=["fine"], num_train=len(both[1]))
+    pre = SourceAttributor(model, "classification", traj, query_mode="final", **kw)
+    pre.fit(both, stages=["pre"], num_train=len(both[1]), curvature_data=both)
+    torch.testing.assert_close(staged.score(queries, stage="fine"), fine.score(queries), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(staged.score(queries, stage="pre"), pre.score(queries), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(staged.score(queries), fine.score(queries) + pre.score(queries), rtol=1e-5, atol=1e-7)
+    # Self-influence: minus each row's score on its own loss, in the staged layout.
+    self_scores = staged.query_features(both, measurement=ClassificationTask().loss) @ staged.train_features.T
+    torch.testing.assert_close(staged.self_influence().float(), -self_scores.diagonal(), rtol=1e-4, atol=1e-7)
 
 
 def test_segment_query_mode_and_self_influence_match_their_definitions():
@@ -239,9 +262,11 @@ def test_segment_query_mode_and_self_influence_match_their_definitions():
     assert (final.self_influence() > 0).float().mean() > 0.8  # including a row mostly lowers its own loss
 
 
-@pytest.mark.parametrize("query_mode,attributed,unused", [("segment", "pre", "fine"), ("final", "fine", "pre")])
+@pytest.mark.parametrize("query_mode,attributed,unused",
+                         [("segment", "pre", "fine"), ("final", "fine", "pre"), ("staged", "fine", "pre")])
 def test_stages_whose_curvature_cannot_matter_need_no_curvature_data(query_mode, attributed, unused):
-    """Segment mode never transports, and final mode transports only forward: the unused
+    """Segment mode never transports, final mode transports only forward, and staged mode
+    transports only the earlier stages' terms: the unused
     stage's Hessians are skipped (no curvature data needed), and putting its real spectra
     back changes no score."""
     model, traj, stage1, stage2 = two_stage_run()

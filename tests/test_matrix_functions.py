@@ -12,6 +12,7 @@ from source_proj.curvature.spectra import (
     segment_spectrum,
     transport_operators,
 )
+from source_proj.errors import InputError
 from source_proj.trajectory.checkpoints import Segment
 
 
@@ -72,13 +73,19 @@ def test_transport_multiplies_later_segments_exponentials():
     hs = [random_spd(5, s) for s in (5, 6, 7)]
     ts = [0.5, 1.0, 2.0]
     spectra = [segment_spectrum([torch.from_numpy(h)], 0.0, t) for h, t in zip(hs, ts)]
-    ops = transport_operators(spectra).numpy()
+    ops = transport_operators(spectra, (True,) * 3).numpy()
     e = [scipy.linalg.expm(-t * h) for h, t in zip(hs, ts)]
     phi = [(np.eye(5) - ei) @ np.linalg.inv(h) for ei, h in zip(e, hs)]
     np.testing.assert_allclose(ops[2], phi[2], rtol=1e-9, atol=1e-12)
     np.testing.assert_allclose(ops[1], e[2] @ phi[1], rtol=1e-9, atol=1e-12)
     np.testing.assert_allclose(ops[0], e[2] @ e[1] @ phi[0], rtol=1e-9, atol=1e-12)
-    np.testing.assert_allclose(transport_operators(spectra, transport=False).numpy()[0], phi[0], rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(transport_operators(spectra, (False,) * 3).numpy()[0], phi[0], rtol=1e-9, atol=1e-12)
+    # Only the first carried (the staged form): it still crosses every later segment.
+    mixed = transport_operators(spectra, (True, False, False)).numpy()
+    np.testing.assert_allclose(mixed[0], e[2] @ e[1] @ phi[0], rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(mixed[1], phi[1], rtol=1e-9, atol=1e-12)
+    with pytest.raises(InputError, match="one carried flag per segment"):
+        transport_operators(spectra, (True,))
 
 
 def test_curvature_does_not_depend_on_the_thread_count():
@@ -93,7 +100,7 @@ def test_curvature_does_not_depend_on_the_thread_count():
         torch.set_num_threads(threads)
         hessians = {0: gauss_newton_gram(rows), 1: gauss_newton_gram(rows[:200], torch.linspace(0.5, 1.0, 200))}
         spectra = segment_spectra(segments, hessians, 1e-3)
-        return [hessians[0], hessians[1], *(s.eigenvectors for s in spectra), transport_operators(spectra)]
+        return [hessians[0], hessians[1], *(s.eigenvectors for s in spectra), transport_operators(spectra, (True, True))]
 
     before = torch.get_num_threads()
     try:

@@ -157,36 +157,39 @@ def _segment_decay(decay: float | Sequence[float], segment: Segment) -> float:
 
 
 def transport_operators(
-    spectra: list[SegmentSpectrum], transport: bool = True, groups: torch.Tensor | None = None
+    spectra: list[SegmentSpectrum], carried: Sequence[bool], groups: torch.Tensor | None = None
 ) -> torch.Tensor:
     """M_l for each segment, (L, k, k) float64.
 
-    With ``transport`` (the paper's form): M_l = S_L ... S_{l+1} phi_l, so that a perturbation
-    made in segment l is carried to the final parameters. Without: M_l = phi_l (for query
-    gradients taken at each segment's own checkpoints).
+    For a segment l that is ``carried`` (the paper's form): M_l = S_L ... S_{l+1} phi_l, so that
+    a perturbation made in segment l is carried to the final parameters. For the others:
+    M_l = phi_l (for query gradients taken at each segment's own checkpoints). See
+    ``features.query_forms``.
 
     With ``groups`` ((k,) labels), every spectrum must be block-diagonal over them (as
     :func:`segment_spectrum` makes them with the same groups, and a zero-curvature placeholder
     is): then so is every M_l, and each block is computed on its own, in sum_g k_g^3
     operations rather than k^3.
     """
+    if len(carried) != len(spectra):
+        raise InputError(f"expected one carried flag per segment ({len(spectra)}), got {len(carried)}")
     if groups is None:
-        return _operators(spectra, transport)
+        return _operators(spectra, carried)
     k = spectra[0].eigenvectors.shape[0]
     out = torch.zeros(len(spectra), k, k, dtype=torch.float64)
     for index in _group_indices(groups):
         block = [SegmentSpectrum(s.eigenvalues[index], s.eigenvectors[index][:, index], s.time) for s in spectra]
-        out[:, index[:, None], index[None, :]] = _operators(block, transport)
+        out[:, index[:, None], index[None, :]] = _operators(block, carried)
     return out
 
 
-def _operators(spectra: list[SegmentSpectrum], transport: bool) -> torch.Tensor:
+def _operators(spectra: list[SegmentSpectrum], carried: Sequence[bool]) -> torch.Tensor:
     """:func:`transport_operators` on whole matrices."""
     ops = []
-    carried = torch.eye(spectra[0].eigenvectors.shape[0], dtype=torch.float64)
+    later = torch.eye(spectra[0].eigenvectors.shape[0], dtype=torch.float64)  # S_L ... S_{l+1}
     with one_thread():
-        for spectrum in reversed(spectra):
-            ops.append(carried @ spectrum.phi() if transport else spectrum.phi())
-            if transport:
-                carried = carried @ spectrum.exp()
+        for spectrum, carry in zip(reversed(spectra), reversed(carried)):
+            ops.append(later @ spectrum.phi() if carry else spectrum.phi())
+            if any(carried[: len(spectra) - len(ops)]):  # an earlier segment still needs S_l
+                later = later @ spectrum.exp()
     return torch.stack(ops[::-1])

@@ -77,8 +77,8 @@ def _source_train(
         run.structure, embeddings=False)
     groups = run.layer_groups if blocks == "layer" else None
     spectra = segment_spectra(segments, run.hessians[curvature], run.decays, groups=groups)
-    form = query_form(config.resolved_query_mode(len(trajectory.stages)))
-    operators = transport_operators(spectra, form.transports, groups)
+    form = query_form(config.resolved_query_mode(len(trajectory.stages)), segments)
+    operators = transport_operators(spectra, form.carried, groups)
     size = run.stage_sizes[run.attributed_stage]
     weights = torch.tensor(
         [1.0 / size if seg.stage == run.attributed_stage else 0.0 for seg in segments], dtype=torch.float64
