@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+from collections import OrderedDict
 from collections.abc import Callable, Collection, Hashable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -73,7 +74,7 @@ from source_proj.projection.projected import (
 )
 from source_proj.retrieval.exact import TopK, exact_proponents_opponents, exact_topk
 from source_proj.retrieval.group import group_influence
-from source_proj.store_fit import fit_store, open_store
+from source_proj.store_fit import fit_store, open_store, rows_digest
 from source_proj.trajectory.checkpoints import (
     Segment,
     Trajectory,
@@ -111,6 +112,19 @@ def _one_reading(method: Method) -> Method:
             return method(self, *args, **kwargs)
 
     return cast(Method, wrapped)
+
+
+# Bytes of checkpoint Hessians an attributor keeps between fits (``SourceAttributor._kept_hessian``).
+HESSIAN_CACHE_BYTES = 1 << 30
+
+
+def data_digest(examples: Examples, chunk_rows: int = 4096) -> int:
+    """A digest of every row's inputs and targets (``store_fit.rows_digest``), read
+    ``chunk_rows`` at a time."""
+    return rows_digest([
+        rows_digest(examples.rows(start, min(len(examples), start + chunk_rows)))
+        for start in range(0, len(examples), chunk_rows)
+    ])
 
 
 class SourceAttributor:
@@ -188,6 +202,9 @@ class SourceAttributor:
         # Adam's preconditioner: each optimizer state's structure and step counts checked here,
         # its moments' values when first needed.
         self.preconditioner = Preconditioner.build(trajectory, model, self.model_fn.names)
+        # Checkpoint Hessians of earlier fits (a per-stage fit of a multi-stage run needs the
+        # later stages' again): (checkpoint, rows digest, what else they depend on) -> (k, k).
+        self._hessians: OrderedDict[tuple, torch.Tensor] = OrderedDict()
         self.spectra: list[SegmentSpectrum] | None = None
         self.operators: torch.Tensor | None = None
         self.weights: torch.Tensor | None = None
@@ -484,6 +501,24 @@ class SourceAttributor:
         check_finite(hessian, f"curvature at checkpoint {index}")
         return hessian
 
+    def _kept_hessian(self, index: int, examples: Examples, digest: int) -> torch.Tensor:
+        """:meth:`checkpoint_hessian` of ``examples`` (whose rows digest to ``digest``), kept for
+        later fits of this attributor (at most ``HESSIAN_CACHE_BYTES``, the oldest dropped
+        first). Everything else it depends on is fixed for an attributor but the chunking
+        (which fixes the order of its sums) and the projection (a grouped one's shares)."""
+        key = (index, digest, self.chunk_size, repr(describe(self.projection_at(index))))
+        kept = self._hessians.get(key)
+        if kept is not None:
+            self._hessians.move_to_end(key)
+            return kept
+        hessian = self.checkpoint_hessian(index, examples)
+        size = hessian.numel() * hessian.element_size()
+        if size <= HESSIAN_CACHE_BYTES:
+            while self._hessians and size + sum(h.numel() * h.element_size() for h in self._hessians.values()) > HESSIAN_CACHE_BYTES:
+                self._hessians.popitem(last=False)
+            self._hessians[key] = hessian
+        return hessian
+
     def _noise(self, checkpoint: int, chunk: int) -> torch.Generator:
         """The generator of the sampled curvature's pseudo-labels for one chunk of curvature
         examples at one checkpoint (its own seed, so any process can draw any chunk's)."""
@@ -572,12 +607,14 @@ class SourceAttributor:
         per_stage = self._curvature_sources(
             examples, curvature_data, stages, {self.segments[l].stage for l in used}
         )
+        digests = {stage: data_digest(data) for stage, data in per_stage.items()}
         hessians = {}
         for index in tqdm(
             [c for l in sorted(used) for c in self.segments[l].checkpoints],
             desc="curvature", disable=not (self.config.progress and self.group.is_main), unit="checkpoint",
         ):
-            hessians[index] = self.checkpoint_hessian(index, per_stage[self.trajectory.checkpoints[index].stage])
+            stage = self.trajectory.checkpoints[index].stage
+            hessians[index] = self._kept_hessian(index, per_stage[stage], digests[stage])
         spectra = segment_spectra(self.segments, hessians, self.preconditioner.decays, used, self.curvature_groups)
         self.set_curvature(spectra, weights)
         return examples

@@ -298,3 +298,34 @@ def test_check_finite_fast_path_neither_misses_nor_invents():
         values[1, 2] = bad
         with pytest.raises(NonFiniteError, match=r"in values \(first bad rows \[1\] of the batch\)"):
             check_finite(values, "values")
+
+
+def test_later_fits_reuse_the_checkpoint_hessians_of_the_same_curvature_rows(monkeypatch):
+    """Fitting each stage's rows in turn computes the later stage's Hessians once; the scores
+    equal a fresh attributor's bit for bit, and other curvature rows are computed anew."""
+    model, traj, stage1, stage2 = two_stage_run()
+    queries = blobs(4, 4, 3, seed=3)
+    kw = dict(proj_dim=12, num_segments=2, progress=False)
+    calls = []
+    original = SourceAttributor.checkpoint_hessian
+
+    def counted(self, index, examples):
+        calls.append(index)
+        return original(self, index, examples)
+
+    monkeypatch.setattr(SourceAttributor, "checkpoint_hessian", counted)
+    fine_checkpoints = {c for c, ck in enumerate(traj.checkpoints) if ck.stage == "fine"}
+    curvature = {"pre": stage1, "fine": stage2}
+    att = SourceAttributor(model, "classification", traj, **kw).fit(stage2, stages=["fine"], curvature_data=curvature)
+    assert set(calls) == fine_checkpoints
+    calls.clear()
+    att.fit(stage1, stages=["pre"], curvature_data=curvature)
+    assert calls and not set(calls) & fine_checkpoints  # only the earlier stage's are new
+    fresh = SourceAttributor(model, "classification", traj, **kw).fit(stage1, stages=["pre"], curvature_data=curvature)
+    assert torch.equal(att.score(queries), fresh.score(queries))
+    calls.clear()
+    fewer = {"pre": stage1, "fine": (stage2[0][:10], stage2[1][:10])}
+    att.fit(stage1, stages=["pre"], curvature_data=fewer)
+    assert fine_checkpoints <= set(calls)
+    other = SourceAttributor(model, "classification", traj, **kw).fit(stage1, stages=["pre"], curvature_data=fewer)
+    assert torch.equal(att.score(queries), other.score(queries))
