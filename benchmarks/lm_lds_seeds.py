@@ -5,8 +5,9 @@ kronfluence's EK-FAC re-run in the same process (issue #22: accuracy and time at
     nice -n 10 python benchmarks/lm_lds_seeds.py --scenarios classify --seeds 2
 
 Reuses ``lm_lds.py``'s scenarios and cached ground truths (M = 60 x R = 3; run ``lm_lds.py``
-first); ``--more-subsets 180`` appends 180 further subsets (M = 240, retrained once and cached,
-about 10 CPU-minutes per scenario here), which halves the intervals' width. For each scenario: kronfluence's EK-FAC at every damping of ``lm_lds.KRON_DAMPINGS``
+first); ``--more-subsets 180,240`` appends two further draws of 180 and 240 subsets (M = 480,
+each draw retrained once and cached: about 3-4 CPU-minutes per 180 subsets here), which
+narrows the intervals about threefold. For each scenario: kronfluence's EK-FAC at every damping of ``lm_lds.KRON_DAMPINGS``
 (its own venv, timed here), then SOURCE through ``SourceAttributor`` at the library's defaults
 with each ``proj_structure`` in ``--structures``, at each projection seed. A single projection
 seed moves one LDS by up to 0.07 here, so each structure is summarised by the mean over seeds
@@ -61,11 +62,12 @@ def parse_variant(text: str) -> dict:
     return overrides
 
 
-def ground_truth(name: str, more_subsets: int):
-    """The scenario's M = 60 x R = 3 ground truth (``lm_lds.py``'s), with ``more_subsets`` > 0
-    further subsets drawn with another seed (LDSConfig seed 1; retrained here once, then cached)
-    appended: M = 60 + more_subsets. More subsets narrow the intervals; every subset is an
-    independent uniform draw, so the two sets together are one larger ground truth."""
+def ground_truth(name: str, more_subsets: Sequence[int] = ()):
+    """The scenario's M = 60 x R = 3 ground truth (``lm_lds.py``'s) with further draws of
+    subsets appended, the i-th of ``more_subsets[i]`` subsets drawn with LDSConfig seed i + 1
+    (each retrained once, then cached): M = 60 + sum(more_subsets). Every subset is an
+    independent uniform draw, so together they are one larger ground truth, with narrower
+    intervals."""
     from source_proj.evaluation import LDSConfig, compute_ground_truth
     from source_proj.evaluation.ground_truth import LDSGroundTruth
 
@@ -74,20 +76,21 @@ def ground_truth(name: str, more_subsets: int):
     cache = bench.CACHE / f"lm-lds-{name}-{config.num_subsets}x{config.repeats}.npz"
     if not cache.is_file():
         raise SystemExit(f"run benchmarks/lm_lds.py --scenarios {name} first (needs {cache.name})")
-    truth = compute_ground_truth(bench.Retrain(name), data.num_train, config, workers=1, progress=False,
-                                 cache_path=cache, setup_key=f"lm-lds-v1-{name}")
-    if more_subsets <= 0:
-        return truth
-    extra_config = LDSConfig(num_subsets=more_subsets, repeats=config.repeats, seed=1)
-    extra = compute_ground_truth(bench.Retrain(name), data.num_train, extra_config, workers=2, progress=True,
-                                 cache_path=bench.CACHE / f"lm-lds-{name}-{more_subsets}x{config.repeats}-seed1.npz",
-                                 setup_key=f"lm-lds-v1-{name}")
-    return LDSGroundTruth(masks=np.concatenate([truth.masks, extra.masks]),
-                          measurements=np.concatenate([truth.measurements, extra.measurements]),
-                          key=f"{truth.key}+{extra.key}")
+    parts = [compute_ground_truth(bench.Retrain(name), data.num_train, config, workers=1, progress=False,
+                                  cache_path=cache, setup_key=f"lm-lds-v1-{name}")]
+    for seed, count in enumerate(more_subsets, start=1):
+        extra = LDSConfig(num_subsets=count, repeats=config.repeats, seed=seed)
+        parts.append(compute_ground_truth(
+            bench.Retrain(name), data.num_train, extra, workers=2, progress=True, setup_key=f"lm-lds-v1-{name}",
+            cache_path=bench.CACHE / f"lm-lds-{name}-{count}x{config.repeats}-seed{seed}.npz"))
+    if len(parts) == 1:
+        return parts[0]
+    return LDSGroundTruth(masks=np.concatenate([t.masks for t in parts]),
+                          measurements=np.concatenate([t.measurements for t in parts]),
+                          key="+".join(t.key for t in parts))
 
 
-def run_scenario(name: str, structures: Sequence[str], seeds: Sequence[int], more_subsets: int = 0) -> dict:
+def run_scenario(name: str, structures: Sequence[str], seeds: Sequence[int], more_subsets: Sequence[int] = ()) -> dict:
     """EK-FAC at every damping and SOURCE per structure (``parse_variant``) and seed on scenario
     ``name``, against its ground truth (``ground_truth``)."""
     from source_proj.evaluation import linear_datamodeling_score
@@ -177,11 +180,12 @@ def main() -> None:
                         help="';'-separated variants: a structure, then optional ':field=value,...' overrides")
     parser.add_argument("--seeds", type=int, default=3, help="projection seeds 0 .. n-1")
     parser.add_argument("--label", default="", help="suffix of the report's name")
-    parser.add_argument("--more-subsets", type=int, default=0,
-                        help="further ground-truth subsets (another draw seed) appended to the 60")
+    parser.add_argument("--more-subsets", default="",
+                        help="comma-separated sizes of further ground-truth draws (draw seeds 1, 2, ...) appended to the 60")
     args = parser.parse_args()
     for name in args.scenarios.split(","):
-        result = run_scenario(name, args.structures.split(";"), range(args.seeds), args.more_subsets)
+        result = run_scenario(name, args.structures.split(";"), range(args.seeds),
+                              [int(n) for n in args.more_subsets.split(",") if n])
         (bench.CACHE / f"lm-lds-seeds-{name}{args.label}.json").write_text(json.dumps(result))
     results = [json.loads(p.read_text()) for name in bench.SCENARIOS
                if (p := bench.CACHE / f"lm-lds-seeds-{name}{args.label}.json").is_file()]

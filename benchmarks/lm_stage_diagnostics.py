@@ -213,7 +213,7 @@ def run_scenario(name: str) -> dict:
 
     torch.set_num_threads(1)
     data = bench.scenario_data(name)
-    truth = seeds.ground_truth(name, 180)
+    truth = seeds.ground_truth(name, (180,))
     noise = truth.measurements.std(axis=1, ddof=1).mean()
     model, trajectory = bench.train_scenario(name, np.arange(data.num_train), bench.FULL_SEED)
     kron = bench.kron_methods(model, data)
