@@ -126,7 +126,7 @@ class SourceConfig:
             are then independent and partly cancel in the sum over segments, at the same k
             and storage (docs/guides/adam.md). Off by default; stores record it.
         chunk_size: examples per vmap batch (None: the most that ``max_gradient_memory``
-            allows, at most 64). Per-example gradients are summed over a segment's
+            allows, at most 256). Per-example gradients are summed over a segment's
             checkpoints before projection, so two chunk x p float32 buffers (the running sum
             and one checkpoint's gradients). Larger chunks project faster per row.
         max_gradient_memory: bytes (or "4GiB"-style text) that per-example gradient buffers
@@ -183,7 +183,7 @@ class SourceConfig:
         "at the same k (per-segment query form only)", flag="--segment-projections", kind="flag", added=True, group="projection",
     )
     chunk_size: int | None = _setting(None, "examples per gradient batch (memory vs speed; default: what "
-                                      "max_gradient_memory allows, at most 64)", recorded=False, flag="--batch-size",
+                                      "max_gradient_memory allows, at most 256)", recorded=False, flag="--batch-size",
                                       kind="positive")
     max_gradient_memory: int | str = _setting("4GiB", "memory that per-example gradient buffers and activations may take",
                                                 recorded=False)

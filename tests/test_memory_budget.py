@@ -26,7 +26,7 @@ from torch import nn
 from source_proj.attributor import SourceAttributor
 from source_proj.gradients.activations import activation_cost
 from source_proj.gradients.data import as_examples
-from source_proj.gradients.memory import ActivationCost, MemoryBudgetError, feature_chunk
+from source_proj.gradients.memory import DEFAULT_MAX_CHUNK, ActivationCost, MemoryBudgetError, feature_chunk
 from source_proj.gradients.model import ModelFunction
 from source_proj.gradients.task_names import resolve_task
 from source_proj.trajectory.checkpoints import Checkpoint, Trajectory
@@ -85,14 +85,14 @@ def test_chunk_shrinks_as_activations_grow():
     1,056 bytes per row either way, activations of 768 and 128,320 bytes per row (hand count):
     the chunk is floor((budget - 8) / (1,056 + activations)) with the hand-counted sizes."""
     budget = 1_000_000
-    assert feature_chunk(NUM_PARAMS, budget, None) == 64  # gradients alone: the cap
+    assert feature_chunk(NUM_PARAMS, budget, None) == DEFAULT_MAX_CHUNK  # gradients alone: the cap
     att = attributor(max_gradient_memory=budget)
     chunks = {}
     for positions in (10, 2000):
         att.check_training_data(as_examples(rows(4, positions)))
         chunks[positions] = att.chunk_size
-        assert chunks[positions] == min(64, (budget - 8) // (8 * NUM_PARAMS + hand_count(positions)))
-    assert chunks == {10: 64, 2000: 7}
+        assert chunks[positions] == min(DEFAULT_MAX_CHUNK, (budget - 8) // (8 * NUM_PARAMS + hand_count(positions)))
+    assert chunks == {10: DEFAULT_MAX_CHUNK, 2000: 7}
 
 
 def test_one_example_over_the_budget_names_gradients_and_activations():

@@ -13,7 +13,7 @@ from torch import nn
 from source_proj.attributor import SourceAttributor
 from source_proj.gradients.causal_lm import CausalLMTask
 from source_proj.gradients.data import as_examples
-from source_proj.gradients.memory import MemoryBudgetError, parse_bytes
+from source_proj.gradients.memory import DEFAULT_MAX_CHUNK, MemoryBudgetError, parse_bytes
 from source_proj.gradients.model import select_output, select_parameters
 from source_proj.trajectory.checkpoints import Checkpoint, Trajectory, TrajectoryError
 
@@ -220,7 +220,7 @@ def test_memory_budget_chooses_chunks_splits_curvature_and_refuses_before_work()
     model, traj, (x, y) = trained_classifier()  # p = 51: 408 bytes per row of features
     p = 51
     kw = dict(proj_dim=8, progress=False)
-    assert SourceAttributor(model, "classification", traj, **kw).chunk_size == 64
+    assert SourceAttributor(model, "classification", traj, **kw).chunk_size == DEFAULT_MAX_CHUNK
     assert SourceAttributor(model, "classification", traj, max_gradient_memory=10 * 8 * p, **kw).chunk_size == 10
     with pytest.raises(MemoryBudgetError, match="chunk_size=32 needs 13,056 bytes"):
         SourceAttributor(model, "classification", traj, chunk_size=32, max_gradient_memory=10_000, **kw)

@@ -47,7 +47,7 @@ from dataclasses import dataclass
 from source_proj.errors import InputError
 
 FLOAT_BYTES = 4
-DEFAULT_MAX_CHUNK = 64
+DEFAULT_MAX_CHUNK = 256
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
           "t": 1000**4, "tb": 1000**4, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
