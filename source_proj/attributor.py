@@ -205,6 +205,8 @@ class SourceAttributor:
         # Checkpoint Hessians of earlier fits (a per-stage fit of a multi-stage run needs the
         # later stages' again): (checkpoint, rows digest, what else they depend on) -> (k, k).
         self._hessians: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+        # The last queries' features, by (rows digest, projection): see query_features.
+        self._last_queries: tuple[tuple, torch.Tensor] | None = None
         self.spectra: list[SegmentSpectrum] | None = None
         self.operators: torch.Tensor | None = None
         self.weights: torch.Tensor | None = None
@@ -799,8 +801,14 @@ class SourceAttributor:
 
         ``measurement`` overrides the task's (e.g. the task's loss): (B, C), (B, ...) -> (B,).
         Under ``torch.distributed`` the ranks share the queries and every rank gets all of Q.
+        The features of the last queries measured by the task's measurement are kept (by a
+        digest of their rows), so scoring them again after another fit (e.g. of the next
+        stage's rows) does not compute them again.
         """
         examples = as_examples(queries, "queries")
+        key = None if measurement is not None else (data_digest(examples), repr(describe(self.projection)))
+        if key is not None and self._last_queries is not None and self._last_queries[0] == key:
+            return self._last_queries[1].clone()
         # As training rows: labels, input shapes (one query's activations need no measuring).
         self.check_training_data(examples, what="queries", measure=len(examples) > 1)
         measure = measurement or self.task.measurement
@@ -812,10 +820,13 @@ class SourceAttributor:
             for s in self._chunks(stop, "queries", start):
                 end = min(stop, s + self.chunk_size)
                 inputs, targets = examples.rows(s, end, self.device)
-                with dataset_rows(range(s, end)):
-                    per_group = [-self._projected_sum(group, measure, inputs, targets) / len(group) for group in groups]
-                parts.append(torch.cat(per_group, dim=1).cpu())
-        return gather_rows(self.group, torch.cat(parts))
+                with dataset_rows(range(s, end)):  # a group can recur (the staged form's final checkpoint)
+                    per_group = {g: -self._projected_sum(g, measure, inputs, targets) / len(g) for g in dict.fromkeys(groups)}
+                parts.append(torch.cat([per_group[g] for g in groups], dim=1).cpu())
+        features = gather_rows(self.group, torch.cat(parts))
+        if key is not None:
+            self._last_queries = (key, features.clone())
+        return features
 
     def stage_segments(self, stage: Hashable) -> list[int]:
         """Indices of the segments of training stage ``stage``: its label, or the label's text

@@ -329,3 +329,27 @@ def test_later_fits_reuse_the_checkpoint_hessians_of_the_same_curvature_rows(mon
     assert fine_checkpoints <= set(calls)
     other = SourceAttributor(model, "classification", traj, **kw).fit(stage1, stages=["pre"], curvature_data=fewer)
     assert torch.equal(att.score(queries), other.score(queries))
+
+
+def test_the_last_queries_features_are_kept_and_other_queries_computed(monkeypatch):
+    model, traj, train = trained_classifier()
+    queries, other = blobs(5, 4, 3, seed=9), blobs(5, 4, 3, seed=10)
+    att = SourceAttributor(model, "classification", traj, proj_dim=8, progress=False).fit(train)
+    first = att.query_features(queries)
+    calls = []
+    original = SourceAttributor._projected_sum
+
+    def counted(self, *args):
+        calls.append(args[0])
+        return original(self, *args)
+
+    monkeypatch.setattr(SourceAttributor, "_projected_sum", counted)
+    again = att.query_features(queries)
+    assert not calls and torch.equal(again, first)
+    again.zero_()  # the kept copy is not the caller's
+    assert torch.equal(att.query_features(queries), first)
+    fresh = SourceAttributor(model, "classification", traj, proj_dim=8, progress=False)
+    assert torch.equal(att.query_features(other), fresh.query_features(other)) and calls
+    calls.clear()
+    loss = ClassificationTask().loss  # another measurement is computed, not taken from the kept ones
+    assert not torch.equal(att.query_features(other, measurement=loss), att.query_features(other)) and calls
