@@ -74,7 +74,7 @@ from source_proj.projection.projected import (
 )
 from source_proj.retrieval.exact import TopK, exact_proponents_opponents, exact_topk
 from source_proj.retrieval.group import group_influence
-from source_proj.store_fit import fit_store, open_store, rows_digest
+from source_proj.store_fit import examples_digest, fit_store, open_store
 from source_proj.trajectory.checkpoints import (
     Segment,
     Trajectory,
@@ -116,15 +116,6 @@ def _one_reading(method: Method) -> Method:
 
 # Bytes of checkpoint Hessians an attributor keeps between fits (``SourceAttributor._kept_hessian``).
 HESSIAN_CACHE_BYTES = 1 << 30
-
-
-def data_digest(examples: Examples, chunk_rows: int = 4096) -> int:
-    """A digest of every row's inputs and targets (``store_fit.rows_digest``), read
-    ``chunk_rows`` at a time."""
-    return rows_digest([
-        rows_digest(examples.rows(start, min(len(examples), start + chunk_rows)))
-        for start in range(0, len(examples), chunk_rows)
-    ])
 
 
 class SourceAttributor:
@@ -609,7 +600,7 @@ class SourceAttributor:
         per_stage = self._curvature_sources(
             examples, curvature_data, stages, {self.segments[l].stage for l in used}
         )
-        digests = {stage: data_digest(data) for stage, data in per_stage.items()}
+        digests = {stage: examples_digest(data) for stage, data in per_stage.items()}
         hessians = {}
         for index in tqdm(
             [c for l in sorted(used) for c in self.segments[l].checkpoints],
@@ -806,7 +797,7 @@ class SourceAttributor:
         stage's rows) does not compute them again.
         """
         examples = as_examples(queries, "queries")
-        key = None if measurement is not None else (data_digest(examples), repr(describe(self.projection)))
+        key = None if measurement is not None else (examples_digest(examples), repr(describe(self.projection)))
         if key is not None and self._last_queries is not None and self._last_queries[0] == key:
             return self._last_queries[1].clone()
         # As training rows: labels, input shapes (one query's activations need no measuring).

@@ -145,6 +145,15 @@ def _combined(tag: str, digests: list[int]) -> int:
     return array_digest(np.array([head, *digests], dtype=np.uint64))
 
 
+def examples_digest(examples: Examples, chunk_rows: int = 4096) -> int:
+    """One :func:`rows_digest` of every row's inputs and targets, read ``chunk_rows`` at a time
+    (what an attributor keys the Hessians and query features it keeps by)."""
+    return rows_digest([
+        rows_digest(examples.rows(start, min(len(examples), start + chunk_rows)))
+        for start in range(0, len(examples), chunk_rows)
+    ])
+
+
 def training_data_digests(
     attributor: SourceAttributor,
     examples: Examples,

@@ -71,5 +71,7 @@ def test_restricting_queries_to_segments():
     np.testing.assert_array_equal(earlier, two_blocks * np.array([0, 0, 1, 1], dtype=np.float32))
     with pytest.raises(InputError, match="per-segment features"):
         staged.restrict_queries(two_blocks, [1], stored_segments=False)
+    with pytest.raises(InputError, match="splits the carried ones"):
+        staged.restrict_queries(two_blocks, [1, 2], stored_segments=True)
     with pytest.raises(InputError, match="unknown query form"):
         query_form("paper", SEGMENTS)

@@ -128,10 +128,10 @@ class QueryForm:
         from features that keep them (``stored_segments``), summed over the choice: then only
         the final query's block is returned, with the chosen segments."""
         chosen_set = set(chosen)
-        carried = [l for l, own in enumerate(self.own) if not own]
-        kept = set(carried) & chosen_set
+        carried = {l for l, carry in enumerate(self.carried) if carry}
+        kept = carried & chosen_set
         width = queries.shape[1] // self._blocks()
-        if kept and kept != set(carried):
+        if kept and kept != carried:
             if kept != chosen_set:
                 raise InputError("a choice of segments that splits the carried ones cannot also take own segments")
             if not stored_segments:
@@ -140,7 +140,7 @@ class QueryForm:
                     "for scores of some of the stages before the last"
                 )
             return np.ascontiguousarray(queries[:, -width:]), list(chosen)  # the final query's block
-        mask = [own and l in chosen_set for l, own in enumerate(self.own) if own]
+        mask = [l in chosen_set for l, own in enumerate(self.own) if own]
         if self.carries:
             mask.append(bool(kept))
         block_mask = np.repeat(np.asarray(mask, dtype=queries.dtype), width)
